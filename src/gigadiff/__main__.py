@@ -1,0 +1,3 @@
+from gigadiff.cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""The Python API: `gigadiff.generate(...)`, and the pieces the CLI shares with it.
+
+    import gigadiff
+    image = gigadiff.generate("a lighthouse at dawn", model="sdxl", size="4096x2048", seed=7)
+    image.save("lighthouse.png")
+
+`model` may be a preset alias, a hub id, a local folder, a checkpoint file, or an already-loaded diffusers
+pipeline (which is used as it is, on its own device and dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from gigadiff.backends.base import Backend, ModelInfo
+from gigadiff.backends.device import resolve_device, resolve_dtype
+from gigadiff.backends.loading import load_backend
+from gigadiff.errors import GigadiffError
+from gigadiff.executors.local import LocalExecutor, TileExecutor
+from gigadiff.io.images import tensor_to_pil
+from gigadiff.io.metadata import generation_metadata
+from gigadiff.recipes.txt2img import CanvasRun, text_to_image
+from gigadiff.sampler import StepListener
+from gigadiff.settings import GenerationSettings, check_for_model, check_generic, new_seed, parse_size
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished generation: its latent canvas, the settings that made it, and what it cost."""
+
+    latents: torch.Tensor
+    settings: GenerationSettings
+    backend: Backend
+    run: CanvasRun
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return generation_metadata(self.settings, self.info)
+
+    def decode(self) -> torch.Tensor:
+        return self.backend.decode(self.latents)
+
+    def image(self) -> Image.Image:
+        return tensor_to_pil(self.decode())[0]
+
+
+def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
+    """Load `model` once; pass the result as `model=` to several `generate` calls to reuse it."""
+    if not isinstance(model, str) and hasattr(model, "info") and hasattr(model, "predict"):
+        return model  # already a backend
+    if isinstance(model, str):
+        dev = resolve_device(device)
+        return load_backend(model, dev, resolve_dtype(dtype, dev))
+    return load_backend(model, model.device, model.dtype)
+
+
+def run_generation(
+    settings: GenerationSettings,
+    backend: Backend,
+    executor: TileExecutor | None = None,
+    listener: StepListener | None = None,
+) -> GenerationResult:
+    """Check `settings` against the model, then generate. Raises GigadiffError before any compute."""
+    resolved = check_for_model(settings, backend.info)
+    executor = executor or LocalExecutor(resolved.tile_batch)
+    run = text_to_image(backend, resolved, executor, listener)
+    return GenerationResult(run.latents, resolved, backend, run)
+
+
+def generate(
+    prompt: str = "",
+    *,
+    model: str | Any,
+    size: str | tuple[int, int] | None = None,
+    negative_prompt: str = "",
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    scheduler: str = "default",
+    tile: int | None = None,
+    overlap: int | None = None,
+    weights: str = "gaussian",
+    shift: bool = True,
+    tile_batch: int = 4,
+    guidance_rescale: float = 0.0,
+    eta: float = 0.0,
+    device: str = "auto",
+    dtype: str = "fp32",
+    output_type: str = "pil",
+    listener: StepListener | None = None,
+) -> Image.Image | torch.Tensor:
+    """Generate one image of `size` ("WIDTHxHEIGHT" or (width, height), in pixels).
+
+    Returns a PIL image, or with output_type="latent" the final latent canvas [1, C, H/f, W/f].
+    """
+    if output_type not in ("pil", "latent"):
+        raise GigadiffError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    width, height = parse_size(size) if isinstance(size, str) else (size or (None, None))
+    settings = GenerationSettings(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=new_seed() if seed is None else seed,
+        scheduler=scheduler,
+        tile=tile,
+        overlap=overlap,
+        weights=weights,
+        shift=shift,
+        tile_batch=tile_batch,
+        guidance_rescale=guidance_rescale,
+        eta=eta,
+    )
+    check_generic(settings)
+    result = run_generation(settings, open_backend(model, device, dtype), listener=listener)
+    return result.latents if output_type == "latent" else result.image()
+
+
+__all__ = ["GenerationResult", "generate", "open_backend", "run_generation"]

@@ -1,0 +1,1 @@
+"""Model adapters. Model-specific knowledge lives here and nowhere else."""

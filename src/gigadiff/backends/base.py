@@ -1,0 +1,53 @@
+"""The contract between the model-agnostic layers (sampler, executors, recipes) and model adapters.
+
+A backend is the only place that knows a model family: how prompts are encoded, which extra conditioning a
+tile needs (SDXL's crop coordinates, FLUX's position ids), how classifier-free guidance is applied, and how
+latents become pixels. Everything above it sees tensors, timesteps and tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from gigadiff.geometry import Tile
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the layers above a backend need to know about its model."""
+
+    name: str
+    family: str
+    latent_channels: int
+    vae_scale_factor: int
+    """Image pixels per latent pixel (8 for the SD VAEs, 1 for pixel-space models)."""
+    native_size: int
+    """The image side, in pixels, the model was trained at; the default tile."""
+    default_steps: int = 30
+    default_guidance: float = 7.5
+    takes_prompt: bool = True
+
+
+class Backend(Protocol):
+    info: ModelInfo
+    device: torch.device
+    base_scheduler: Any
+    """The model's own scheduler; recipes derive the scheduler they step with from its config."""
+
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float, canvas_px: tuple[int, int], **options: Any
+    ) -> Any:
+        """Encode everything the model is conditioned on for one generation of a canvas of canvas_px (h, w)."""
+        ...
+
+    def predict(self, latent_tiles: torch.Tensor, t: Any, cond: Any, tiles: Sequence[Tile]) -> torch.Tensor:
+        """The model's guided prediction for a batch of tiles [N, C, h, w], returned as float32."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, H, W] to images [B, channels, H*f, W*f] in [-1, 1]."""
+        ...

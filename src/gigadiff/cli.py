@@ -1,0 +1,168 @@
+"""The `gigadiff` command line.
+
+Every user error (bad size, missing model, existing output...) is reported in one line on stderr with exit
+code 2, before any model is loaded where possible and always before the first denoising step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gigadiff import __version__
+from gigadiff.errors import GigadiffError
+
+app = typer.Typer(
+    name="gigadiff",
+    help="Images of any size from diffusion models, by synchronized tiled denoising of one latent canvas.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERROR = 2
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(USER_ERROR)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gigadiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """gigadiff command line."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to paint.")] = "",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Preset (sd15, sd21, sdxl, sdxl-turbo), hub id, folder or checkpoint.")
+    ] = "sd15",
+    size: Annotated[
+        Optional[str], typer.Option(help="WIDTHxHEIGHT in pixels (default: twice the model's native size).")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG file.")] = Path("gigadiff.png"),
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: a new random seed).")] = None,
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, unipc, ...")] = "default",
+    tile: Annotated[Optional[int], typer.Option(help="Tile side in image pixels (default: native size).")] = None,
+    overlap: Annotated[Optional[int], typer.Option(help="Minimum tile overlap in image pixels (default: tile/8).")] = None,
+    weights: Annotated[str, typer.Option(help="Fusion weights: uniform, gaussian or cosine.")] = "gaussian",
+    shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
+    tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
+    guidance_rescale: Annotated[float, typer.Option(help="Guidance rescale factor in [0, 1].")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    save_latent: Annotated[
+        Optional[Path], typer.Option(help="Also save the final latent canvas to this .safetensors file.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Generate an image of any size."""
+    try:
+        _generate(**locals())
+    except GigadiffError as e:
+        raise fail(str(e)) from None
+
+
+def _generate(
+    prompt: str,
+    model: str,
+    size: str | None,
+    output: Path,
+    steps: int | None,
+    guidance: float | None,
+    seed: int | None,
+    negative: str,
+    scheduler: str,
+    tile: int | None,
+    overlap: int | None,
+    weights: str,
+    shift: bool,
+    tile_batch: int,
+    guidance_rescale: float,
+    device: str,
+    dtype: str,
+    save_latent: Path | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    from gigadiff.io.files import check_outputs
+    from gigadiff.io.writers import sidecar_path
+    from gigadiff.settings import GenerationSettings, check_generic, new_seed, parse_size
+
+    width, height = parse_size(size) if size is not None else (None, None)
+    settings = GenerationSettings(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=seed if seed is not None else new_seed(),
+        scheduler=scheduler,
+        tile=tile,
+        overlap=overlap,
+        weights=weights,
+        shift=shift,
+        tile_batch=tile_batch,
+        guidance_rescale=guidance_rescale,
+    )
+    check_generic(settings)
+    if output.suffix.lower() != ".png":
+        raise GigadiffError(f"output {output} must end in .png")
+    if save_latent is not None and save_latent.suffix != ".safetensors":
+        raise GigadiffError(f"--save-latent {save_latent} must end in .safetensors")
+    outputs = [output, sidecar_path(output), *([save_latent] if save_latent else [])]
+    check_outputs(outputs, overwrite)
+
+    from gigadiff.api import open_backend, run_generation
+    from gigadiff.io.writers import write_latent, write_png
+    from gigadiff.progress import RichProgress
+    from gigadiff.settings import check_for_model
+
+    started = time.perf_counter()
+    backend = open_backend(model, device, dtype)
+    resolved = check_for_model(settings, backend.info)
+    if quiet:
+        result = run_generation(resolved, backend)
+    else:
+        with RichProgress() as progress:
+            result = run_generation(resolved, backend, listener=progress)
+    meta = result.metadata
+    write_png(result.image(), output, meta, overwrite)
+    if save_latent is not None:
+        write_latent(result.latents, save_latent, meta, overwrite)
+    elapsed = time.perf_counter() - started
+    s = result.settings
+    typer.echo(
+        f"wrote {output} ({s.width}x{s.height}, seed {s.seed}, {s.steps} steps, "
+        f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls) in {elapsed:.1f}s",
+        err=True,
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except GigadiffError as e:  # raised outside a command (should not happen, but never show a traceback)
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(USER_ERROR)

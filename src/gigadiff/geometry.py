@@ -1,0 +1,141 @@
+"""Tile geometry over a latent canvas: which windows the model sees at each denoising step.
+
+Pure functions and frozen dataclasses; all sizes are in *latent* pixels. A grid covers the canvas exactly:
+every canvas pixel lies in at least one window, and no window leaves the canvas (the last window on each
+axis is clamped to the edge instead of hanging over it).
+
+Shifted grids move their interior windows by a seeded random offset at every step, so that tile borders are
+never in the same place twice and no seam can build up over the steps. The number of windows never changes
+with the shift, so shifting costs no extra model calls; the shift amplitude on an axis equals that axis's
+actual overlap (larger overlaps let borders wander further).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, order=True)
+class Tile:
+    """One window on the canvas: top-left corner (y, x) and size (h, w), in latent pixels."""
+
+    y: int
+    x: int
+    h: int
+    w: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y, self.y + self.h), slice(self.x, self.x + self.w)
+
+    @property
+    def area(self) -> int:
+        return self.h * self.w
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The windows used at one step, in canonical (row-major) order."""
+
+    height: int
+    width: int
+    tiles: tuple[Tile, ...]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __iter__(self):
+        return iter(self.tiles)
+
+    @property
+    def evaluated_pixels(self) -> int:
+        """Latent pixels the model evaluates for this grid (overlap counted as often as it is computed)."""
+        return sum(t.area for t in self.tiles)
+
+
+def axis_count(length: int, window: int, overlap: int) -> int:
+    """How many windows of `window` pixels, overlapping by at least `overlap`, cover `length` pixels."""
+    if window >= length:
+        return 1
+    return math.ceil((length - overlap) / (window - overlap))
+
+
+def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> tuple[int, ...]:
+    """Start positions of the windows along one axis.
+
+    Windows are spread evenly between the two edges (so real overlaps are >= `overlap`). `shift` in [-1, 1]
+    moves every interior window by `shift * slack`, where slack = window - stride is the distance a window can
+    move while still touching its neighbours; the first and last windows stay clamped to the edges.
+    """
+    if not -1.0 <= shift <= 1.0:
+        raise ValueError(f"shift must lie in [-1, 1], got {shift}")
+    if window >= length:
+        return (0,)
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must satisfy 0 <= overlap < window, got overlap={overlap}, window={window}")
+    n = axis_count(length, window, overlap)
+    last = length - window
+    if n == 1:
+        return (0,)
+    stride = last / (n - 1)
+    offset = shift * (window - stride)
+    starts = [0]
+    for k in range(1, n - 1):
+        starts.append(min(max(round(k * stride + offset), 0), last))
+    starts.append(last)
+    return tuple(sorted(set(starts)))
+
+
+def tile_grid(
+    height: int,
+    width: int,
+    tile: int | tuple[int, int],
+    overlap: int,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> TileGrid:
+    """A row-major grid of windows covering a `height` x `width` canvas.
+
+    A canvas smaller than the tile on an axis gets one window of the canvas size on that axis.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"canvas must be non-empty, got {height}x{width}")
+    tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
+    if tile_h <= 0 or tile_w <= 0:
+        raise ValueError(f"tile must be positive, got {tile_h}x{tile_w}")
+    win_h, win_w = min(tile_h, height), min(tile_w, width)
+    ys = axis_starts(height, win_h, min(overlap, win_h - 1), shift[0])
+    xs = axis_starts(width, win_w, min(overlap, win_w - 1), shift[1])
+    return TileGrid(height, width, tuple(Tile(y, x, win_h, win_w) for y in ys for x in xs))
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """The grid to use at each step of one generation.
+
+    With `shifted`, step i's grid is moved by an offset drawn from a generator seeded with (seed, i), so the
+    same settings give the same grids on every process, whatever the batch size or world size.
+    """
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+    shifted: bool = True
+    seed: int = 0
+
+    def shift_for_step(self, step: int) -> tuple[float, float]:
+        if not self.shifted:
+            return (0.0, 0.0)
+        rng = np.random.default_rng([self.seed % (2**63), step])
+        dy, dx = rng.uniform(-1.0, 1.0, size=2)
+        return float(dy), float(dx)
+
+    def grid(self, step: int) -> TileGrid:
+        return tile_grid(self.height, self.width, self.tile, self.overlap, self.shift_for_step(step))
+
+    @property
+    def tiles_per_step(self) -> int:
+        return len(self.grid(0))

@@ -1,0 +1,55 @@
+"""Safe output files: checked before compute, written atomically, never overwritten unless asked.
+
+`check_outputs` runs before any model is loaded so that an unwritable or already-existing output is reported
+in the first second, not after an hour. `publish` writes through a temporary file in the destination folder
+and moves it into place at the end, so a crash never leaves a half-written file under the user's name, and
+(without `overwrite`) a file that appeared meanwhile is still not replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from gigadiff.errors import GigadiffError
+
+
+def check_outputs(paths: Iterable[Path], overwrite: bool) -> None:
+    for path in paths:
+        if path.is_dir():
+            raise GigadiffError(f"output {path} is a directory; give a file name")
+        if path.exists() and not overwrite:
+            raise GigadiffError(f"output {path} already exists; pass --overwrite to replace it")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise GigadiffError(f"cannot write {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise GigadiffError(f"cannot write {path}: folder {folder} is not writable")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise GigadiffError(f"cannot write {path}: the existing file is not writable")
+
+
+def publish(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Call `write(tmp)` on a temporary file next to `path`, then move it to `path`."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path exists: never clobbers
+            except FileExistsError:
+                raise GigadiffError(f"output {path} appeared while generating; not overwriting it") from None
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    raise GigadiffError(f"output {path} appeared while generating; not overwriting it") from None
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

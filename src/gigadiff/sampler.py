@@ -1,0 +1,84 @@
+"""The denoising loop over one latent canvas.
+
+At every step: scale the canvas for the scheduler, let the model predict on every tile of this step's grid,
+fuse the tile predictions into one canvas prediction, and take ONE scheduler step on the whole canvas.
+Because fusion happens on the prediction (not on stepped latents), the scheduler only ever sees a canvas and
+any diffusers scheduler, multistep or stochastic, works unchanged. The sampler knows nothing of model
+families: the backend is reached only through `CanvasDenoiser`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from gigadiff.backends.base import Backend
+from gigadiff.executors.local import TileExecutor
+from gigadiff.fusion import FusionAccumulator
+from gigadiff.geometry import GridPlan, TileGrid
+
+
+class StepListener(Protocol):
+    """Progress events; every method is optional in spirit (see `NullListener`)."""
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None: ...
+    def on_tiles_done(self, count: int) -> None: ...
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None: ...
+
+
+class NullListener:
+    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
+        pass
+
+    def on_tiles_done(self, count: int) -> None:
+        pass
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        pass
+
+
+@dataclass
+class CanvasDenoiser:
+    """The model as the sampler sees it: a canvas in, a fused canvas-sized prediction out."""
+
+    backend: Backend
+    cond: Any
+    executor: TileExecutor
+    plan: GridPlan
+    weights: str
+    model_calls: int = 0
+    evaluated_pixels: int = 0
+
+    def __call__(self, x: torch.Tensor, t: Any, grid: TileGrid, listener: StepListener) -> torch.Tensor:
+        acc = FusionAccumulator(x.shape, self.weights, x.device)
+        for tiles, predictions in self.executor.predictions(self.backend, x, t, self.cond, grid):
+            acc.add_batch(tiles, predictions)
+            self.model_calls += 1
+            listener.on_tiles_done(len(tiles))
+        self.evaluated_pixels += grid.evaluated_pixels
+        return acc.result()
+
+
+def sample(
+    denoiser: CanvasDenoiser,
+    scheduler: Any,
+    latents: torch.Tensor,
+    timesteps: Sequence[Any],
+    step_kwargs: dict[str, Any],
+    listener: StepListener | None = None,
+    first_step: int = 0,
+) -> torch.Tensor:
+    """Run `scheduler` over `timesteps`, starting at index `first_step` (for resumed runs)."""
+    listener = listener or NullListener()
+    for i in range(first_step, len(timesteps)):
+        t = timesteps[i]
+        grid = denoiser.plan.grid(i)
+        listener.on_step_start(i, len(timesteps), len(grid))
+        x_in = scheduler.scale_model_input(latents, t)
+        prediction = denoiser(x_in, t, grid, listener)
+        latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
+        listener.on_step_end(i, latents)
+    return latents

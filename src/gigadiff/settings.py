@@ -1,0 +1,144 @@
+"""What the user asked for, and the checks that run before any model is loaded or any step is computed.
+
+Sizes here are in image pixels, as users think of them; the recipes convert to latent pixels with the model's
+VAE factor. `check_generic` runs before the model is loaded (it needs nothing but the numbers);
+`check_for_model` runs once the model's VAE factor is known, still before any compute.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from gigadiff.backends.base import ModelInfo
+from gigadiff.errors import GigadiffError
+from gigadiff.fusion import WEIGHT_KINDS
+from gigadiff.schedulers import SCHEDULER_NAMES
+
+MAX_SIDE = 65536
+"""Largest accepted side in image pixels. Beyond this the latent canvas alone needs tens of GB."""
+
+MAX_STEPS = 1000
+_SIZE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×*,]\s*(-?\d+)\s*$")
+
+
+def new_seed() -> int:
+    """A fresh random seed for runs that did not ask for one (it is recorded in the output's metadata)."""
+    return secrets.randbits(32)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse "WIDTHxHEIGHT" (or a single number for a square) into (width, height)."""
+    m = _SIZE_RE.match(text)
+    if m:
+        width, height = int(m.group(1)), int(m.group(2))
+    elif text.strip().lstrip("-").isdigit():
+        width = height = int(text)
+    else:
+        raise GigadiffError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 4096x2048")
+    return width, height
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every setting that determines a generated image; embedded in the output's metadata."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    """Image width in pixels; None means twice the model's native size."""
+    height: int | None = None
+    steps: int | None = None
+    """None means the model's default (e.g. 30, or 4 for SDXL-Turbo)."""
+    guidance: float | None = None
+    seed: int = 0
+    scheduler: str = "default"
+    tile: int | None = None
+    """Tile side in image pixels; None means the model's native size."""
+    overlap: int | None = None
+    """Minimum overlap between neighbouring tiles in image pixels; None means tile / 8."""
+    weights: str = "gaussian"
+    shift: bool = True
+    tile_batch: int = 4
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Backend-specific settings (e.g. terrain difficulty), kept for metadata."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_model_defaults(self, info: ModelInfo) -> GenerationSettings:
+        """Fill in what the user left open from the model's own defaults."""
+        tile = self.tile if self.tile is not None else info.native_size
+        return replace(
+            self,
+            width=self.width if self.width is not None else 2 * info.native_size,
+            height=self.height if self.height is not None else 2 * info.native_size,
+            steps=self.steps if self.steps is not None else info.default_steps,
+            guidance=self.guidance if self.guidance is not None else info.default_guidance,
+            tile=tile,
+            overlap=self.overlap if self.overlap is not None else tile // 8 // info.vae_scale_factor * info.vae_scale_factor,
+        )
+
+
+def check_generic(s: GenerationSettings) -> None:
+    """Checks that need no model: raise GigadiffError with a specific message on the first problem."""
+    for name, value in (("width", s.width), ("height", s.height)):
+        if value is None:
+            continue
+        if value <= 0:
+            raise GigadiffError(f"{name} must be positive, got {value}")
+        if value > MAX_SIDE:
+            raise GigadiffError(f"{name} {value} is larger than the supported maximum of {MAX_SIDE} pixels")
+    if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
+        raise GigadiffError(f"steps must be between 1 and {MAX_STEPS}, got {s.steps}")
+    if s.guidance is not None and s.guidance < 0:
+        raise GigadiffError(f"guidance must be >= 0, got {s.guidance}")
+    if not 0 <= s.guidance_rescale <= 1:
+        raise GigadiffError(f"guidance rescale must lie in [0, 1], got {s.guidance_rescale}")
+    if s.tile_batch < 1:
+        raise GigadiffError(f"tile batch must be at least 1, got {s.tile_batch}")
+    if not 0 <= s.seed < 2**64:
+        raise GigadiffError(f"seed must lie in [0, 2**64), got {s.seed}")
+    if s.scheduler not in SCHEDULER_NAMES:
+        raise GigadiffError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    if s.weights not in WEIGHT_KINDS:
+        raise GigadiffError(f"unknown weights {s.weights!r}; choose one of: {', '.join(WEIGHT_KINDS)}")
+    if s.tile is not None and s.tile <= 0:
+        raise GigadiffError(f"tile must be positive, got {s.tile}")
+    if s.overlap is not None and s.overlap < 0:
+        raise GigadiffError(f"overlap must be >= 0, got {s.overlap}")
+    if s.tile is not None and s.overlap is not None and s.overlap >= s.tile:
+        raise GigadiffError(f"overlap ({s.overlap}px) must be smaller than the tile ({s.tile}px)")
+
+
+def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSettings:
+    """Checks that need the model; returns the settings with every default filled in."""
+    check_generic(s)
+    if s.prompt and not info.takes_prompt:
+        raise GigadiffError(f"model {info.name!r} takes no prompt; remove the prompt")
+    f = info.vae_scale_factor
+    resolved = s.with_model_defaults(info)
+    check_generic(resolved)
+    assert resolved.width is not None and resolved.height is not None
+    assert resolved.tile is not None and resolved.overlap is not None
+    for name, value in (("width", resolved.width), ("height", resolved.height)):
+        if value % f:
+            lower, upper = value // f * f, (value // f + 1) * f
+            raise GigadiffError(
+                f"{name} {value} is not a multiple of {f} (this model's VAE downsampling factor); "
+                f"use {lower or upper} or {upper}"
+            )
+    if resolved.tile % f or resolved.overlap % f:
+        raise GigadiffError(
+            f"tile ({resolved.tile}px) and overlap ({resolved.overlap}px) must be multiples of {f} "
+            "(this model's VAE downsampling factor)"
+        )
+    if resolved.tile < 2 * f:
+        raise GigadiffError(f"tile ({resolved.tile}px) must be at least {2 * f}px")
+    if resolved.overlap >= resolved.tile:
+        raise GigadiffError(f"overlap ({resolved.overlap}px) must be smaller than the tile ({resolved.tile}px)")
+    return resolved

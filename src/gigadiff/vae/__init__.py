@@ -1,0 +1,1 @@
+"""Latent <-> pixel conversion through a model's VAE."""
