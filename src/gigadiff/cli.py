@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -54,16 +54,16 @@ def generate(
         str, typer.Option("--model", "-m", help="Preset (sd15, sd21, sdxl, sdxl-turbo), hub id, folder or checkpoint.")
     ] = "sd15",
     size: Annotated[
-        Optional[str], typer.Option(help="WIDTHxHEIGHT in pixels (default: twice the model's native size).")
+        str | None, typer.Option(help="WIDTHxHEIGHT in pixels (default: twice the model's native size).")
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG file.")] = Path("gigadiff.png"),
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: a new random seed).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: a new random seed).")] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, unipc, ...")] = "default",
-    tile: Annotated[Optional[int], typer.Option(help="Tile side in image pixels (default: native size).")] = None,
-    overlap: Annotated[Optional[int], typer.Option(help="Minimum tile overlap in image pixels (default: tile/8).")] = None,
+    tile: Annotated[int | None, typer.Option(help="Tile side in image pixels (default: native size).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in image pixels (default: tile/8).")] = None,
     weights: Annotated[str, typer.Option(help="Fusion weights: uniform, gaussian or cosine.")] = "gaussian",
     shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
     tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
@@ -71,7 +71,7 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     save_latent: Annotated[
-        Optional[Path], typer.Option(help="Also save the final latent canvas to this .safetensors file.")
+        Path | None, typer.Option(help="Also save the final latent canvas to this .safetensors file.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,

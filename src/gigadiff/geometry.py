@@ -6,8 +6,9 @@ axis is clamped to the edge instead of hanging over it).
 
 Shifted grids move their interior windows by a seeded random offset at every step, so that tile borders are
 never in the same place twice and no seam can build up over the steps. The number of windows never changes
-with the shift, so shifting costs no extra model calls; the shift amplitude on an axis equals that axis's
-actual overlap (larger overlaps let borders wander further).
+with the shift, so shifting costs no extra model calls. How far borders move on an axis is bounded by what
+keeps neighbours overlapping by at least half the requested overlap: amplitude = real overlap - overlap / 2,
+i.e. at least half the requested overlap, more when the windows had to be spread out to fit the canvas.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> t
     """Start positions of the windows along one axis.
 
     Windows are spread evenly between the two edges (so real overlaps are >= `overlap`). `shift` in [-1, 1]
-    moves every interior window by `shift * slack`, where slack = window - stride is the distance a window can
-    move while still touching its neighbours; the first and last windows stay clamped to the edges.
+    moves every interior window by `shift * amplitude`; the first and last windows stay clamped to the edges.
+    The amplitude keeps every pair of neighbours overlapping by at least overlap // 2 and never lets an
+    interior window reach an edge window, so the number of windows is the same for every shift.
     """
     if not -1.0 <= shift <= 1.0:
         raise ValueError(f"shift must lie in [-1, 1], got {shift}")
@@ -81,7 +83,8 @@ def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> t
     if n == 1:
         return (0,)
     stride = last / (n - 1)
-    offset = shift * (window - stride)
+    amplitude = max(0.0, min(window - stride - overlap // 2, stride - 1))
+    offset = shift * amplitude
     starts = [0]
     for k in range(1, n - 1):
         starts.append(min(max(round(k * stride + offset), 0), last))

@@ -73,6 +73,7 @@ class GenerationSettings:
     def with_model_defaults(self, info: ModelInfo) -> GenerationSettings:
         """Fill in what the user left open from the model's own defaults."""
         tile = self.tile if self.tile is not None else info.native_size
+        factor = info.vae_scale_factor
         return replace(
             self,
             width=self.width if self.width is not None else 2 * info.native_size,
@@ -80,7 +81,7 @@ class GenerationSettings:
             steps=self.steps if self.steps is not None else info.default_steps,
             guidance=self.guidance if self.guidance is not None else info.default_guidance,
             tile=tile,
-            overlap=self.overlap if self.overlap is not None else tile // 8 // info.vae_scale_factor * info.vae_scale_factor,
+            overlap=self.overlap if self.overlap is not None else tile // 8 // factor * factor,
         )
 
 

@@ -111,9 +111,7 @@ class DiffusersUNetBackend:
                 negative_prompt=negative,
             )
         else:
-            embeds, negative_embeds = self.pipe.encode_prompt(
-                prompt, self.device, 1, cfg, negative_prompt=negative
-            )
+            embeds, negative_embeds = self.pipe.encode_prompt(prompt, self.device, 1, cfg, negative_prompt=negative)
         timestep_cond = None
         if guidance_embedded:
             w = torch.tensor([guidance - 1.0])

@@ -45,7 +45,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> Any:
 
     cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
     try:
-        return cls.from_single_file(str(path), torch_dtype=dtype)
+        return cls.from_single_file(str(path), dtype=dtype)
     except Exception as e:  # the config lookup needs the hub unless it is cached
         raise GigadiffError(
             f"cannot load checkpoint {path} as {cls.__name__}: {str(e).splitlines()[0][:200]}. "
@@ -58,7 +58,7 @@ def _load_pretrained(source: str, dtype: torch.dtype, model: str) -> Any:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
     except Exception as cached_error:
         if Path(source).exists():
             raise GigadiffError(
@@ -67,7 +67,7 @@ def _load_pretrained(source: str, dtype: torch.dtype, model: str) -> Any:
         if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             raise GigadiffError(_missing_model_message(model, source, cached_error)) from cached_error
     try:
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(source, dtype=dtype)
     except Exception as e:
         raise GigadiffError(_missing_model_message(model, source, e)) from e
 

@@ -37,7 +37,8 @@ def write_latent(latents: torch.Tensor, path: Path, meta: dict[str, Any], overwr
     from safetensors.torch import save_file
 
     tensor = latents.detach().to("cpu", torch.float32).contiguous()
-    publish(path, lambda tmp: save_file({"latent": tensor}, str(tmp), metadata={"gigadiff": json.dumps(meta)}), overwrite)
+    header = {"gigadiff": json.dumps(meta)}
+    publish(path, lambda tmp: save_file({"latent": tensor}, str(tmp), metadata=header), overwrite)
 
 
 def read_latent(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:

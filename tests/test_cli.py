@@ -1,0 +1,140 @@
+"""The command line end to end on a tiny model saved to disk, and every bad input's message and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gigadiff import __version__
+from gigadiff.cli import app
+from gigadiff.io.writers import read_latent, read_png_metadata
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def tiny_args(model, out, *extra: str) -> list[str]:
+    return [
+        "generate", "a small house", "--model", str(model), "--size", "768x512", "-o", str(out),
+        "--steps", "2", "--seed", "5", "--tile", "256", "--overlap", "64", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_generate_writes_png_with_parameters_sidecar_and_latent(tiny_sd_dir, tmp_path):
+    out, latent = tmp_path / "house.png", tmp_path / "house.safetensors"
+    result = invoke(*tiny_args(tiny_sd_dir, out, "--negative", "fog", "--scheduler", "euler",
+                              "--save-latent", str(latent)))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.size == (768, 512) and im.mode == "RGB"
+        assert "Steps: 2, Sampler: euler" in im.text["parameters"]
+    meta = read_png_metadata(out)
+    assert meta["prompt"] == "a small house" and meta["negative_prompt"] == "fog"
+    assert (meta["seed"], meta["steps"], meta["scheduler"]) == (5, 2, "euler")
+    assert (meta["width"], meta["height"], meta["tile"], meta["overlap"]) == (768, 512, 256, 64)
+    assert meta["weights"] == "gaussian" and meta["shift"] is True
+    assert meta["gigadiff_version"] == __version__ and meta["model"] == str(tiny_sd_dir)
+    assert json.loads(out.with_suffix(".json").read_text()) == meta
+    tensor, latent_meta = read_latent(latent)
+    assert tensor.shape == (1, 4, 64, 96) and latent_meta == meta
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_existing_output_is_never_overwritten_without_flag(tiny_sd_dir, tmp_path):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    result = invoke(*tiny_args(tiny_sd_dir, out))
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--overwrite" in result.output
+    assert out.read_bytes() == b"precious"
+    result = invoke(*tiny_args(tiny_sd_dir, out, "--overwrite"))
+    assert result.exit_code == 0
+    with Image.open(out) as im:
+        assert im.size == (768, 512)
+
+
+def test_sdxl_end_to_end(tiny_sdxl_dir, tmp_path):
+    out = tmp_path / "xl.png"
+    result = invoke(*tiny_args(tiny_sdxl_dir, out, "--weights", "cosine", "--no-shift", "--tile-batch", "3"))
+    assert result.exit_code == 0, result.output
+    meta = read_png_metadata(out)
+    assert meta["model_family"] == "sdxl" and meta["weights"] == "cosine" and meta["shift"] is False
+
+
+BAD_INPUTS = [
+    (["--size", "1000x1001"], "height 1001 is not a multiple of 8"),
+    (["--size", "0x512"], "width must be positive"),
+    (["--size", "-512x512"], "width must be positive"),
+    (["--size", "512x70000"], "larger than the supported maximum"),
+    (["--size", "big"], "not of the form WIDTHxHEIGHT"),
+    (["--tile", "256", "--overlap", "256"], "overlap (256px) must be smaller than the tile (256px)"),
+    (["--tile", "260"], "must be multiples of 8"),
+    (["--scheduler", "warp"], "unknown scheduler 'warp'"),
+    (["--weights", "triangle"], "unknown weights 'triangle'"),
+    (["--steps", "0"], "steps must be between 1 and 1000"),
+    (["--tile-batch", "0"], "tile batch must be at least 1"),
+    (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
+    (["--device", "cuda"], "CUDA is not available"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUTS)
+def test_bad_input_is_refused_with_exit_code_2(tiny_sd_dir, tmp_path, extra, message):
+    args = ["generate", "x", "--model", str(tiny_sd_dir), "-o", str(tmp_path / "o.png"), "--quiet"]
+    result = invoke(*args, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_model_fails_at_once_naming_it(tmp_path):
+    result = invoke("generate", "x", "--model", "nobody/no-such-model", "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2
+    assert "nobody/no-such-model" in result.output and "not in the local Hugging Face cache" in result.output
+    result = invoke("generate", "x", "--model", "sdxl", "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2
+    assert "sdxl (stabilityai/stable-diffusion-xl-base-1.0)" in result.output
+    result = invoke("generate", "x", "--model", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = invoke("generate", "x", "--model", "mystery", "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "unknown model 'mystery'" in result.output
+
+
+def test_not_a_diffusers_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("generate", "x", "--model", str(tmp_path / "empty"), "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2 and "has no model_index.json" in result.output
+
+
+def test_unwritable_output(tiny_sd_dir, tmp_path):
+    result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "missing" / "o.png"))
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.jpg"))
+    assert result.exit_code == 2 and "must end in .png" in result.output
+
+
+def test_unwritable_folder(tiny_sd_dir, tmp_path, monkeypatch):
+    """Permission bits do not bind root, so the access check itself is made to answer 'no'."""
+    import gigadiff.io.files as files
+
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
+    result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.png"))
+    assert result.exit_code == 2 and f"folder {tmp_path} is not writable" in result.output
+
+
+def test_version_and_module_entry_point():
+    assert invoke("--version").output.strip() == f"gigadiff {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "gigadiff", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gigadiff {__version__}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gigadiff", "generate", "x", "--size", "7x7"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "error:" in proc.stderr

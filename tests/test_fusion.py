@@ -1,0 +1,66 @@
+"""Fusion weights are positive windows whose normalized sum is one everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gigadiff.fusion import WEIGHT_KINDS, FusionAccumulator, fuse, weight_window
+from gigadiff.geometry import Tile, tile_grid
+
+
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+def test_windows_are_positive_symmetric_and_peak_in_the_centre(kind):
+    w = weight_window(kind, 16, 24)
+    assert w.shape == (16, 24) and (w > 0).all()
+    assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.flip(1))
+    assert w[8, 12] == w.max()
+
+
+def test_gaussian_and_cosine_trust_the_centre_more_than_the_border():
+    for kind in ("gaussian", "cosine"):
+        w = weight_window(kind, 64, 64)
+        assert w[0, 0] < 0.01 * w[32, 32]
+    assert (weight_window("uniform", 5, 7) == 1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 90),
+    width=st.integers(1, 90),
+    tile=st.integers(2, 40),
+    overlap_frac=st.floats(0, 0.9),
+    kind=st.sampled_from(WEIGHT_KINDS),
+    shift=st.floats(-1, 1),
+)
+def test_partition_of_unity(height, width, tile, overlap_frac, kind, shift):
+    grid = tile_grid(height, width, tile, int(overlap_frac * tile), (shift, -shift))
+    n = len(grid)
+    ones = torch.ones(n, 2, grid.tiles[0].h, grid.tiles[0].w)
+    fused = fuse(grid.tiles, ones, (1, 2, height, width), kind)
+    assert torch.allclose(fused, torch.ones_like(fused), atol=1e-6)
+    # a canvas cut into tiles and fused back is the canvas itself
+    canvas = torch.randn(1, 2, height, width)
+    tiles = torch.cat([canvas[(..., *t.slices)] for t in grid])
+    assert torch.allclose(fuse(grid.tiles, tiles, canvas.shape, kind), canvas, atol=1e-5)
+
+
+def test_fusion_is_the_weighted_average():
+    tiles = (Tile(0, 0, 1, 2), Tile(0, 1, 1, 2))
+    preds = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]])
+    fused = fuse(tiles, preds, (1, 1, 1, 3), "uniform")
+    assert fused.flatten().tolist() == [1.0, 4.0, 7.0]
+
+
+def test_uncovered_pixels_are_an_error():
+    acc = FusionAccumulator((1, 1, 4, 4), "uniform")
+    acc.add(Tile(0, 0, 2, 2), torch.ones(1, 1, 2, 2))
+    with pytest.raises(RuntimeError, match="not covered"):
+        acc.result()
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown weight window"):
+        FusionAccumulator((1, 1, 2, 2), "triangle")

@@ -1,0 +1,134 @@
+"""Tile grids cover the canvas exactly, stay inside it, and shift without changing their cost."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gigadiff.geometry import GridPlan, Tile, axis_count, axis_starts, tile_grid
+
+sizes = st.integers(min_value=1, max_value=400)
+
+
+@st.composite
+def grids(draw):
+    height, width = draw(sizes), draw(sizes)
+    tile = draw(st.integers(min_value=2, max_value=160))
+    overlap = draw(st.integers(min_value=0, max_value=tile - 1))
+    shift = (draw(st.floats(-1, 1)), draw(st.floats(-1, 1)))
+    return height, width, tile, overlap, shift
+
+
+def coverage(grid) -> np.ndarray:
+    counts = np.zeros((grid.height, grid.width), dtype=int)
+    for t in grid:
+        counts[t.y : t.y + t.h, t.x : t.x + t.w] += 1
+    return counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids())
+def test_every_pixel_covered_and_every_window_inside(params):
+    height, width, tile, overlap, shift = params
+    grid = tile_grid(height, width, tile, overlap, shift)
+    assert (coverage(grid) >= 1).all()
+    for t in grid:
+        assert t.y >= 0 and t.y + t.h <= height
+        assert t.x >= 0 and t.x + t.w <= width
+        assert (t.h, t.w) == (min(tile, height), min(tile, width))
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids())
+def test_last_window_is_clamped_to_the_edge(params):
+    height, width, tile, overlap, shift = params
+    grid = tile_grid(height, width, tile, overlap, shift)
+    assert max(t.y + t.h for t in grid) == height
+    assert max(t.x + t.w for t in grid) == width
+    assert min(t.y for t in grid) == 0 and min(t.x for t in grid) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids())
+def test_neighbours_overlap_by_at_least_the_requested_overlap_without_shift(params):
+    height, width, tile, overlap, _ = params
+    for length in (height, width):
+        window = min(tile, length)
+        starts = axis_starts(length, window, min(overlap, window - 1))
+        for a, b in pairwise(starts):
+            assert a + window - b >= min(overlap, window - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids())
+def test_shift_never_changes_the_number_of_windows(params):
+    """Shifting costs no extra model calls."""
+    height, width, tile, overlap, shift = params
+    plain = tile_grid(height, width, tile, overlap)
+    shifted = tile_grid(height, width, tile, overlap, shift)
+    assert len(shifted) == len(plain)
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids())
+def test_shifted_neighbours_keep_half_the_overlap(params):
+    height, width, tile, overlap, shift = params
+    for length, s in ((height, shift[0]), (width, shift[1])):
+        window = min(tile, length)
+        ov = min(overlap, window - 1)
+        starts = axis_starts(length, window, ov, s)
+        for a, b in pairwise(starts):
+            assert a + window - b >= ov // 2
+
+
+@pytest.mark.parametrize("length", [256, 300, 512, 1000])
+@pytest.mark.parametrize("shift", [-1.0, -0.3, 0.5, 1.0])
+def test_shift_keeps_the_window_count_at_ordinary_overlaps(length, shift):
+    assert len(axis_starts(length, 64, 8, shift)) == axis_count(length, 64, 8)
+    assert len(axis_starts(length, 128, 16, shift)) == axis_count(length, 128, 16)
+
+
+def test_canvas_smaller_than_tile_gets_one_window_of_canvas_size():
+    grid = tile_grid(40, 30, 64, 8)
+    assert grid.tiles == (Tile(0, 0, 40, 30),)
+
+
+def test_known_grid():
+    # 64 x 256 canvas, 64 tiles, overlap 8: 5 windows spread evenly (stride 48, real overlap 16)
+    grid = tile_grid(64, 256, 64, 8)
+    assert [t.x for t in grid] == [0, 48, 96, 144, 192]
+    assert axis_count(256, 64, 8) == 5
+    assert grid.evaluated_pixels == 5 * 64 * 64
+
+
+def test_shift_moves_interior_borders_by_up_to_the_overlap():
+    base = axis_starts(256, 64, 8)
+    # amplitude = 64 - 48 - 4 = 12 latent pixels
+    assert axis_starts(256, 64, 8, 1.0) == (0, 60, 108, 156, 192)
+    assert axis_starts(256, 64, 8, -1.0) == (0, 36, 84, 132, 192)
+    assert base == (0, 48, 96, 144, 192)
+
+
+def test_plan_is_deterministic_and_moves_every_step():
+    plan = GridPlan(128, 512, 64, 8, shifted=True, seed=42)
+    again = GridPlan(128, 512, 64, 8, shifted=True, seed=42)
+    grids_ = [plan.grid(i) for i in range(10)]
+    assert grids_ == [again.grid(i) for i in range(10)]
+    assert len(set(grids_)) >= 7, "tile borders must move from step to step"
+    assert len({plan.shift_for_step(i) for i in range(10)}) == 10
+    assert GridPlan(128, 512, 64, 8, shifted=True, seed=43).grid(0) != plan.grid(0)
+    unshifted = GridPlan(128, 512, 64, 8, shifted=False)
+    assert len({unshifted.grid(i) for i in range(5)}) == 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="non-empty"):
+        tile_grid(0, 10, 8, 0)
+    with pytest.raises(ValueError, match="overlap"):
+        axis_starts(100, 10, 10)
+    with pytest.raises(ValueError, match="shift"):
+        axis_starts(100, 10, 2, 1.5)
