@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,6 +47,9 @@ def test_generate_writes_png_with_parameters_sidecar_and_latent(tiny_sd_dir, tmp
     tensor, latent_meta = read_latent(latent)
     assert tensor.shape == (1, 4, 64, 96) and latent_meta == meta
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, "outputs get the usual permissions, not mkstemp's 0600"
 
 
 def test_existing_output_is_never_overwritten_without_flag(tiny_sd_dir, tmp_path):

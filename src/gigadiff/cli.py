@@ -139,6 +139,7 @@ def _generate(
     from gigadiff.progress import RichProgress
     from gigadiff.settings import check_for_model
 
+    _quiet_libraries()
     started = time.perf_counter()
     backend = open_backend(model, device, dtype)
     resolved = check_for_model(settings, backend.info)
@@ -158,6 +159,17 @@ def _generate(
         f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls) in {elapsed:.1f}s",
         err=True,
     )
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar is the one users read; silence the libraries' loading bars and notices."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 def main() -> None:

@@ -32,6 +32,12 @@ def check_outputs(paths: Iterable[Path], overwrite: bool) -> None:
             raise GigadiffError(f"cannot write {path}: the existing file is not writable")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def publish(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     """Call `write(tmp)` on a temporary file next to `path`, then move it to `path`."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
@@ -39,6 +45,7 @@ def publish(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         if overwrite:
             os.replace(tmp, path)
         else:
