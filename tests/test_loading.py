@@ -37,7 +37,7 @@ def test_sdxl_checkpoints_are_told_apart(tmp_path):
 def test_single_file_without_config_fails_clearly(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(ckpt))
-    with pytest.raises(GigadiffError, match="cannot load checkpoint .* as StableDiffusionPipeline"):
+    with pytest.raises(GigadiffError, match=r"cannot load checkpoint .* as StableDiffusionPipeline"):
         load_backend(str(ckpt), torch.device("cpu"), torch.float32)
     with pytest.raises(GigadiffError, match="does not exist"):
         load_backend(str(tmp_path / "absent.safetensors"), torch.device("cpu"), torch.float32)
@@ -46,10 +46,10 @@ def test_single_file_without_config_fails_clearly(tmp_path):
 def test_a_pipeline_without_unet_and_vae_is_refused():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))  # fmt: skip
+    blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, **blocks)
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
-    with pytest.raises(GigadiffError, match="DDPMPipeline.*Stable Diffusion 1.x/2.x and SDXL"):
+    with pytest.raises(GigadiffError, match=r"DDPMPipeline.*Stable Diffusion 1\.x/2\.x and SDXL"):
         backend_for_pipeline(pipe)
 
 
