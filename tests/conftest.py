@@ -51,17 +51,15 @@ def sdxl_pipe(tiny_sdxl_dir):
 
 @pytest.fixture(scope="session")
 def sd_backend(tiny_sd_dir):
-    import torch
 
     from gigadiff.backends.loading import load_backend
 
-    return load_backend(str(tiny_sd_dir), torch.device("cpu"), torch.float32)
+    return load_backend(str(tiny_sd_dir), "cpu")
 
 
 @pytest.fixture(scope="session")
 def sdxl_backend(tiny_sdxl_dir):
-    import torch
 
     from gigadiff.backends.loading import load_backend
 
-    return load_backend(str(tiny_sdxl_dir), torch.device("cpu"), torch.float32)
+    return load_backend(str(tiny_sdxl_dir), "cpu")

@@ -23,7 +23,7 @@ def test_preset_defaults_apply(monkeypatch, sd_pipe):
     import gigadiff.backends.loading as loading
 
     monkeypatch.setattr(loading, "_load_pretrained", lambda source, dtype, model: sd_pipe)
-    backend = load_backend("sdxl-turbo", torch.device("cpu"), torch.float32)
+    backend = load_backend("sdxl-turbo", "cpu")
     assert (backend.info.default_steps, backend.info.default_guidance, backend.info.native_size) == (4, 0.0, 512)
 
 
@@ -38,9 +38,9 @@ def test_single_file_without_config_fails_clearly(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(ckpt))
     with pytest.raises(GigadiffError, match=r"cannot load checkpoint .* as StableDiffusionPipeline"):
-        load_backend(str(ckpt), torch.device("cpu"), torch.float32)
+        load_backend(str(ckpt), "cpu")
     with pytest.raises(GigadiffError, match="does not exist"):
-        load_backend(str(tmp_path / "absent.safetensors"), torch.device("cpu"), torch.float32)
+        load_backend(str(tmp_path / "absent.safetensors"), "cpu")
 
 
 def test_a_pipeline_without_unet_and_vae_is_refused():

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from gigadiff.backends.base import Backend, ModelInfo
-from gigadiff.backends.device import resolve_device, resolve_dtype
 from gigadiff.backends.loading import load_backend
 from gigadiff.errors import GigadiffError
 from gigadiff.executors.local import LocalExecutor, TileExecutor
@@ -56,10 +55,7 @@ def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") ->
     """Load `model` once; pass the result as `model=` to several `generate` calls to reuse it."""
     if not isinstance(model, str) and hasattr(model, "info") and hasattr(model, "predict"):
         return model  # already a backend
-    if isinstance(model, str):
-        dev = resolve_device(device)
-        return load_backend(model, dev, resolve_dtype(dtype, dev))
-    return load_backend(model, model.device, model.dtype)
+    return load_backend(model, device, dtype)
 
 
 def run_generation(

@@ -51,12 +51,17 @@ def main_options(
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to paint.")] = "",
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Preset (sd15, sd21, sdxl, sdxl-turbo), hub id, folder or checkpoint.")
+        str,
+        typer.Option(
+            "--model", "-m", help="terrain (offline), a preset (sd15, sd21, sdxl, sdxl-turbo), hub id, folder or file."
+        ),
     ] = "sd15",
     size: Annotated[
         str | None, typer.Option(help="WIDTHxHEIGHT in pixels (default: twice the model's native size).")
     ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG file.")] = Path("gigadiff.png"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output PNG (heightmaps: 16-bit PNG or float TIFF).")
+    ] = Path("gigadiff.png"),
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: a new random seed).")] = None,
@@ -68,6 +73,12 @@ def generate(
     shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
     tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
     guidance_rescale: Annotated[float, typer.Option(help="Guidance rescale factor in [0, 1].")] = 0.0,
+    sigmas: Annotated[
+        str | None, typer.Option(help="Explicit decreasing noise levels, e.g. 80,2.5 (sets the steps).")
+    ] = None,
+    difficulty: Annotated[
+        float | None, typer.Option(help="Terrain model only: terrain difficulty from 1 (gentle) to 100 (rugged).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     save_latent: Annotated[
@@ -99,6 +110,8 @@ def _generate(
     shift: bool,
     tile_batch: int,
     guidance_rescale: float,
+    sigmas: str | None,
+    difficulty: float | None,
     device: str,
     dtype: str,
     save_latent: Path | None,
@@ -106,8 +119,9 @@ def _generate(
     quiet: bool,
 ) -> None:
     from gigadiff.io.files import check_outputs
+    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path, write_heightmap
     from gigadiff.io.writers import sidecar_path
-    from gigadiff.settings import GenerationSettings, check_generic, new_seed, parse_size
+    from gigadiff.settings import GenerationSettings, check_generic, new_seed, parse_sigmas, parse_size
 
     width, height = parse_size(size) if size is not None else (None, None)
     settings = GenerationSettings(
@@ -125,10 +139,12 @@ def _generate(
         shift=shift,
         tile_batch=tile_batch,
         guidance_rescale=guidance_rescale,
+        sigmas=parse_sigmas(sigmas) if sigmas is not None else None,
+        extra={"difficulty": difficulty} if difficulty is not None else {},
     )
     check_generic(settings)
-    if output.suffix.lower() != ".png":
-        raise GigadiffError(f"output {output} must end in .png")
+    if output.suffix.lower() not in HEIGHTMAP_SUFFIXES:
+        raise GigadiffError(f"output {output} must end in .png (or .tif for heightmaps)")
     if save_latent is not None and save_latent.suffix != ".safetensors":
         raise GigadiffError(f"--save-latent {save_latent} must end in .safetensors")
     outputs = [output, sidecar_path(output), *([save_latent] if save_latent else [])]
@@ -143,13 +159,21 @@ def _generate(
     started = time.perf_counter()
     backend = open_backend(model, device, dtype)
     resolved = check_for_model(settings, backend.info)
+    heightmap = backend.info.output == "heightmap"
+    if heightmap:
+        check_outputs([relief_path(output)], overwrite)
+    elif output.suffix.lower() != ".png":
+        raise GigadiffError(f"output {output} must end in .png for model {backend.info.name!r}")
     if quiet:
         result = run_generation(resolved, backend)
     else:
         with RichProgress() as progress:
             result = run_generation(resolved, backend, listener=progress)
     meta = result.metadata
-    write_png(result.image(), output, meta, overwrite)
+    if heightmap:
+        meta = write_heightmap(result.decode()[0, 0].numpy(), output, meta, overwrite)
+    else:
+        write_png(result.image(), output, meta, overwrite)
     if save_latent is not None:
         write_latent(result.latents, save_latent, meta, overwrite)
     elapsed = time.perf_counter() - started

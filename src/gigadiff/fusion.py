@@ -10,6 +10,10 @@ that only one tile reaches.
   (Jiménez, 2023): the centre of a tile is trusted more than its borders.
 - cosine: a raised-cosine (Hann) window sampled at pixel centres, which never reaches zero.
 
+Some models produce unreliable values in a thin rim along their input's edges. A window with `margin` > 0
+multiplies its weight within `margin` pixels of the tile edge by RIM_FACTOR, so a rim counts only where no
+other tile covers the pixel (along the canvas border), and otherwise the neighbour's interior wins.
+
 Accumulation is done in float32 whatever the model's dtype, in the order tiles are added, so a fixed
 canonical order gives bit-identical results.
 """
@@ -26,6 +30,7 @@ from gigadiff.geometry import Tile
 
 WEIGHT_KINDS = ("uniform", "gaussian", "cosine")
 GAUSSIAN_VARIANCE = 0.01
+RIM_FACTOR = 1e-6
 
 
 def _profile(kind: str, n: int) -> list[float]:
@@ -39,32 +44,40 @@ def _profile(kind: str, n: int) -> list[float]:
     raise ValueError(f"unknown weight window {kind!r}; choose one of {', '.join(WEIGHT_KINDS)}")
 
 
+def _axis_profile(kind: str, n: int, margin: int) -> torch.Tensor:
+    profile = torch.tensor(_profile(kind, n), dtype=torch.float64)
+    m = min(margin, (n - 1) // 2)
+    if m > 0:
+        profile[:m] *= RIM_FACTOR
+        profile[n - m :] *= RIM_FACTOR
+    return profile
+
+
 @lru_cache(maxsize=64)
-def _window_cpu(kind: str, h: int, w: int) -> torch.Tensor:
-    wy = torch.tensor(_profile(kind, h), dtype=torch.float64)
-    wx = torch.tensor(_profile(kind, w), dtype=torch.float64)
-    return torch.outer(wy, wx).to(torch.float32)
+def _window_cpu(kind: str, h: int, w: int, margin: int) -> torch.Tensor:
+    return torch.outer(_axis_profile(kind, h, margin), _axis_profile(kind, w, margin)).to(torch.float32)
 
 
-def weight_window(kind: str, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A strictly positive [h, w] float32 weight window of the given kind."""
-    return _window_cpu(kind, h, w).to(device)
+def weight_window(kind: str, h: int, w: int, device: torch.device | str = "cpu", margin: int = 0) -> torch.Tensor:
+    """A strictly positive [h, w] float32 weight window of the given kind, rims of `margin` px damped."""
+    return _window_cpu(kind, h, w, margin).to(device)
 
 
 class FusionAccumulator:
     """Weighted sum of tile predictions over a canvas of shape [B, C, H, W]."""
 
-    def __init__(self, shape: Sequence[int], kind: str, device: torch.device | str = "cpu"):
+    def __init__(self, shape: Sequence[int], kind: str, device: torch.device | str = "cpu", margin: int = 0):
         if kind not in WEIGHT_KINDS:
             raise ValueError(f"unknown weight window {kind!r}; choose one of {', '.join(WEIGHT_KINDS)}")
         self.kind = kind
+        self.margin = margin
         self.device = torch.device(device)
         self.numerator = torch.zeros(tuple(shape), dtype=torch.float32, device=self.device)
         self.denominator = torch.zeros(tuple(shape[-2:]), dtype=torch.float32, device=self.device)
 
     def add(self, tile: Tile, prediction: torch.Tensor) -> None:
         """Accumulate one tile's prediction, shaped [B, C, tile.h, tile.w]."""
-        window = weight_window(self.kind, tile.h, tile.w, self.device)
+        window = weight_window(self.kind, tile.h, tile.w, self.device, self.margin)
         ys, xs = tile.slices
         self.numerator[..., ys, xs] += prediction.to(self.device, torch.float32) * window
         self.denominator[ys, xs] += window
@@ -80,8 +93,10 @@ class FusionAccumulator:
         return self.numerator / self.denominator
 
 
-def fuse(tiles: Sequence[Tile], predictions: torch.Tensor, shape: Sequence[int], kind: str) -> torch.Tensor:
+def fuse(
+    tiles: Sequence[Tile], predictions: torch.Tensor, shape: Sequence[int], kind: str, margin: int = 0
+) -> torch.Tensor:
     """Fuse predictions for `tiles` (one [B, C, h, w] block per tile) into a canvas of `shape`."""
-    acc = FusionAccumulator(shape, kind, predictions.device)
+    acc = FusionAccumulator(shape, kind, predictions.device, margin)
     acc.add_batch(tiles, predictions)
     return acc.result()

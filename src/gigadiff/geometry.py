@@ -64,13 +64,13 @@ def axis_count(length: int, window: int, overlap: int) -> int:
     return math.ceil((length - overlap) / (window - overlap))
 
 
-def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> tuple[int, ...]:
+def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0, min_overlap: int = 0) -> tuple[int, ...]:
     """Start positions of the windows along one axis.
 
     Windows are spread evenly between the two edges (so real overlaps are >= `overlap`). `shift` in [-1, 1]
     moves every interior window by `shift * amplitude`; the first and last windows stay clamped to the edges.
-    The amplitude keeps every pair of neighbours overlapping by at least overlap // 2 and never lets an
-    interior window reach an edge window, so the number of windows is the same for every shift.
+    The amplitude keeps every pair of neighbours overlapping by at least max(overlap // 2, min_overlap) and
+    never lets an interior window reach an edge window, so the number of windows is the same for every shift.
     """
     if not -1.0 <= shift <= 1.0:
         raise ValueError(f"shift must lie in [-1, 1], got {shift}")
@@ -83,7 +83,7 @@ def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> t
     if n == 1:
         return (0,)
     stride = last / (n - 1)
-    amplitude = max(0.0, min(window - stride - overlap // 2, stride - 1))
+    amplitude = max(0.0, min(window - stride - max(overlap // 2, min_overlap), stride - 1))
     offset = shift * amplitude
     starts = [0]
     for k in range(1, n - 1):
@@ -98,6 +98,7 @@ def tile_grid(
     tile: int | tuple[int, int],
     overlap: int,
     shift: tuple[float, float] = (0.0, 0.0),
+    min_overlap: int = 0,
 ) -> TileGrid:
     """A row-major grid of windows covering a `height` x `width` canvas.
 
@@ -109,8 +110,8 @@ def tile_grid(
     if tile_h <= 0 or tile_w <= 0:
         raise ValueError(f"tile must be positive, got {tile_h}x{tile_w}")
     win_h, win_w = min(tile_h, height), min(tile_w, width)
-    ys = axis_starts(height, win_h, min(overlap, win_h - 1), shift[0])
-    xs = axis_starts(width, win_w, min(overlap, win_w - 1), shift[1])
+    ys = axis_starts(height, win_h, min(overlap, win_h - 1), shift[0], min_overlap)
+    xs = axis_starts(width, win_w, min(overlap, win_w - 1), shift[1], min_overlap)
     return TileGrid(height, width, tuple(Tile(y, x, win_h, win_w) for y in ys for x in xs))
 
 
@@ -128,6 +129,8 @@ class GridPlan:
     overlap: int
     shifted: bool = True
     seed: int = 0
+    min_overlap: int = 0
+    """Overlap that shifting must never go below (models with unreliable tile rims need 2 x rim)."""
 
     def shift_for_step(self, step: int) -> tuple[float, float]:
         if not self.shifted:
@@ -137,7 +140,7 @@ class GridPlan:
         return float(dy), float(dx)
 
     def grid(self, step: int) -> TileGrid:
-        return tile_grid(self.height, self.width, self.tile, self.overlap, self.shift_for_step(step))
+        return tile_grid(self.height, self.width, self.tile, self.overlap, self.shift_for_step(step), self.min_overlap)
 
     @property
     def tiles_per_step(self) -> int:

@@ -49,11 +49,13 @@ class CanvasDenoiser:
     executor: TileExecutor
     plan: GridPlan
     weights: str
+    margin: int = 0
+    """Tile rim, in latent pixels, that the backend's model is not trusted on (see fusion)."""
     model_calls: int = 0
     evaluated_pixels: int = 0
 
     def __call__(self, x: torch.Tensor, t: Any, grid: TileGrid, listener: StepListener) -> torch.Tensor:
-        acc = FusionAccumulator(x.shape, self.weights, x.device)
+        acc = FusionAccumulator(x.shape, self.weights, x.device, self.margin)
         for tiles, predictions in self.executor.predictions(self.backend, x, t, self.cond, grid):
             acc.add_batch(tiles, predictions)
             self.model_calls += 1

@@ -41,6 +41,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def parse_sigmas(text: str) -> tuple[float, ...]:
+    """Parse "80,2.5,0.5" into a tuple of noise levels (checked for order in `check_generic`)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise GigadiffError(f"sigmas {text!r} must be comma-separated numbers, e.g. 80,2.5") from None
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Every setting that determines a generated image; embedded in the output's metadata."""
@@ -64,6 +72,8 @@ class GenerationSettings:
     tile_batch: int = 4
     guidance_rescale: float = 0.0
     eta: float = 0.0
+    sigmas: tuple[float, ...] | None = None
+    """An explicit noise-level schedule (decreasing); replaces the scheduler's own spacing, and sets steps."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend-specific settings (e.g. terrain difficulty), kept for metadata."""
 
@@ -74,14 +84,18 @@ class GenerationSettings:
         """Fill in what the user left open from the model's own defaults."""
         tile = self.tile if self.tile is not None else info.native_size
         factor = info.vae_scale_factor
+        default_overlap = max(tile // 8, 4 * info.edge_margin * factor) // factor * factor
+        steps = len(self.sigmas) if self.sigmas else self.steps
         return replace(
             self,
             width=self.width if self.width is not None else 2 * info.native_size,
             height=self.height if self.height is not None else 2 * info.native_size,
-            steps=self.steps if self.steps is not None else info.default_steps,
-            guidance=self.guidance if self.guidance is not None else info.default_guidance,
+            steps=steps if steps is not None else info.default_steps,
+            guidance=(self.guidance if self.guidance is not None else info.default_guidance)
+            if info.uses_guidance
+            else None,
             tile=tile,
-            overlap=self.overlap if self.overlap is not None else tile // 8 // factor * factor,
+            overlap=self.overlap if self.overlap is not None else default_overlap,
         )
 
 
@@ -114,13 +128,26 @@ def check_generic(s: GenerationSettings) -> None:
         raise GigadiffError(f"overlap must be >= 0, got {s.overlap}")
     if s.tile is not None and s.overlap is not None and s.overlap >= s.tile:
         raise GigadiffError(f"overlap ({s.overlap}px) must be smaller than the tile ({s.tile}px)")
+    if s.sigmas is not None:
+        if not s.sigmas or any(v <= 0 for v in s.sigmas) or list(s.sigmas) != sorted(s.sigmas, reverse=True):
+            raise GigadiffError(f"sigmas must be positive and decreasing, got {list(s.sigmas)}")
+        if s.steps is not None and s.steps != len(s.sigmas):
+            raise GigadiffError(f"{len(s.sigmas)} sigmas given but steps is {s.steps}; give one or the other")
 
 
 def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSettings:
     """Checks that need the model; returns the settings with every default filled in."""
     check_generic(s)
-    if s.prompt and not info.takes_prompt:
-        raise GigadiffError(f"model {info.name!r} takes no prompt; remove the prompt")
+    if (s.prompt or s.negative_prompt) and not info.takes_prompt:
+        raise GigadiffError(f"model {info.name!r} takes no prompt; remove the prompt and negative prompt")
+    if s.guidance is not None and not info.uses_guidance:
+        raise GigadiffError(f"model {info.name!r} does not use classifier-free guidance; remove --guidance")
+    if s.scheduler != "default" and info.fixed_scheduler:
+        raise GigadiffError(f"model {info.name!r} has its own sampler; --scheduler must be 'default'")
+    unknown = sorted(set(s.extra) - set(info.options))
+    if unknown:
+        accepted = ", ".join(info.options) or "none"
+        raise GigadiffError(f"model {info.name!r} does not accept {', '.join(unknown)} (it accepts: {accepted})")
     f = info.vae_scale_factor
     resolved = s.with_model_defaults(info)
     check_generic(resolved)
@@ -142,4 +169,18 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
         raise GigadiffError(f"tile ({resolved.tile}px) must be at least {2 * f}px")
     if resolved.overlap >= resolved.tile:
         raise GigadiffError(f"overlap ({resolved.overlap}px) must be smaller than the tile ({resolved.tile}px)")
+    if info.fixed_tile:
+        n = info.native_size
+        if resolved.tile != n:
+            raise GigadiffError(f"model {info.name!r} only takes {n}x{n} tiles; remove --tile or set it to {n}")
+        if min(resolved.width, resolved.height) < n:
+            raise GigadiffError(
+                f"size {resolved.width}x{resolved.height} is smaller than model {info.name!r}'s {n}x{n} input"
+            )
+    rim = info.edge_margin * f
+    if rim and resolved.overlap < 2 * rim and resolved.tile < max(resolved.width, resolved.height):
+        raise GigadiffError(
+            f"overlap ({resolved.overlap}px) must be at least {2 * rim}px for model {info.name!r}: its output is "
+            f"unreliable within {rim}px of a tile edge, so neighbouring tiles must cover each other's rims"
+        )
     return resolved

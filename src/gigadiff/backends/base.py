@@ -30,6 +30,17 @@ class ModelInfo:
     default_steps: int = 30
     default_guidance: float = 7.5
     takes_prompt: bool = True
+    uses_guidance: bool = True
+    fixed_scheduler: bool = False
+    """True when the model has exactly one sampler (e.g. consistency models): only "default" is accepted."""
+    fixed_tile: bool = False
+    """True when the network only accepts native-size inputs (e.g. an ONNX graph with fixed H and W)."""
+    edge_margin: int = 0
+    """Rim, in latent pixels, along a tile's edges where the model's output is unreliable."""
+    options: tuple[str, ...] = ()
+    """Backend-specific settings the model accepts (keys of GenerationSettings.extra)."""
+    output: str = "image"
+    """"image" (RGB, decoded to [-1, 1]) or "heightmap" (decoded to heights in metres)."""
 
 
 class Backend(Protocol):

@@ -1,9 +1,9 @@
 """Turning what the user wrote after `--model` into a ready backend.
 
-`--model` accepts a preset alias (sd15, sdxl, ...), a Hugging Face hub id, a local diffusers folder, or a
-single-file checkpoint (.safetensors / .ckpt). The local cache is tried first so that an offline machine that
-has the model never touches the network; a model that is neither cached nor downloadable fails at once with
-a message naming the model and the ways to provide it.
+`--model` accepts `terrain` (the offline ONNX terrain model), a preset alias (sd15, sdxl, ...), a Hugging Face
+hub id, a local diffusers folder, or a single-file checkpoint (.safetensors / .ckpt). The local cache is tried
+first so that an offline machine that has the model never touches the network; a model that is neither cached
+nor downloadable fails at once with a message naming the model and the ways to provide it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from gigadiff.backends.base import Backend
+from gigadiff.backends.device import resolve_device, resolve_dtype
 from gigadiff.backends.diffusers_unet import DiffusersUNetBackend, is_unet_pipeline
 from gigadiff.backends.presets import PRESETS, ModelPreset
 from gigadiff.errors import GigadiffError
@@ -91,7 +93,7 @@ def load_pipeline(model: str, dtype: torch.dtype) -> tuple[Any, ModelPreset | No
     if path.is_dir() and not (path / "model_index.json").is_file():
         raise GigadiffError(f"{path} is not a diffusers model folder (it has no model_index.json)")
     if not path.exists() and model.count("/") != 1:
-        known = ", ".join(sorted(PRESETS))
+        known = ", ".join(["terrain", *sorted(PRESETS)])
         raise GigadiffError(
             f"unknown model {model!r}: not a preset ({known}), not a local folder or checkpoint, "
             "and not a hub id of the form owner/name"
@@ -108,10 +110,17 @@ def backend_for_pipeline(pipe: Any, name: str = "", preset: ModelPreset | None =
     return DiffusersUNetBackend(pipe, name=name, preset=preset)
 
 
-def load_backend(model: str | Any, device: torch.device, dtype: torch.dtype) -> DiffusersUNetBackend:
-    """A backend for `model` (a name/path, or an already-loaded diffusers pipeline) on `device`."""
+def load_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
+    """A backend for `model` (a name/path, or an already-loaded diffusers pipeline, used where it is)."""
     if not isinstance(model, str):
-        return backend_for_pipeline(model.to(device))
-    pipe, preset = load_pipeline(model, dtype)
+        return backend_for_pipeline(model)
+    if model == "terrain":
+        from gigadiff.backends.terrain import TerrainBackend
+
+        if dtype != "fp32":
+            raise GigadiffError("model 'terrain' is an fp32 ONNX model; use --dtype fp32")
+        return TerrainBackend(device=device)
+    torch_device = resolve_device(device)
+    pipe, preset = load_pipeline(model, resolve_dtype(dtype, torch_device))
     pipe.set_progress_bar_config(disable=True)
-    return backend_for_pipeline(pipe.to(device), name=model, preset=preset)
+    return backend_for_pipeline(pipe.to(torch_device), name=model, preset=preset)

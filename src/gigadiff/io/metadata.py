@@ -31,7 +31,8 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "shift": settings.shift,
         "tile_batch": settings.tile_batch,
         "eta": settings.eta,
-        **({"extra": settings.extra} if settings.extra else {}),
+        **({"sigmas": list(settings.sigmas)} if settings.sigmas else {}),
+        **settings.extra,
     }
 
 

@@ -15,6 +15,7 @@ from gigadiff.io.metadata import parameters_text, to_json
 
 
 def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar next to an output (used by every writer)."""
     return path.with_suffix(".json")
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gigadiff.backends.base import Backend
+from gigadiff.backends.base import Backend, ModelInfo
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
 from gigadiff.noise import canvas_noise, seeded_generator
@@ -29,10 +29,10 @@ class CanvasRun:
     tiles_per_step: int
 
 
-def grid_plan(settings: GenerationSettings, vae_scale_factor: int) -> GridPlan:
-    """The per-step tile grid, in latent pixels, for resolved settings (tile and overlap filled in)."""
-    assert settings.tile is not None and settings.overlap is not None, "resolve settings first"
-    f = vae_scale_factor
+def grid_plan(settings: GenerationSettings, info: ModelInfo) -> GridPlan:
+    """The per-step tile grid, in latent pixels, for resolved settings (sizes, tile and overlap filled in)."""
+    assert settings.width and settings.height and settings.tile and settings.overlap is not None, "resolve first"
+    f = info.vae_scale_factor
     return GridPlan(
         height=settings.height // f,
         width=settings.width // f,
@@ -40,6 +40,7 @@ def grid_plan(settings: GenerationSettings, vae_scale_factor: int) -> GridPlan:
         overlap=settings.overlap // f,
         shifted=settings.shift,
         seed=settings.seed,
+        min_overlap=2 * info.edge_margin,
     )
 
 
@@ -61,14 +62,17 @@ def text_to_image(
         **settings.extra,
     )
     scheduler = make_scheduler(settings.scheduler, backend.base_scheduler)
-    scheduler.set_timesteps(settings.steps, device=device)
+    if settings.sigmas:
+        scheduler.set_timesteps(sigmas=list(settings.sigmas), device=device)
+    else:
+        scheduler.set_timesteps(settings.steps, device=device)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     generator = seeded_generator(settings.seed)
-    plan = grid_plan(settings, info.vae_scale_factor)
+    plan = grid_plan(settings, info)
     shape = (1, info.latent_channels, plan.height, plan.width)
     latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
-    denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights)
+    denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin)
     latents = sample(
         denoiser,
         scheduler,
