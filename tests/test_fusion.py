@@ -64,3 +64,17 @@ def test_uncovered_pixels_are_an_error():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown weight window"):
         FusionAccumulator((1, 1, 2, 2), "triangle")
+
+
+def test_rim_margin_damps_tile_edges_but_keeps_partition_of_unity():
+    w = weight_window("uniform", 32, 32, margin=4)
+    assert w[0, 16] < 1e-5 and w[3, 16] < 1e-5 and w[4, 16] == 1 and w[16, 16] == 1
+    grid = tile_grid(80, 80, 32, 12)
+    ones = torch.ones(len(grid), 1, 32, 32)
+    fused = fuse(grid.tiles, ones, (1, 1, 80, 80), "uniform", margin=4)
+    assert torch.allclose(fused, torch.ones_like(fused), atol=1e-5)
+    # where a neighbour's interior covers a tile's rim, the rim's value is ignored
+    preds = torch.stack([torch.full((1, 32, 32), float(i)) for i in range(len(grid))])
+    preds[:, :, :4, :] = 1000.0  # garbage in every tile's top rim
+    fused = fuse(grid.tiles, preds, (1, 1, 80, 80), "uniform", margin=4)
+    assert fused[..., 4:, :].max() < 100  # only canvas-edge rows may keep the garbage

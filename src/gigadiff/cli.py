@@ -57,7 +57,8 @@ def generate(
         ),
     ] = "sd15",
     size: Annotated[
-        str | None, typer.Option(help="WIDTHxHEIGHT in pixels (default: twice the model's native size).")
+        str | None,
+        typer.Option(help="WIDTHxHEIGHT in pixels (default: the model's, e.g. 1024x1024 for sd15 and terrain)."),
     ] = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Output PNG (heightmaps: 16-bit PNG or float TIFF).")

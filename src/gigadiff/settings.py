@@ -56,7 +56,7 @@ class GenerationSettings:
     prompt: str
     negative_prompt: str = ""
     width: int | None = None
-    """Image width in pixels; None means twice the model's native size."""
+    """Image width in pixels; None means the model's default size (twice its native size for most)."""
     height: int | None = None
     steps: int | None = None
     """None means the model's default (e.g. 30, or 4 for SDXL-Turbo)."""
@@ -86,10 +86,11 @@ class GenerationSettings:
         factor = info.vae_scale_factor
         default_overlap = max(tile // 8, 4 * info.edge_margin * factor) // factor * factor
         steps = len(self.sigmas) if self.sigmas else self.steps
+        side = info.default_size or 2 * info.native_size
         return replace(
             self,
-            width=self.width if self.width is not None else 2 * info.native_size,
-            height=self.height if self.height is not None else 2 * info.native_size,
+            width=self.width if self.width is not None else side,
+            height=self.height if self.height is not None else side,
             steps=steps if steps is not None else info.default_steps,
             guidance=(self.guidance if self.guidance is not None else info.default_guidance)
             if info.uses_guidance

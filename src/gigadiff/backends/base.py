@@ -27,6 +27,8 @@ class ModelInfo:
     """Image pixels per latent pixel (8 for the SD VAEs, 1 for pixel-space models)."""
     native_size: int
     """The image side, in pixels, the model was trained at; the default tile."""
+    default_size: int | None = None
+    """Image side used when the user gives no size; None means twice the native size."""
     default_steps: int = 30
     default_guidance: float = 7.5
     takes_prompt: bool = True

@@ -94,6 +94,7 @@ class TerrainBackend:
             latent_channels=1,
             vae_scale_factor=1,
             native_size=NATIVE,
+            default_size=1024,
             default_steps=2,
             default_guidance=0.0,
             takes_prompt=False,

@@ -1,0 +1,130 @@
+"""The real pretrained terrain model (ONNX, from adaptive-terrain-diffusion) run by gigadiff's own loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("terrain_diffusion", reason="install with: pip install --no-deps adaptive-terrain-diffusion")
+
+from gigadiff.api import open_backend, run_generation
+from gigadiff.backends.terrain import HEIGHT_RANGE_M, difficulty_label, model_to_heights
+from gigadiff.cli import app
+from gigadiff.errors import GigadiffError
+from gigadiff.io.heightmap import read_heightmap
+from gigadiff.noise import canvas_noise, seeded_generator
+from gigadiff.settings import GenerationSettings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def terrain():
+    return open_backend("terrain", "cpu")
+
+
+def settings(**kw):
+    base = {"prompt": "", "width": 256, "height": 256, "seed": 4, "extra": {"difficulty": 60}}
+    return GenerationSettings(**{**base, **kw})
+
+
+def test_one_tile_one_step_is_the_network_on_seeded_noise(terrain):
+    result = run_generation(settings(width=128, height=128, steps=1, weights="uniform"), terrain)
+    noise = canvas_noise((1, 1, 128, 128), seeded_generator(4)) * 80.0
+    expected = terrain.predict(noise, torch.tensor(80.0), terrain.condition("", "", None, (128, 128), 60), [])
+    assert torch.allclose(result.latents, expected, rtol=1e-6, atol=1e-7)  # w * p / w rounding only
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds(terrain):
+    a = run_generation(settings(steps=2), terrain).latents
+    b = run_generation(settings(steps=2), terrain).latents
+    c = run_generation(settings(steps=2, seed=5), terrain).latents
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.05
+
+
+def test_multistep_run_is_a_plausible_heightmap(terrain):
+    result = run_generation(settings(steps=2, tile_batch=3), terrain)
+    assert result.run.tiles_per_step == 9  # 256 px, 128 tiles, 32 overlap -> 3 x 3, same as the package's tiler
+    assert result.run.model_calls == 2 * 3  # 2 steps, 9 tiles in batches of 3
+    heights = terrain.decode(result.latents)
+    assert heights.shape == (1, 1, 256, 256)
+    assert heights.min() >= 0 and heights.max() <= HEIGHT_RANGE_M
+    assert heights.std() > 0.01  # not flat
+    # the map is smooth at the pixel scale: neighbour differences far below the height range
+    assert (heights[..., 1:] - heights[..., :-1]).abs().mean() < 0.05 * HEIGHT_RANGE_M
+
+
+def test_difficulty_conditions_the_model(terrain):
+    gentle = run_generation(settings(steps=1, extra={"difficulty": 1}), terrain).latents
+    rugged = run_generation(settings(steps=1, extra={"difficulty": 100}), terrain).latents
+    assert not torch.equal(gentle, rugged)
+
+
+def test_difficulty_label_and_height_transform():
+    assert difficulty_label(1) == 0.0 and difficulty_label(100) == 1.0
+    for bad in (0, 101, float("nan")):
+        with pytest.raises(GigadiffError, match="difficulty must be a number from 1 to 100"):
+            difficulty_label(bad)
+    heights = model_to_heights(torch.tensor([-1.0, 0.0, 1.0]))
+    assert heights[0] == 0 and abs(float(heights[2]) - HEIGHT_RANGE_M) < 1e-4
+    assert 0 < heights[1] < 0.1 * HEIGHT_RANGE_M  # asinh companding: the midpoint is a low height (1.05 m)
+
+
+def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
+    out = tmp_path / "terrain.png"
+    result = runner.invoke(app, ["generate", "--model", "terrain", "--size", "256x256", "--difficulty", "70",
+                                 "--steps", "2", "--seed", "9", "-o", str(out), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    heights, meta = read_heightmap(out)
+    assert heights.shape == (256, 256)
+    assert meta["difficulty"] == 70 and meta["model"] == "terrain" and meta["height_unit"] == "m"
+    assert meta["height_min_m"] == pytest.approx(float(heights.min()), abs=1e-6)
+    assert meta["height_max_m"] == pytest.approx(float(heights.max()), abs=1e-4)
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.mode == "I;16"
+    with Image.open(tmp_path / "terrain.relief.png") as im:
+        assert im.mode == "RGB" and im.size == (256, 256)
+    assert (tmp_path / "terrain.json").is_file()
+    # the same run as a float TIFF holds the exact heights the PNG quantised
+    tif = tmp_path / "exact.tif"
+    assert runner.invoke(app, ["generate", "--model", "terrain", "--size", "256x256", "--difficulty", "70",
+                               "--steps", "2", "--seed", "9", "-o", str(tif), "-q"]).exit_code == 0  # fmt: skip
+    exact, tif_meta = read_heightmap(tif)
+    assert exact.dtype == np.float32 and tif_meta["seed"] == 9
+    step = (meta["height_max_m"] - meta["height_min_m"]) / 65535
+    assert np.abs(exact - heights).max() <= step
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--difficulty", "0"], "difficulty must be a number from 1 to 100"),
+        (["--difficulty", "101"], "difficulty must be a number from 1 to 100"),
+        (["mountains"], "takes no prompt"),
+        (["--negative", "flat"], "takes no prompt"),
+        (["--guidance", "3"], "does not use classifier-free guidance"),
+        (["--scheduler", "ddim"], "has its own sampler"),
+        (["--size", "100x100"], "smaller than model 'terrain''s 128x128 input"),
+        (["--tile", "256"], "only takes 128x128 tiles"),
+        (["--overlap", "8"], "overlap (8px) must be at least 16px"),
+        (["--dtype", "bf16"], "fp32 ONNX model"),
+        (["--sigmas", "20,80"], "sigmas must be positive and decreasing"),
+    ],
+)
+def test_cli_errors(tmp_path, extra, message):
+    args = ["generate", "--model", "terrain", "--size", "256x256", "-o", str(tmp_path / "t.png"), "-q", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_difficulty_is_refused_for_other_models(tiny_sd_dir, tmp_path):
+    args = ["generate", "x", "--model", str(tiny_sd_dir), "--difficulty", "5", "-o", str(tmp_path / "o.png"), "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "does not accept difficulty" in result.output
