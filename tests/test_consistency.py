@@ -24,7 +24,7 @@ def test_step_renoises_to_the_next_level_and_returns_x0_at_the_end():
     sched.set_timesteps(sigmas=[80.0, 10.0])
     x0 = torch.zeros(1, 1, 256, 256)
     g = torch.Generator().manual_seed(0)
-    noisy = sched.step(x0, sched.timesteps[0], x0 * 0, generator=g).prev_sample
+    noisy = sched.step(x0, sched.timesteps[0], x0 * 0, generator=g, eta=1.0).prev_sample
     assert noisy.std() == pytest.approx((10.0**2 - 0.002**2) ** 0.5, rel=0.02)
     last = sched.step(x0 + 1, sched.timesteps[1], noisy, generator=g).prev_sample
     assert torch.equal(last, x0 + 1)
@@ -45,3 +45,15 @@ def test_bad_schedules():
         sched.set_timesteps()
     with pytest.raises(ValueError, match="positive and finite"):
         sched.set_timesteps(sigmas=[80.0, -1.0])
+
+
+def test_eta_zero_keeps_the_noise_direction():
+    sched = ConsistencyScheduler()
+    sched.set_timesteps(sigmas=[80.0, 20.0])
+    eps = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    x0 = torch.full((1, 1, 64, 64), 0.3)
+    nxt = sched.step(x0, 80.0, x0 + 80.0 * eps, eta=0.0).prev_sample
+    spread = (20.0**2 - 0.002**2) ** 0.5
+    assert torch.allclose(nxt, x0 + spread * eps, atol=1e-5)
+    with pytest.raises(ValueError, match="eta must lie in"):
+        ConsistencyScheduler().step(x0, 80.0, x0, eta=2.0)

@@ -74,6 +74,9 @@ def generate(
     shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
     tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
     guidance_rescale: Annotated[float, typer.Option(help="Guidance rescale factor in [0, 1].")] = 0.0,
+    eta: Annotated[
+        float, typer.Option(help="Noise kept vs drawn afresh per step (DDIM, consistency): 0 = deterministic.")
+    ] = 0.0,
     sigmas: Annotated[
         str | None, typer.Option(help="Explicit decreasing noise levels, e.g. 80,2.5 (sets the steps).")
     ] = None,
@@ -111,6 +114,7 @@ def _generate(
     shift: bool,
     tile_batch: int,
     guidance_rescale: float,
+    eta: float,
     sigmas: str | None,
     difficulty: float | None,
     device: str,
@@ -140,6 +144,7 @@ def _generate(
         shift=shift,
         tile_batch=tile_batch,
         guidance_rescale=guidance_rescale,
+        eta=eta,
         sigmas=parse_sigmas(sigmas) if sigmas is not None else None,
         extra={"difficulty": difficulty} if difficulty is not None else {},
     )

@@ -115,6 +115,8 @@ def check_generic(s: GenerationSettings) -> None:
         raise GigadiffError(f"guidance must be >= 0, got {s.guidance}")
     if not 0 <= s.guidance_rescale <= 1:
         raise GigadiffError(f"guidance rescale must lie in [0, 1], got {s.guidance_rescale}")
+    if not 0 <= s.eta <= 1:
+        raise GigadiffError(f"eta must lie in [0, 1], got {s.eta}")
     if s.tile_batch < 1:
         raise GigadiffError(f"tile batch must be at least 1, got {s.tile_batch}")
     if not 0 <= s.seed < 2**64:
