@@ -128,3 +128,14 @@ def test_difficulty_is_refused_for_other_models(tiny_sd_dir, tmp_path):
     args = ["generate", "x", "--model", str(tiny_sd_dir), "--difficulty", "5", "-o", str(tmp_path / "o.png"), "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "does not accept difficulty" in result.output
+
+
+def test_python_api_takes_backend_options_and_returns_the_relief(terrain):
+    from gigadiff import generate
+
+    image = generate(model=terrain, size="256x128", steps=1, seed=2, difficulty=30)
+    assert image.mode == "RGB" and image.size == (256, 128)
+    latent = generate(model=terrain, size=(128, 128), sigmas="80,10", seed=2, difficulty=30, output_type="latent")
+    assert latent.shape == (1, 1, 128, 128)
+    with pytest.raises(GigadiffError, match="does not accept colour"):
+        generate(model=terrain, size="128x128", colour="red")

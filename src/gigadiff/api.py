@@ -22,9 +22,10 @@ from gigadiff.errors import GigadiffError
 from gigadiff.executors.local import LocalExecutor, TileExecutor
 from gigadiff.io.images import tensor_to_pil
 from gigadiff.io.metadata import generation_metadata
+from gigadiff.io.relief import shaded_relief
 from gigadiff.recipes.txt2img import CanvasRun, text_to_image
 from gigadiff.sampler import StepListener
-from gigadiff.settings import GenerationSettings, check_for_model, check_generic, new_seed, parse_size
+from gigadiff.settings import GenerationSettings, check_for_model, settings_from_options
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class GenerationResult:
         return self.backend.decode(self.latents)
 
     def image(self) -> Image.Image:
-        return tensor_to_pil(self.decode())[0]
+        """The picture to look at: the decoded image, or for heightmap models their shaded relief."""
+        decoded = self.decode()
+        if self.info.output == "heightmap":
+            return Image.fromarray(shaded_relief(decoded[0, 0].numpy()))
+        return tensor_to_pil(decoded)[0]
 
 
 def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
@@ -88,26 +93,29 @@ def generate(
     tile_batch: int = 4,
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
+    sigmas: str | list[float] | None = None,
     device: str = "auto",
     dtype: str = "fp32",
     output_type: str = "pil",
     listener: StepListener | None = None,
+    **options: Any,
 ) -> Image.Image | torch.Tensor:
     """Generate one image of `size` ("WIDTHxHEIGHT" or (width, height), in pixels).
 
-    Returns a PIL image, or with output_type="latent" the final latent canvas [1, C, H/f, W/f].
+    Backend options go in `options` (e.g. difficulty=60 for model="terrain"). Returns a PIL image (for a
+    heightmap model, its shaded relief), or with output_type="latent" the final canvas [1, C, H/f, W/f].
     """
     if output_type not in ("pil", "latent"):
         raise GigadiffError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    width, height = parse_size(size) if isinstance(size, str) else (size or (None, None))
-    settings = GenerationSettings(
-        prompt=prompt,
+    settings = settings_from_options(
+        prompt,
+        size=size,
+        seed=seed,
+        sigmas=sigmas,
+        options=options,
         negative_prompt=negative_prompt,
-        width=width,
-        height=height,
         steps=steps,
         guidance=guidance,
-        seed=new_seed() if seed is None else seed,
         scheduler=scheduler,
         tile=tile,
         overlap=overlap,
@@ -117,7 +125,6 @@ def generate(
         guidance_rescale=guidance_rescale,
         eta=eta,
     )
-    check_generic(settings)
     result = run_generation(settings, open_backend(model, device, dtype), listener=listener)
     return result.latents if output_type == "latent" else result.image()
 

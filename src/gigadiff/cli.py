@@ -126,17 +126,17 @@ def _generate(
     from gigadiff.io.files import check_outputs
     from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path, write_heightmap
     from gigadiff.io.writers import sidecar_path
-    from gigadiff.settings import GenerationSettings, check_generic, new_seed, parse_sigmas, parse_size
+    from gigadiff.settings import settings_from_options
 
-    width, height = parse_size(size) if size is not None else (None, None)
-    settings = GenerationSettings(
-        prompt=prompt,
+    settings = settings_from_options(
+        prompt,
+        size=size,
+        seed=seed,
+        sigmas=sigmas,
+        options={"difficulty": difficulty} if difficulty is not None else None,
         negative_prompt=negative,
-        width=width,
-        height=height,
         steps=steps,
         guidance=guidance,
-        seed=seed if seed is not None else new_seed(),
         scheduler=scheduler,
         tile=tile,
         overlap=overlap,
@@ -145,10 +145,7 @@ def _generate(
         tile_batch=tile_batch,
         guidance_rescale=guidance_rescale,
         eta=eta,
-        sigmas=parse_sigmas(sigmas) if sigmas is not None else None,
-        extra={"difficulty": difficulty} if difficulty is not None else {},
     )
-    check_generic(settings)
     if output.suffix.lower() not in HEIGHTMAP_SUFFIXES:
         raise GigadiffError(f"output {output} must end in .png (or .tif for heightmaps)")
     if save_latent is not None and save_latent.suffix != ".safetensors":

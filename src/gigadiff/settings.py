@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -187,3 +188,31 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             f"unreliable within {rim}px of a tile edge, so neighbouring tiles must cover each other's rims"
         )
     return resolved
+
+
+def settings_from_options(
+    prompt: str = "",
+    *,
+    size: str | tuple[int, int] | None = None,
+    seed: int | None = None,
+    sigmas: str | Sequence[float] | None = None,
+    options: dict[str, Any] | None = None,
+    **fields: Any,
+) -> GenerationSettings:
+    """Settings from what a user types or passes (size as "WxH" or a pair, seed None = a new random seed,
+    sigmas as "80,10" or a list, backend options such as difficulty), checked for everything a model need not
+    be loaded for. The CLI and `gigadiff.generate` both build their settings here."""
+    width, height = parse_size(size) if isinstance(size, str) else (size or (None, None))
+    if isinstance(sigmas, str):
+        sigmas = parse_sigmas(sigmas)
+    settings = GenerationSettings(
+        prompt=prompt,
+        width=width,
+        height=height,
+        seed=new_seed() if seed is None else seed,
+        sigmas=tuple(sigmas) if sigmas is not None else None,
+        extra=dict(options or {}),
+        **fields,
+    )
+    check_generic(settings)
+    return settings

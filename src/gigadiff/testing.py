@@ -20,6 +20,17 @@ import torch
 TINY_NATIVE_LATENT = 64  # 512 px with the 8x VAE, like SD 1.5
 
 
+_UNET_COMMON: dict[str, Any] = {
+    "layers_per_block": 1,
+    "sample_size": TINY_NATIVE_LATENT,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 4,
+}
+
+
 def tiny_tokenizer() -> Any:
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -85,16 +96,7 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> Any:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=TINY_NATIVE_LATENT,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=4,
+        **_UNET_COMMON, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4
     )
     return StableDiffusionPipeline(
         vae=tiny_vae(),
@@ -115,13 +117,8 @@ def tiny_sdxl_pipeline(seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
+        **_UNET_COMMON,
         block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=TINY_NATIVE_LATENT,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -129,7 +126,6 @@ def tiny_sdxl_pipeline(seed: int = 0) -> Any:
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,
-        norm_num_groups=4,
     )
     return StableDiffusionXLPipeline(
         vae=tiny_vae(),
