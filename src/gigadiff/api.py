@@ -18,12 +18,13 @@ from PIL import Image
 
 from gigadiff.backends.base import Backend, ModelInfo
 from gigadiff.backends.loading import load_backend
+from gigadiff.checkpoint import Checkpoint
 from gigadiff.errors import GigadiffError
 from gigadiff.executors.local import LocalExecutor, TileExecutor
 from gigadiff.io.images import tensor_to_pil
 from gigadiff.io.metadata import generation_metadata
 from gigadiff.io.relief import shaded_relief
-from gigadiff.recipes.txt2img import CanvasRun, text_to_image
+from gigadiff.recipes.txt2img import CanvasRun, CheckpointPolicy, text_to_image
 from gigadiff.sampler import StepListener
 from gigadiff.settings import GenerationSettings, check_for_model, settings_from_options
 
@@ -68,11 +69,21 @@ def run_generation(
     backend: Backend,
     executor: TileExecutor | None = None,
     listener: StepListener | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    resume: Checkpoint | None = None,
 ) -> GenerationResult:
-    """Check `settings` against the model, then generate. Raises GigadiffError before any compute."""
+    """Check `settings` against the model, then generate. Raises GigadiffError before any compute.
+
+    With `resume`, the run continues from the checkpoint, after checking that it was made by this model.
+    """
     resolved = check_for_model(settings, backend.info)
+    if resume is not None and resume.fingerprint != backend.info.fingerprint:
+        raise GigadiffError(
+            f"checkpoint was made with model {resume.model!r} (fingerprint {resume.fingerprint}); the loaded model "
+            f"{backend.info.name!r} has fingerprint {backend.info.fingerprint}: refusing to resume on another model"
+        )
     executor = executor or LocalExecutor(resolved.tile_batch)
-    run = text_to_image(backend, resolved, executor, listener)
+    run = text_to_image(backend, resolved, executor, listener, checkpoints, resume)
     return GenerationResult(run.latents, resolved, backend, run)
 
 

@@ -6,15 +6,23 @@ code 2, before any model is loaded where possible and always before the first de
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gigadiff import __version__
 from gigadiff.errors import GigadiffError
+
+if TYPE_CHECKING:
+    from gigadiff.checkpoint import Checkpoint
+    from gigadiff.executors.launch import Ranks
+    from gigadiff.executors.local import TileExecutor
+    from gigadiff.settings import GenerationSettings
 
 app = typer.Typer(
     name="gigadiff",
@@ -25,6 +33,7 @@ app = typer.Typer(
 )
 
 USER_ERROR = 2
+RANK_FAILED = 3
 
 
 def fail(message: str) -> typer.Exit:
@@ -88,14 +97,35 @@ def generate(
     save_latent: Annotated[
         Path | None, typer.Option(help="Also save the final latent canvas to this .safetensors file.")
     ] = None,
+    profile: Annotated[
+        bool, typer.Option(help="Report compute time, communication time and bytes exchanged per rank.")
+    ] = False,
+    rank_timeout: Annotated[
+        float, typer.Option(help="Seconds a rank may go silent before a multi-process run is ended.")
+    ] = 600.0,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Save a resumable checkpoint every K steps (0: never).", min=0)
+    ] = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint file (default: <output>.checkpoint.safetensors).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Generate an image of any size."""
+    options = dict(locals())
+    from gigadiff.executors.distributed import RankFailure
+    from gigadiff.executors.launch import shutdown
+
     try:
-        _generate(**locals())
+        _generate(**options)
     except GigadiffError as e:
         raise fail(str(e)) from None
+    except RankFailure as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(RANK_FAILED) from None
+    finally:
+        shutdown()
 
 
 def _generate(
@@ -120,18 +150,23 @@ def _generate(
     device: str,
     dtype: str,
     save_latent: Path | None,
+    profile: bool,
+    rank_timeout: float,
+    checkpoint_every: int,
+    checkpoint: Path | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    from gigadiff.io.files import check_outputs
-    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path, write_heightmap
-    from gigadiff.io.writers import sidecar_path
-    from gigadiff.settings import settings_from_options
+    from gigadiff.executors.launch import from_main, init_from_env
+    from gigadiff.settings import new_seed, settings_from_options
 
+    if rank_timeout <= 0:
+        raise GigadiffError(f"rank timeout must be positive, got {rank_timeout}")
+    ranks = init_from_env(device, rank_timeout)
     settings = settings_from_options(
         prompt,
         size=size,
-        seed=seed,
+        seed=from_main(seed if seed is not None else new_seed(), ranks),
         sigmas=sigmas,
         options={"difficulty": difficulty} if difficulty is not None else None,
         negative_prompt=negative,
@@ -146,12 +181,82 @@ def _generate(
         guidance_rescale=guidance_rescale,
         eta=eta,
     )
+    _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
+             checkpoint_every, checkpoint)  # fmt: skip
+
+
+@app.command()
+def resume(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written with --checkpoint-every.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option(help="Keep checkpointing every K steps.", min=0)] = 0,
+    profile: Annotated[bool, typer.Option(help="Report per-rank compute and communication.")] = False,
+    rank_timeout: Annotated[float, typer.Option(help="Seconds a rank may go silent.")] = 600.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Continue an interrupted generation from its checkpoint; the result equals an uninterrupted run."""
+    from gigadiff.executors.distributed import RankFailure
+    from gigadiff.executors.launch import init_from_env, shutdown
+
+    try:
+        from gigadiff.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint)
+        ranks = init_from_env(device, rank_timeout)
+        saved = ckpt.outputs
+        target = output or Path(saved["output"])
+        latent = Path(saved["save_latent"]) if saved.get("save_latent") else None
+        every = checkpoint_every or int(saved.get("checkpoint_every", 0))
+        _execute(ckpt.settings, ckpt.model, device, saved.get("dtype", "fp32"), target, latent, profile,
+                 rank_timeout, overwrite, quiet, ranks, every, checkpoint, resume_from=ckpt)  # fmt: skip
+    except GigadiffError as e:
+        raise fail(str(e)) from None
+    except RankFailure as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(RANK_FAILED) from None
+    finally:
+        shutdown()
+
+
+def _execute(
+    settings: GenerationSettings,
+    model: str,
+    device: str,
+    dtype: str,
+    output: Path,
+    save_latent: Path | None,
+    profile: bool,
+    rank_timeout: float,
+    overwrite: bool,
+    quiet: bool,
+    ranks: Ranks,
+    checkpoint_every: int,
+    checkpoint: Path | None,
+    resume_from: Checkpoint | None = None,
+) -> None:
+    """Check outputs, load the model, run (or continue) the generation, write the results on rank 0."""
+    from gigadiff.executors.launch import rank_device
+    from gigadiff.io.files import check_outputs
+    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path, write_heightmap
+    from gigadiff.io.writers import sidecar_path
+    from gigadiff.recipes.txt2img import CheckpointPolicy
+
     if output.suffix.lower() not in HEIGHTMAP_SUFFIXES:
         raise GigadiffError(f"output {output} must end in .png (or .tif for heightmaps)")
     if save_latent is not None and save_latent.suffix != ".safetensors":
         raise GigadiffError(f"--save-latent {save_latent} must end in .safetensors")
     outputs = [output, sidecar_path(output), *([save_latent] if save_latent else [])]
-    check_outputs(outputs, overwrite)
+    policy = None
+    if checkpoint_every:
+        path = checkpoint or output.with_name(f"{output.stem}.checkpoint.safetensors")
+        if resume_from is None:
+            outputs.append(path)
+        recorded = {"output": str(output), "save_latent": str(save_latent) if save_latent else None,
+                    "checkpoint_every": checkpoint_every, "dtype": dtype}  # fmt: skip
+        policy = CheckpointPolicy(path, checkpoint_every, model, recorded, write=ranks.is_main)
+    agreed(lambda: check_outputs(outputs, overwrite), ranks)
 
     from gigadiff.api import open_backend, run_generation
     from gigadiff.io.writers import write_latent, write_png
@@ -160,18 +265,23 @@ def _generate(
 
     _quiet_libraries()
     started = time.perf_counter()
-    backend = open_backend(model, device, dtype)
+    backend = open_backend(model, rank_device(device, ranks), dtype)
     resolved = check_for_model(settings, backend.info)
     heightmap = backend.info.output == "heightmap"
     if heightmap:
-        check_outputs([relief_path(output)], overwrite)
+        agreed(lambda: check_outputs([relief_path(output)], overwrite), ranks)
     elif output.suffix.lower() != ".png":
         raise GigadiffError(f"output {output} must end in .png for model {backend.info.name!r}")
-    if quiet:
-        result = run_generation(resolved, backend)
+    executor = make_executor(resolved.tile_batch, ranks, rank_timeout)
+    if quiet or not ranks.is_main:
+        result = run_generation(resolved, backend, executor, None, policy, resume_from)
     else:
         with RichProgress() as progress:
-            result = run_generation(resolved, backend, listener=progress)
+            result = run_generation(resolved, backend, executor, progress, policy, resume_from)
+    if profile:
+        report_profile(executor, ranks)
+    if not ranks.is_main:
+        return
     meta = result.metadata
     if heightmap:
         meta = write_heightmap(result.decode()[0, 0].numpy(), output, meta, overwrite)
@@ -179,6 +289,8 @@ def _generate(
         write_png(result.image(), output, meta, overwrite)
     if save_latent is not None:
         write_latent(result.latents, save_latent, meta, overwrite)
+    if policy is not None and policy.path.exists():
+        policy.path.unlink()  # the finished outputs supersede this run's checkpoint
     elapsed = time.perf_counter() - started
     s = result.settings
     typer.echo(
@@ -186,6 +298,52 @@ def _generate(
         f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls) in {elapsed:.1f}s",
         err=True,
     )
+
+
+def agreed(check: Callable[[], None], ranks: Ranks) -> None:
+    """Run a check on rank 0 only (e.g. of output paths) and raise its error, if any, on every rank."""
+    from gigadiff.executors.launch import from_main
+
+    verdict = None
+    if ranks.is_main:
+        try:
+            check()
+        except GigadiffError as e:
+            verdict = str(e)
+    verdict = from_main(verdict, ranks)
+    if verdict:
+        raise GigadiffError(verdict)
+
+
+def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float) -> TileExecutor:
+    from gigadiff.executors.distributed import DistributedExecutor
+    from gigadiff.executors.local import LocalExecutor
+
+    if ranks.distributed:
+        return DistributedExecutor(tile_batch, timeout_s=timeout_s)
+    return LocalExecutor(tile_batch)
+
+
+def report_profile(executor: TileExecutor, ranks: Ranks) -> None:
+    """Per-rank compute time, communication time and bytes exchanged, printed by rank 0."""
+    import torch.distributed as dist
+
+    mine = getattr(executor, "profile", None)
+    row = {"rank": ranks.rank, **({} if mine is None else {k: v for k, v in vars(mine).items() if k != "per_step"})}
+    rows = [row]
+    if ranks.distributed:
+        rows = [None] * ranks.world
+        dist.all_gather_object(rows, row)
+    if not ranks.is_main:
+        return
+    typer.echo(f"{'rank':>4} {'tiles':>6} {'compute s':>10} {'comm s':>8} {'MB exchanged':>13}", err=True)
+    for r in rows:
+        assert r is not None
+        typer.echo(
+            f"{r['rank']:>4} {r.get('tiles', 0):>6} {r.get('compute_s', 0.0):>10.2f} {r.get('comm_s', 0.0):>8.2f} "
+            f"{r.get('bytes_exchanged', 0) / 1e6:>13.2f}",
+            err=True,
+        )
 
 
 def _quiet_libraries() -> None:
@@ -199,7 +357,13 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _terminate_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM (sent by torchrun when a peer fails) unwinds like an exception, so temporary files are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate_cleanly)
     try:
         app()
     except GigadiffError as e:  # raised outside a command (should not happen, but never show a traceback)

@@ -40,6 +40,25 @@ class NullListener:
         pass
 
 
+class Listeners:
+    """Several listeners heard as one (e.g. a progress bar and a checkpoint writer)."""
+
+    def __init__(self, *listeners: StepListener | None):
+        self.listeners = [x for x in listeners if x is not None]
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
+        for x in self.listeners:
+            x.on_step_start(step, total_steps, tiles)
+
+    def on_tiles_done(self, count: int) -> None:
+        for x in self.listeners:
+            x.on_tiles_done(count)
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        for x in self.listeners:
+            x.on_step_end(step, latents)
+
+
 @dataclass
 class CanvasDenoiser:
     """The model as the sampler sees it: a canvas in, a fused canvas-sized prediction out."""

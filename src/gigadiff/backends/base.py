@@ -41,6 +41,8 @@ class ModelInfo:
     """Rim, in latent pixels, along a tile's edges where the model's output is unreliable."""
     options: tuple[str, ...] = ()
     """Backend-specific settings the model accepts (keys of GenerationSettings.extra)."""
+    fingerprint: str = ""
+    """Identifies the weights (not just the name), so a checkpoint is never resumed on another model."""
     output: str = "image"
     """"image" (RGB, decoded to [-1, 1]) or "heightmap" (decoded to heights in metres)."""
 

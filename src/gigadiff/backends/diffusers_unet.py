@@ -58,6 +58,20 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) ->
     return factor * rescaled + (1 - factor) * guided
 
 
+def weights_fingerprint(pipe: Any) -> str:
+    """A short hash of the UNet and VAE configs and of a slice of the UNet's first and last weights."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for component in (pipe.unet, pipe.vae):
+        h.update(json.dumps(dict(component.config), sort_keys=True, default=str).encode())
+    params = list(pipe.unet.parameters())
+    for p in (params[0], params[-1]):
+        h.update(p.detach().flatten()[:4096].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class DiffusersUNetBackend:
     """Wraps a loaded StableDiffusion(XL)Pipeline (or any pipeline with the same components)."""
 
@@ -79,6 +93,7 @@ class DiffusersUNetBackend:
         steps, guidance = (preset.steps, preset.guidance) if preset else ((30, 5.0) if self.sdxl else (30, 7.5))
         native = preset.native_size if preset and preset.native_size else sample * factor
         self.info = ModelInfo(
+            fingerprint=weights_fingerprint(pipe),
             name=name or getattr(pipe, "name_or_path", "") or type(pipe).__name__,
             family="sdxl" if self.sdxl else "sd",
             latent_channels=self.unet.config.in_channels,

@@ -75,6 +75,16 @@ def model_to_heights(values: torch.Tensor) -> torch.Tensor:
     return heights.clamp(0, HEIGHT_RANGE_M).float()
 
 
+def file_fingerprint(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class TerrainConditioning:
     label: float
@@ -90,6 +100,7 @@ class TerrainBackend:
         self.device = torch.device("cpu")  # canvas and fusion live on the host; ONNX Runtime owns the model
         self.base_scheduler = ConsistencyScheduler(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_floor=SIGMA_FLOOR)
         self.info = ModelInfo(
+            fingerprint=file_fingerprint(self.path),
             name="terrain",
             family="terrain-consistency",
             latent_channels=1,

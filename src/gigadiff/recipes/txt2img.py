@@ -7,14 +7,17 @@ whole canvas from the seeded generator, then step), which is what lets a one-til
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from gigadiff.backends.base import Backend, ModelInfo
+from gigadiff.checkpoint import Checkpoint, restore_scheduler, save_checkpoint, scheduler_state
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
 from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.sampler import CanvasDenoiser, StepListener, sample
+from gigadiff.sampler import CanvasDenoiser, Listeners, StepListener, sample
 from gigadiff.schedulers import make_scheduler, step_kwargs
 from gigadiff.settings import GenerationSettings
 
@@ -44,13 +47,60 @@ def grid_plan(settings: GenerationSettings, info: ModelInfo) -> GridPlan:
     )
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Write a checkpoint to `path` after every `every` steps (only where `write` is true: rank 0)."""
+
+    path: Path
+    every: int
+    model: str
+    outputs: dict[str, Any]
+    write: bool = True
+
+
+class CheckpointWriter:
+    """A step listener that saves the run's full state every K steps."""
+
+    def __init__(self, policy: CheckpointPolicy, settings: GenerationSettings, backend: Backend, scheduler: Any,
+                 generator: torch.Generator, total_steps: int):  # fmt: skip
+        self.policy, self.settings, self.backend = policy, settings, backend
+        self.scheduler, self.generator, self.total_steps = scheduler, generator, total_steps
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
+        pass
+
+    def on_tiles_done(self, count: int) -> None:
+        pass
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        done = step + 1
+        if done % self.policy.every or done >= self.total_steps or not self.policy.write:
+            return
+        save_checkpoint(
+            self.policy.path,
+            Checkpoint(
+                settings=self.settings,
+                model=self.policy.model,
+                fingerprint=self.backend.info.fingerprint,
+                step=done,
+                latents=latents,
+                scheduler_state=scheduler_state(self.scheduler),
+                generator_state=self.generator.get_state(),
+                outputs=self.policy.outputs,
+            ),
+        )
+
+
 @torch.no_grad()
 def text_to_image(
     backend: Backend,
     settings: GenerationSettings,
     executor: TileExecutor,
     listener: StepListener | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    resume: Checkpoint | None = None,
 ) -> CanvasRun:
+    """Generate from noise, or continue from `resume`; with `checkpoints`, save the state every K steps."""
     info = backend.info
     device = backend.device
     cond = backend.condition(
@@ -72,6 +122,15 @@ def text_to_image(
     plan = grid_plan(settings, info)
     shape = (1, info.latent_channels, plan.height, plan.width)
     latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
+    first_step = 0
+    if resume is not None:
+        restore_scheduler(scheduler, resume.scheduler_state)
+        generator.set_state(resume.generator_state)
+        latents = resume.latents.to(device)
+        first_step = resume.step
+    writer = None
+    if checkpoints is not None:
+        writer = CheckpointWriter(checkpoints, settings, backend, scheduler, generator, len(scheduler.timesteps))
     denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin)
     latents = sample(
         denoiser,
@@ -79,6 +138,7 @@ def text_to_image(
         latents,
         scheduler.timesteps,
         step_kwargs(scheduler, generator, settings.eta),
-        listener,
+        Listeners(listener, writer),
+        first_step=first_step,
     )
     return CanvasRun(latents, denoiser.model_calls, denoiser.evaluated_pixels, plan.tiles_per_step)
