@@ -1,0 +1,99 @@
+"""Tile-parallel runs over processes (torchrun, gloo on CPU): same image at any world size; faults end the job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigadiff.executors.distributed import batches, rank_tiles, share
+from gigadiff.io.writers import read_latent
+
+HELPER = Path(__file__).parent / "helpers" / "faulty_rank.py"
+
+
+def torchrun(n: int, args: list[str], env: dict[str, str] | None = None, script: Path | None = None, timeout=240):
+    target = [str(script)] if script else ["-m", "gigadiff"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *target, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def gen_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "a harbour", "--model", str(model), "--size", "768x384", "--steps", "3", "--seed", "8",
+            "--tile", "256", "--overlap", "64", "--scheduler", "dpmpp_2m", "-q", "-o", str(out),
+            "--save-latent", str(out.with_suffix(".safetensors")), *extra]  # fmt: skip
+
+
+def test_shares_are_even_and_cover_every_tile():
+    for n in range(0, 40):
+        for world in (1, 2, 3, 5):
+            for bs in (1, 3, 4):
+                got = [i for r in range(world) for i in rank_tiles(n, bs, r, world)]
+                assert got == list(range(n))
+                counts = [len(share(len(batches(n, bs)), r, world)) for r in range(world)]
+                assert max(counts) - min(counts) <= 1
+
+
+def test_world_sizes_1_2_3_give_bit_identical_latents(tiny_sd_dir, tmp_path):
+    latents = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"w{n}.png"
+        proc = torchrun(n, gen_args(tiny_sd_dir, out, *(["--profile"] if n == 2 else [])))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        latents[n], _ = read_latent(out.with_suffix(".safetensors"))
+        if n == 2:
+            assert "MB exchanged" in proc.stderr and proc.stderr.count("\n   1 ") >= 1
+    assert torch.equal(latents[1], latents[2]) and torch.equal(latents[1], latents[3])
+
+
+def test_single_process_run_equals_the_torchrun_ones(tiny_sd_dir, tmp_path):
+    out = tmp_path / "plain.png"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out)], capture_output=True,
+                          text=True, env=env, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = tmp_path / "two.png"
+    assert torchrun(2, gen_args(tiny_sd_dir, two)).returncode == 0
+    assert torch.equal(read_latent(out.with_suffix(".safetensors"))[0], read_latent(two.with_suffix(".safetensors"))[0])
+
+
+def test_a_killed_rank_ends_the_job_without_output_and_keeps_the_checkpoint(tiny_sd_dir, tmp_path):
+    out = tmp_path / "killed.png"
+    ckpt = tmp_path / "killed.ckpt.safetensors"
+    env = {"GIGADIFF_TEST_FAULT": "kill", "GIGADIFF_TEST_FAULT_RANK": "1", "GIGADIFF_TEST_FAULT_AFTER": "2"}
+    args = gen_args(tiny_sd_dir, out, "--checkpoint-every", "1", "--checkpoint", str(ckpt), "--rank-timeout", "20")
+    proc = torchrun(2, args, env, script=HELPER)
+    assert proc.returncode != 0
+    assert "rank" in proc.stderr and ("1 (local_rank: 1)" in proc.stderr or "rank 1" in proc.stderr)
+    assert not out.exists() and not out.with_suffix(".safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name], "temporary files left behind"
+    from gigadiff.checkpoint import load_checkpoint
+
+    assert load_checkpoint(ckpt).step >= 1
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout_naming_it(tiny_sd_dir, tmp_path):
+    out = tmp_path / "hung.png"
+    env = {"GIGADIFF_TEST_FAULT": "hang", "GIGADIFF_TEST_FAULT_RANK": "1", "GIGADIFF_TEST_FAULT_AFTER": "1"}
+    started = time.monotonic()
+    proc = torchrun(2, gen_args(tiny_sd_dir, out, "--rank-timeout", "8"), env, script=HELPER, timeout=180)
+    assert proc.returncode != 0
+    assert "rank 1 stopped answering" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - started < 150
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5"])
+def test_rank_timeout_must_be_positive(tiny_sd_dir, tmp_path, timeout):
+    from typer.testing import CliRunner
+
+    from gigadiff.cli import app
+
+    result = CliRunner().invoke(app, gen_args(tiny_sd_dir, tmp_path / "o.png", "--rank-timeout", timeout))
+    assert result.exit_code == 2 and "rank timeout must be positive" in result.output
