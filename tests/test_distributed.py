@@ -52,6 +52,32 @@ def test_world_sizes_1_2_3_give_bit_identical_latents(tiny_sd_dir, tmp_path):
     assert torch.equal(latents[1], latents[2]) and torch.equal(latents[1], latents[3])
 
 
+def test_cfg_split_gives_the_same_image_at_every_world_size(tiny_sd_dir, tmp_path):
+    latents = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"split{n}.png"
+        proc = torchrun(n, gen_args(tiny_sd_dir, out, "--cfg-split"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        latents.append(read_latent(out.with_suffix(".safetensors"))[0])
+    assert torch.equal(latents[0], latents[1]) and torch.equal(latents[0], latents[2])
+    # guidance split into separate calls only changes float rounding against the joint batch
+    joint = tmp_path / "joint.png"
+    assert torchrun(2, gen_args(tiny_sd_dir, joint)).returncode == 0
+    reference = read_latent(joint.with_suffix(".safetensors"))[0]
+    assert (latents[0] - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_cfg_split_needs_torchrun_and_guidance(tiny_sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from gigadiff.cli import app
+
+    result = CliRunner().invoke(app, gen_args(tiny_sd_dir, tmp_path / "o.png", "--cfg-split"))
+    assert result.exit_code == 2 and "launch with torchrun" in result.output
+    proc = torchrun(2, gen_args(tiny_sd_dir, tmp_path / "g.png", "--cfg-split", "--guidance", "1"))
+    assert proc.returncode != 0 and "needs a model run with classifier-free guidance" in proc.stderr
+
+
 def test_single_process_run_equals_the_torchrun_ones(tiny_sd_dir, tmp_path):
     out = tmp_path / "plain.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

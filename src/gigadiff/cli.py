@@ -103,6 +103,9 @@ def generate(
     rank_timeout: Annotated[
         float, typer.Option(help="Seconds a rank may go silent before a multi-process run is ended.")
     ] = 600.0,
+    cfg_split: Annotated[
+        bool, typer.Option(help="torchrun only: run unconditional and conditional passes on different ranks.")
+    ] = False,
     checkpoint_every: Annotated[
         int, typer.Option(help="Save a resumable checkpoint every K steps (0: never).", min=0)
     ] = 0,
@@ -152,6 +155,7 @@ def _generate(
     save_latent: Path | None,
     profile: bool,
     rank_timeout: float,
+    cfg_split: bool,
     checkpoint_every: int,
     checkpoint: Path | None,
     overwrite: bool,
@@ -182,7 +186,7 @@ def _generate(
         eta=eta,
     )
     _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
-             checkpoint_every, checkpoint)  # fmt: skip
+             checkpoint_every, checkpoint, cfg_split=cfg_split)  # fmt: skip
 
 
 @app.command()
@@ -235,6 +239,7 @@ def _execute(
     checkpoint_every: int,
     checkpoint: Path | None,
     resume_from: Checkpoint | None = None,
+    cfg_split: bool = False,
 ) -> None:
     """Check outputs, load the model, run (or continue) the generation, write the results on rank 0."""
     from gigadiff.executors.launch import rank_device
@@ -272,7 +277,12 @@ def _execute(
         agreed(lambda: check_outputs([relief_path(output)], overwrite), ranks)
     elif output.suffix.lower() != ".png":
         raise GigadiffError(f"output {output} must end in .png for model {backend.info.name!r}")
-    executor = make_executor(resolved.tile_batch, ranks, rank_timeout)
+    if cfg_split:
+        if not ranks.distributed:
+            raise GigadiffError("--cfg-split shares guidance passes between processes: launch with torchrun")
+        if not hasattr(backend, "predict_branch") or not (resolved.guidance or 0) > 1:
+            raise GigadiffError("--cfg-split needs a model run with classifier-free guidance (guidance > 1)")
+    executor = make_executor(resolved.tile_batch, ranks, rank_timeout, cfg_split)
     if quiet or not ranks.is_main:
         result = run_generation(resolved, backend, executor, None, policy, resume_from)
     else:
@@ -315,12 +325,12 @@ def agreed(check: Callable[[], None], ranks: Ranks) -> None:
         raise GigadiffError(verdict)
 
 
-def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float) -> TileExecutor:
+def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float, cfg_split: bool = False) -> TileExecutor:
     from gigadiff.executors.distributed import DistributedExecutor
     from gigadiff.executors.local import LocalExecutor
 
     if ranks.distributed:
-        return DistributedExecutor(tile_batch, timeout_s=timeout_s)
+        return DistributedExecutor(tile_batch, timeout_s=timeout_s, cfg_split=cfg_split)
     return LocalExecutor(tile_batch)
 
 

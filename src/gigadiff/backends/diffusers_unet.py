@@ -149,41 +149,54 @@ class DiffusersUNetBackend:
         rows = [[*cond.canvas_px, t.y * f, t.x * f, t.h * f, t.w * f] for t in tiles]
         return torch.tensor(rows, dtype=cond.prompt_embeds.dtype, device=self.device)
 
+    def _inputs(
+        self, n: int, cond: UNetConditioning, tiles: Sequence[Tile], branch: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Text embeddings and SDXL added conditioning for n tiles of one branch (0: unconditional, 1: prompt)."""
+        embeds = cond.prompt_embeds if branch else cond.negative_embeds
+        assert embeds is not None
+        added = None
+        if self.sdxl:
+            pooled = cond.pooled if branch else cond.negative_pooled
+            assert pooled is not None
+            added = {"text_embeds": pooled.expand(n, -1), "time_ids": self._time_ids(tiles, cond)}
+        return embeds.expand(n, -1, -1), added
+
+    def _unet(self, x: torch.Tensor, t: Any, embeds: torch.Tensor, added: Any, cond: UNetConditioning):
+        timestep_cond = None if cond.timestep_cond is None else cond.timestep_cond.expand(x.shape[0], -1)
+        return self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                         return_dict=False)[0].float()  # fmt: skip
+
     @torch.no_grad()
     def predict(
         self, latent_tiles: torch.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile]
     ) -> torch.Tensor:
         n = latent_tiles.shape[0]
         x = latent_tiles.to(self.device, self.dtype)
-        embeds = cond.prompt_embeds.expand(n, -1, -1)
-        added: dict[str, torch.Tensor] | None = None
-        if self.sdxl:
-            assert cond.pooled is not None
-            added = {"text_embeds": cond.pooled.expand(n, -1), "time_ids": self._time_ids(tiles, cond)}
-        if cond.uses_cfg:
-            assert cond.negative_embeds is not None
-            x = torch.cat([x, x])
-            embeds = torch.cat([cond.negative_embeds.expand(n, -1, -1), embeds])
-            if added is not None:
-                assert cond.negative_pooled is not None
-                added = {
-                    "text_embeds": torch.cat([cond.negative_pooled.expand(n, -1), added["text_embeds"]]),
-                    "time_ids": added["time_ids"].repeat(2, 1),
-                }
-        timestep_cond = None if cond.timestep_cond is None else cond.timestep_cond.expand(x.shape[0], -1)
-        out = self.unet(
-            x,
-            t,
-            encoder_hidden_states=embeds,
-            timestep_cond=timestep_cond,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0].float()
-        if cond.uses_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + cond.guidance * (text - uncond)
-            if cond.guidance_rescale > 0:
-                out = rescale_guidance(out, text, cond.guidance_rescale)
+        if not cond.uses_cfg:
+            return self._unet(x, t, *self._inputs(n, cond, tiles, 1), cond)
+        neg, neg_added = self._inputs(n, cond, tiles, 0)
+        pos, pos_added = self._inputs(n, cond, tiles, 1)
+        added = None
+        if pos_added is not None and neg_added is not None:
+            added = {k: torch.cat([neg_added[k], pos_added[k]]) for k in pos_added}
+        out = self._unet(torch.cat([x, x]), t, torch.cat([neg, pos]), added, cond)
+        uncond, text = out.chunk(2)
+        return self.combine(uncond, text, cond)
+
+    @torch.no_grad()
+    def predict_branch(
+        self, latent_tiles: torch.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile], branch: int
+    ) -> torch.Tensor:
+        """One half of classifier-free guidance (0: unconditional, 1: conditional), for splitting over ranks."""
+        x = latent_tiles.to(self.device, self.dtype)
+        return self._unet(x, t, *self._inputs(x.shape[0], cond, tiles, branch), cond)
+
+    def combine(self, uncond: torch.Tensor, text: torch.Tensor, cond: UNetConditioning) -> torch.Tensor:
+        """Classifier-free guidance from the two halves (with guidance rescale when asked)."""
+        out = uncond + cond.guidance * (text - uncond)
+        if cond.guidance_rescale > 0:
+            out = rescale_guidance(out, text, cond.guidance_rescale)
         return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

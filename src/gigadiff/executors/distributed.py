@@ -10,6 +10,10 @@ batch, with the same shape, on every layout, and fusion adds tiles in one fixed 
 tile's prediction depends on its batch's shape, not on which process runs it.) Shares differ by at most one
 batch.
 
+With `cfg_split`, the unconditional and conditional halves of classifier-free guidance are separate units of
+work (model calls of `batch_size` tiles each), so with two ranks one runs the unconditional passes and the other
+the conditional ones; guidance is combined after the exchange, on every rank, in canonical order.
+
 Faults: before each exchange the ranks meet at a monitored barrier on a gloo side group (also under NCCL); a
 rank that died or hangs makes it fail within `timeout_s`, with an error naming the rank.
 """
@@ -56,8 +60,22 @@ def batches(n: int, batch_size: int) -> list[range]:
     return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One model call: a canonical batch of tiles, and with CFG split, one guidance branch of it."""
+
+    tiles: range
+    branch: int | None = None
+
+
+def units(n: int, batch_size: int, cfg_split: bool) -> list[Unit]:
+    if not cfg_split:
+        return [Unit(b) for b in batches(n, batch_size)]
+    return [Unit(b, branch) for b in batches(n, batch_size) for branch in (0, 1)]
+
+
 def rank_tiles(n: int, batch_size: int, rank: int, world: int) -> range:
-    """Tile indices rank `rank` computes: a contiguous run of whole canonical batches."""
+    """Tile indices rank `rank` computes without CFG split: a contiguous run of whole canonical batches."""
     mine = share(len(batches(n, batch_size)), rank, world)
     return range(min(mine.start * batch_size, n), min(mine.stop * batch_size, n))
 
@@ -65,10 +83,11 @@ def rank_tiles(n: int, batch_size: int, rank: int, world: int) -> range:
 class DistributedExecutor:
     """Runs a rank's share of each step's tiles and exchanges predictions with the other ranks."""
 
-    def __init__(self, batch_size: int = 4, timeout_s: float = 600.0, group: Any = None):
+    def __init__(self, batch_size: int = 4, timeout_s: float = 600.0, group: Any = None, cfg_split: bool = False):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedExecutor needs an initialised torch.distributed process group")
         self.batch_size = batch_size
+        self.cfg_split = cfg_split
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -88,16 +107,21 @@ class DistributedExecutor:
     ) -> Iterator[tuple[Sequence[Tile], torch.Tensor]]:
         tiles = grid.tiles
         n = len(tiles)
-        mine = rank_tiles(n, self.batch_size, self.rank, self.world)
+        split = self.cfg_split and getattr(cond, "uses_cfg", False)
+        work = units(n, self.batch_size, split)
+        shares = [share(len(work), r, self.world) for r in range(self.world)]
         started = time.perf_counter()
         outputs = []
-        for batch in batches(n, self.batch_size):
-            if batch.start in mine:
-                picked = [tiles[i] for i in batch]
-                outputs.append(backend.predict(gather_tiles(canvas, picked), t, cond, picked))
+        for unit in (work[i] for i in shares[self.rank]):
+            picked = [tiles[i] for i in unit.tiles]
+            x = gather_tiles(canvas, picked)
+            if unit.branch is None:
+                outputs.append(backend.predict(x, t, cond, picked))
+            else:
+                outputs.append(backend.predict_branch(x, t, cond, picked, unit.branch))  # type: ignore[attr-defined]
         b = canvas.shape[0]
-        rows = max(len(rank_tiles(n, self.batch_size, r, self.world)) for r in range(self.world)) * b
-        sendbuf = torch.zeros((rows, canvas.shape[1], tiles[0].h, tiles[0].w), dtype=torch.float32,
+        rows_of = [sum(len(work[i].tiles) for i in sh) * b for sh in shares]
+        sendbuf = torch.zeros((max(rows_of), canvas.shape[1], tiles[0].h, tiles[0].w), dtype=torch.float32,
                               device=canvas.device)  # fmt: skip
         if outputs:
             local = torch.cat(outputs).to(canvas.device, torch.float32)
@@ -107,9 +131,14 @@ class DistributedExecutor:
         received = [torch.empty_like(sendbuf) for _ in range(self.world)]
         dist.all_gather(received, sendbuf, group=self.group)
         done = time.perf_counter()
-        self._record(computed - started, done - computed, sendbuf.numel() * 4 * (self.world - 1), len(mine))
-        counts = [len(rank_tiles(n, self.batch_size, r, self.world)) * b for r in range(self.world)]
-        yield tiles, torch.cat([received[r][: counts[r]] for r in range(self.world)])
+        mine_tiles = sum(len(work[i].tiles) for i in shares[self.rank])
+        self._record(computed - started, done - computed, sendbuf.numel() * 4 * (self.world - 1), mine_tiles)
+        ordered = torch.cat([received[r][: rows_of[r]] for r in range(self.world)])
+        if split:  # rows are [uncond batch 0, cond batch 0, uncond batch 1, ...]: guide each batch
+            parts = ordered.split([len(u.tiles) * b for u in work])
+            ordered = torch.cat([backend.combine(parts[i], parts[i + 1], cond)  # type: ignore[attr-defined]
+                                 for i in range(0, len(parts), 2)])  # fmt: skip
+        yield tiles, ordered
 
     def _record(self, compute: float, comm: float, nbytes: int, tiles: int) -> None:
         p = self.profile
