@@ -6,10 +6,11 @@ code 2, before any model is loaded where possible and always before the first de
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -39,6 +40,23 @@ RANK_FAILED = 3
 def fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(USER_ERROR)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """One line on stderr and a distinct exit code for user errors (2) and failed peer ranks (3)."""
+    from gigadiff.executors.distributed import RankFailure
+    from gigadiff.executors.launch import shutdown
+
+    try:
+        yield
+    except GigadiffError as e:
+        raise fail(str(e)) from None
+    except RankFailure as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(RANK_FAILED) from None
+    finally:
+        shutdown()
 
 
 def _version(value: bool) -> None:
@@ -117,18 +135,8 @@ def generate(
 ) -> None:
     """Generate an image of any size."""
     options = dict(locals())
-    from gigadiff.executors.distributed import RankFailure
-    from gigadiff.executors.launch import shutdown
-
-    try:
+    with reported_errors():
         _generate(**options)
-    except GigadiffError as e:
-        raise fail(str(e)) from None
-    except RankFailure as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(RANK_FAILED) from None
-    finally:
-        shutdown()
 
 
 def _generate(
@@ -201,12 +209,10 @@ def resume(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Continue an interrupted generation from its checkpoint; the result equals an uninterrupted run."""
-    from gigadiff.executors.distributed import RankFailure
-    from gigadiff.executors.launch import init_from_env, shutdown
+    from gigadiff.checkpoint import load_checkpoint
+    from gigadiff.executors.launch import init_from_env
 
-    try:
-        from gigadiff.checkpoint import load_checkpoint
-
+    with reported_errors():
         ckpt = load_checkpoint(checkpoint)
         ranks = init_from_env(device, rank_timeout)
         saved = ckpt.outputs
@@ -215,13 +221,6 @@ def resume(
         every = checkpoint_every or int(saved.get("checkpoint_every", 0))
         _execute(ckpt.settings, ckpt.model, device, saved.get("dtype", "fp32"), target, latent, profile,
                  rank_timeout, overwrite, quiet, ranks, every, checkpoint, resume_from=ckpt)  # fmt: skip
-    except GigadiffError as e:
-        raise fail(str(e)) from None
-    except RankFailure as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(RANK_FAILED) from None
-    finally:
-        shutdown()
 
 
 def _execute(
