@@ -123,3 +123,18 @@ def test_rank_timeout_must_be_positive(tiny_sd_dir, tmp_path, timeout):
 
     result = CliRunner().invoke(app, gen_args(tiny_sd_dir, tmp_path / "o.png", "--rank-timeout", timeout))
     assert result.exit_code == 2 and "rank timeout must be positive" in result.output
+
+
+def test_terrain_onnx_backend_runs_distributed_with_the_same_result(tmp_path):
+    pytest.importorskip("terrain_diffusion")
+    maps = []
+    for n in (1, 2):
+        out = tmp_path / f"t{n}.tif"
+        args = ["generate", "--model", "terrain", "--size", "256x256", "--steps", "2", "--seed", "3", "-q",
+                "--difficulty", "40", "-o", str(out)]  # fmt: skip
+        proc = torchrun(n, args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from gigadiff.io.heightmap import read_heightmap
+
+        maps.append(read_heightmap(out)[0])
+    assert (maps[0] == maps[1]).all()
