@@ -87,6 +87,10 @@ BAD_INPUTS = [
     (["--tile-batch", "0"], "tile batch must be at least 1"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
     (["--device", "cuda"], "CUDA is not available"),
+    (["--eta", "2"], "eta must lie in [0, 1]"),
+    (["--sigmas", "80,x"], "must be comma-separated numbers"),
+    (["--save-latent", "latent.bin"], "must end in .safetensors"),
+    (["--guidance-rescale", "1.5"], "guidance rescale must lie in [0, 1]"),
 ]
 
 
@@ -123,6 +127,12 @@ def test_unwritable_output(tiny_sd_dir, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.jpg"))
     assert result.exit_code == 2 and "must end in .png" in result.output
+
+
+def test_tiff_output_is_for_heightmap_models_only(tiny_sd_dir, tmp_path):
+    result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.tif"))
+    assert result.exit_code == 2 and "must end in .png for model" in result.output
+    assert not (tmp_path / "o.tif").exists()
 
 
 def test_unwritable_folder(tiny_sd_dir, tmp_path, monkeypatch):
