@@ -12,12 +12,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from gigadiff.io.files import publish
-from gigadiff.io.metadata import parameters_text, to_json
 from gigadiff.io.relief import shaded_relief
-from gigadiff.io.writers import sidecar_path
+from gigadiff.io.writers import png_info, png_metadata, write_sidecar
 
 HEIGHTMAP_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -42,10 +40,7 @@ def quantise_16bit(heights: np.ndarray) -> np.ndarray:
 
 
 def _save_png16(values: np.ndarray, path: Path, meta: dict[str, Any]) -> None:
-    info = PngInfo()
-    info.add_text("parameters", parameters_text(meta))
-    info.add_text("gigadiff", json.dumps(meta, sort_keys=True))
-    Image.fromarray(values).save(path, format="PNG", pnginfo=info)  # uint16 -> mode I;16
+    Image.fromarray(values).save(path, format="PNG", pnginfo=png_info(meta))  # uint16 -> mode I;16
 
 
 def _save_tiff(heights: np.ndarray, path: Path, meta: dict[str, Any]) -> None:
@@ -65,7 +60,7 @@ def write_heightmap(heights: np.ndarray, path: Path, meta: dict[str, Any], overw
         publish(path, lambda tmp: _save_tiff(heights, tmp, meta), overwrite)
     relief = Image.fromarray(shaded_relief(heights))
     publish(relief_path(path), lambda tmp: relief.save(tmp, format="PNG"), overwrite)
-    publish(sidecar_path(path), lambda tmp: tmp.write_text(to_json(meta) + "\n"), overwrite)
+    write_sidecar(path, meta, overwrite)
     return meta
 
 
@@ -73,7 +68,7 @@ def read_heightmap(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Heights in metres and the metadata, from a file written by `write_heightmap`."""
     if path.suffix.lower() == ".png":
         with Image.open(path) as im:
-            meta = json.loads(im.text["gigadiff"])  # type: ignore[attr-defined]
+            meta = png_metadata(im)
             values = np.asarray(im, dtype=np.float64)
         lo, hi = meta["height_min_m"], meta["height_max_m"]
         return (lo + values / 65535.0 * (hi - lo)).astype(np.float32), meta

@@ -19,18 +19,33 @@ def sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def write_png(image: Image.Image, path: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
-    """PNG with `parameters` (human-readable) and `gigadiff` (JSON) text chunks, and a JSON sidecar."""
+def png_info(meta: dict[str, Any]) -> PngInfo:
+    """PNG text chunks: `parameters` (human-readable) and `gigadiff` (the metadata as JSON)."""
     info = PngInfo()
     info.add_text("parameters", parameters_text(meta))
     info.add_text("gigadiff", json.dumps(meta, sort_keys=True))
-    publish(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
+    return info
+
+
+def write_sidecar(path: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
     publish(sidecar_path(path), lambda tmp: tmp.write_text(to_json(meta) + "\n"), overwrite)
+
+
+def write_png(image: Image.Image, path: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
+    """PNG with the metadata in its text chunks, and a JSON sidecar."""
+    info = png_info(meta)
+    publish(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
+    write_sidecar(path, meta, overwrite)
+
+
+def png_metadata(image: Image.Image) -> dict[str, Any]:
+    """The metadata written by `png_info`, from an open PNG."""
+    return json.loads(image.text["gigadiff"])  # type: ignore[attr-defined]
 
 
 def read_png_metadata(path: Path) -> dict[str, Any]:
     with Image.open(path) as im:
-        return json.loads(im.text["gigadiff"])  # type: ignore[attr-defined]
+        return png_metadata(im)
 
 
 def write_latent(latents: torch.Tensor, path: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
