@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gigadiff.executors.distributed import batches, rank_tiles, share
+from gigadiff.executors.distributed import batches, share, units
 from gigadiff.io.writers import read_latent
 
 HELPER = Path(__file__).parent / "helpers" / "faulty_rank.py"
@@ -34,10 +34,15 @@ def test_shares_are_even_and_cover_every_tile():
     for n in range(0, 40):
         for world in (1, 2, 3, 5):
             for bs in (1, 3, 4):
-                got = [i for r in range(world) for i in rank_tiles(n, bs, r, world)]
-                assert got == list(range(n))
-                counts = [len(share(len(batches(n, bs)), r, world)) for r in range(world)]
-                assert max(counts) - min(counts) <= 1
+                for split in (False, True):
+                    work = units(n, bs, split)
+                    shares = [share(len(work), r, world) for r in range(world)]
+                    got = [(i, work[u].branch) for sh in shares for u in sh for i in work[u].tiles]
+                    branches = (0, 1) if split else (None,)
+                    assert sorted(got, key=str) == sorted(((i, br) for i in range(n) for br in branches), key=str)
+                    assert [u.tiles for u in work[:: len(branches)]] == batches(n, bs)
+                    counts = [len(sh) for sh in shares]
+                    assert max(counts) - min(counts) <= 1
 
 
 def test_world_sizes_1_2_3_give_bit_identical_latents(tiny_sd_dir, tmp_path):

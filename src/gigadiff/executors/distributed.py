@@ -74,12 +74,6 @@ def units(n: int, batch_size: int, cfg_split: bool) -> list[Unit]:
     return [Unit(b, branch) for b in batches(n, batch_size) for branch in (0, 1)]
 
 
-def rank_tiles(n: int, batch_size: int, rank: int, world: int) -> range:
-    """Tile indices rank `rank` computes without CFG split: a contiguous run of whole canonical batches."""
-    mine = share(len(batches(n, batch_size)), rank, world)
-    return range(min(mine.start * batch_size, n), min(mine.stop * batch_size, n))
-
-
 class DistributedExecutor:
     """Runs a rank's share of each step's tiles and exchanges predictions with the other ranks."""
 
@@ -131,8 +125,8 @@ class DistributedExecutor:
         received = [torch.empty_like(sendbuf) for _ in range(self.world)]
         dist.all_gather(received, sendbuf, group=self.group)
         done = time.perf_counter()
-        mine_tiles = sum(len(work[i].tiles) for i in shares[self.rank])
-        self._record(computed - started, done - computed, sendbuf.numel() * 4 * (self.world - 1), mine_tiles)
+        nbytes = sendbuf.numel() * 4 * (self.world - 1)
+        self._record(computed - started, done - computed, nbytes, rows_of[self.rank] // b)
         ordered = torch.cat([received[r][: rows_of[r]] for r in range(self.world)])
         if split:  # rows are [uncond batch 0, cond batch 0, uncond batch 1, ...]: guide each batch
             parts = ordered.split([len(u.tiles) * b for u in work])

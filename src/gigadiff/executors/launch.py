@@ -21,17 +21,12 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    distributed: bool = False
+    """Part of a process group (a torchrun launch, even of one process)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    launched: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        """Part of a process group (a torchrun launch, even of one process)."""
-        return self.launched
 
 
 def launched() -> bool:
@@ -49,7 +44,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Ranks:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, launched=True)
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, distributed=True)
 
 
 def rank_device(device: str, ranks: Ranks) -> str:
