@@ -20,9 +20,11 @@ from gigadiff import __version__
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
+    from gigadiff.api import GenerationResult
     from gigadiff.checkpoint import Checkpoint
     from gigadiff.executors.launch import Ranks
     from gigadiff.executors.local import TileExecutor
+    from gigadiff.recipes.txt2img import CheckpointPolicy
     from gigadiff.settings import GenerationSettings
 
 app = typer.Typer(
@@ -243,7 +245,7 @@ def _execute(
     """Check outputs, load the model, run (or continue) the generation, write the results on rank 0."""
     from gigadiff.executors.launch import rank_device
     from gigadiff.io.files import check_outputs
-    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path, write_heightmap
+    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path
     from gigadiff.io.writers import sidecar_path
     from gigadiff.recipes.txt2img import CheckpointPolicy
 
@@ -263,7 +265,6 @@ def _execute(
     agreed(lambda: check_outputs(outputs, overwrite), ranks)
 
     from gigadiff.api import open_backend, run_generation
-    from gigadiff.io.writers import write_latent, write_png
     from gigadiff.progress import RichProgress
     from gigadiff.settings import check_for_model
 
@@ -289,9 +290,27 @@ def _execute(
             result = run_generation(resolved, backend, executor, progress, policy, resume_from)
     if profile:
         report_profile(executor, ranks)
-    if not ranks.is_main:
-        return
+    if ranks.is_main:
+        _write_results(result, output, save_latent, policy, overwrite, started)
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # leave the group together: a rank that left while rank 0 still wrote could abort
+
+
+def _write_results(
+    result: GenerationResult,
+    output: Path,
+    save_latent: Path | None,
+    policy: CheckpointPolicy | None,
+    overwrite: bool,
+    started: float,
+) -> None:
+    from gigadiff.io.heightmap import write_heightmap
+    from gigadiff.io.writers import write_latent, write_png
+
     meta = result.metadata
+    heightmap = result.info.output == "heightmap"
     if heightmap:
         meta = write_heightmap(result.decode()[0, 0].numpy(), output, meta, overwrite)
     else:
