@@ -17,7 +17,7 @@ from gigadiff.checkpoint import Checkpoint, restore_scheduler, save_checkpoint, 
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
 from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.sampler import CanvasDenoiser, Listeners, StepListener, sample
+from gigadiff.sampler import CanvasDenoiser, Listeners, NullListener, StepListener, sample
 from gigadiff.schedulers import make_scheduler, step_kwargs
 from gigadiff.settings import GenerationSettings
 
@@ -58,19 +58,13 @@ class CheckpointPolicy:
     write: bool = True
 
 
-class CheckpointWriter:
+class CheckpointWriter(NullListener):
     """A step listener that saves the run's full state every K steps."""
 
     def __init__(self, policy: CheckpointPolicy, settings: GenerationSettings, backend: Backend, scheduler: Any,
                  generator: torch.Generator, total_steps: int):  # fmt: skip
         self.policy, self.settings, self.backend = policy, settings, backend
         self.scheduler, self.generator, self.total_steps = scheduler, generator, total_steps
-
-    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
-        pass
-
-    def on_tiles_done(self, count: int) -> None:
-        pass
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> None:
         done = step + 1
@@ -120,10 +114,11 @@ def text_to_image(
         scheduler.set_begin_index(0)
     generator = seeded_generator(settings.seed)
     plan = grid_plan(settings, info)
-    shape = (1, info.latent_channels, plan.height, plan.width)
-    latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
-    first_step = 0
-    if resume is not None:
+    if resume is None:
+        shape = (1, info.latent_channels, plan.height, plan.width)
+        latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
+        first_step = 0
+    else:
         restore_scheduler(scheduler, resume.scheduler_state)
         generator.set_state(resume.generator_state)
         latents = resume.latents.to(device)
