@@ -7,6 +7,7 @@ code 2, before any model is loaded where possible and always before the first de
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -392,8 +393,28 @@ def _terminate_cleanly(signum: int, frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
+    code: int | str | None = 0
     try:
         app()
     except GigadiffError as e:  # raised outside a command (should not happen, but never show a traceback)
         typer.echo(f"error: {e}", err=True)
-        sys.exit(USER_ERROR)
+        code = USER_ERROR
+    except SystemExit as e:
+        code = e.code
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Leave with `code`. A torchrun rank skips interpreter teardown: its outputs are written and its process
+    group destroyed by now, and C++ threads left in gloo or other native libraries can abort a finished rank
+    while static objects are destroyed ("terminate called without an active exception", seen in CI)."""
+    from gigadiff.executors.launch import launched
+
+    if not launched():
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
