@@ -1,0 +1,155 @@
+"""From a memory budget to tile sizes, and the checks that refuse an impossible decode before any work starts.
+
+Device memory (the `--vae-memory` budget) bounds what one tile of one layer may use; host memory bounds the
+whole-image buffers of exact mode (which can spill to memory-mapped files). All estimates are from the program's
+shapes alone — no trial runs — so they can be checked before generation begins.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gigadiff.errors import GigadiffError
+from gigadiff.vae.engine import bytes_per_output_px, output_size
+from gigadiff.vae.program import AttentionStep, Program
+
+GB = 1024**3
+MIN_TILE = 8
+"""Smallest useful output tile side of a layer (px), and the granularity of fast-mode latent tiles."""
+
+
+def default_memory_gb(device: torch.device) -> float:
+    """Half of what the device has free (CUDA), else 2 GB (CPU/MPS: the tiles share memory with everything else)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0.25, free / GB / 2)
+    return 2.0
+
+
+def available_ram() -> int:
+    """Bytes of RAM the OS could give us now (MemAvailable), or total RAM where /proc is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def shapes(program: Program, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Output shape of every step for an input of the given size."""
+    out, h, w = [], height, width
+    for step in program.steps:
+        h, w = output_size(step, h, w)
+        out.append((batch, step.out_channels, h, w))
+    return out
+
+
+def host_peak_bytes(program: Program, batch: int, height: int, width: int) -> int:
+    """Largest total of whole-image buffers alive at once in exact mode (float32)."""
+    sizes = {program.input: 0}
+    last = program.last_use()
+    live, peak = 0, 0
+    for i, (step, shape) in enumerate(zip(program.steps, shapes(program, batch, height, width), strict=True)):
+        nbytes = 4 * math.prod(shape)
+        sizes[step.dst] = nbytes
+        live += nbytes
+        peak = max(peak, live)
+        for name, used in last.items():
+            if used == i:
+                live -= sizes.get(name, 0)
+    return peak
+
+
+def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
+    """Exact mode: the output tile side of each step that keeps its device memory within the budget."""
+    sides = []
+    for step in program.steps:
+        side = int(math.sqrt(budget_bytes / bytes_per_output_px(step)))
+        if side < MIN_TILE:
+            raise GigadiffError(
+                f"--vae-memory {budget_bytes / GB:.2g} GB is too small for this VAE: one {MIN_TILE}x{MIN_TILE} "
+                f"tile of its widest layer needs {MIN_TILE**2 * bytes_per_output_px(step) / GB:.2g} GB"
+            )
+        sides.append(side)
+    return sides
+
+
+def key_chunk(program: Program, budget_bytes: float, query_tokens: int) -> int:
+    """Keys per attention chunk: logits for one query tile plus the chunk's keys/values fill half the budget."""
+    attn = [s.attn for s in program.steps if isinstance(s, AttentionStep)]
+    if not attn:
+        return 1 << 30
+    inner, heads = attn[0].to_k.out_features, attn[0].heads
+    per_key = 4 * (2 * inner + 2 * heads * query_tokens)
+    return max(64, int(budget_bytes / 2 / per_key))
+
+
+def fast_tile_bytes(program: Program, batch: int, side: int, kv_tokens: int) -> float:
+    """Device bytes to push one square latent tile of `side` (halo included) through the whole program."""
+    peak = 0.0
+    for step, shape in zip(program.steps, shapes(program, batch, side, side), strict=True):
+        peak = max(peak, batch * shape[2] * shape[3] * bytes_per_output_px(step))
+    attn = [s.attn for s in program.steps if isinstance(s, AttentionStep)]
+    kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attn)
+    logits = sum(4 * batch * a.heads * side * side * kv_tokens for a in attn)
+    return peak + kv + logits
+
+
+def fast_tile(
+    program: Program, batch: int, budget_bytes: float, halo: int, kv_tokens: int, largest: int, unit: int = 1
+) -> int:
+    """Fast mode: the largest tile core (a multiple of MIN_TILE*unit input px, at most `largest`) in the budget.
+
+    `unit` is the input pixels per latent pixel (the encoder's factor; 1 for a decoder).
+    """
+    step = MIN_TILE * unit
+    best = 0
+    core = step
+    while core < largest + step:
+        if fast_tile_bytes(program, batch, core + 2 * halo, kv_tokens) > budget_bytes:
+            break
+        best = core
+        core += step
+    if best == 0:
+        need = fast_tile_bytes(program, batch, step + 2 * halo, kv_tokens) / GB
+        raise GigadiffError(
+            f"--vae-memory {budget_bytes / GB:.2g} GB is too small for fast tiled VAE: the smallest tile "
+            f"({MIN_TILE} latent px + {halo} px halo) needs {need:.2g} GB"
+        )
+    return best
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Where exact mode's whole-image buffers go: RAM, or RAM plus memory-mapped files in `spill_dir`."""
+
+    ram_bytes: float
+    spill_dir: Path | None
+
+
+def plan_host(peak_bytes: int, spill_dir: Path | None) -> HostPlan:
+    """Keep buffers in RAM when they fit in 70% of what is available; else spill, if the disk can take it."""
+    ram = 0.7 * available_ram()
+    if peak_bytes <= ram:
+        return HostPlan(math.inf, None)
+    if spill_dir is None:
+        raise GigadiffError(
+            f"exact tiled VAE needs {peak_bytes / GB:.1f} GB of whole-image buffers but only {ram / GB:.1f} GB of "
+            "RAM is free: use --vae-mode fast, or give --vae-spill DIR for memory-mapped buffers"
+        )
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(spill_dir).free
+    if peak_bytes > free + ram:
+        raise GigadiffError(
+            f"exact tiled VAE needs {peak_bytes / GB:.1f} GB of buffers; {spill_dir} has {free / GB:.1f} GB free"
+        )
+    return HostPlan(ram, spill_dir)

@@ -1,0 +1,343 @@
+"""Run a VAE `Program` step by step over a whole image, one tile of one layer at a time.
+
+Each step reads its input buffer through a window of exactly the rows and columns its convolution needs
+(zero outside the image, or the opposite edge in wrap mode), so every tile's output equals the whole-image
+layer's output at those positions: stitching introduces no error at all. GroupNorm uses the statistics of the
+whole input buffer (accumulated while that buffer was written) and attention uses the keys and values of every
+position. Device memory holds one tile of one layer; whole buffers live in host memory, or in memory-mapped
+files when a `HostStore` says RAM is short.
+
+The same engine, given `Frozen` statistics and keys/values, runs a single small tile through the whole network
+on the device: that is fast mode (see tiled.py).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gigadiff.vae.attention import attend, merge_heads, project_tokens, split_heads
+from gigadiff.vae.program import AttentionStep, ConvStep, Program, Step
+from gigadiff.vae.stats import ChannelMoments, GroupStats
+
+TileSink = Callable[[int, int, torch.Tensor], None]
+"""Receives (y0, x0, tile [B, C, h, w]) for each tile of the program's output, in row-major tile order."""
+
+
+@dataclass
+class Frozen:
+    """What fast mode borrows from a statistics pass: each norm's statistics, each attention's keys/values."""
+
+    stats: dict[int, GroupStats] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """The input batch is `count` sample cells per image; statistics and keys/values pool over their cores.
+
+    Fast mode's statistics pass runs full-resolution cells cut from the image, each with a halo that absorbs
+    its artificial edges; only the cores (`top`, `left`, `size` in input pixels) count, and the cells of one
+    image share their numbers as if they were one image.
+    """
+
+    count: int
+    top: int
+    left: int
+    size: int
+
+    def core(self, t: torch.Tensor, factor: float) -> torch.Tensor:
+        """The cores of a buffer whose resolution is `factor` times the input's."""
+        y, x, n = round(self.top * factor), round(self.left * factor), round(self.size * factor)
+        return t[:, :, y : y + n, x : x + n]
+
+    def pool(self, t: torch.Tensor) -> torch.Tensor:
+        """[B*count, ...] -> [B, count, ...]."""
+        return t.view(t.shape[0] // self.count, self.count, *t.shape[1:])
+
+
+@dataclass
+class HostStore:
+    """Allocates whole-image buffers in RAM up to `ram_bytes`, then as memory-mapped files under `spill_dir`."""
+
+    ram_bytes: float = math.inf
+    spill_dir: Path | None = None
+    in_ram: int = 0
+    peak: int = 0
+    _files: dict[int, Path] = field(default_factory=dict)
+
+    def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = 4 * math.prod(shape)
+        if self.in_ram + nbytes <= self.ram_bytes or self.spill_dir is None:
+            self.in_ram += nbytes
+            self.peak = max(self.peak, self.in_ram)
+            return torch.empty(shape, dtype=torch.float32)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="gigadiff-vae-", suffix=".f32", dir=self.spill_dir)
+        path = Path(name)
+        with open(fd, "wb") as f:
+            f.truncate(nbytes)
+        t = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r+", shape=shape))
+        self._files[id(t)] = path
+        return t
+
+    def free(self, t: torch.Tensor) -> None:
+        path = self._files.pop(id(t), None)
+        if path is None:
+            self.in_ram -= 4 * t.numel()
+        else:
+            path.unlink(missing_ok=True)
+
+
+def window_index(start: int, stop: int, stride: int, kernel: int, pad_before: int, size: int, up: int, wrap: bool):
+    """Input positions (and their validity) that output positions [start, stop) of a convolution read.
+
+    Positions are in the (optionally x`up` nearest-upsampled) input; invalid ones are the zero padding.
+    Returns (index into the stored, not upsampled, buffer; validity mask).
+    """
+    pos = torch.arange(stride * start - pad_before, stride * (stop - 1) - pad_before + kernel)
+    extent = size * up
+    if wrap:
+        pos = pos.remainder(extent)
+    valid = (pos >= 0) & (pos < extent)
+    return torch.where(valid, pos.clamp(0, extent - 1) // up, 0), valid
+
+
+def gather(buf: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """buf[:, :, rows][:, :, :, cols], reading a contiguous slice when the indices are one."""
+    out = buf[:, :, _as_slice(rows)] if _as_slice(rows) else buf.index_select(2, rows)
+    return out[:, :, :, _as_slice(cols)] if _as_slice(cols) else out.index_select(3, cols)
+
+
+def _as_slice(index: torch.Tensor) -> slice | None:
+    """The slice an index tensor spells, when it is a run of consecutive positions."""
+    a, b = int(index[0]), int(index[-1]) + 1
+    return slice(a, b) if b - a == len(index) and bool((index[1:] > index[:-1]).all()) else None
+
+
+def tiles_of(height: int, width: int, tile: int) -> Iterator[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of `tile`-sized blocks covering an image, row by row."""
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            yield y0, min(y0 + tile, height), x0, min(x0 + tile, width)
+
+
+def output_size(step: Step, height: int, width: int) -> tuple[int, int]:
+    if isinstance(step, AttentionStep):
+        return height, width
+    up = 2 if step.upsample else 1
+    top, bottom, left, right = step.pad
+    h = (height * up + top + bottom - step.kernel) // step.stride + 1
+    w = (width * up + left + right - step.kernel) // step.stride + 1
+    return h, w
+
+
+def input_channels(step: Step) -> int:
+    return int(step.conv.in_channels) if isinstance(step, ConvStep) else int(step.attn.to_q.in_features)
+
+
+def bytes_per_output_px(step: Step) -> float:
+    """Device bytes one output position of `step` needs: input window (with an im2col copy), output, residual."""
+    c_in, c_out = input_channels(step), step.out_channels
+    if isinstance(step, AttentionStep):
+        return 4.0 * (2 * c_in + 4 * c_out)
+    ratio = (step.stride / (2 if step.upsample else 1)) ** 2
+    residual = c_out if step.residual else 0
+    return 4.0 * (ratio * c_in * (2 + step.kernel**2) + 3 * c_out + 2 * residual)
+
+
+class LayerEngine:
+    """Executes a program over an input tensor; see the module docstring.
+
+    tile_px(i) gives the output tile side for step i; `frozen` switches to borrowed statistics and keys/values;
+    `record` keeps this run's statistics and keys/values (the statistics pass of fast mode).
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        wrap: tuple[bool, bool] = (False, False),
+        tile_px: Callable[[int], int] = lambda i: 1 << 30,
+        frozen: Frozen | None = None,
+        record: bool = False,
+        key_chunk: int = 1 << 30,
+        store: HostStore | None = None,
+        on_device: bool = False,
+        cells: Cells | None = None,
+    ) -> None:
+        self.program = program
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.wrap = wrap
+        """(top/bottom, left/right): whether the image continues across those edges (seamless textures)."""
+        self.tile_px = tile_px
+        self.frozen = frozen
+        self.recorded = Frozen() if record else None
+        self.key_chunk = key_chunk
+        self.store = store or HostStore()
+        self.on_device = on_device
+        self.cells = cells
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, sink: TileSink | None = None) -> torch.Tensor | None:
+        """The program's output for input x [B, C, H, W]; streamed to `sink` instead when one is given."""
+        buffers: dict[str, torch.Tensor] = {self.program.input: x}
+        self._input_height = x.shape[2]
+        moments = {self.program.input: self._moments_of(x, 1.0)}
+        last_use = self.program.last_use()
+        steps = self.program.steps
+        for i, step in enumerate(steps):
+            src = buffers[step.src]
+            h, w = output_size(step, src.shape[2], src.shape[3])
+            streaming = sink is not None and i == len(steps) - 1
+            dst = None if streaming else self._allocate((src.shape[0], step.out_channels, h, w))
+            acc = ChannelMoments.empty(src.shape[0] // (self.cells.count if self.cells else 1), step.out_channels)
+            stats = self._stats(i, step, moments.get(step.src))
+
+            def emit(y0: int, x0: int, y: torch.Tensor, dst=dst, acc=acc, streaming=streaming) -> None:
+                if streaming:
+                    sink(y0, x0, y)  # type: ignore[misc]
+                    return
+                if not self.cells:
+                    acc.add(y)
+                dst[:, :, y0 : y0 + y.shape[2], x0 : x0 + y.shape[3]] = y.to(dst.device, torch.float32)  # type: ignore[index]
+
+            if isinstance(step, ConvStep):
+                self._conv(step, src, buffers.get(step.residual or ""), stats, self.tile_px(i), emit)
+            else:
+                self._attention(i, step, src, stats, self.tile_px(i), emit)
+            if dst is not None:
+                buffers[step.dst] = dst
+                moments[step.dst] = self._moments_of(dst, h / x.shape[2]) if self.cells else acc
+            for name in [n for n, last in last_use.items() if last == i and n != self.program.input]:
+                buffer = buffers.pop(name, None)
+                moments.pop(name, None)
+                if buffer is not None and not self.on_device:
+                    self.store.free(buffer)
+        return None if sink is not None else buffers[self.program.output]
+
+    def _allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.on_device:
+            return torch.empty(shape, dtype=torch.float32, device=self.device)
+        return self.store.allocate(shape)
+
+    def _moments_of(self, x: torch.Tensor, factor: float) -> ChannelMoments:
+        """Moments of a whole buffer (`factor`: its resolution relative to the input), pooled over cells."""
+        if self.cells:
+            core = self.cells.core(x, factor)
+            pooled = self.cells.pool(core).transpose(1, 2)  # [B, C, cells, h, w]
+            m = ChannelMoments.empty(pooled.shape[0], pooled.shape[1])
+            m.add(pooled.flatten(3))
+            return m
+        m = ChannelMoments.empty(x.shape[0], x.shape[1])
+        for y0, y1, x0, x1 in tiles_of(x.shape[2], x.shape[3], 1024):
+            m.add(x[:, :, y0:y1, x0:x1])
+        return m
+
+    def _stats(self, i: int, step: Step, moments: ChannelMoments | None) -> GroupStats | None:
+        norm = step.norm if isinstance(step, ConvStep) else step.attn.group_norm
+        if norm is None:
+            return None
+        if self.frozen is not None:
+            return self.frozen.stats[i]
+        assert moments is not None
+        stats = moments.group_norm(norm)
+        if self.recorded is not None:
+            self.recorded.stats[i] = stats
+        return stats
+
+    def _conv(
+        self,
+        step: ConvStep,
+        src: torch.Tensor,
+        residual: torch.Tensor | None,
+        stats: GroupStats | None,
+        tile: int,
+        emit: Callable[[int, int, torch.Tensor], None],
+    ) -> None:
+        up = 2 if step.upsample else 1
+        top, _, left, _ = step.pad
+        h, w = output_size(step, src.shape[2], src.shape[3])
+        weight = step.conv.weight
+        for y0, y1, x0, x1 in tiles_of(h, w, tile):
+            rows, row_ok = window_index(y0, y1, step.stride, step.kernel, top, src.shape[2], up, self.wrap[0])
+            cols, col_ok = window_index(x0, x1, step.stride, step.kernel, left, src.shape[3], up, self.wrap[1])
+            win = gather(src, rows, cols).to(self.device, torch.float32)
+            if stats is not None:
+                win = stats.apply(win, step.norm)  # type: ignore[arg-type]
+            if step.act is not None:
+                win = step.act(win)
+            if not bool(row_ok.all()) or not bool(col_ok.all()):
+                win = win * (row_ok[:, None] & col_ok[None, :]).to(win.device, win.dtype)
+            y = F.conv2d(win.to(weight.dtype), weight, step.conv.bias, stride=step.stride)
+            if residual is not None:
+                res = residual[:, :, y0:y1, x0:x1].to(self.device, weight.dtype)
+                if step.shortcut is not None:
+                    res = step.shortcut(res.to(step.shortcut.weight.dtype))
+                y = y + res
+            if step.out_scale != 1.0:
+                y = y / step.out_scale
+            emit(y0, x0, y)
+
+    def _attention(
+        self,
+        i: int,
+        step: AttentionStep,
+        src: torch.Tensor,
+        stats: GroupStats | None,
+        tile: int,
+        emit: Callable[[int, int, torch.Tensor], None],
+    ) -> None:
+        attn = step.attn
+        assert stats is not None
+        h, w = src.shape[2], src.shape[3]
+
+        def tokens(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+            t = stats.apply(src[:, :, y0:y1, x0:x1].to(self.device, torch.float32), attn.group_norm)
+            return t.flatten(2).transpose(1, 2)
+
+        if self.frozen is not None:
+            keys, values = self.frozen.kv[i]
+        else:  # keys and values of every position, in tile order (attention does not care about order)
+            ks, vs = [], []
+            for box in tiles_of(h, w, tile):
+                t = tokens(*box)
+                ks.append(split_heads(project_tokens(attn.to_k, t), attn.heads).to(self._kv_device(src)))
+                vs.append(split_heads(project_tokens(attn.to_v, t), attn.heads).to(self._kv_device(src)))
+            keys, values = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+            if self.cells:
+                keys, values = self._pooled_tokens(keys, h, w), self._pooled_tokens(values, h, w)
+            if self.recorded is not None:
+                self.recorded.kv[i] = (keys, values)
+        for y0, y1, x0, x1 in tiles_of(h, w, tile):
+            t = tokens(y0, y1, x0, x1)
+            q = split_heads(project_tokens(attn.to_q, t), attn.heads)
+            o = merge_heads(attend(q, keys, values, float(attn.scale), self.key_chunk))
+            o = attn.to_out[1](attn.to_out[0](o))
+            o = o.transpose(1, 2).reshape(src.shape[0], -1, y1 - y0, x1 - x0)
+            if attn.residual_connection:
+                o = o + src[:, :, y0:y1, x0:x1].to(o.device, o.dtype)
+            emit(y0, x0, o / attn.rescale_output_factor)
+
+    def _pooled_tokens(self, t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Keys/values [B*cells, H, h*w, d] of whole cells -> [B, H, cells*core, d] of their cores only."""
+        assert self.cells is not None
+        bk, heads, _, d = t.shape
+        grid = t.view(bk, heads, h, w, d).permute(0, 1, 4, 2, 3).reshape(bk, heads * d, h, w)
+        core = self.cells.pool(self.cells.core(grid, h / self._input_height))  # [B, cells, H*d, hc, wc]
+        b, k = core.shape[:2]
+        return core.reshape(b, k, heads, d, -1).permute(0, 2, 1, 4, 3).reshape(b, heads, -1, d)
+
+    def _kv_device(self, src: torch.Tensor) -> torch.device:
+        """Keep all keys/values on the device when one chunk holds them all, on the host otherwise."""
+        n = src.shape[2] * src.shape[3]
+        return self.device if self.key_chunk >= n or self.on_device else torch.device("cpu")

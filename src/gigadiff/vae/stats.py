@@ -1,0 +1,67 @@
+"""GroupNorm statistics of a whole image, gathered tile by tile and applied to any tile.
+
+diffusers' tiled VAE normalises each tile with its own statistics; neighbouring tiles then disagree on what
+"zero mean, unit variance" means, which shows as tone and colour shifts between tiles. Here a buffer's
+per-channel sums are accumulated (in float64) while it is written, so the statistics of the WHOLE buffer are
+known before the next layer reads it, and every tile is normalised with the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ChannelMoments:
+    """Running per-sample, per-channel sums of x and x^2 (float64) and the element count per channel."""
+
+    total: torch.Tensor
+    squares: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, batch: int, channels: int) -> ChannelMoments:
+        zeros = torch.zeros(batch, channels, dtype=torch.float64)
+        return cls(zeros, zeros.clone())
+
+    def add(self, tile: torch.Tensor) -> None:
+        t = tile.detach().to("cpu", torch.float64)
+        self.total += t.sum(dim=(2, 3))
+        self.squares += (t * t).sum(dim=(2, 3))
+        self.count += t.shape[2] * t.shape[3]
+
+    def group_norm(self, norm: nn.GroupNorm) -> GroupStats:
+        """Mean and 1/std per (sample, group), exactly as `norm` would compute them over the whole buffer."""
+        b, c = self.total.shape
+        g = norm.num_groups
+        n = self.count * (c // g)
+        mean = self.total.view(b, g, -1).sum(-1) / n
+        var = (self.squares.view(b, g, -1).sum(-1) / n - mean * mean).clamp_min(0.0)
+        return GroupStats(mean, torch.rsqrt(var + norm.eps))
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-(sample, group) mean and inverse standard deviation of one GroupNorm's input."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+
+    def apply(self, x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+        """norm(x) for a tile x of the buffer these statistics describe (computed in float32).
+
+        A batch of B*k cells (k consecutive per image) shares its image's statistics.
+        """
+        b, c = x.shape[:2]
+        rep = c // norm.num_groups
+        cells = b // self.mean.shape[0]
+        mean = self.mean.to(x.device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
+        rstd = self.rstd.to(x.device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
+        mean, rstd = mean.view(b, c, 1, 1), rstd.view(b, c, 1, 1)
+        y = (x.float() - mean) * rstd
+        if norm.affine:
+            y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
+        return y

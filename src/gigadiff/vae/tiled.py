@@ -1,0 +1,308 @@
+"""gigadiff's tiled VAE: decode and encode of any size with one set of normalisation statistics.
+
+Two modes, both with every tile normalised by the SAME GroupNorm statistics (no tone shifts between tiles):
+
+- exact: the network runs layer by layer over the whole image (engine.py); GroupNorm uses the whole image's
+  statistics and the mid-block attention attends over every position. Equal to the whole-image decode up to
+  float rounding. Whole-image buffers live in host RAM (or memory-mapped files); the device holds one tile.
+- fast: one statistics pass over a downsampled copy of the input (longest side `stats_px`) records every
+  GroupNorm's statistics and the attention's keys/values; then each tile, with a `halo` of context, goes
+  through the whole network alone with those frozen numbers and is streamed out. Memory does not grow with the
+  image; the error comes from the statistics estimate, the low-resolution keys/values and the halo cut-off
+  (measured in tests and bench/vae.py).
+
+`auto` picks exact when its whole-image buffers fit in RAM and fast otherwise. Wrap mode makes the image
+continue across its edges (left/right, top/bottom or both) for seamless textures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from gigadiff.errors import GigadiffError
+from gigadiff.vae import budget
+from gigadiff.vae.engine import Cells, Frozen, HostStore, LayerEngine, TileSink
+from gigadiff.vae.program import Program, decoder_program, encoder_program
+
+Mode = Literal["auto", "exact", "fast"]
+MODES = ("auto", "exact", "fast")
+
+
+@dataclass(frozen=True)
+class VaeTiling:
+    """How to tile the VAE. memory_gb None means a default for the device (see budget.default_memory_gb)."""
+
+    mode: Mode = "auto"
+    memory_gb: float | None = None
+    wrap: tuple[bool, bool] = (False, False)
+    """(top/bottom, left/right) edges continue each other."""
+    halo: int = 8
+    """Fast mode: latent pixels of context on each side of a tile (the decoder's effective reach)."""
+    sample: float = 0.25
+    """Fast mode: the fraction of the image the statistics pass samples (1 = all of it: exact statistics)."""
+    cell: int = 32
+    """Fast mode: core side (latent px) of each sampled cell of the statistics pass."""
+    spill_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise GigadiffError(f"--vae-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise GigadiffError(f"--vae-memory must be a positive number of GB, got {self.memory_gb}")
+        if self.halo < 0 or self.cell < 8 or not 0 < self.sample <= 1:
+            raise GigadiffError("tiled VAE: halo must be >= 0, cells at least 8 latent px, sample in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What a decode will do, decided (and checked) before any generation starts."""
+
+    mode: Literal["exact", "fast"]
+    budget_bytes: float
+    tile: int
+    """exact: smallest per-layer tile side; fast: tile core side in the program's input pixels."""
+    host: budget.HostPlan | None
+
+
+def latent_factor(vae: Any) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def plan_decode(vae: Any, tiling: VaeTiling, batch: int, height: int, width: int) -> DecodePlan:
+    """Choose mode and tile sizes for decoding a [batch, C, height, width] latent; raise if it cannot fit."""
+    program = decoder_program(vae)
+    return _plan(program, vae, tiling, batch, height, width)
+
+
+def _plan(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int, width: int) -> DecodePlan:
+    device = next(vae.parameters()).device
+    budget_bytes = (tiling.memory_gb or budget.default_memory_gb(device)) * budget.GB
+    peak = budget.host_peak_bytes(program, batch, height, width)
+    mode = tiling.mode
+    if mode == "auto":
+        mode = "exact" if peak <= 0.5 * budget.available_ram() else "fast"
+    if mode == "exact":
+        host = budget.plan_host(peak, tiling.spill_dir)
+        return DecodePlan("exact", budget_bytes, min(budget.layer_tiles(program, budget_bytes)), host)
+    unit = program.scale if program.downsamples else 1  # an encoder's input is in image pixels
+    kv_tokens = math.ceil(tiling.sample * (height // unit) * (width // unit)) + tiling.cell**2
+    tile = budget.fast_tile(program, batch, budget_bytes, tiling.halo * unit, kv_tokens, max(height, width), unit)
+    return DecodePlan("fast", budget_bytes, tile, None)
+
+
+class TiledVAE:
+    """Tiled decode/encode for an AutoencoderKL-family VAE (SD 1.x/2.x, SDXL, SD3/FLUX 16-channel)."""
+
+    def __init__(self, vae: Any, tiling: VaeTiling | None = None) -> None:
+        self.vae = vae
+        self.tiling = tiling or VaeTiling()
+        self.factor = latent_factor(vae)
+        self.last_plan: DecodePlan | None = None
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, sink: TileSink | None = None) -> torch.Tensor | None:
+        """Diffusion-space latents [B, C, h, w] -> image [B, 3, h*f, w*f] in [-1, 1] (clamped, float32, CPU).
+
+        With a `sink`, image tiles are streamed to it (row-major) and nothing is returned: the image never
+        exists whole in memory.
+        """
+        with self._compute_dtype() as dtype:
+            z = unscale_latents(self.vae, latents.float().cpu())
+            program = decoder_program(self.vae)
+            plan = _plan(program, self.vae, self.tiling, *z.shape[:1], *z.shape[2:])
+            self.last_plan = plan
+            collect = _Collector() if sink is None else None
+            out = _clamped(sink or collect)  # type: ignore[arg-type]
+            if plan.mode == "exact":
+                self._exact(program, z, dtype, plan, out)
+            else:
+                self._fast(program, z, dtype, plan, out)
+        return collect.image if collect is not None else None
+
+    @torch.no_grad()
+    def encode(
+        self, image: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] (H, W multiples of the VAE factor) -> diffusion-space latents.
+
+        sample=False takes the posterior mean; sample=True draws from it with `generator` (as diffusers'
+        img2img pipelines do), the noise drawn for the whole latent at once so tiling does not change it.
+        """
+        h, w = image.shape[2:]
+        if h % self.factor or w % self.factor:
+            raise GigadiffError(f"tiled VAE encode: image size {w}x{h} must be a multiple of {self.factor}")
+        with self._compute_dtype() as dtype:
+            program = encoder_program(self.vae)
+            plan = _plan(program, self.vae, self.tiling, image.shape[0], h, w)
+            self.last_plan = plan
+            collect = _Collector()
+            if plan.mode == "exact":
+                self._exact(program, image.float().cpu(), dtype, plan, collect)
+            else:
+                self._fast(program, image.float().cpu(), dtype, plan, collect)
+        moments = collect.image
+        mean, logvar = moments.chunk(2, dim=1)
+        latents = mean
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return scale_latents(self.vae, latents)
+
+    def _exact(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
+        device = next(self.vae.parameters()).device
+        sides = budget.layer_tiles(program, plan.budget_bytes)
+        store = HostStore(plan.host.ram_bytes, plan.host.spill_dir) if plan.host else HostStore()
+        chunk = budget.key_chunk(program, plan.budget_bytes, min(sides) ** 2)
+        engine = LayerEngine(program, device, dtype, self.tiling.wrap, tile_px=lambda i: sides[i], key_chunk=chunk,
+                             store=store)  # fmt: skip
+        engine.run(x, sink)
+
+    def _fast(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
+        device = next(self.vae.parameters()).device
+        frozen = self.statistics(program, x, dtype)
+        scale = program.scale
+        core = plan.tile
+        halo = self.tiling.halo * scale if program.downsamples else self.tiling.halo
+        engine = LayerEngine(program, device, dtype, frozen=frozen, on_device=True)
+        h, w = x.shape[2:]
+        for y0 in range(0, h, core):
+            for x0 in range(0, w, core):
+                y1, x1 = min(y0 + core, h), min(x0 + core, w)
+                crop, (top, left) = _crop(x, y0, y1, x0, x1, halo, self.tiling.wrap)
+                y = engine.run(crop.to(device))
+                assert y is not None
+                f_out = 1 / scale if program.downsamples else scale
+                oy, ox = round(top * f_out), round(left * f_out)
+                oh, ow = round((y1 - y0) * f_out), round((x1 - x0) * f_out)
+                sink(round(y0 * f_out), round(x0 * f_out), y[:, :, oy : oy + oh, ox : ox + ow])
+
+    def statistics(self, program: Program, x: torch.Tensor, dtype: torch.dtype) -> Frozen:
+        """Fast mode's statistics pass: sampled full-resolution cells (or the whole input, when sampling would
+        not save anything) run through the network together, recording every norm's statistics and the
+        attention's keys/values, pooled over the cells' cores."""
+        device = next(self.vae.parameters()).device
+        unit = program.scale if program.downsamples else 1
+        sampled = sample_cells(x, self.tiling.cell * unit, self.tiling.halo * unit, self.tiling.sample, unit)
+        if sampled is None:
+            engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True)
+            engine.run(x.to(device))
+        else:
+            batch, cells = sampled
+            engine = LayerEngine(program, device, dtype, record=True, on_device=True, cells=cells)
+            engine.run(batch.to(device))
+        assert engine.recorded is not None
+        return engine.recorded
+
+    @contextlib.contextmanager
+    def _compute_dtype(self) -> Iterator[torch.dtype]:
+        """The VAE's dtype, except fp16 VAEs marked force_upcast (SDXL's) which run in float32 meanwhile."""
+        dtype = next(self.vae.parameters()).dtype
+        upcast = dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            yield torch.float32 if upcast else dtype
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
+
+
+def sample_cells(
+    x: torch.Tensor, core: int, halo: int, fraction: float, unit: int
+) -> tuple[torch.Tensor, Cells] | None:
+    """Cells of side core+2*halo spread evenly over x, stacked in the batch (image-major), with their `Cells`.
+
+    None when the cores would cover about as much as the whole image (then the whole image is the sample).
+    Positions are multiples of `unit` so that an encoder's cells align with its latent grid.
+    """
+    h, w = x.shape[2:]
+    side = core + 2 * halo
+    wanted = math.ceil(fraction * h * w / (core * core))
+    if fraction >= 1 or side > h or side > w or wanted * core * core >= 0.9 * h * w:
+        return None
+    ny = max(1, min(round(math.sqrt(wanted * h / w)), (h - side) // unit + 1))
+    nx = max(1, min(math.ceil(wanted / ny), (w - side) // unit + 1))
+    ys = [_spread(i, ny, h - side, unit) for i in range(ny)]
+    xs = [_spread(i, nx, w - side, unit) for i in range(nx)]
+    crops = [x[:, :, y : y + side, c : c + side] for y in ys for c in xs]
+    batch = torch.stack(crops, dim=1).flatten(0, 1)  # [b * cells, C, side, side], image-major
+    return batch, Cells(len(crops), halo, halo, core)
+
+
+def _spread(i: int, n: int, extent: int, unit: int) -> int:
+    return 0 if n == 1 else round(i * extent / (n - 1) / unit) * unit
+
+
+def _crop(x: torch.Tensor, y0: int, y1: int, x0: int, x1: int, halo: int, wrap: tuple[bool, bool]):
+    """x[..., y0-halo:y1+halo, x0-halo:x1+halo]: clipped at the image edge, or taken around it in wrap mode.
+
+    Returns the crop and the offset (top, left) of [y0, x0] inside it.
+    """
+    h, w = x.shape[2:]
+
+    def axis(a: int, b: int, size: int, wraps: bool) -> tuple[torch.Tensor, int]:
+        if wraps:
+            return torch.arange(a - halo, b + halo).remainder(size), halo
+        lo, hi = max(0, a - halo), min(size, b + halo)
+        return torch.arange(lo, hi), a - lo
+
+    rows, top = axis(y0, y1, h, wrap[0])
+    cols, left = axis(x0, x1, w, wrap[1])
+    return x.index_select(2, rows).index_select(3, cols), (top, left)
+
+
+class _Collector:
+    """A sink that assembles streamed tiles into one tensor (for images that fit in memory)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[int, int, torch.Tensor]] = []
+
+    def __call__(self, y0: int, x0: int, tile: torch.Tensor) -> None:
+        self.parts.append((y0, x0, tile.float().cpu()))
+
+    @property
+    def image(self) -> torch.Tensor:
+        h = max(y0 + t.shape[2] for y0, _, t in self.parts)
+        w = max(x0 + t.shape[3] for _, x0, t in self.parts)
+        b, c = self.parts[0][2].shape[:2]
+        out = torch.empty(b, c, h, w)
+        for y0, x0, t in self.parts:
+            out[:, :, y0 : y0 + t.shape[2], x0 : x0 + t.shape[3]] = t
+        return out
+
+
+def _clamped(sink: TileSink) -> TileSink:
+    def clamp(y0: int, x0: int, tile: torch.Tensor) -> None:
+        sink(y0, x0, tile.float().clamp(-1, 1).cpu())
+
+    return clamp
+
+
+def unscale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Undo the diffusion-space normalisation (scaling factor, shift, per-channel mean/std) of a VAE latent."""
+    mean, std, shift = _latent_norm(vae, latents)
+    return latents * std / vae.config.scaling_factor + mean + shift
+
+
+def scale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `unscale_latents`: VAE latents -> the space the denoiser works in."""
+    mean, std, shift = _latent_norm(vae, latents)
+    return (latents - mean - shift) * vae.config.scaling_factor / std
+
+
+def _latent_norm(vae: Any, latents: torch.Tensor) -> tuple[Any, Any, float]:
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean_t = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(shape)
+        std_t = torch.tensor(std, dtype=latents.dtype, device=latents.device).view(shape)
+        return mean_t, std_t, 0.0
+    return 0.0, 1.0, float(getattr(cfg, "shift_factor", None) or 0.0)
