@@ -129,10 +129,22 @@ def test_unwritable_output(tiny_sd_dir, tmp_path):
     assert result.exit_code == 2 and "must end in .png" in result.output
 
 
-def test_tiff_output_is_for_heightmap_models_only(tiny_sd_dir, tmp_path):
-    result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.tif"))
-    assert result.exit_code == 2 and "must end in .png for model" in result.output
-    assert not (tmp_path / "o.tif").exists()
+def test_tiff_output_holds_the_same_pixels_as_png_with_metadata(tiny_sd_dir, tmp_path):
+    import json
+
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    assert invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.tif")).exit_code == 0
+    assert invoke(*tiny_args(tiny_sd_dir, tmp_path / "p.png")).exit_code == 0
+    with tifffile.TiffFile(tmp_path / "o.tif") as tif:
+        page = tif.pages[0]
+        assert tif.is_bigtiff and page.is_tiled
+        meta = json.loads(page.description)
+        pixels = page.asarray()
+    assert np.array_equal(pixels, np.asarray(Image.open(tmp_path / "p.png")))
+    assert meta["seed"] == json.loads((tmp_path / "o.json").read_text())["seed"]
 
 
 def test_unwritable_folder(tiny_sd_dir, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from gigadiff.executors.local import TileExecutor
     from gigadiff.recipes.txt2img import CheckpointPolicy
     from gigadiff.settings import GenerationSettings
+    from gigadiff.vae.tiled import VaeTiling
 
 app = typer.Typer(
     name="gigadiff",
@@ -115,6 +117,15 @@ def generate(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    vae_mode: Annotated[
+        str, typer.Option(help="Tiled VAE: exact (whole-image statistics), fast (streamed), auto (exact if it fits).")
+    ] = "auto",
+    vae_memory: Annotated[
+        float | None, typer.Option(help="Device memory (GB) a VAE tile may use (default: half the free GPU, 2 on CPU).")
+    ] = None,
+    vae_spill: Annotated[
+        Path | None, typer.Option(help="Directory for exact-mode VAE buffers that do not fit in RAM.")
+    ] = None,
     save_latent: Annotated[
         Path | None, typer.Option(help="Also save the final latent canvas to this .safetensors file.")
     ] = None,
@@ -163,6 +174,9 @@ def _generate(
     difficulty: float | None,
     device: str,
     dtype: str,
+    vae_mode: str,
+    vae_memory: float | None,
+    vae_spill: Path | None,
     save_latent: Path | None,
     profile: bool,
     rank_timeout: float,
@@ -174,6 +188,9 @@ def _generate(
 ) -> None:
     from gigadiff.executors.launch import from_main, init_from_env
     from gigadiff.settings import new_seed, settings_from_options
+    from gigadiff.vae.tiled import VaeTiling
+
+    vae = VaeTiling(mode=vae_mode, memory_gb=vae_memory, spill_dir=vae_spill)  # type: ignore[arg-type]
 
     if rank_timeout <= 0:
         raise GigadiffError(f"rank timeout must be positive, got {rank_timeout}")
@@ -197,7 +214,7 @@ def _generate(
         eta=eta,
     )
     _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
-             checkpoint_every, checkpoint, cfg_split=cfg_split)  # fmt: skip
+             checkpoint_every, checkpoint, cfg_split=cfg_split, vae=vae)  # fmt: skip
 
 
 @app.command()
@@ -242,16 +259,19 @@ def _execute(
     checkpoint: Path | None,
     resume_from: Checkpoint | None = None,
     cfg_split: bool = False,
+    vae: VaeTiling | None = None,
 ) -> None:
     """Check outputs, load the model, run (or continue) the generation, write the results on rank 0."""
     from gigadiff.executors.launch import rank_device
     from gigadiff.io.files import check_outputs
-    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES, relief_path
+    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES as OUTPUT_SUFFIXES  # images take the same
+    from gigadiff.io.heightmap import relief_path
     from gigadiff.io.writers import sidecar_path
     from gigadiff.recipes.txt2img import CheckpointPolicy
+    from gigadiff.vae.tiled import VaeTiling
 
-    if output.suffix.lower() not in HEIGHTMAP_SUFFIXES:
-        raise GigadiffError(f"output {output} must end in .png (or .tif for heightmaps)")
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise GigadiffError(f"output {output} must end in .png, .tif or .tiff")
     if save_latent is not None and save_latent.suffix != ".safetensors":
         raise GigadiffError(f"--save-latent {save_latent} must end in .safetensors")
     outputs = [output, sidecar_path(output), *([save_latent] if save_latent else [])]
@@ -276,8 +296,9 @@ def _execute(
     heightmap = backend.info.output == "heightmap"
     if heightmap:
         agreed(lambda: check_outputs([relief_path(output)], overwrite), ranks)
-    elif output.suffix.lower() != ".png":
-        raise GigadiffError(f"output {output} must end in .png for model {backend.info.name!r}")
+    if hasattr(backend, "vae_tiling"):
+        backend.vae_tiling = vae or VaeTiling()
+        backend.check_decode(1, resolved.height, resolved.width)  # an impossible decode fails now, not after hours
     if cfg_split:
         if not ranks.distributed:
             raise GigadiffError("--cfg-split shares guidance passes between processes: launch with torchrun")
@@ -308,12 +329,18 @@ def _write_results(
     started: float,
 ) -> None:
     from gigadiff.io.heightmap import write_heightmap
+    from gigadiff.io.streaming import write_streamed
     from gigadiff.io.writers import write_latent, write_png
 
     meta = result.metadata
     heightmap = result.info.output == "heightmap"
     if heightmap:
         meta = write_heightmap(result.decode()[0, 0].numpy(), output, meta, overwrite)
+    elif hasattr(result.backend, "stream_decode"):
+        h, w = result.latents.shape[2:]
+        f = result.info.vae_scale_factor
+        decode = partial(result.backend.stream_decode, result.latents)
+        write_streamed(decode, output, w * f, h * f, meta, overwrite)
     else:
         write_png(result.image(), output, meta, overwrite)
     if save_latent is not None:

@@ -21,7 +21,9 @@ from gigadiff.backends.base import ModelInfo
 from gigadiff.backends.presets import ModelPreset
 from gigadiff.errors import GigadiffError
 from gigadiff.geometry import Tile
-from gigadiff.vae.decode import decode_latents
+from gigadiff.vae.decode import decode_latents, stream_decode
+from gigadiff.vae.engine import TileSink
+from gigadiff.vae.tiled import VaeTiling, plan_decode
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class DiffusersUNetBackend:
                 "pipeline (SD 1.x/2.x or SDXL); gigadiff has no backend for it yet"
             )
         self.pipe = pipe
+        self.vae_tiling = VaeTiling()
         self.unet = pipe.unet
         self.sdxl = is_sdxl(pipe)
         self.device = self.unet.device
@@ -200,4 +203,13 @@ class DiffusersUNetBackend:
         return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.pipe.vae, latents)
+        return decode_latents(self.pipe.vae, latents, self.vae_tiling)
+
+    def stream_decode(self, latents: torch.Tensor, sink: TileSink) -> None:
+        """Decode into `sink` tile by tile (see gigadiff.vae.tiled)."""
+        stream_decode(self.pipe.vae, latents, sink, self.vae_tiling)
+
+    def check_decode(self, batch: int, height_px: int, width_px: int) -> None:
+        """Raise GigadiffError now if decoding an image of this size cannot fit the VAE memory settings."""
+        f = self.info.vae_scale_factor
+        plan_decode(self.pipe.vae, self.vae_tiling, batch, height_px // f, width_px // f)
