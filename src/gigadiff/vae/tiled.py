@@ -33,6 +33,8 @@ from gigadiff.vae.program import Program, decoder_program, encoder_program
 
 Mode = Literal["auto", "exact", "fast"]
 MODES = ("auto", "exact", "fast")
+SAMPLE_ABOVE = 128
+"""Fast mode samples statistics only for latents larger than this squared; smaller ones are measured whole."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,8 @@ def sample_cells(
     h, w = x.shape[2:]
     side = core + 2 * halo
     wanted = math.ceil(fraction * h * w / (core * core))
-    if fraction >= 1 or side > h or side > w or wanted * core * core >= 0.9 * h * w:
+    small = h * w <= (SAMPLE_ABOVE * unit) ** 2  # a pass over all of it costs little: no estimate needed
+    if small or fraction >= 1 or side > h or side > w or wanted * core * core >= 0.9 * h * w:
         return None
     ny = max(1, min(round(math.sqrt(wanted * h / w)), (h - side) // unit + 1))
     nx = max(1, min(math.ceil(wanted / ny), (w - side) // unit + 1))

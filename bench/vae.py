@@ -1,0 +1,127 @@
+"""Benchmark: VAE decode at growing sizes — whole image, diffusers' tiling, gigadiff exact and fast.
+
+Each (method, size) runs in a fresh process so its peak RSS (ru_maxrss) is its own. The VAE has SD's
+AutoencoderKL architecture (4 levels, GroupNorm, mid-block attention) at reduced width [8, 16, 32, 32] with
+seeded random weights, so that 4096²+ decodes finish on 2 CPU cores; the latent is a real photo
+(skimage astronaut) encoded with it and resized to the target size. Errors are max-abs and PSNR against the
+whole-image decode where that runs. gigadiff's largest sizes stream into a tiled BigTIFF (never whole in RAM).
+
+    python bench/vae.py [--sizes 1024 2048 4096] [--ours-only 8192 16384] [--json bench/results/vae.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("whole", "diffusers-tiling", "exact", "fast")
+
+
+def bench_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[8, 16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=8,
+                         layers_per_block=1).eval()  # fmt: skip
+
+
+def latent_for(vae, size: int):
+    import torch
+    import torch.nn.functional as F
+    from skimage import data
+
+    from gigadiff.vae.tiled import scale_latents
+
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(img).latent_dist.mean
+    return scale_latents(vae, F.interpolate(z, size=(size // 8, size // 8), mode="bilinear"))
+
+
+def one(method: str, size: int, ref: Path | None, out: Path) -> dict:
+    """Runs in the child: decode once, report time, peak RSS and the error against a saved whole decode."""
+    import numpy as np
+    import torch
+
+    from gigadiff.io.streaming import write_streamed
+    from gigadiff.vae.tiled import TiledVAE, VaeTiling, unscale_latents
+
+    torch.set_num_threads(2)
+    vae = bench_vae()
+    z = latent_for(vae, size)
+    start = time.perf_counter()
+    image = None
+    if method in ("whole", "diffusers-tiling"):
+        if method == "diffusers-tiling":  # SD's settings: 512 px tiles, 25% overlap
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
+        with torch.no_grad():
+            image = vae.decode(unscale_latents(vae, z), return_dict=False)[0].clamp(-1, 1)
+    elif out.suffix == ".tif":
+        tiled = TiledVAE(vae, VaeTiling(mode=method))  # type: ignore[arg-type]
+        write_streamed(lambda sink: tiled.decode(z, sink), out, size, size, {"bench": True}, overwrite=True)
+    else:
+        image = TiledVAE(vae, VaeTiling(mode=method)).decode(z)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - start
+    row = {"method": method, "size": size, "seconds": round(seconds, 2),
+           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}  # fmt: skip
+    if image is not None and method == "whole" and ref is not None:
+        np.save(ref, image.numpy())
+    elif image is not None and ref is not None and ref.exists():
+        whole = torch.from_numpy(np.load(ref))
+        mse = float(((image - whole) ** 2).mean())
+        row["max_abs_err"] = round(float((image - whole).abs().max()), 6)
+        row["psnr_db"] = round(10 * math.log10(4 / mse), 1) if mse > 0 else math.inf
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096])
+    parser.add_argument("--ours-only", type=int, nargs="*", default=[8192, 16384])
+    parser.add_argument("--json", type=Path, default=Path("bench/results/vae.json"))
+    parser.add_argument("--one", nargs=4, metavar=("METHOD", "SIZE", "REF", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        method, size, ref, out = args.one
+        print(json.dumps(one(method, int(size), Path(ref) if ref != "-" else None, Path(out))))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = [(m, s, ".npy") for s in args.sizes for m in METHODS]
+        plan += [(m, s, ".tif") for s in args.ours_only for m in ("fast",)]
+        for method, size, kind in plan:
+            ref = Path(tmp) / f"whole{size}.npy"
+            out = Path(tmp) / f"{method}{size}.tif"
+            cmd = [sys.executable, __file__, "--one", method, str(size), str(ref) if kind == ".npy" else "-",
+                   str(out) if kind == ".tif" else "-"]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                row = {"method": method, "size": size, "failed": proc.stderr.strip().splitlines()[-1][:120]}
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(_line(row), flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+def _line(row: dict) -> str:
+    if "failed" in row:
+        return f"{row['method']:>17} {row['size']:>6}  failed: {row['failed']}"
+    err = f"{row.get('max_abs_err', ''):>10} {row.get('psnr_db', ''):>7}"
+    return f"{row['method']:>17} {row['size']:>6} {row['seconds']:>8.2f}s {row['peak_rss_gb']:>7.3f} GB {err}"
+
+
+if __name__ == "__main__":
+    main()
