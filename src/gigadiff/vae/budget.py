@@ -83,12 +83,19 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
     return sides
 
 
-def key_chunk(program: Program, budget_bytes: float, query_tokens: int) -> int:
-    """Keys per attention chunk: logits for one query tile plus the chunk's keys/values fill half the budget."""
-    attn = [s.attn for s in program.steps if isinstance(s, AttentionStep)]
+def key_chunk(program: Program, budget_bytes: float, sides: tuple[int, ...], height: int, width: int) -> int:
+    """Keys per attention chunk: logits for one query tile plus the chunk's keys/values fill half the budget.
+
+    The query tile is the attention step's own tile (`sides`), clipped to the size of the buffer it attends
+    over for an input of height x width.
+    """
+    per_step = zip(program.steps, sides, shapes(program, 1, height, width), strict=True)
+    attn = [(s.attn, min(side, shape[2]) * min(side, shape[3])) for s, side, shape in per_step
+            if isinstance(s, AttentionStep)]  # fmt: skip
     if not attn:
         return 1 << 30
-    inner, heads = attn[0].to_k.out_features, attn[0].heads
+    (first, query_tokens) = attn[0]
+    inner, heads = first.to_k.out_features, first.heads
     per_key = 4 * (2 * inner + 2 * heads * query_tokens)
     return max(64, int(budget_bytes / 2 / per_key))
 

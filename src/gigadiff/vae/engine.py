@@ -112,8 +112,9 @@ def window_index(start: int, stop: int, stride: int, kernel: int, pad_before: in
 
 def gather(buf: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """buf[:, :, rows][:, :, :, cols], reading a contiguous slice when the indices are one."""
-    out = buf[:, :, _as_slice(rows)] if _as_slice(rows) else buf.index_select(2, rows)
-    return out[:, :, :, _as_slice(cols)] if _as_slice(cols) else out.index_select(3, cols)
+    row_run, col_run = _as_slice(rows), _as_slice(cols)
+    out = buf[:, :, row_run] if row_run else buf.index_select(2, rows)
+    return out[:, :, :, col_run] if col_run else out.index_select(3, cols)
 
 
 def _as_slice(index: torch.Tensor) -> slice | None:
@@ -309,10 +310,11 @@ class LayerEngine:
             keys, values = self.frozen.kv[i]
         else:  # keys and values of every position, in tile order (attention does not care about order)
             ks, vs = [], []
+            kv_device = self._kv_device(src)
             for box in tiles_of(h, w, tile):
                 t = tokens(*box)
-                ks.append(split_heads(project_tokens(attn.to_k, t), attn.heads).to(self._kv_device(src)))
-                vs.append(split_heads(project_tokens(attn.to_v, t), attn.heads).to(self._kv_device(src)))
+                ks.append(split_heads(project_tokens(attn.to_k, t), attn.heads).to(kv_device))
+                vs.append(split_heads(project_tokens(attn.to_v, t), attn.heads).to(kv_device))
             keys, values = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
             if self.cells:
                 keys, values = self._pooled_tokens(keys, h, w), self._pooled_tokens(values, h, w)

@@ -77,8 +77,19 @@ class Program:
     input: str
     output: str
     scale: int
-    """Spatial factor output/input (8 for an SD decoder, 1/8 expressed as -8 is not used: see `downsamples`)."""
+    """Resolution factor between latent and image (8 for the SD VAEs), in whichever direction the program goes."""
     downsamples: bool = False
+    """True for an encoder (image in, latent out), False for a decoder."""
+
+    @property
+    def input_unit(self) -> int:
+        """Input pixels per latent pixel: the factor for an encoder, 1 for a decoder."""
+        return self.scale if self.downsamples else 1
+
+    @property
+    def output_per_input(self) -> float:
+        """Output pixels per input pixel along one axis."""
+        return 1 / self.scale if self.downsamples else float(self.scale)
 
     def last_use(self) -> dict[str, int]:
         """Index of the last step reading each buffer, so an engine can free buffers as soon as possible."""
@@ -121,6 +132,13 @@ class _Builder:
         self.steps.append(AttentionStep(src=self.current, dst=dst, attn=attn))
         self.current = dst
 
+    def resnets_of(self, block: Any) -> None:
+        """The resnets of an up/down block (attention inside those blocks is not an AutoencoderKL feature)."""
+        if getattr(block, "attentions", None):
+            raise GigadiffError(f"tiled VAE: blocks with attention ({type(block).__name__}) are not supported")
+        for resnet in block.resnets:
+            self.resnet(resnet)
+
     def mid(self, mid: Any) -> None:
         self.resnet(mid.resnets[0])
         for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
@@ -139,10 +157,7 @@ def decoder_program(vae: Any) -> Program:
     b.mid(dec.mid_block)
     scale = 1
     for up in dec.up_blocks:
-        if getattr(up, "attentions", None):
-            raise GigadiffError(f"tiled VAE: up blocks with attention ({type(up).__name__}) are not supported")
-        for resnet in up.resnets:
-            b.resnet(resnet)
+        b.resnets_of(up)
         for sampler in up.upsamplers or ():
             _check_upsampler(sampler)
             b.conv(sampler.conv, upsample=True)
@@ -160,10 +175,7 @@ def encoder_program(vae: Any) -> Program:
     b.conv(enc.conv_in)
     scale = 1
     for down in enc.down_blocks:
-        if getattr(down, "attentions", None):
-            raise GigadiffError(f"tiled VAE: down blocks with attention ({type(down).__name__}) are not supported")
-        for resnet in down.resnets:
-            b.resnet(resnet)
+        b.resnets_of(down)
         for sampler in down.downsamplers or ():
             b.conv(sampler.conv, pad=_downsampler_pad(sampler))
             scale *= 2

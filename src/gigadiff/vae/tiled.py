@@ -71,6 +71,8 @@ class DecodePlan:
     tile: int
     """exact: smallest per-layer tile side; fast: tile core side in the program's input pixels."""
     host: budget.HostPlan | None
+    layer_tiles: tuple[int, ...] = ()
+    """exact: the output tile side of every step."""
 
 
 def latent_factor(vae: Any) -> int:
@@ -92,8 +94,9 @@ def _plan(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int
         mode = "exact" if peak <= 0.5 * budget.available_ram() else "fast"
     if mode == "exact":
         host = budget.plan_host(peak, tiling.spill_dir)
-        return DecodePlan("exact", budget_bytes, min(budget.layer_tiles(program, budget_bytes)), host)
-    unit = program.scale if program.downsamples else 1  # an encoder's input is in image pixels
+        sides = tuple(budget.layer_tiles(program, budget_bytes))
+        return DecodePlan("exact", budget_bytes, min(sides), host, sides)
+    unit = program.input_unit
     kv_tokens = math.ceil(tiling.sample * (height // unit) * (width // unit)) + tiling.cell**2
     tile = budget.fast_tile(program, batch, budget_bytes, tiling.halo * unit, kv_tokens, max(height, width), unit)
     return DecodePlan("fast", budget_bytes, tile, None)
@@ -115,17 +118,9 @@ class TiledVAE:
         With a `sink`, image tiles are streamed to it (row-major) and nothing is returned: the image never
         exists whole in memory.
         """
-        with self._compute_dtype() as dtype:
-            z = unscale_latents(self.vae, latents.float().cpu())
-            program = decoder_program(self.vae)
-            plan = _plan(program, self.vae, self.tiling, *z.shape[:1], *z.shape[2:])
-            self.last_plan = plan
-            collect = _Collector() if sink is None else None
-            out = _clamped(sink or collect)  # type: ignore[arg-type]
-            if plan.mode == "exact":
-                self._exact(program, z, dtype, plan, out)
-            else:
-                self._fast(program, z, dtype, plan, out)
+        z = unscale_latents(self.vae, latents.float().cpu())
+        collect = _Collector() if sink is None else None
+        self._run(decoder_program(self.vae), z, _clamped(sink or collect))  # type: ignore[arg-type]
         return collect.image if collect is not None else None
 
     @torch.no_grad()
@@ -140,15 +135,8 @@ class TiledVAE:
         h, w = image.shape[2:]
         if h % self.factor or w % self.factor:
             raise GigadiffError(f"tiled VAE encode: image size {w}x{h} must be a multiple of {self.factor}")
-        with self._compute_dtype() as dtype:
-            program = encoder_program(self.vae)
-            plan = _plan(program, self.vae, self.tiling, image.shape[0], h, w)
-            self.last_plan = plan
-            collect = _Collector()
-            if plan.mode == "exact":
-                self._exact(program, image.float().cpu(), dtype, plan, collect)
-            else:
-                self._fast(program, image.float().cpu(), dtype, plan, collect)
+        collect = _Collector()
+        self._run(encoder_program(self.vae), image.float().cpu(), collect)
         moments = collect.image
         mean, logvar = moments.chunk(2, dim=1)
         latents = mean
@@ -157,11 +145,21 @@ class TiledVAE:
             latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return scale_latents(self.vae, latents)
 
+    def _run(self, program: Program, x: torch.Tensor, sink: TileSink) -> None:
+        """Plan (and check) the run of `program` on x, then stream its output to `sink` in the chosen mode."""
+        plan = _plan(program, self.vae, self.tiling, x.shape[0], x.shape[2], x.shape[3])
+        self.last_plan = plan
+        with self._compute_dtype() as dtype:
+            if plan.mode == "exact":
+                self._exact(program, x, dtype, plan, sink)
+            else:
+                self._fast(program, x, dtype, plan, sink)
+
     def _exact(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
         device = next(self.vae.parameters()).device
-        sides = budget.layer_tiles(program, plan.budget_bytes)
+        sides = plan.layer_tiles
         store = HostStore(plan.host.ram_bytes, plan.host.spill_dir) if plan.host else HostStore()
-        chunk = budget.key_chunk(program, plan.budget_bytes, min(sides) ** 2)
+        chunk = budget.key_chunk(program, plan.budget_bytes, sides, x.shape[2], x.shape[3])
         engine = LayerEngine(program, device, dtype, self.tiling.wrap, tile_px=lambda i: sides[i], key_chunk=chunk,
                              store=store)  # fmt: skip
         engine.run(x, sink)
@@ -169,9 +167,9 @@ class TiledVAE:
     def _fast(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
         device = next(self.vae.parameters()).device
         frozen = self.statistics(program, x, dtype)
-        scale = program.scale
         core = plan.tile
-        halo = self.tiling.halo * scale if program.downsamples else self.tiling.halo
+        halo = self.tiling.halo * program.input_unit
+        f_out = program.output_per_input
         engine = LayerEngine(program, device, dtype, frozen=frozen, on_device=True)
         h, w = x.shape[2:]
         for y0 in range(0, h, core):
@@ -180,7 +178,6 @@ class TiledVAE:
                 crop, (top, left) = _crop(x, y0, y1, x0, x1, halo, self.tiling.wrap)
                 y = engine.run(crop.to(device))
                 assert y is not None
-                f_out = 1 / scale if program.downsamples else scale
                 oy, ox = round(top * f_out), round(left * f_out)
                 oh, ow = round((y1 - y0) * f_out), round((x1 - x0) * f_out)
                 sink(round(y0 * f_out), round(x0 * f_out), y[:, :, oy : oy + oh, ox : ox + ow])
@@ -190,7 +187,7 @@ class TiledVAE:
         not save anything) run through the network together, recording every norm's statistics and the
         attention's keys/values, pooled over the cells' cores."""
         device = next(self.vae.parameters()).device
-        unit = program.scale if program.downsamples else 1
+        unit = program.input_unit
         sampled = sample_cells(x, self.tiling.cell * unit, self.tiling.halo * unit, self.tiling.sample, unit)
         if sampled is None:
             engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True)
