@@ -164,3 +164,18 @@ def test_version_and_module_entry_point():
         [sys.executable, "-m", "gigadiff", "generate", "x", "--size", "7x7"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vae-mode", "quick"], "--vae-mode must be one of auto, exact, fast"),
+        (["--vae-memory", "0"], "--vae-memory must be a positive number of GB"),
+        (["--vae-mode", "fast", "--vae-memory", "0.000001"], "too small for fast tiled VAE"),
+        (["--vae-mode", "exact", "--vae-memory", "0.000001"], "too small for this VAE"),
+    ],
+)
+def test_impossible_vae_settings_fail_before_generation(tiny_sd_dir, tmp_path, extra, message):
+    result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.png", *extra))
+    assert result.exit_code == 2 and message in result.output
+    assert not list(tmp_path.iterdir())

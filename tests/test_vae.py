@@ -119,6 +119,20 @@ def test_errors_before_any_work(vae, latents):
         TiledVAE(vae).encode(torch.zeros(1, 3, 60, 64))
 
 
+def test_exact_mode_that_does_not_fit_in_ram_is_refused_or_spilled(vae, latents, monkeypatch, tmp_path):
+    import gigadiff.vae.budget as budget
+
+    monkeypatch.setattr(budget, "available_ram", lambda: 1024)
+    with pytest.raises(GigadiffError, match=r"only 0\.0 GB of RAM is free: use --vae-mode fast, or give --vae-spill"):
+        TiledVAE(vae, VaeTiling(mode="exact")).decode(latents)
+    auto = TiledVAE(vae, VaeTiling(mode="auto", memory_gb=0.05))
+    auto.decode(latents)
+    assert auto.last_plan is not None and auto.last_plan.mode == "fast"
+    spilled = TiledVAE(vae, VaeTiling(mode="exact", spill_dir=tmp_path)).decode(latents)
+    assert (spilled - whole_decode(vae, latents)).abs().max() <= 1e-3
+    assert not list(tmp_path.iterdir())  # memory-mapped buffers are removed when freed
+
+
 def test_unscale_handles_shift_and_per_channel_statistics():
     class Cfg:
         scaling_factor, shift_factor, latents_mean, latents_std = 0.5, 0.1, None, None
