@@ -78,3 +78,12 @@ def test_rim_margin_damps_tile_edges_but_keeps_partition_of_unity():
     preds[:, :, :4, :] = 1000.0  # garbage in every tile's top rim
     fused = fuse(grid.tiles, preds, (1, 1, 80, 80), "uniform", margin=4)
     assert fused[..., 4:, :].max() < 100  # only canvas-edge rows may keep the garbage
+
+
+@pytest.mark.parametrize("wrap", [(True, True), (False, True), (True, False)])
+def test_partition_of_unity_on_a_wrapped_canvas(wrap):
+    grid = tile_grid(40, 56, 24, 8, (0.3, -0.7), wrap=wrap)
+    assert any(t.y + t.h > 40 or t.x + t.w > 56 for t in grid), "some window crosses an edge"
+    constant = torch.full((len(grid), 2, 24, 24), 3.0)
+    fused = fuse(grid.tiles, constant, (1, 2, 40, 56), "gaussian")
+    assert torch.allclose(fused, torch.full_like(fused, 3.0))

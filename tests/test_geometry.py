@@ -132,3 +132,61 @@ def test_bad_arguments():
         axis_starts(100, 10, 10)
     with pytest.raises(ValueError, match="shift"):
         axis_starts(100, 10, 2, 1.5)
+
+
+@st.composite
+def ring_grids(draw):
+    height, width, tile, overlap, shift = draw(grids())
+    wrap = (draw(st.booleans()), draw(st.booleans()))
+    return height, width, tile, overlap, shift, wrap
+
+
+def ring_coverage(grid) -> np.ndarray:
+    from gigadiff.geometry import wrapped_pieces
+
+    counts = np.zeros((grid.height, grid.width), dtype=int)
+    for t in grid:
+        for _, (cy, cx) in wrapped_pieces(t, grid.height, grid.width):
+            counts[cy, cx] += 1
+    return counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(ring_grids())
+def test_wrapped_axes_are_covered_by_windows_that_may_cross_the_edge(params):
+    height, width, tile, overlap, shift, wrap = params
+    grid = tile_grid(height, width, tile, overlap, shift, wrap=wrap)
+    assert (ring_coverage(grid) >= 1).all()
+    assert len(grid) == len(tile_grid(height, width, tile, overlap, (0.0, 0.0), wrap=wrap)), "shift is free"
+    for t in grid:
+        assert 0 <= t.y < height and 0 <= t.x < width
+        if not wrap[0]:
+            assert t.y + t.h <= height
+        if not wrap[1]:
+            assert t.x + t.w <= width
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(2, 300), window=st.integers(2, 120), overlap_frac=st.floats(0, 0.9), shift=st.floats(-1, 1))
+def test_ring_windows_overlap_across_the_seam_like_everywhere_else(length, window, overlap_frac, shift):
+    """Neighbours overlap all around the ring, the last window and the first (across the seam) included."""
+    from gigadiff.geometry import ring_starts
+
+    win = min(window, length)
+    overlap = min(int(overlap_frac * window), win - 1)
+    starts = ring_starts(length, win, overlap, shift)
+    assert len(starts) >= 2 and len(set(starts)) == len(starts)
+    ring = [*starts, starts[0] + length]
+    for a, b in pairwise(ring):
+        assert a + win - b >= overlap - 1  # rounding of evenly spaced starts costs at most one pixel
+
+
+def test_wrapped_pieces_reassemble_a_rolled_window():
+    import torch
+
+    from gigadiff.executors.local import gather_tile
+
+    canvas = torch.arange(5 * 7, dtype=torch.float32).reshape(1, 1, 5, 7)
+    tile = Tile(3, 5, 4, 4)  # runs past the bottom and the right edge
+    rolled = canvas.roll((-3, -5), dims=(2, 3))[..., :4, :4]
+    assert torch.equal(gather_tile(canvas, tile), rolled)

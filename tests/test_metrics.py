@@ -30,3 +30,89 @@ def test_grid_borders_are_the_inner_tile_edges():
 def test_needs_borders():
     with pytest.raises(ValueError, match="at least one border"):
         seam_score(np.zeros((8, 8)), [], [])
+
+
+def photo(name: str = "astronaut") -> np.ndarray:
+    from skimage import data
+
+    return getattr(data, name)().astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "rocket", "camera", "brick", "grass"])
+def test_duplication_passes_real_photos(name):
+    from gigadiff.metrics import duplication
+
+    assert duplication(photo(name)).score < 0.5
+
+
+def test_duplication_flags_a_subject_painted_twice_and_names_the_crops():
+    from gigadiff.metrics import duplication
+
+    image = photo()
+    subject = image[150:250, 180:280].copy()  # the astronaut's face
+    image[10:110, 10:110] = subject  # in crop (0, 0)
+    image[140:240, 400:500] = subject  # in crop (1, 3), at another position inside its crop
+    found = duplication(image, grid=4)
+    assert found.score > 0.65 and found.pair == ((0, 0), (1, 3))
+    assert duplication(np.tile(photo()[:256, :256], (2, 2, 1))).score == pytest.approx(1.0)
+
+
+def test_edge_continuity_passes_a_periodic_image_and_flags_a_photo():
+    from gigadiff.metrics import edge_continuity
+
+    rng = np.random.default_rng(1)
+    frequency = np.hypot(*np.meshgrid(np.fft.fftfreq(96) * 96, np.fft.fftfreq(128) * 128))
+    periodic = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(128, 96))) / (1 + frequency) ** 2))  # smooth
+    score = edge_continuity(periodic)
+    assert max(score.x, score.y) < 2  # one line against the mean of all: about 1, give or take line-to-line spread
+    rolled = edge_continuity(np.roll(periodic, (40, 30), axis=(0, 1)))  # still periodic
+    assert max(rolled.x, rolled.y) < 2
+    cut = edge_continuity(periodic[:64, :48])  # a crop of the same texture does not continue across its edges
+    assert min(cut.x, cut.y) > 10
+    flagged = edge_continuity(photo())
+    assert flagged.x > 10 and flagged.y > 10
+    with pytest.raises(ValueError, match="at least 3x3"):
+        edge_continuity(np.zeros((2, 9)))
+
+
+def test_metrics_cli_reads_the_grid_from_a_gigadiff_output_and_writes_json(tiny_sd_dir, tmp_path):
+    import json
+
+    from tests.test_cli import invoke, tiny_args
+
+    out = tmp_path / "house.png"
+    assert invoke(*tiny_args(tiny_sd_dir, out)).exit_code == 0
+    report_path = tmp_path / "report.json"
+    result = invoke("metrics", str(out), "--json", str(report_path))
+    assert result.exit_code == 0, result.output
+    assert "tile borders from metadata" in result.output and "duplication:" in result.output
+    report = json.loads(report_path.read_text())
+    assert report["borders_from"] == "metadata" and (report["width"], report["height"]) == (768, 512)
+    assert report["seams"]["ratio"] > 0 and -1 <= report["duplication"]["score"] <= 1
+    again = invoke("metrics", str(out), "--json", str(report_path))
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_metrics_cli_flags_a_planted_seam_on_a_given_grid_and_reports_bad_files(tmp_path):
+    from PIL import Image
+
+    from tests.test_cli import invoke
+
+    rng = np.random.default_rng(3)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(256, 256)), axis=0), axis=1)
+    smooth = (smooth - smooth.min()) / np.ptp(smooth) * 200
+    seamed = smooth.copy()
+    seamed[:, 128:] += 40  # a tone step on the border of a 128-px grid
+    for name, img in (("clean", smooth), ("seamed", seamed)):
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    clean = invoke("metrics", str(tmp_path / "clean.png"), "--tile", "128")
+    flagged = invoke("metrics", str(tmp_path / "seamed.png"), "--tile", "128")
+    score = {r: float(r.output.split("seam score: ")[1].split()[0]) for r in (clean, flagged)}
+    assert score[clean] < 1.5 and score[flagged] > 10
+    none = invoke("metrics", str(tmp_path / "clean.png"))
+    assert none.exit_code == 0 and "no tile grid known" in none.output
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = invoke("metrics", str(tmp_path / "broken.png"))
+    assert broken.exit_code == 2 and "cannot read image" in broken.output
+    missing = invoke("metrics", str(tmp_path / "nope.png"))
+    assert missing.exit_code == 2 and "does not exist" in missing.output

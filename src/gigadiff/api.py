@@ -10,7 +10,7 @@ pipeline (which is used as it is, on its own device and dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,8 @@ def run_generation(
             f"checkpoint was made with model {resume.model!r} (fingerprint {resume.fingerprint}); the loaded model "
             f"{backend.info.name!r} has fingerprint {backend.info.fingerprint}: refusing to resume on another model"
         )
+    if hasattr(backend, "vae_tiling"):  # a tileable image is decoded with the VAE's wrap-around too
+        backend.vae_tiling = replace(backend.vae_tiling, wrap=resolved.wrap)
     executor = executor or LocalExecutor(resolved.tile_batch)
     run = text_to_image(backend, resolved, executor, listener, checkpoints, resume)
     return GenerationResult(run.latents, resolved, backend, run)
@@ -104,6 +106,7 @@ def generate(
     tile_batch: int = 4,
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
+    tileable: str = "none",
     sigmas: str | list[float] | None = None,
     device: str = "auto",
     dtype: str = "fp32",
@@ -135,6 +138,7 @@ def generate(
         tile_batch=tile_batch,
         guidance_rescale=guidance_rescale,
         eta=eta,
+        tileable=tileable,
     )
     result = run_generation(settings, open_backend(model, device, dtype), listener=listener)
     return result.latents if output_type == "latent" else result.image()

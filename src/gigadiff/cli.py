@@ -115,6 +115,10 @@ def generate(
     difficulty: Annotated[
         float | None, typer.Option(help="Terrain model only: terrain difficulty from 1 (gentle) to 100 (rugged).")
     ] = None,
+    tileable: Annotated[
+        str,
+        typer.Option(help="Seamless output: --tileable (both ways, a texture), --tileable x (360-degree panorama), y."),
+    ] = "none",
     device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     vae_mode: Annotated[
@@ -172,6 +176,7 @@ def _generate(
     eta: float,
     sigmas: str | None,
     difficulty: float | None,
+    tileable: str,
     device: str,
     dtype: str,
     vae_mode: str,
@@ -212,6 +217,7 @@ def _generate(
         tile_batch=tile_batch,
         guidance_rescale=guidance_rescale,
         eta=eta,
+        tileable=tileable,
     )
     _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
              checkpoint_every, checkpoint, cfg_split=cfg_split, vae=vae)  # fmt: skip
@@ -241,6 +247,43 @@ def resume(
         every = checkpoint_every or int(saved.get("checkpoint_every", 0))
         _execute(ckpt.settings, ckpt.model, device, saved.get("dtype", "fp32"), target, latent, profile,
                  rank_timeout, overwrite, quiet, ranks, every, checkpoint, resume_from=ckpt)  # fmt: skip
+
+
+@app.command()
+def metrics(
+    image: Annotated[Path, typer.Argument(help="An image (PNG, TIFF, JPEG); gigadiff outputs bring their tile grid.")],
+    tile: Annotated[
+        int | None, typer.Option(help="Score seams on this tile grid (px) instead of the one in the metadata.")
+    ] = None,
+    overlap: Annotated[int, typer.Option(help="Overlap (px) of the --tile grid.")] = 0,
+    crops: Annotated[int, typer.Option(help="Duplication: compare crops of an N x N grid.", min=2)] = 4,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --json file.")] = False,
+) -> None:
+    """Seam score on tile borders, edge continuity (tileable output) and a duplication signal for an image."""
+    from gigadiff.io.files import check_outputs, publish
+    from gigadiff.report import image_report
+
+    with reported_errors():
+        if json_out is not None:
+            check_outputs([json_out], overwrite)
+        report = image_report(image, tile, overlap, crops)
+        typer.echo(f"{report.path}: {report.width}x{report.height}")
+        if report.seams is None:
+            typer.echo("seam score: no tile grid known (not a gigadiff output with metadata; give --tile)")
+        else:
+            typer.echo(f"seam score: {report.seams.ratio:.3f} (tile borders from {report.borders_from}; "
+                       "about 1: seamless, above 1.1: visible seams)")  # fmt: skip
+        e = report.edges
+        typer.echo(f"edge continuity: x {e.x:.2f}, y {e.y:.2f} (about 1: tiles with itself; 10+: a visible seam)")
+        d = report.duplication
+        typer.echo(f"duplication: {d.score:.2f} between crops {d.pair[0]} and {d.pair[1]} (mean {d.mean:.2f}; "
+                   "above 0.6: repeated content)")  # fmt: skip
+        if json_out is not None:
+            import json
+
+            text = json.dumps(report.to_dict(), indent=2)
+            publish(json_out, lambda tmp: tmp.write_text(text + "\n"), overwrite)
 
 
 def _execute(
@@ -418,11 +461,32 @@ def _terminate_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+OPTIONAL_VALUES = {"--tileable": ("both", ("none", "x", "y", "both"))}
+"""Options that may be given bare: the value they take then, and the values that may follow them."""
+
+
+def with_implied_values(args: list[str]) -> list[str]:
+    """Insert the implied value after a bare optional-value option (`--tileable` means `--tileable both`).
+
+    click cannot parse an option whose value is optional; a word after it that is not one of its values (the
+    prompt, or the next option) is left alone, so `--tileable "a stone wall"` still reads the prompt.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES:
+            implied, values = OPTIONAL_VALUES[arg]
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following not in values:
+                out.append(implied)
+    return out
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
     code: int | str | None = 0
     try:
-        app()
+        app(args=with_implied_values(sys.argv[1:]))
     except GigadiffError as e:  # raised outside a command (should not happen, but never show a traceback)
         typer.echo(f"error: {e}", err=True)
         code = USER_ERROR

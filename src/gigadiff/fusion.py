@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from gigadiff.geometry import Tile
+from gigadiff.geometry import Tile, wrapped_pieces
 
 WEIGHT_KINDS = ("uniform", "gaussian", "cosine")
 GAUSSIAN_VARIANCE = 0.01
@@ -78,9 +78,10 @@ class FusionAccumulator:
     def add(self, tile: Tile, prediction: torch.Tensor) -> None:
         """Accumulate one tile's prediction, shaped [B, C, tile.h, tile.w]."""
         window = weight_window(self.kind, tile.h, tile.w, self.device, self.margin)
-        ys, xs = tile.slices
-        self.numerator[..., ys, xs] += prediction.to(self.device, torch.float32) * window
-        self.denominator[ys, xs] += window
+        weighted = prediction.to(self.device, torch.float32) * window
+        for (ty, tx), (cy, cx) in wrapped_pieces(tile, *self.denominator.shape):
+            self.numerator[..., cy, cx] += weighted[..., ty, tx]
+            self.denominator[cy, cx] += window[ty, tx]
 
     def add_batch(self, tiles: Sequence[Tile], predictions: torch.Tensor) -> None:
         """Accumulate a batch of predictions, shaped [len(tiles) * B, C, h, w] grouped by tile."""

@@ -9,6 +9,11 @@ never in the same place twice and no seam can build up over the steps. The numbe
 with the shift, so shifting costs no extra model calls. How far borders move on an axis is bounded by what
 keeps neighbours overlapping by at least half the requested overlap: amplitude = real overlap - overlap / 2,
 i.e. at least half the requested overlap, more when the windows had to be spread out to fit the canvas.
+
+On a wrapped axis (seamless textures, 360-degree panoramas) the canvas is a ring: windows are spaced evenly
+around it, may cross the edge (a window starting at x continues at column 0 past the right edge), and at
+least two windows are used, so that some window always straddles the seam between the last and first column.
+A tile that crosses the edge is cut and pasted in pieces (`wrapped_pieces`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class TileGrid:
     height: int
     width: int
     tiles: tuple[Tile, ...]
+    wrap: tuple[bool, bool] = (False, False)
+    """(vertical, horizontal): tiles on a wrapped axis may cross the canvas edge and continue on the other side."""
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -92,6 +99,41 @@ def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0, min_
     return tuple(sorted(set(starts)))
 
 
+def ring_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> tuple[int, ...]:
+    """Start positions of windows spaced evenly around a ring of `length` pixels (a wrapped axis).
+
+    At least two windows, and the pair (last, first) overlaps across the seam like every other pair of
+    neighbours, by at least `overlap` (less one pixel of rounding). `shift` in [-1, 1] rotates the whole set by
+    up to one spacing: on a ring every position is interior, so the seam gets no special treatment.
+    """
+    if not -1.0 <= shift <= 1.0:
+        raise ValueError(f"shift must lie in [-1, 1], got {shift}")
+    window = min(window, length)
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must satisfy 0 <= overlap < window, got overlap={overlap}, window={window}")
+    n = max(2, math.ceil(length / (window - overlap)))
+    stride = length / n
+    offset = (shift + 1.0) / 2.0 * stride
+    return tuple(sorted(math.floor(k * stride + offset) % length for k in range(n)))  # distinct: stride >= 1
+
+
+def wrapped_pieces(tile: Tile, height: int, width: int) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+    """The parts of `tile` on a canvas where it may run past the bottom/right edge and continue at the top/left.
+
+    Returns (slices inside the tile, slices on the canvas) pairs: one pair for a tile inside the canvas, two or
+    four for a tile that crosses an edge.
+    """
+
+    def axis(start: int, size: int, length: int) -> list[tuple[slice, slice]]:
+        first = min(size, length - start)
+        parts = [(slice(0, first), slice(start, start + first))]
+        if first < size:
+            parts.append((slice(first, size), slice(0, size - first)))
+        return parts
+
+    return [((ty, tx), (cy, cx)) for ty, cy in axis(tile.y, tile.h, height) for tx, cx in axis(tile.x, tile.w, width)]
+
+
 def tile_grid(
     height: int,
     width: int,
@@ -99,10 +141,12 @@ def tile_grid(
     overlap: int,
     shift: tuple[float, float] = (0.0, 0.0),
     min_overlap: int = 0,
+    wrap: tuple[bool, bool] = (False, False),
 ) -> TileGrid:
     """A row-major grid of windows covering a `height` x `width` canvas.
 
-    A canvas smaller than the tile on an axis gets one window of the canvas size on that axis.
+    A canvas smaller than the tile on an axis gets one window of the canvas size on that axis (on a wrapped
+    axis: two such windows, half a canvas apart).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"canvas must be non-empty, got {height}x{width}")
@@ -110,9 +154,15 @@ def tile_grid(
     if tile_h <= 0 or tile_w <= 0:
         raise ValueError(f"tile must be positive, got {tile_h}x{tile_w}")
     win_h, win_w = min(tile_h, height), min(tile_w, width)
-    ys = axis_starts(height, win_h, min(overlap, win_h - 1), shift[0], min_overlap)
-    xs = axis_starts(width, win_w, min(overlap, win_w - 1), shift[1], min_overlap)
-    return TileGrid(height, width, tuple(Tile(y, x, win_h, win_w) for y in ys for x in xs))
+
+    def starts(length: int, win: int, axis_shift: float, wraps: bool) -> tuple[int, ...]:
+        if wraps:
+            return ring_starts(length, win, min(overlap, win - 1), axis_shift)
+        return axis_starts(length, win, min(overlap, win - 1), axis_shift, min_overlap)
+
+    ys = starts(height, win_h, shift[0], wrap[0])
+    xs = starts(width, win_w, shift[1], wrap[1])
+    return TileGrid(height, width, tuple(Tile(y, x, win_h, win_w) for y in ys for x in xs), wrap)
 
 
 @dataclass(frozen=True)
@@ -131,6 +181,8 @@ class GridPlan:
     seed: int = 0
     min_overlap: int = 0
     """Overlap that shifting must never go below (models with unreliable tile rims need 2 x rim)."""
+    wrap: tuple[bool, bool] = (False, False)
+    """(vertical, horizontal) axes on which the canvas is a ring (tileable output)."""
 
     def shift_for_step(self, step: int) -> tuple[float, float]:
         if not self.shifted:
@@ -140,7 +192,8 @@ class GridPlan:
         return float(dy), float(dx)
 
     def grid(self, step: int) -> TileGrid:
-        return tile_grid(self.height, self.width, self.tile, self.overlap, self.shift_for_step(step), self.min_overlap)
+        shift = self.shift_for_step(step)
+        return tile_grid(self.height, self.width, self.tile, self.overlap, shift, self.min_overlap, self.wrap)
 
     @property
     def tiles_per_step(self) -> int:

@@ -1,13 +1,25 @@
-"""Image quality measures that need no downloaded weights.
+"""Image quality measures that need no downloaded weights: seams, edge continuity, duplicated content.
 
 Seam score: the mean squared gradient *across* given tile borders, divided by the same quantity everywhere
 else. A seam (a step or a crease along a border) raises it above 1; an image whose borders cannot be told
 from its interior scores about 1. Gradients across a vertical border at column c are I[:, c] - I[:, c-1]
 (horizontal differences), across a horizontal border at row r are I[r, :] - I[r-1, :].
+
+Edge continuity: for output meant to tile (textures, 360-degree panoramas), the mean squared step from the
+last column to the first (or last row to first), divided by the mean squared step between neighbouring
+columns (rows) inside the image. About 1 when copies placed side by side show no seam (one line against the
+mean of all lines: 0.5 to 2 on smooth periodic fields); 10 and more for an image cut out of a larger one.
+
+Duplication: tiled text-to-image at many times a model's native size tends to paint the prompt's subject once
+per tile. The image is cut into non-overlapping crops; every pair is compared by the peak of their normalised
+cross-correlation over all shifts, on grey, downsampled and high-passed crops (the local mean removed, so that
+two smooth skies do not look alike). It is close to 1 when one crop repeats another anywhere inside it; on
+skimage's photos it stays below 0.45, and a subject planted twice scores about 0.7 (tests/test_metrics.py).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,8 +41,8 @@ def grid_borders(grids: Iterable[TileGrid], scale: int = 1) -> tuple[list[int], 
     cols: set[int] = set()
     for grid in grids:
         for t in grid:
-            rows.update(v * scale for v in (t.y, t.y + t.h) if 0 < v < grid.height)
-            cols.update(v * scale for v in (t.x, t.x + t.w) if 0 < v < grid.width)
+            rows.update(v % grid.height * scale for v in (t.y, t.y + t.h) if v % grid.height)
+            cols.update(v % grid.width * scale for v in (t.x, t.x + t.w) if v % grid.width)
     return sorted(rows), sorted(cols)
 
 
@@ -57,3 +69,90 @@ def seam_score(image: np.ndarray, rows: Iterable[int], cols: Iterable[int], band
         raise ValueError("seam_score needs at least one border and some interior")
     b, i = float(border.mean()), float(interior.mean())
     return SeamScore(ratio=b / i if i > 0 else float("inf"), border_energy=b, interior_energy=i)
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float64)
+    return img[..., None] if img.ndim == 2 else img
+
+
+@dataclass(frozen=True)
+class EdgeContinuity:
+    """Wrapped-edge step energy over interior step energy, per axis (x: left/right, y: top/bottom)."""
+
+    x: float
+    y: float
+
+
+def edge_continuity(image: np.ndarray) -> EdgeContinuity:
+    """How well the image continues across its own edges (about 1: seamless when tiled; >> 1: a visible seam)."""
+    img = _as_float(image)
+    if img.shape[0] < 3 or img.shape[1] < 3:
+        raise ValueError(f"edge continuity needs an image of at least 3x3 pixels, got {img.shape[1]}x{img.shape[0]}")
+
+    def ratio(a: np.ndarray) -> float:  # steps along axis 0 of `a`, the wrapped one last
+        inner = float((np.diff(a, axis=0) ** 2).mean())
+        wrapped = float(((a[0] - a[-1]) ** 2).mean())
+        return wrapped / inner if inner > 0 else (0.0 if wrapped == 0 else float("inf"))
+
+    return EdgeContinuity(x=ratio(img.transpose(1, 0, 2)), y=ratio(img))
+
+
+@dataclass(frozen=True)
+class Duplication:
+    """The most similar pair of non-overlapping crops: their score in [-1, 1] and their (row, col) indices."""
+
+    score: float
+    pair: tuple[tuple[int, int], tuple[int, int]]
+    mean: float
+    """Mean pair score: a baseline for the image's own texture."""
+
+
+DUPLICATION_THUMB = 64
+HIGH_PASS = 9
+"""Side of the box whose mean is removed from each thumbnail pixel."""
+
+
+def _box_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k boxes centred on every pixel (edges reflected), by cumulative sums."""
+    r = k // 2
+    padded = np.pad(a, r, mode="reflect")
+    for axis in (0, 1):
+        c = np.cumsum(padded, axis=axis)
+        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
+        n = padded.shape[axis] - k + 1
+        padded = (c.take(range(k, k + n), axis=axis) - c.take(range(n), axis=axis)) / k
+    return padded
+
+
+def _thumb(crop: np.ndarray, side: int) -> np.ndarray:
+    """Grey, box-downsampled to about side x side, high-passed, zero mean, unit norm (products are correlations)."""
+    grey = crop.mean(axis=2)
+    h, w = grey.shape
+    fy, fx = max(h // side, 1), max(w // side, 1)
+    grey = grey[: h // fy * fy, : w // fx * fx].reshape(h // fy, fy, w // fx, fx).mean(axis=(1, 3))
+    if min(grey.shape) > HIGH_PASS:
+        grey = grey - _box_mean(grey, HIGH_PASS)
+    grey = grey - grey.mean()
+    norm = np.linalg.norm(grey)
+    return grey / norm if norm > 0 else grey
+
+
+def duplication(image: np.ndarray, grid: int = 4, thumb: int = DUPLICATION_THUMB) -> Duplication:
+    """Peak normalised cross-correlation (over all circular shifts) between `grid` x `grid` crops."""
+    img = _as_float(image)
+    h, w = img.shape[0] // grid, img.shape[1] // grid
+    if grid < 2 or h < 8 or w < 8:
+        raise ValueError(f"duplication needs at least 2x2 crops of 8 px; got {grid}x{grid} crops of {w}x{h} px")
+    cells = [(r, c) for r in range(grid) for c in range(grid)]
+    thumbs = {rc: _thumb(img[rc[0] * h : (rc[0] + 1) * h, rc[1] * w : (rc[1] + 1) * w], thumb) for rc in cells}
+    shape = thumbs[cells[0]].shape
+    spectra = {rc: np.fft.rfft2(t) for rc, t in thumbs.items()}
+    best, best_pair, total, pairs = -1.0, (cells[0], cells[1]), 0.0, 0
+    for a, b in itertools.combinations(cells, 2):
+        score = float(np.fft.irfft2(spectra[a] * np.conj(spectra[b]), s=shape).max())
+        total += score
+        pairs += 1
+        if score > best:
+            best, best_pair = score, (a, b)
+    return Duplication(score=best, pair=best_pair, mean=total / pairs)

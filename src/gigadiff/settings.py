@@ -22,6 +22,7 @@ MAX_SIDE = 65536
 """Largest accepted side in image pixels. Beyond this the latent canvas alone needs tens of GB."""
 
 MAX_STEPS = 1000
+TILEABLE = ("none", "x", "y", "both")
 _SIZE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×*,]\s*(-?\d+)\s*$")
 
 
@@ -75,8 +76,15 @@ class GenerationSettings:
     eta: float = 0.0
     sigmas: tuple[float, ...] | None = None
     """An explicit noise-level schedule (decreasing); replaces the scheduler's own spacing, and sets steps."""
+    tileable: str = "none"
+    """Seamless output: "both" (a texture), "x" (left/right continue: 360-degree panoramas), "y", or "none"."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend-specific settings (e.g. terrain difficulty), kept for metadata."""
+
+    @property
+    def wrap(self) -> tuple[bool, bool]:
+        """(vertical, horizontal): the axes on which the image continues across its edges."""
+        return self.tileable in ("y", "both"), self.tileable in ("x", "both")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +132,8 @@ def check_generic(s: GenerationSettings) -> None:
         raise GigadiffError(f"seed must lie in [0, 2**64), got {s.seed}")
     if s.scheduler not in SCHEDULER_NAMES:
         raise GigadiffError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    if s.tileable not in TILEABLE:
+        raise GigadiffError(f"tileable must be one of {', '.join(TILEABLE)}, got {s.tileable!r}")
     if s.weights not in WEIGHT_KINDS:
         raise GigadiffError(f"unknown weights {s.weights!r}; choose one of: {', '.join(WEIGHT_KINDS)}")
     if s.tile is not None and s.tile <= 0:

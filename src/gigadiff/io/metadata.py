@@ -16,6 +16,7 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "gigadiff_version": __version__,
         "model": info.name,
         "model_family": info.family,
+        "vae_scale_factor": info.vae_scale_factor,
         "prompt": settings.prompt,
         "negative_prompt": settings.negative_prompt,
         "seed": settings.seed,
@@ -31,6 +32,7 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "shift": settings.shift,
         "tile_batch": settings.tile_batch,
         "eta": settings.eta,
+        **({"tileable": settings.tileable} if settings.tileable != "none" else {}),
         **({"sigmas": list(settings.sigmas)} if settings.sigmas else {}),
         **settings.extra,
     }

@@ -44,6 +44,7 @@ def grid_plan(settings: GenerationSettings, info: ModelInfo) -> GridPlan:
         shifted=settings.shift,
         seed=settings.seed,
         min_overlap=2 * info.edge_margin,
+        wrap=settings.wrap,
     )
 
 
