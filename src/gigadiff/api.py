@@ -21,7 +21,7 @@ from gigadiff.backends.loading import load_backend
 from gigadiff.checkpoint import Checkpoint
 from gigadiff.errors import GigadiffError
 from gigadiff.executors.local import LocalExecutor, TileExecutor
-from gigadiff.io.images import tensor_to_pil
+from gigadiff.io.images import image_size, tensor_to_pil
 from gigadiff.io.metadata import generation_metadata
 from gigadiff.io.relief import shaded_relief
 from gigadiff.recipes.txt2img import CanvasRun, CheckpointPolicy, text_to_image
@@ -55,6 +55,18 @@ class GenerationResult:
         if self.info.output == "heightmap":
             return Image.fromarray(shaded_relief(decoded[0, 0].numpy()))
         return tensor_to_pil(decoded)[0]
+
+
+SIZE_MULTIPLE = 8
+"""Sizes derived from an init image are rounded to this (the VAE factor of every latent model gigadiff runs)."""
+
+
+def init_size(path: str, scale: float = 1.0) -> tuple[int, int]:
+    """(width, height) for a run from the image at `path` scaled by `scale`, rounded to SIZE_MULTIPLE."""
+    if not scale > 0:
+        raise GigadiffError(f"scale must be positive, got {scale}")
+    width, height = image_size(path)
+    return tuple(max(SIZE_MULTIPLE, round(v * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for v in (width, height))  # type: ignore[return-value]
 
 
 def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
@@ -107,6 +119,8 @@ def generate(
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
     tileable: str = "none",
+    init_image: str | None = None,
+    strength: float | None = None,
     sigmas: str | list[float] | None = None,
     device: str = "auto",
     dtype: str = "fp32",
@@ -116,11 +130,15 @@ def generate(
 ) -> Image.Image | torch.Tensor:
     """Generate one image of `size` ("WIDTHxHEIGHT" or (width, height), in pixels).
 
+    With `init_image` (a file), the canvas starts from that picture resized to `size` (default: its own size)
+    and `strength` of it is repainted (img2img; upscaling when `size` is larger than the picture).
     Backend options go in `options` (e.g. difficulty=60 for model="terrain"). Returns a PIL image (for a
     heightmap model, its shaded relief), or with output_type="latent" the final canvas [1, C, H/f, W/f].
     """
     if output_type not in ("pil", "latent"):
         raise GigadiffError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    if init_image is not None and size is None:
+        size = init_size(init_image)
     settings = settings_from_options(
         prompt,
         size=size,
@@ -139,9 +157,11 @@ def generate(
         guidance_rescale=guidance_rescale,
         eta=eta,
         tileable=tileable,
+        init_image=init_image,
+        strength=strength,
     )
     result = run_generation(settings, open_backend(model, device, dtype), listener=listener)
     return result.latents if output_type == "latent" else result.image()
 
 
-__all__ = ["GenerationResult", "generate", "open_backend", "run_generation"]
+__all__ = ["GenerationResult", "generate", "init_size", "open_backend", "run_generation"]

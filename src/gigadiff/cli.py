@@ -115,6 +115,12 @@ def generate(
     difficulty: Annotated[
         float | None, typer.Option(help="Terrain model only: terrain difficulty from 1 (gentle) to 100 (rugged).")
     ] = None,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="img2img: start from this image (resized to --size, default its own).")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8).")
+    ] = None,
     tileable: Annotated[
         str,
         typer.Option(help="Seamless output: --tileable (both ways, a texture), --tileable x (360-degree panorama), y."),
@@ -176,6 +182,8 @@ def _generate(
     eta: float,
     sigmas: str | None,
     difficulty: float | None,
+    init: Path | None,
+    strength: float | None,
     tileable: str,
     device: str,
     dtype: str,
@@ -199,6 +207,10 @@ def _generate(
 
     if rank_timeout <= 0:
         raise GigadiffError(f"rank timeout must be positive, got {rank_timeout}")
+    from gigadiff.api import init_size
+
+    if init is not None and size is None:
+        size = "{}x{}".format(*init_size(str(init)))
     ranks = init_from_env(device, rank_timeout)
     settings = settings_from_options(
         prompt,
@@ -218,9 +230,56 @@ def _generate(
         guidance_rescale=guidance_rescale,
         eta=eta,
         tileable=tileable,
+        init_image=str(init) if init is not None else None,
+        strength=strength,
     )
     _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
              checkpoint_every, checkpoint, cfg_split=cfg_split, vae=vae)  # fmt: skip
+
+
+@app.command()
+def upscale(
+    image: Annotated[Path, typer.Argument(help="The picture to enlarge.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the picture shows (guides the new detail).")] = "",
+    scale: Annotated[float, typer.Option(help="Enlargement factor (the output size is rounded to 8 px).")] = 2.0,
+    strength: Annotated[float, typer.Option(help="How much to repaint, in (0, 1]: low keeps the picture.")] = 0.35,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="A preset (sd15, sdxl, ...), hub id, folder or file.")
+    ] = "sd15",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output .png/.tif (default: IMAGE_x<scale>.png).")
+    ] = None,
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "blurry, soft, low detail",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps before strength (default: the model's).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: a new random seed).")] = None,
+    scheduler: Annotated[str, typer.Option(help="default, ddim, euler, dpmpp_2m, unipc, ...")] = "default",
+    tile: Annotated[int | None, typer.Option(help="Tile side in pixels (default: native size).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in pixels (default: tile/8).")] = None,
+    tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
+    tileable: Annotated[str, typer.Option(help="Keep a seamless texture seamless: both, x or y.")] = "none",
+    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
+    vae_mode: Annotated[str, typer.Option(help="Tiled VAE: exact, fast or auto.")] = "auto",
+    vae_memory: Annotated[float | None, typer.Option(help="Device memory (GB) a VAE tile may use.")] = None,
+    vae_spill: Annotated[Path | None, typer.Option(help="Directory for exact-mode VAE buffers.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Enlarge a picture: resize, tiled VAE encode, re-noise to --strength, tiled denoise, tiled decode."""
+    import inspect
+
+    from gigadiff.api import init_size
+
+    given = dict(locals())
+    with reported_errors():
+        width, height = init_size(str(image), scale)
+        options = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
+        options.update({k: v for k, v in given.items() if k in options})
+        suffix = f"{scale:g}".replace(".", "_")
+        options.update(init=image, size=f"{width}x{height}",
+                       output=output or image.with_name(f"{image.stem}_x{suffix}.png"))  # fmt: skip
+        _generate(**options)
 
 
 @app.command()

@@ -23,6 +23,8 @@ MAX_SIDE = 65536
 
 MAX_STEPS = 1000
 TILEABLE = ("none", "x", "y", "both")
+DEFAULT_STRENGTH = 0.8
+"""As diffusers' img2img pipelines: most of the picture is repainted, its layout and colours are kept."""
 _SIZE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×*,]\s*(-?\d+)\s*$")
 
 
@@ -76,6 +78,10 @@ class GenerationSettings:
     eta: float = 0.0
     sigmas: tuple[float, ...] | None = None
     """An explicit noise-level schedule (decreasing); replaces the scheduler's own spacing, and sets steps."""
+    init_image: str | None = None
+    """img2img / upscaling: the picture to start from (resized to the canvas, encoded by the tiled VAE)."""
+    strength: float | None = None
+    """How much of the init image is repainted: 1 = all of it (pure noise), 0 = none; None = 0.8 with an image."""
     tileable: str = "none"
     """Seamless output: "both" (a texture), "x" (left/right continue: 360-degree panoramas), "y", or "none"."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +112,7 @@ class GenerationSettings:
             else None,
             tile=tile,
             overlap=self.overlap if self.overlap is not None else default_overlap,
+            strength=self.strength if self.strength is not None or self.init_image is None else DEFAULT_STRENGTH,
         )
 
 
@@ -132,6 +139,11 @@ def check_generic(s: GenerationSettings) -> None:
         raise GigadiffError(f"seed must lie in [0, 2**64), got {s.seed}")
     if s.scheduler not in SCHEDULER_NAMES:
         raise GigadiffError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    if s.strength is not None:
+        if s.init_image is None:
+            raise GigadiffError("--strength applies to an init image; give --init IMAGE (or use gigadiff upscale)")
+        if not 0 < s.strength <= 1:
+            raise GigadiffError(f"strength must lie in (0, 1], got {s.strength}")
     if s.tileable not in TILEABLE:
         raise GigadiffError(f"tileable must be one of {', '.join(TILEABLE)}, got {s.tileable!r}")
     if s.weights not in WEIGHT_KINDS:
@@ -158,6 +170,8 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
         raise GigadiffError(f"model {info.name!r} does not use classifier-free guidance; remove --guidance")
     if s.scheduler != "default" and info.fixed_scheduler:
         raise GigadiffError(f"model {info.name!r} has its own sampler; --scheduler must be 'default'")
+    if s.init_image is not None and not info.can_encode:
+        raise GigadiffError(f"model {info.name!r} cannot encode images, so it cannot start from an init image")
     unknown = sorted(set(s.extra) - set(info.options))
     if unknown:
         accepted = ", ".join(info.options) or "none"
@@ -191,6 +205,15 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             raise GigadiffError(
                 f"size {resolved.width}x{resolved.height} is smaller than model {info.name!r}'s {n}x{n} input"
             )
+    if (
+        resolved.init_image is not None
+        and resolved.strength is not None
+        and int(resolved.steps * resolved.strength) < 1
+    ):
+        raise GigadiffError(
+            f"strength {resolved.strength} of {resolved.steps} steps leaves no step to run "
+            f"(steps x strength must be at least 1); raise --strength or --steps"
+        )
     rim = info.edge_margin * f
     if rim and resolved.overlap < 2 * rim and resolved.tile < max(resolved.width, resolved.height):
         raise GigadiffError(

@@ -45,6 +45,8 @@ class ModelInfo:
     """Identifies the weights (not just the name), so a checkpoint is never resumed on another model."""
     output: str = "image"
     """"image" (RGB, decoded to [-1, 1]) or "heightmap" (decoded to heights in metres)."""
+    can_encode: bool = False
+    """True when the backend has `encode` (images to latents): needed for img2img and progressive coherence."""
 
 
 class Backend(Protocol):

@@ -23,7 +23,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.geometry import Tile
 from gigadiff.vae.decode import decode_latents, stream_decode
 from gigadiff.vae.engine import TileSink
-from gigadiff.vae.tiled import VaeTiling, plan_decode
+from gigadiff.vae.tiled import TiledVAE, VaeTiling, plan_decode
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class DiffusersUNetBackend:
             native_size=native,
             default_steps=steps,
             default_guidance=guidance,
+            can_encode=True,
         )
 
     @torch.no_grad()
@@ -204,6 +205,12 @@ class DiffusersUNetBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.pipe.vae, latents, self.vae_tiling)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> diffusion-space latents, by the tiled VAE: a sample of the posterior
+        drawn with `generator` (as diffusers' img2img pipelines do), or its mean without one."""
+        latents = TiledVAE(self.pipe.vae, self.vae_tiling).encode(images, generator is not None, generator)
+        return latents.to(self.device)
 
     def stream_decode(self, latents: torch.Tensor, sink: TileSink) -> None:
         """Decode into `sink` tile by tile (see gigadiff.vae.tiled)."""

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
+
+from gigadiff.errors import GigadiffError
+
+Image.MAX_IMAGE_PIXELS = None  # init images for gigapixel upscaling are routinely beyond PIL's bomb guard
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -17,3 +23,25 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> [1, 3, H, W] float32 in [-1, 1]."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header; a clear error if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise GigadiffError(f"init image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise GigadiffError(f"cannot read init image {path}: {e}") from None
+
+
+def load_resized(path: str | Path, width: int, height: int) -> torch.Tensor:
+    """The image at `path` as RGB [1, 3, height, width] in [-1, 1], resized with Lanczos when its size differs."""
+    image_size(path)
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    return pil_to_tensor(rgb)

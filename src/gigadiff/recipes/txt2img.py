@@ -1,7 +1,9 @@
-"""Text-to-image on one latent canvas of any size.
+"""Text-to-image, and image-to-image from an init image, on one latent canvas of any size.
 
 The order of operations mirrors diffusers' pipelines (encode prompt, set timesteps, draw the noise for the
 whole canvas from the seeded generator, then step), which is what lets a one-tile canvas reproduce them.
+With an init image the canvas starts from the image's latents (tiled VAE encode), noised to the timestep the
+strength selects, and only the remaining steps run (diffusers' img2img rule: steps x strength of them).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 
 from gigadiff.backends.base import Backend, ModelInfo
 from gigadiff.checkpoint import Checkpoint, restore_scheduler, save_checkpoint, scheduler_state
+from gigadiff.errors import GigadiffError
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
+from gigadiff.io.images import load_resized
 from gigadiff.noise import canvas_noise, seeded_generator
 from gigadiff.sampler import CanvasDenoiser, Listeners, NullListener, StepListener, sample
 from gigadiff.schedulers import make_scheduler, step_kwargs
@@ -86,6 +90,32 @@ class CheckpointWriter(NullListener):
         )
 
 
+def denoising_start(scheduler: Any, steps: int, strength: float) -> int:
+    """Index into `scheduler.timesteps` where an img2img run starts: the last steps x strength steps remain."""
+    kept = min(int(steps * strength), steps)
+    start = max(steps - kept, 0) * getattr(scheduler, "order", 1)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return start
+
+
+def noised(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """`clean` latents noised to the level of step `index` of the scheduler's timesteps (before or at that step)."""
+    if not hasattr(scheduler, "add_noise"):
+        raise GigadiffError(f"scheduler {type(scheduler).__name__} cannot noise an image; choose another --scheduler")
+    t = scheduler.timesteps[index : index + 1]
+    return scheduler.add_noise(clean, noise, t)
+
+
+def encode_init_image(
+    backend: Backend, settings: GenerationSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The init image resized to the canvas and encoded (tiled) into latents [1, C, H/f, W/f]."""
+    assert settings.init_image is not None and settings.width and settings.height
+    image = load_resized(settings.init_image, settings.width, settings.height)
+    return backend.encode(image, generator).to(backend.device, torch.float32)  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def text_to_image(
     backend: Backend,
@@ -117,8 +147,14 @@ def text_to_image(
     plan = grid_plan(settings, info)
     if resume is None:
         shape = (1, info.latent_channels, plan.height, plan.width)
-        latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
         first_step = 0
+        if settings.init_image is None:
+            latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
+        else:  # as diffusers: the posterior sample is drawn before the noise, from the same generator
+            assert settings.strength is not None and settings.steps is not None
+            first_step = denoising_start(scheduler, settings.steps, settings.strength)
+            init = encode_init_image(backend, settings, generator)
+            latents = noised(scheduler, init, canvas_noise(shape, generator, device), first_step)
     else:
         restore_scheduler(scheduler, resume.scheduler_state)
         generator.set_state(resume.generator_state)
