@@ -184,7 +184,7 @@ def test_ring_windows_overlap_across_the_seam_like_everywhere_else(length, windo
 def test_wrapped_pieces_reassemble_a_rolled_window():
     import torch
 
-    from gigadiff.executors.local import gather_tile
+    from gigadiff.fusion import gather_tile
 
     canvas = torch.arange(5 * 7, dtype=torch.float32).reshape(1, 1, 5, 7)
     tile = Tile(3, 5, 4, 4)  # runs past the bottom and the right edge

@@ -121,6 +121,9 @@ def generate(
     strength: Annotated[
         float | None, typer.Option(help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8).")
     ] = None,
+    regions: Annotated[
+        Path | None, typer.Option(help="Regional prompts: a JSON file of boxes/masks with their own prompts.")
+    ] = None,
     tileable: Annotated[
         str,
         typer.Option(help="Seamless output: --tileable (both ways, a texture), --tileable x (360-degree panorama), y."),
@@ -184,6 +187,7 @@ def _generate(
     difficulty: float | None,
     init: Path | None,
     strength: float | None,
+    regions: Path | None,
     tileable: str,
     device: str,
     dtype: str,
@@ -211,6 +215,13 @@ def _generate(
 
     if init is not None and size is None:
         size = "{}x{}".format(*init_size(str(init)))
+    region_file = None
+    if regions is not None:
+        from gigadiff.regions import load_region_file
+
+        region_file = load_region_file(regions)
+        prompt = prompt or region_file.background.get("prompt", "")
+        negative = negative or region_file.background.get("negative_prompt", "")
     ranks = init_from_env(device, rank_timeout)
     settings = settings_from_options(
         prompt,
@@ -232,6 +243,7 @@ def _generate(
         tileable=tileable,
         init_image=str(init) if init is not None else None,
         strength=strength,
+        **({"regions": region_file.regions, "region_feather": region_file.feather} if region_file else {}),
     )
     _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
              checkpoint_every, checkpoint, cfg_split=cfg_split, vae=vae)  # fmt: skip

@@ -63,6 +63,17 @@ def weight_window(kind: str, h: int, w: int, device: torch.device | str = "cpu",
     return _window_cpu(kind, h, w, margin).to(device)
 
 
+def gather_tile(canvas: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """The window `tile` of a [B, C, H, W] canvas; a tile crossing the edge of a wrapped canvas is reassembled."""
+    h, w = canvas.shape[-2:]
+    if tile.y + tile.h <= h and tile.x + tile.w <= w:
+        return canvas[(..., *tile.slices)]
+    out = canvas.new_empty((*canvas.shape[:-2], tile.h, tile.w))
+    for inside, on_canvas in wrapped_pieces(tile, h, w):
+        out[(..., *inside)] = canvas[(..., *on_canvas)]
+    return out
+
+
 class FusionAccumulator:
     """Weighted sum of tile predictions over a canvas of shape [B, C, H, W]."""
 
@@ -75,18 +86,21 @@ class FusionAccumulator:
         self.numerator = torch.zeros(tuple(shape), dtype=torch.float32, device=self.device)
         self.denominator = torch.zeros(tuple(shape[-2:]), dtype=torch.float32, device=self.device)
 
-    def add(self, tile: Tile, prediction: torch.Tensor) -> None:
-        """Accumulate one tile's prediction, shaped [B, C, tile.h, tile.w]."""
+    def add(self, tile: Tile, prediction: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Accumulate one tile's prediction, shaped [B, C, tile.h, tile.w]; a canvas-sized [H, W] `mask`
+        scales its weights per pixel (regional prompts: the region's share of each pixel)."""
         window = weight_window(self.kind, tile.h, tile.w, self.device, self.margin)
+        if mask is not None:
+            window = window * gather_tile(mask.to(self.device), tile)
         weighted = prediction.to(self.device, torch.float32) * window
         for (ty, tx), (cy, cx) in wrapped_pieces(tile, *self.denominator.shape):
             self.numerator[..., cy, cx] += weighted[..., ty, tx]
             self.denominator[cy, cx] += window[ty, tx]
 
-    def add_batch(self, tiles: Sequence[Tile], predictions: torch.Tensor) -> None:
+    def add_batch(self, tiles: Sequence[Tile], predictions: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate a batch of predictions, shaped [len(tiles) * B, C, h, w] grouped by tile."""
         for tile, pred in zip(tiles, predictions.chunk(len(tiles)), strict=True):
-            self.add(tile, pred)
+            self.add(tile, pred, mask)
 
     def result(self) -> torch.Tensor:
         if bool((self.denominator <= 0).any()):

@@ -113,7 +113,7 @@ HIGH_PASS = 9
 """Side of the box whose mean is removed from each thumbnail pixel."""
 
 
-def _box_mean(a: np.ndarray, k: int) -> np.ndarray:
+def box_mean(a: np.ndarray, k: int) -> np.ndarray:
     """Mean over k x k boxes centred on every pixel (edges reflected), by cumulative sums."""
     r = k // 2
     padded = np.pad(a, r, mode="reflect")
@@ -132,7 +132,7 @@ def _thumb(crop: np.ndarray, side: int) -> np.ndarray:
     fy, fx = max(h // side, 1), max(w // side, 1)
     grey = grey[: h // fy * fy, : w // fx * fx].reshape(h // fy, fy, w // fx, fx).mean(axis=(1, 3))
     if min(grey.shape) > HIGH_PASS:
-        grey = grey - _box_mean(grey, HIGH_PASS)
+        grey = grey - box_mean(grey, HIGH_PASS)
     grey = grey - grey.mean()
     norm = np.linalg.norm(grey)
     return grey / norm if norm > 0 else grey

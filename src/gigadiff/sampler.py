@@ -17,7 +17,7 @@ import torch
 
 from gigadiff.backends.base import Backend
 from gigadiff.executors.local import TileExecutor
-from gigadiff.fusion import FusionAccumulator
+from gigadiff.fusion import FusionAccumulator, gather_tile
 from gigadiff.geometry import GridPlan, TileGrid
 
 
@@ -59,9 +59,30 @@ class Listeners:
             x.on_step_end(step, latents)
 
 
+@dataclass(frozen=True)
+class Layer:
+    """One more conditioning heard on part of the canvas (a regional prompt): its weight per latent pixel."""
+
+    cond: Any
+    weight: torch.Tensor
+    """[H, W] in [0, 1]; tiles where it is at most `skip_below` everywhere are not evaluated for this layer."""
+    skip_below: float = 0.0
+
+
+def touched(grid: TileGrid, layer: Layer) -> TileGrid:
+    """The tiles of `grid` on which `layer` has some weight (a layer costs model calls only where it paints)."""
+    keep = tuple(t for t in grid if float(gather_tile(layer.weight, t).max()) > layer.skip_below)
+    return TileGrid(grid.height, grid.width, keep, grid.wrap)
+
+
 @dataclass
 class CanvasDenoiser:
-    """The model as the sampler sees it: a canvas in, a fused canvas-sized prediction out."""
+    """The model as the sampler sees it: a canvas in, a fused canvas-sized prediction out.
+
+    With `layers` (regional prompts, the background's prompt among them), the layers replace `cond`: each
+    layer is evaluated on the tiles its weight touches, and the predictions are fused pixel by pixel with the
+    layers' weights times the tile windows.
+    """
 
     backend: Backend
     cond: Any
@@ -70,16 +91,24 @@ class CanvasDenoiser:
     weights: str
     margin: int = 0
     """Tile rim, in latent pixels, that the backend's model is not trusted on (see fusion)."""
+    layers: Sequence[Layer] = ()
     model_calls: int = 0
     evaluated_pixels: int = 0
 
+    def passes(self, grid: TileGrid) -> list[tuple[Any, TileGrid, torch.Tensor | None]]:
+        """(conditioning, tiles, weight) for every model pass of a step on `grid`."""
+        if not self.layers:
+            return [(self.cond, grid, None)]
+        return [(layer.cond, part, layer.weight) for layer in self.layers if len(part := touched(grid, layer))]
+
     def __call__(self, x: torch.Tensor, t: Any, grid: TileGrid, listener: StepListener) -> torch.Tensor:
         acc = FusionAccumulator(x.shape, self.weights, x.device, self.margin)
-        for tiles, predictions in self.executor.predictions(self.backend, x, t, self.cond, grid):
-            acc.add_batch(tiles, predictions)
-            self.model_calls += 1
-            listener.on_tiles_done(len(tiles))
-        self.evaluated_pixels += grid.evaluated_pixels
+        for cond, part, weight in self.passes(grid):
+            for tiles, predictions in self.executor.predictions(self.backend, x, t, cond, part):
+                acc.add_batch(tiles, predictions, weight)
+                self.model_calls += 1
+                listener.on_tiles_done(len(tiles))
+            self.evaluated_pixels += part.evaluated_pixels
         return acc.result()
 
 
@@ -97,7 +126,7 @@ def sample(
     for i in range(first_step, len(timesteps)):
         t = timesteps[i]
         grid = denoiser.plan.grid(i)
-        listener.on_step_start(i, len(timesteps), len(grid))
+        listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)))
         x_in = scheduler.scale_model_input(latents, t)
         prediction = denoiser(x_in, t, grid, listener)
         latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]

@@ -82,6 +82,10 @@ class GenerationSettings:
     """img2img / upscaling: the picture to start from (resized to the canvas, encoded by the tiled VAE)."""
     strength: float | None = None
     """How much of the init image is repainted: 1 = all of it (pure noise), 0 = none; None = 0.8 with an image."""
+    regions: tuple[dict[str, Any], ...] = ()
+    """Regional prompts, as normalised by gigadiff.regions.load_region_file (prompt is then the background's)."""
+    region_feather: int = 32
+    """Image pixels over which region edges inside the canvas fade (see gigadiff.regions)."""
     tileable: str = "none"
     """Seamless output: "both" (a texture), "x" (left/right continue: 360-degree panoramas), "y", or "none"."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -172,6 +176,8 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
         raise GigadiffError(f"model {info.name!r} has its own sampler; --scheduler must be 'default'")
     if s.init_image is not None and not info.can_encode:
         raise GigadiffError(f"model {info.name!r} cannot encode images, so it cannot start from an init image")
+    if s.regions and not info.takes_prompt:
+        raise GigadiffError(f"model {info.name!r} takes no prompt, so it cannot take regional prompts")
     unknown = sorted(set(s.extra) - set(info.options))
     if unknown:
         accepted = ", ".join(info.options) or "none"
@@ -214,6 +220,10 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             f"strength {resolved.strength} of {resolved.steps} steps leaves no step to run "
             f"(steps x strength must be at least 1); raise --strength or --steps"
         )
+    if resolved.regions:
+        from gigadiff.regions import check_regions
+
+        check_regions(resolved.regions, resolved.width, resolved.height)
     rim = info.edge_margin * f
     if rim and resolved.overlap < 2 * rim and resolved.tile < max(resolved.width, resolved.height):
         raise GigadiffError(

@@ -8,18 +8,8 @@ from typing import Any, Protocol
 import torch
 
 from gigadiff.backends.base import Backend
-from gigadiff.geometry import Tile, TileGrid, wrapped_pieces
-
-
-def gather_tile(canvas: torch.Tensor, tile: Tile) -> torch.Tensor:
-    """The window `tile` of a [B, C, H, W] canvas; a tile crossing the edge of a wrapped canvas is reassembled."""
-    h, w = canvas.shape[-2:]
-    if tile.y + tile.h <= h and tile.x + tile.w <= w:
-        return canvas[(..., *tile.slices)]
-    out = canvas.new_empty((*canvas.shape[:-2], tile.h, tile.w))
-    for inside, on_canvas in wrapped_pieces(tile, h, w):
-        out[(..., *inside)] = canvas[(..., *on_canvas)]
-    return out
+from gigadiff.fusion import gather_tile
+from gigadiff.geometry import Tile, TileGrid
 
 
 def gather_tiles(canvas: torch.Tensor, tiles: Sequence[Tile]) -> torch.Tensor:

@@ -33,6 +33,7 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "tile_batch": settings.tile_batch,
         "eta": settings.eta,
         **({"tileable": settings.tileable} if settings.tileable != "none" else {}),
+        **({"regions": list(settings.regions), "region_feather": settings.region_feather} if settings.regions else {}),
         **({"init_image": settings.init_image, "strength": settings.strength} if settings.init_image else {}),
         **({"sigmas": list(settings.sigmas)} if settings.sigmas else {}),
         **settings.extra,

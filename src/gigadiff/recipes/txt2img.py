@@ -21,6 +21,7 @@ from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
 from gigadiff.io.images import load_resized
 from gigadiff.noise import canvas_noise, seeded_generator
+from gigadiff.recipes.regional import region_layers, with_region_seeds
 from gigadiff.sampler import CanvasDenoiser, Listeners, NullListener, StepListener, sample
 from gigadiff.schedulers import make_scheduler, step_kwargs
 from gigadiff.settings import GenerationSettings
@@ -90,6 +91,16 @@ class CheckpointWriter(NullListener):
         )
 
 
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator, settings: GenerationSettings, info: ModelInfo
+) -> torch.Tensor:
+    """The run's noise for the whole canvas, redrawn inside regions that bring their own seed."""
+    noise = canvas_noise(shape, generator, "cpu")
+    if settings.regions:
+        noise = with_region_seeds(noise, settings, info.vae_scale_factor)
+    return noise
+
+
 def denoising_start(scheduler: Any, steps: int, strength: float) -> int:
     """Index into `scheduler.timesteps` where an img2img run starts: the last steps x strength steps remain."""
     kept = min(int(steps * strength), steps)
@@ -149,12 +160,12 @@ def text_to_image(
         shape = (1, info.latent_channels, plan.height, plan.width)
         first_step = 0
         if settings.init_image is None:
-            latents = canvas_noise(shape, generator, device) * scheduler.init_noise_sigma
+            latents = initial_noise(shape, generator, settings, info).to(device) * scheduler.init_noise_sigma
         else:  # as diffusers: the posterior sample is drawn before the noise, from the same generator
             assert settings.strength is not None and settings.steps is not None
             first_step = denoising_start(scheduler, settings.steps, settings.strength)
             init = encode_init_image(backend, settings, generator)
-            latents = noised(scheduler, init, canvas_noise(shape, generator, device), first_step)
+            latents = noised(scheduler, init, initial_noise(shape, generator, settings, info).to(device), first_step)
     else:
         restore_scheduler(scheduler, resume.scheduler_state)
         generator.set_state(resume.generator_state)
@@ -163,7 +174,8 @@ def text_to_image(
     writer = None
     if checkpoints is not None:
         writer = CheckpointWriter(checkpoints, settings, backend, scheduler, generator, len(scheduler.timesteps))
-    denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin)
+    layers = region_layers(backend, settings, cond) if settings.regions else ()
+    denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin, layers)
     latents = sample(
         denoiser,
         scheduler,

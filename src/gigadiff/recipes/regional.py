@@ -1,0 +1,48 @@
+"""Regional prompts as denoiser layers: one conditioning and one weight map per region, plus the background.
+
+The background's conditioning is the run's own prompt; see gigadiff.regions for the file format and weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gigadiff.backends.base import Backend
+from gigadiff.noise import canvas_noise, seeded_generator
+from gigadiff.regions import BACKGROUND_FLOOR, background_weight, region_weight
+from gigadiff.sampler import Layer
+from gigadiff.settings import GenerationSettings
+
+
+def region_weights(settings: GenerationSettings, factor: int) -> list[torch.Tensor]:
+    assert settings.width and settings.height
+    return [
+        region_weight(r, settings.width, settings.height, factor, settings.region_feather) for r in settings.regions
+    ]
+
+
+def region_layers(backend: Backend, settings: GenerationSettings, background_cond: Any) -> list[Layer]:
+    """The background layer (weights: what the regions leave) followed by one layer per region."""
+    assert settings.width and settings.height
+    weights = [w.to(backend.device) for w in region_weights(settings, backend.info.vae_scale_factor)]
+    layers = [Layer(background_cond, background_weight(weights), skip_below=1.5 * BACKGROUND_FLOOR)]
+    for region, weight in zip(settings.regions, weights, strict=True):
+        guidance = region["guidance"] if region["guidance"] is not None else settings.guidance
+        cond = backend.condition(region["prompt"], region["negative_prompt"], guidance,
+                                 (settings.height, settings.width), guidance_rescale=settings.guidance_rescale,
+                                 **settings.extra)  # fmt: skip
+        layers.append(Layer(cond, weight))
+    return layers
+
+
+def with_region_seeds(noise: torch.Tensor, settings: GenerationSettings, factor: int) -> torch.Tensor:
+    """The initial noise, redrawn from a region's own seed where that region dominates (weight > 1/2)."""
+    out = noise
+    for region, weight in zip(settings.regions, region_weights(settings, factor), strict=True):
+        if region["seed"] is None:
+            continue
+        own = canvas_noise(tuple(noise.shape), seeded_generator(region["seed"]), noise.device)
+        out = torch.where((weight > 0.5).to(noise.device), own, out)
+    return out
