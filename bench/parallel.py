@@ -35,7 +35,7 @@ def worker(model: str, out: Path) -> None:
     ranks = init_from_env("cpu")
     backend = open_backend(model, "cpu")
     settings = GenerationSettings("a harbour at dusk", width=SIZE[0], height=SIZE[1], steps=STEPS, seed=1,
-                                  tile=TILE, scheduler="ddim", tile_batch=TILE_BATCH)  # fmt: skip
+                                  tile=TILE, scheduler="ddim", tile_batch=TILE_BATCH, coherence="none")  # fmt: skip
     executor = DistributedExecutor(TILE_BATCH)
     start = time.perf_counter()
     result = run_generation(settings, backend, executor)

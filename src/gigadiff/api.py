@@ -97,7 +97,14 @@ def run_generation(
     if hasattr(backend, "vae_tiling"):  # a tileable image is decoded with the VAE's wrap-around too
         backend.vae_tiling = replace(backend.vae_tiling, wrap=resolved.wrap)
     executor = executor or LocalExecutor(resolved.tile_batch)
-    run = text_to_image(backend, resolved, executor, listener, checkpoints, resume)
+    if resolved.coherence == "progressive":
+        if checkpoints is not None or resume is not None:
+            raise GigadiffError("checkpoints are not supported with --coherence progressive yet; add --coherence none")
+        from gigadiff.recipes.coherence import progressive
+
+        run = progressive(backend, resolved, executor, listener)
+    else:
+        run = text_to_image(backend, resolved, executor, listener, checkpoints, resume)
     return GenerationResult(run.latents, resolved, backend, run)
 
 
@@ -119,6 +126,7 @@ def generate(
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
     tileable: str = "none",
+    coherence: str = "auto",
     init_image: str | None = None,
     strength: float | None = None,
     sigmas: str | list[float] | None = None,
@@ -157,6 +165,7 @@ def generate(
         guidance_rescale=guidance_rescale,
         eta=eta,
         tileable=tileable,
+        coherence=coherence,
         init_image=init_image,
         strength=strength,
     )

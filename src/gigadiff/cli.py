@@ -121,6 +121,13 @@ def generate(
     strength: Annotated[
         float | None, typer.Option(help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8).")
     ] = None,
+    coherence: Annotated[
+        str,
+        typer.Option(
+            help="progressive (x2 stages from the native size: no repeated subjects), none, or auto "
+            "(progressive beyond twice the native size)."
+        ),
+    ] = "auto",
     regions: Annotated[
         Path | None, typer.Option(help="Regional prompts: a JSON file of boxes/masks with their own prompts.")
     ] = None,
@@ -187,6 +194,7 @@ def _generate(
     difficulty: float | None,
     init: Path | None,
     strength: float | None,
+    coherence: str,
     regions: Path | None,
     tileable: str,
     device: str,
@@ -243,6 +251,7 @@ def _generate(
         tileable=tileable,
         init_image=str(init) if init is not None else None,
         strength=strength,
+        coherence=coherence,
         **({"regions": region_file.regions, "region_feather": region_file.feather} if region_file else {}),
     )
     _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,

@@ -22,6 +22,7 @@ class RichProgress:
             transient=False,
         )
         self.task = self.progress.add_task("starting", total=None)
+        self.last_step = -1
 
     def __enter__(self) -> RichProgress:
         self.progress.start()
@@ -31,9 +32,12 @@ class RichProgress:
         self.progress.stop()
 
     def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
+        """A step numbered no higher than the last one starts a new sequence of steps (a coherence stage):
+        its tiles are added to the total then (the ETA covers the stages started so far)."""
         task = self.progress.tasks[0]
-        if task.total is None:
-            self.progress.update(self.task, total=total_steps * tiles)
+        if task.total is None or step <= self.last_step:
+            self.progress.update(self.task, total=(task.total or 0) + (total_steps - step) * tiles)
+        self.last_step = step
         self.progress.update(self.task, description=f"step {step + 1}/{total_steps}")
 
     def on_tiles_done(self, count: int) -> None:

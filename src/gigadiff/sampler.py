@@ -9,7 +9,7 @@ families: the backend is reached only through `CanvasDenoiser`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,7 +101,7 @@ class CanvasDenoiser:
             return [(self.cond, grid, None)]
         return [(layer.cond, part, layer.weight) for layer in self.layers if len(part := touched(grid, layer))]
 
-    def __call__(self, x: torch.Tensor, t: Any, grid: TileGrid, listener: StepListener) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
         acc = FusionAccumulator(x.shape, self.weights, x.device, self.margin)
         for cond, part, weight in self.passes(grid):
             for tiles, predictions in self.executor.predictions(self.backend, x, t, cond, part):
@@ -112,23 +112,39 @@ class CanvasDenoiser:
         return acc.result()
 
 
+class Denoiser(Protocol):
+    """What `sample` steps with: a fused canvas prediction per step (CanvasDenoiser, or one that wraps it)."""
+
+    @property
+    def plan(self) -> GridPlan: ...
+    def passes(self, grid: TileGrid) -> list[tuple[Any, TileGrid, torch.Tensor | None]]: ...
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor: ...
+
+
 def sample(
-    denoiser: CanvasDenoiser,
+    denoiser: Denoiser,
     scheduler: Any,
     latents: torch.Tensor,
     timesteps: Sequence[Any],
     step_kwargs: dict[str, Any],
     listener: StepListener | None = None,
     first_step: int = 0,
+    guide: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run `scheduler` over `timesteps`, starting at index `first_step` (for resumed runs)."""
+    """Run `scheduler` over `timesteps`, starting at index `first_step` (for resumed runs).
+
+    `guide(i, latents)`, when given, may change the latents before step i (progressive coherence's skip
+    residual); the scheduler then steps from what it returns.
+    """
     listener = listener or NullListener()
     for i in range(first_step, len(timesteps)):
         t = timesteps[i]
+        if guide is not None:
+            latents = guide(i, latents)
         grid = denoiser.plan.grid(i)
         listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)))
         x_in = scheduler.scale_model_input(latents, t)
-        prediction = denoiser(x_in, t, grid, listener)
+        prediction = denoiser(x_in, t, i, grid, listener)
         latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
         listener.on_step_end(i, latents)
     return latents

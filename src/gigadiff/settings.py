@@ -23,6 +23,7 @@ MAX_SIDE = 65536
 
 MAX_STEPS = 1000
 TILEABLE = ("none", "x", "y", "both")
+COHERENCE = ("auto", "progressive", "none")
 DEFAULT_STRENGTH = 0.8
 """As diffusers' img2img pipelines: most of the picture is repainted, its layout and colours are kept."""
 _SIZE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×*,]\s*(-?\d+)\s*$")
@@ -86,6 +87,13 @@ class GenerationSettings:
     """Regional prompts, as normalised by gigadiff.regions.load_region_file (prompt is then the background's)."""
     region_feather: int = 32
     """Image pixels over which region edges inside the canvas fade (see gigadiff.regions)."""
+    coherence: str = "auto"
+    """"progressive" (stages x2 from the native size, see recipes.coherence), "none", or "auto": progressive
+    for text-to-image beyond twice the model's native size."""
+    skip_exponent: float = 3.0
+    """Progressive coherence: exponent of the skip residual's cosine fade (higher: the earlier stage lets go sooner)."""
+    dilation_exponent: float = 1.0
+    """Progressive coherence: exponent of the dilated global views' cosine fade."""
     tileable: str = "none"
     """Seamless output: "both" (a texture), "x" (left/right continue: 360-degree panoramas), "y", or "none"."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +156,10 @@ def check_generic(s: GenerationSettings) -> None:
             raise GigadiffError("--strength applies to an init image; give --init IMAGE (or use gigadiff upscale)")
         if not 0 < s.strength <= 1:
             raise GigadiffError(f"strength must lie in (0, 1], got {s.strength}")
+    if s.coherence not in COHERENCE:
+        raise GigadiffError(f"coherence must be one of {', '.join(COHERENCE)}, got {s.coherence!r}")
+    if not (s.skip_exponent > 0 and s.dilation_exponent > 0):
+        raise GigadiffError("coherence exponents must be positive")
     if s.tileable not in TILEABLE:
         raise GigadiffError(f"tileable must be one of {', '.join(TILEABLE)}, got {s.tileable!r}")
     if s.weights not in WEIGHT_KINDS:
@@ -220,6 +232,7 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             f"strength {resolved.strength} of {resolved.steps} steps leaves no step to run "
             f"(steps x strength must be at least 1); raise --strength or --steps"
         )
+    resolved = replace(resolved, coherence=_coherence(resolved, info))
     if resolved.regions:
         from gigadiff.regions import check_regions
 
@@ -231,6 +244,29 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             f"unreliable within {rim}px of a tile edge, so neighbouring tiles must cover each other's rims"
         )
     return resolved
+
+
+def _coherence(s: GenerationSettings, info: ModelInfo) -> str:
+    """Resolve "auto" and check an explicit "progressive" against the run (raises GigadiffError)."""
+    assert s.width and s.height
+    beyond = max(s.width, s.height) > 2 * info.native_size
+    stages = min(s.width, s.height) > info.native_size
+    if s.coherence == "auto":
+        usable = info.can_encode and s.init_image is None and not s.regions
+        return "progressive" if beyond and stages and usable else "none"
+    if s.coherence == "progressive":
+        reason = None
+        if not info.can_encode:
+            reason = f"model {info.name!r} cannot encode images (stages are decoded, enlarged and encoded again)"
+        elif s.init_image is not None:
+            reason = "an img2img run follows its init image instead"
+        elif s.regions:
+            reason = "regional prompts are not supported with it yet; add --coherence none"
+        elif not stages:
+            reason = f"the shorter side must exceed the model's native size ({info.native_size}px) to have stages"
+        if reason:
+            raise GigadiffError(f"--coherence progressive cannot be used here: {reason}")
+    return s.coherence
 
 
 def settings_from_options(

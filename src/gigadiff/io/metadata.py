@@ -32,6 +32,12 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "shift": settings.shift,
         "tile_batch": settings.tile_batch,
         "eta": settings.eta,
+        "coherence": settings.coherence,
+        **(
+            {"skip_exponent": settings.skip_exponent, "dilation_exponent": settings.dilation_exponent}
+            if settings.coherence == "progressive"
+            else {}
+        ),
         **({"tileable": settings.tileable} if settings.tileable != "none" else {}),
         **({"regions": list(settings.regions), "region_feather": settings.region_feather} if settings.regions else {}),
         **({"init_image": settings.init_image, "strength": settings.strength} if settings.init_image else {}),

@@ -1,0 +1,129 @@
+"""Progressive coherence: stage sizes, fade schedules, dilated views that partition the canvas, end-to-end runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gigadiff.api import run_generation
+from gigadiff.errors import GigadiffError
+from gigadiff.recipes.coherence import (
+    cosine_fade,
+    deinterleave,
+    enlarge,
+    interleave,
+    stage_sizes,
+    view_grid,
+)
+from gigadiff.settings import GenerationSettings, check_for_model
+
+
+def test_stage_sizes_double_up_to_the_canvas_from_at_most_the_native_size():
+    assert stage_sizes(512, 512, 128) == [(128, 128), (256, 256), (512, 512)]  # 4096² with a 1024² model
+    assert stage_sizes(300, 500, 128) == [(75, 125), (150, 250), (300, 500)]
+    assert stage_sizes(128, 1024, 64) == [(64, 512), (128, 1024)]  # a panorama: its first stage is tiled
+    assert stage_sizes(64, 640, 64) == [(64, 640)]  # no stage when the shorter side is native
+
+
+def test_fades_start_at_one_and_fall_to_zero_faster_with_a_higher_exponent():
+    for exponent in (1.0, 3.0):
+        values = [cosine_fade(i, 10, exponent) for i in range(11)]
+        assert values[0] == 1 and values[-1] == pytest.approx(0) and values == sorted(values, reverse=True)
+    assert cosine_fade(5, 10, 3.0) == pytest.approx(cosine_fade(5, 10, 1.0) ** 3) == pytest.approx(0.125)
+
+
+@settings(max_examples=100, deadline=None)
+@given(height=st.integers(1, 40), width=st.integers(1, 40), stride=st.integers(1, 5))
+def test_dilated_views_cover_every_canvas_pixel_exactly_once(height, width, stride):
+    canvas = torch.arange(height * width, dtype=torch.float64).reshape(1, 1, height, width)
+    views = deinterleave(canvas, stride)
+    grid = view_grid(height, width, stride)
+    assert (grid.height, grid.width) == views.shape[2:]
+    hits = torch.zeros(height * width)
+    for tile in grid:
+        view = views[(..., *tile.slices)]
+        dy, dx = tile.y // tile.h, tile.x // tile.w
+        rows, cols = range(dy, height, stride), range(dx, width, stride)
+        own = view[0, 0, : len(rows), : len(cols)]  # the rest is edge padding of a canvas not divisible by s
+        assert torch.equal(own, canvas[0, 0, dy::stride, dx::stride])
+        hits[own.long().flatten()] += 1
+    assert (hits == 1).all()
+    assert torch.equal(interleave(views, stride, height, width), canvas)
+
+
+def test_a_view_is_a_sub_lattice_of_the_whole_picture():
+    canvas = torch.randn(1, 4, 64, 96)
+    views = deinterleave(canvas, 4)
+    assert views.shape == (1, 4, 64, 96) and torch.equal(views[..., 16:32, 24:48], canvas[..., 1::4, 1::4])
+
+
+def test_enlarge_on_a_ring_continues_across_the_edges():
+    image = torch.rand(1, 3, 16, 24) * 2 - 1
+    ring = enlarge(image, 32, 48, (True, True))
+    flat = enlarge(image, 32, 48, (False, False))
+    assert ring.shape == flat.shape == (1, 3, 32, 48)
+    assert torch.allclose(ring[..., 8:-8, 8:-8], flat[..., 8:-8, 8:-8], atol=1e-6)  # same inside
+    rolled = enlarge(image.roll(3, dims=3), 32, 48, (True, True))  # a ring has no first column
+    assert torch.allclose(rolled, ring.roll(6, dims=3), atol=1e-5)
+
+
+BASE = GenerationSettings("a castle on a hill", width=1152, height=640, steps=3, guidance=7.5, seed=2,
+                          scheduler="ddim", tile_batch=8)  # fmt: skip
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_auto_coherence_is_progressive_beyond_twice_the_native_size_only(sd_backend):
+    info = sd_backend.info  # native 512 px
+    assert check_for_model(BASE, info).coherence == "progressive"
+    assert check_for_model(replace(BASE, width=1024, height=1024), info).coherence == "none"
+    assert check_for_model(replace(BASE, width=2048, height=512), info).coherence == "none"  # no stage to make
+    assert check_for_model(replace(BASE, coherence="none"), info).coherence == "none"
+
+
+def test_progressive_run_makes_its_stages_at_a_linear_cost(sd_backend):
+    result = run_generation(BASE, sd_backend)
+    assert result.settings.coherence == "progressive" and result.latents.shape == (1, 4, 80, 144)
+    assert torch.isfinite(result.latents).all()
+    plain = run_generation(replace(BASE, coherence="none"), sd_backend)
+    # first stage 72x40 latent: 2 tiles, 1 call per step; second: 6 local tiles and 4 views, 8 per call: 2 calls
+    assert (plain.run.model_calls, result.run.model_calls) == (3, 3 * 1 + 3 * 2)
+
+
+def test_a_stage_follows_its_reference_more_the_slower_the_skip_residual_fades(sd_backend):
+    from gigadiff.executors.local import LocalExecutor
+    from gigadiff.recipes.coherence import _stage
+
+    stage = check_for_model(replace(BASE, width=1024, height=1024, steps=4, coherence="none"), sd_backend.info)
+    smooth = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = torch.nn.functional.interpolate(smooth, size=(128, 128), mode="bicubic")
+    follow = {}
+    for exponent in (1.0, 3.0):
+        latents, denoiser = _stage(sd_backend, replace(stage, skip_exponent=exponent), LocalExecutor(8), None,
+                                   reference, 2, 1)  # fmt: skip
+        follow[exponent] = corr(latents, reference)
+        assert denoiser.model_calls == 4 * (2 + 1)  # 9 local tiles and 4 views per step, 8 per call
+    plain = run_generation(stage, sd_backend).latents
+    assert follow[1.0] > follow[3.0] > abs(corr(plain, reference)) + 0.2
+
+
+def test_explicit_progressive_is_refused_where_it_cannot_work(sd_backend, tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (64, 64)).save(photo)
+    region = {"prompt": "x", "negative_prompt": "", "guidance": None, "seed": None, "box": [0, 0, 1, 1]}
+    cases = [(replace(BASE, coherence="progressive", init_image=str(photo)), "follows its init image"),
+             (replace(BASE, coherence="progressive", regions=(region,)), "regional prompts"),
+             (replace(BASE, coherence="progressive", width=2048, height=512), "shorter side must exceed"),
+             (replace(BASE, coherence="sideways"), "coherence must be one of")]  # fmt: skip
+    for s, message in cases:
+        with pytest.raises(GigadiffError, match=message):
+            check_for_model(s, sd_backend.info)
