@@ -102,12 +102,12 @@ def test_a_region_costs_model_calls_only_on_the_tiles_it_touches_and_changes_onl
 
 
 def test_a_region_seed_redraws_the_noise_inside_it_only():
-    from gigadiff.recipes.regional import with_region_seeds
+    from gigadiff.recipes.regional import region_weights, with_region_seeds
 
     settings = replace(BASE, regions=({"prompt": "x", "negative_prompt": "", "guidance": None, "seed": 9,
                                        "box": [0, 0, 384, 256]},))  # fmt: skip
     noise = torch.zeros(1, 4, 64, 96)
-    out = with_region_seeds(noise, settings, 8)
+    out = with_region_seeds(noise, settings, region_weights(settings, 8))
     assert (out[..., 32:, :] == 0).all() and (out[..., :, 48:] == 0).all()
     assert out[..., :28, :44].std() > 0.9
 

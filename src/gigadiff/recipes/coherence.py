@@ -33,9 +33,10 @@ from gigadiff.backends.base import Backend
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan, Tile, TileGrid
 from gigadiff.noise import canvas_noise, seeded_generator
+from gigadiff.recipes.setup import condition, prepared_scheduler
 from gigadiff.recipes.txt2img import CanvasRun, grid_plan, noised, text_to_image
 from gigadiff.sampler import CanvasDenoiser, Listeners, StepListener, sample
-from gigadiff.schedulers import make_scheduler, step_kwargs
+from gigadiff.schedulers import step_kwargs
 from gigadiff.settings import GenerationSettings
 
 
@@ -176,13 +177,8 @@ def _stage(
 ) -> tuple[torch.Tensor, CoherentDenoiser]:
     assert settings.steps is not None and settings.height and settings.width
     info = backend.info
-    cond = backend.condition(settings.prompt, settings.negative_prompt, settings.guidance,
-                             (settings.height, settings.width), guidance_rescale=settings.guidance_rescale,
-                             **settings.extra)  # fmt: skip
-    scheduler = make_scheduler(settings.scheduler, backend.base_scheduler)
-    scheduler.set_timesteps(settings.steps, device=backend.device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+    cond = condition(backend, settings, settings.prompt, settings.negative_prompt, settings.guidance)
+    scheduler = prepared_scheduler(backend, settings)
     generator = seeded_generator((settings.seed + index) % 2**64)  # each stage its own, reproducible noise
     noise = canvas_noise(tuple(reference.shape), generator, backend.device)
     steps = len(scheduler.timesteps)

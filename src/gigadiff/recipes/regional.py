@@ -11,36 +11,38 @@ import torch
 
 from gigadiff.backends.base import Backend
 from gigadiff.noise import canvas_noise, seeded_generator
+from gigadiff.recipes.setup import condition
 from gigadiff.regions import BACKGROUND_FLOOR, background_weight, region_weight
 from gigadiff.sampler import Layer
 from gigadiff.settings import GenerationSettings
 
 
 def region_weights(settings: GenerationSettings, factor: int) -> list[torch.Tensor]:
+    """Every region's feathered weight on the latent canvas (CPU), in the order of `settings.regions`."""
     assert settings.width and settings.height
     return [
         region_weight(r, settings.width, settings.height, factor, settings.region_feather) for r in settings.regions
     ]
 
 
-def region_layers(backend: Backend, settings: GenerationSettings, background_cond: Any) -> list[Layer]:
+def region_layers(
+    backend: Backend, settings: GenerationSettings, background_cond: Any, weights: list[torch.Tensor]
+) -> list[Layer]:
     """The background layer (weights: what the regions leave) followed by one layer per region."""
-    assert settings.width and settings.height
-    weights = [w.to(backend.device) for w in region_weights(settings, backend.info.vae_scale_factor)]
+    weights = [w.to(backend.device) for w in weights]
     layers = [Layer(background_cond, background_weight(weights), skip_below=1.5 * BACKGROUND_FLOOR)]
     for region, weight in zip(settings.regions, weights, strict=True):
         guidance = region["guidance"] if region["guidance"] is not None else settings.guidance
-        cond = backend.condition(region["prompt"], region["negative_prompt"], guidance,
-                                 (settings.height, settings.width), guidance_rescale=settings.guidance_rescale,
-                                 **settings.extra)  # fmt: skip
-        layers.append(Layer(cond, weight))
+        layers.append(
+            Layer(condition(backend, settings, region["prompt"], region["negative_prompt"], guidance), weight)
+        )
     return layers
 
 
-def with_region_seeds(noise: torch.Tensor, settings: GenerationSettings, factor: int) -> torch.Tensor:
-    """The initial noise, redrawn from a region's own seed where that region dominates (weight > 1/2)."""
+def with_region_seeds(noise: torch.Tensor, settings: GenerationSettings, weights: list[torch.Tensor]) -> torch.Tensor:
+    """The initial noise, redrawn from a region's own seed where that region (of `weights`) dominates (> 1/2)."""
     out = noise
-    for region, weight in zip(settings.regions, region_weights(settings, factor), strict=True):
+    for region, weight in zip(settings.regions, weights, strict=True):
         if region["seed"] is None:
             continue
         own = canvas_noise(tuple(noise.shape), seeded_generator(region["seed"]), noise.device)

@@ -21,9 +21,10 @@ from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
 from gigadiff.io.images import load_resized
 from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.recipes.regional import region_layers, with_region_seeds
+from gigadiff.recipes.regional import region_layers, region_weights, with_region_seeds
+from gigadiff.recipes.setup import condition, prepared_scheduler
 from gigadiff.sampler import CanvasDenoiser, Listeners, NullListener, StepListener, sample
-from gigadiff.schedulers import make_scheduler, step_kwargs
+from gigadiff.schedulers import step_kwargs
 from gigadiff.settings import GenerationSettings
 
 
@@ -92,12 +93,12 @@ class CheckpointWriter(NullListener):
 
 
 def initial_noise(
-    shape: tuple[int, ...], generator: torch.Generator, settings: GenerationSettings, info: ModelInfo
+    shape: tuple[int, ...], generator: torch.Generator, settings: GenerationSettings, weights: list[torch.Tensor]
 ) -> torch.Tensor:
-    """The run's noise for the whole canvas, redrawn inside regions that bring their own seed."""
+    """The run's noise for the whole canvas, redrawn inside regions (of these `weights`) that bring their own seed."""
     noise = canvas_noise(shape, generator, "cpu")
     if settings.regions:
-        noise = with_region_seeds(noise, settings, info.vae_scale_factor)
+        noise = with_region_seeds(noise, settings, weights)
     return noise
 
 
@@ -139,33 +140,22 @@ def text_to_image(
     """Generate from noise, or continue from `resume`; with `checkpoints`, save the state every K steps."""
     info = backend.info
     device = backend.device
-    cond = backend.condition(
-        settings.prompt,
-        settings.negative_prompt,
-        settings.guidance,
-        (settings.height, settings.width),
-        guidance_rescale=settings.guidance_rescale,
-        **settings.extra,
-    )
-    scheduler = make_scheduler(settings.scheduler, backend.base_scheduler)
-    if settings.sigmas:
-        scheduler.set_timesteps(sigmas=list(settings.sigmas), device=device)
-    else:
-        scheduler.set_timesteps(settings.steps, device=device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+    cond = condition(backend, settings, settings.prompt, settings.negative_prompt, settings.guidance)
+    scheduler = prepared_scheduler(backend, settings)
     generator = seeded_generator(settings.seed)
     plan = grid_plan(settings, info)
+    weights = region_weights(settings, info.vae_scale_factor)
     if resume is None:
         shape = (1, info.latent_channels, plan.height, plan.width)
         first_step = 0
         if settings.init_image is None:
-            latents = initial_noise(shape, generator, settings, info).to(device) * scheduler.init_noise_sigma
+            latents = initial_noise(shape, generator, settings, weights).to(device) * scheduler.init_noise_sigma
         else:  # as diffusers: the posterior sample is drawn before the noise, from the same generator
             assert settings.strength is not None and settings.steps is not None
             first_step = denoising_start(scheduler, settings.steps, settings.strength)
             init = encode_init_image(backend, settings, generator)
-            latents = noised(scheduler, init, initial_noise(shape, generator, settings, info).to(device), first_step)
+            noise = initial_noise(shape, generator, settings, weights).to(device)
+            latents = noised(scheduler, init, noise, first_step)
     else:
         restore_scheduler(scheduler, resume.scheduler_state)
         generator.set_state(resume.generator_state)
@@ -174,7 +164,7 @@ def text_to_image(
     writer = None
     if checkpoints is not None:
         writer = CheckpointWriter(checkpoints, settings, backend, scheduler, generator, len(scheduler.timesteps))
-    layers = region_layers(backend, settings, cond) if settings.regions else ()
+    layers = region_layers(backend, settings, cond, weights) if settings.regions else ()
     denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin, layers)
     latents = sample(
         denoiser,
