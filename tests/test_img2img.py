@@ -94,3 +94,12 @@ def test_terrain_refuses_an_init_image(photo_file):
 
     with pytest.raises(GigadiffError, match="cannot encode images"):
         generate(model="terrain", size="256x256", steps=1, init_image=str(photo_file))
+
+
+def test_upscale_refuses_a_scale_that_is_not_positive(tiny_sd_dir, photo_file, tmp_path):
+    from tests.test_cli import invoke
+
+    result = invoke("upscale", str(photo_file), "--model", str(tiny_sd_dir), "--scale", "0", "-o",
+                    str(tmp_path / "x.png"))  # fmt: skip
+    assert result.exit_code == 2 and "scale must be positive, got 0.0" in result.output
+    assert not (tmp_path / "x.png").exists()

@@ -116,3 +116,21 @@ def test_metrics_cli_flags_a_planted_seam_on_a_given_grid_and_reports_bad_files(
     assert broken.exit_code == 2 and "cannot read image" in broken.output
     missing = invoke("metrics", str(tmp_path / "nope.png"))
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_metrics_cli_refuses_a_bad_grid_a_mismatched_sidecar_and_broken_metadata(tmp_path):
+    from PIL import Image
+
+    from tests.test_cli import invoke
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (64, 48)).save(image)
+    bad_grid = invoke("metrics", str(image), "--tile", "16", "--overlap", "16")
+    assert bad_grid.exit_code == 2 and "overlap (16) must satisfy 0 <= overlap < tile (16)" in bad_grid.output
+    sidecar = image.with_suffix(".json")
+    sidecar.write_text('{"tile": 16, "overlap": 0, "width": 128, "height": 48, "seed": 1, "steps": 2}')
+    mismatch = invoke("metrics", str(image))
+    assert mismatch.exit_code == 2 and "is 64x48 but its metadata says 128x48" in mismatch.output
+    sidecar.write_text("{broken")
+    broken = invoke("metrics", str(image))
+    assert broken.exit_code == 2 and "is not valid JSON" in broken.output

@@ -61,7 +61,9 @@ def test_bad_region_files_get_specific_errors(tmp_path, content, message):
 
 def test_boxes_outside_the_canvas_empty_boxes_and_empty_masks_are_refused(tmp_path):
     Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
-    cases = [({"box": [600, 0, 900, 100]}, "reaches outside the 768x512 canvas"),
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    cases = [({"mask": str(tmp_path / "broken.png")}, "region 1 ('x'): cannot read mask image"),
+             ({"box": [600, 0, 900, 100]}, "reaches outside the 768x512 canvas"),
              ({"box": [0.5, 0.5, 0.5, 0.9]}, "is empty"),
              ({"mask": str(tmp_path / "black.png")}, "is empty (no white pixel")]  # fmt: skip
     for where, message in cases:

@@ -46,14 +46,17 @@ def grid_borders(grids: Iterable[TileGrid], scale: int = 1) -> tuple[list[int], 
     return sorted(rows), sorted(cols)
 
 
+def _as_float(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float64)
+    return img[..., None] if img.ndim == 2 else img
+
+
 def seam_score(image: np.ndarray, rows: Iterable[int], cols: Iterable[int], band: int = 1) -> SeamScore:
     """Border-to-interior gradient energy ratio of a [H, W] or [H, W, C] image.
 
     Each border counts the `band` difference lines nearest to it (band=1: exactly the line across the border).
     """
-    img = np.asarray(image, dtype=np.float64)
-    if img.ndim == 2:
-        img = img[..., None]
+    img = _as_float(image)
     dx = np.diff(img, axis=1) ** 2  # dx[:, c-1] is across the border between columns c-1 and c
     dy = np.diff(img, axis=0) ** 2
     col_mask = np.zeros(dx.shape[1], dtype=bool)
@@ -69,11 +72,6 @@ def seam_score(image: np.ndarray, rows: Iterable[int], cols: Iterable[int], band
         raise ValueError("seam_score needs at least one border and some interior")
     b, i = float(border.mean()), float(interior.mean())
     return SeamScore(ratio=b / i if i > 0 else float("inf"), border_energy=b, interior_energy=i)
-
-
-def _as_float(image: np.ndarray) -> np.ndarray:
-    img = np.asarray(image, dtype=np.float64)
-    return img[..., None] if img.ndim == 2 else img
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gigadiff.errors import GigadiffError
+from gigadiff.io.images import open_image, require_file
 
 DEFAULT_FEATHER_PX = 32
 BACKGROUND_FLOOR = 1e-3
@@ -112,8 +114,7 @@ def _region(item: Any, n: int, path: Path) -> dict[str, Any]:
     else:
         mask = Path(item["mask"])
         mask = mask if mask.is_absolute() else path.parent / mask
-        if not mask.is_file():
-            raise GigadiffError(f"{where}: mask image {mask} does not exist")
+        require_file(mask, "mask image", f"{where}: ")
         out["mask"] = str(mask)
     return out
 
@@ -142,13 +143,8 @@ def check_regions(regions: tuple[dict[str, Any], ...], width: int, height: int) 
 
 
 def _mask_values(path: str, width: int, height: int, where: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            grey = im.convert("L").resize((width, height), Image.Resampling.BOX)
-    except OSError as e:
-        raise GigadiffError(f"{where}: cannot read mask image {path}: {e}") from None
+    with open_image(path, "mask image", f"{where}: ") as im:
+        grey = im.convert("L").resize((width, height), Image.Resampling.BOX)
     return np.asarray(grey, dtype=np.float32) / 255.0
 
 

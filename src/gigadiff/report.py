@@ -18,10 +18,10 @@ from PIL import Image
 
 from gigadiff.errors import GigadiffError
 from gigadiff.geometry import GridPlan, tile_grid
+from gigadiff.io.images import open_image, require_file
 from gigadiff.metrics import Duplication, EdgeContinuity, SeamScore, duplication, edge_continuity, grid_borders
 from gigadiff.metrics import seam_score as measure_seams
-
-Image.MAX_IMAGE_PIXELS = None  # our own outputs are routinely larger than PIL's decompression-bomb guard
+from gigadiff.settings import wrap_axes
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,13 @@ class ImageReport:
 
 def read_pixels(path: Path) -> np.ndarray:
     """[H, W] or [H, W, C] float64 pixels of a PNG/TIFF/JPEG (16-bit heightmaps included)."""
-    if not path.is_file():
-        raise GigadiffError(f"image {path} does not exist")
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
+        require_file(path, "image")
         return np.asarray(tifffile.imread(path), dtype=np.float64)
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB") if im.mode in ("P", "RGBA", "LA", "CMYK") else im, dtype=np.float64)
-    except OSError as e:
-        raise GigadiffError(f"cannot read image {path}: {e}") from None
+    with open_image(path) as im:
+        return np.asarray(im.convert("RGB") if im.mode in ("P", "RGBA", "LA", "CMYK") else im, dtype=np.float64)
 
 
 def read_metadata(path: Path) -> dict[str, Any] | None:
@@ -72,7 +68,7 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
 def borders_from_metadata(meta: dict[str, Any]) -> tuple[list[int], list[int]]:
     """Every tile border of every step of the generation `meta` describes, in image pixels."""
     f = int(meta.get("vae_scale_factor", 8))
-    wrap = (meta.get("tileable") in ("y", "both"), meta.get("tileable") in ("x", "both"))
+    wrap = wrap_axes(meta.get("tileable"))
     plan = GridPlan(meta["height"] // f, meta["width"] // f, meta["tile"] // f, meta["overlap"] // f,
                     shifted=bool(meta["shift"]), seed=int(meta["seed"]), wrap=wrap)  # fmt: skip
     return grid_borders((plan.grid(i) for i in range(int(meta["steps"]))), scale=f)

@@ -29,6 +29,11 @@ DEFAULT_STRENGTH = 0.8
 _SIZE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×*,]\s*(-?\d+)\s*$")
 
 
+def wrap_axes(tileable: str | None) -> tuple[bool, bool]:
+    """(vertical, horizontal): the axes on which a `tileable` ("both", "x", "y", "none") image continues."""
+    return tileable in ("y", "both"), tileable in ("x", "both")
+
+
 def new_seed() -> int:
     """A fresh random seed for runs that did not ask for one (it is recorded in the output's metadata)."""
     return secrets.randbits(32)
@@ -101,8 +106,7 @@ class GenerationSettings:
 
     @property
     def wrap(self) -> tuple[bool, bool]:
-        """(vertical, horizontal): the axes on which the image continues across its edges."""
-        return self.tileable in ("y", "both"), self.tileable in ("x", "both")
+        return wrap_axes(self.tileable)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ from PIL import Image
 
 from gigadiff.errors import GigadiffError
 
-Image.MAX_IMAGE_PIXELS = None  # init images for gigapixel upscaling are routinely beyond PIL's bomb guard
+Image.MAX_IMAGE_PIXELS = None  # init images and our own outputs are routinely beyond PIL's bomb guard
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -25,22 +27,34 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header; a clear error if it is missing or unreadable."""
-    path = Path(path)
+def require_file(path: Path, role: str, where: str = "") -> None:
+    """A clear error when `path` (the `role` of the file, e.g. "init image") does not exist."""
     if not path.is_file():
-        raise GigadiffError(f"init image {path} does not exist")
+        raise GigadiffError(f"{where}{role} {path} does not exist")
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, role: str = "image", where: str = "") -> Iterator[Image.Image]:
+    """Open an image file; a missing file or one PIL cannot read or decode (inside the block too) is a
+    GigadiffError naming its role ("init image", "mask image") and, with `where`, what it belongs to."""
+    path = Path(path)
+    require_file(path, role, where)
     try:
         with Image.open(path) as im:
-            return im.size
+            yield im
     except OSError as e:
-        raise GigadiffError(f"cannot read init image {path}: {e}") from None
+        raise GigadiffError(f"{where}cannot read {role} {path}: {e}") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header; a clear error if it is missing or unreadable."""
+    with open_image(path, "init image") as im:
+        return im.size
 
 
 def load_resized(path: str | Path, width: int, height: int) -> torch.Tensor:
     """The image at `path` as RGB [1, 3, height, width] in [-1, 1], resized with Lanczos when its size differs."""
-    image_size(path)
-    with Image.open(path) as im:
+    with open_image(path, "init image") as im:
         rgb = im.convert("RGB")
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
