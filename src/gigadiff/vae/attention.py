@@ -4,10 +4,17 @@ The VAE mid-block attends over the whole latent, so no tile can compute it alone
 positions are kept (on the host when they do not fit the device); each query block walks the keys in chunks
 with an online softmax (running max and denominator), which gives the exact result while device memory holds
 only one query block and one key chunk.
+
+Whole-image attention costs (positions)^2: at 4096^2 px the SD VAE's mid-block is most of the decode. Fast
+mode therefore attends to *pooled* keys/values: each f x f block of positions becomes one key (the mean key)
+and one value (the mean value) whose logit is raised by log(f^2), so a block of similar keys gets the softmax
+mass its f^2 members would get. The cost becomes linear in the image; the error is measured in tests.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,12 +33,49 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
-    """softmax(q k^T * scale) v for q [B, H, n, d] against keys/values [B, H, N, d] (any device), exactly.
+@dataclass(frozen=True)
+class KeyValues:
+    """Keys and values [B, H, N, d] of the positions a query attends to; `log_weight` [N] (pooled ones) or None."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    log_weight: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.keys.shape[2])
+
+
+def pooled(grid_keys: torch.Tensor, grid_values: torch.Tensor, max_tokens: int) -> KeyValues:
+    """Keys/values laid out as [B, H, G, h, w, d] (G grids of h x w positions) pooled to at most max_tokens.
+
+    The pooling factor f is the smallest that fits; edge blocks average their real members only and weigh
+    log(members). f = 1 returns the tokens unchanged.
+    """
+    b, heads, g, h, w, d = grid_keys.shape
+    f = 1
+    while g * math.ceil(h / f) * math.ceil(w / f) > max_tokens:
+        f += 1
+    if f == 1:
+        return KeyValues(grid_keys.reshape(b, heads, -1, d), grid_values.reshape(b, heads, -1, d))
+
+    def pool(t: torch.Tensor) -> torch.Tensor:  # [B, H, G, h, w, d] -> [B, H, G*h'*w', d]
+        planes = t.permute(0, 1, 2, 5, 3, 4).reshape(b * heads * g, d, h, w).float()
+        p = F.avg_pool2d(planes, f, ceil_mode=True, count_include_pad=False)
+        return p.view(b, heads, g, d, -1).transpose(3, 4).reshape(b, heads, -1, d)
+
+    ones = torch.ones(1, 1, h, w, device=grid_keys.device)
+    members = F.avg_pool2d(ones, f, ceil_mode=True, divisor_override=1).flatten().repeat(g)
+    return KeyValues(pool(grid_keys), pool(grid_values), members.log())
+
+
+def attend(q: torch.Tensor, kv: KeyValues, scale: float, chunk: int) -> torch.Tensor:
+    """softmax(q k^T * scale + log_weight) v for q [B, H, n, d] against `kv` (any device), exactly.
 
     Keys and values are moved to q's device `chunk` positions at a time; one chunk covering all keys is plain
     scaled-dot-product attention. Keys of B images serve a query batch of B*k cells (k consecutive per image).
     """
+    keys, values, bias = kv.keys, kv.values, kv.log_weight
     if keys.shape[0] != q.shape[0]:
         keys = keys.repeat_interleave(q.shape[0] // keys.shape[0], dim=0)
         values = values.repeat_interleave(q.shape[0] // values.shape[0], dim=0)
@@ -39,7 +83,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
     if chunk >= n_keys:
         k = keys.to(q.device, q.dtype)
         v = values.to(q.device, q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        mask = None if bias is None else bias.to(q.device, q.dtype).view(1, 1, 1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     qf = q.float()
     best = torch.full((*q.shape[:3], 1), float("-inf"), device=q.device)
     denom = torch.zeros_like(best)
@@ -48,6 +93,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
         k = keys[:, :, start : start + chunk].to(q.device, torch.float32)
         v = values[:, :, start : start + chunk].to(q.device, torch.float32)
         logits = torch.matmul(qf, k.transpose(-1, -2)) * scale
+        if bias is not None:
+            logits = logits + bias[start : start + chunk].to(q.device, torch.float32)
         new_best = torch.maximum(best, logits.amax(dim=-1, keepdim=True))
         correction = torch.exp(best - new_best)
         weights = torch.exp(logits - new_best)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from gigadiff.errors import GigadiffError
-from gigadiff.vae.engine import bytes_per_output_px, output_size
-from gigadiff.vae.program import AttentionStep, Program
+from gigadiff.vae.engine import bytes_per_output_px, input_channels, output_size
+from gigadiff.vae.program import AttentionStep, Program, Step
 
 GB = 1024**3
 MIN_TILE = 8
@@ -81,6 +81,50 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
             )
         sides.append(side)
     return sides
+
+
+def exact_prefix(
+    program: Program, batch: int, height: int, width: int, budget_bytes: float, max_cost: float, keys: int
+) -> int:
+    """Fast mode: how many leading steps its statistics pass runs over whole buffers.
+
+    Those steps' statistics are then exact. The prefix stops before the step that would overrun the device
+    budget or take the prefix past `max_cost` of the program's compute (a decoder's low-resolution layers are
+    cheap, its high-resolution ones are most of the work). It ends where every live buffer has one spatial
+    size, so the rest of the pass can cut matching cells from all of them. `keys`: attention keys per query.
+    """
+    out_shapes = shapes(program, batch, height, width)
+    costs = [step_flops(step, shape, keys) for step, shape in zip(program.steps, out_shapes, strict=True)]
+    total, spent = sum(costs), 0.0
+    sizes = {program.input: 4 * batch * height * width * _in_channels(program)}
+    hw = {program.input: (height, width)}
+    last = program.last_use()
+    live, best = dict(sizes), 0
+    for i, (step, shape) in enumerate(zip(program.steps, out_shapes, strict=True)):
+        nbytes = 4 * math.prod(shape)
+        working = batch * shape[2] * shape[3] * bytes_per_output_px(step, whole=True)
+        spent += costs[i]
+        if sum(live.values()) + nbytes + working > budget_bytes or spent > max_cost * total:
+            break
+        live[step.dst], hw[step.dst] = nbytes, shape[2:]
+        for name in [n for n, used in last.items() if used == i and n != program.input]:
+            live.pop(name, None)
+        if len({hw[n] for n in live if n in hw and (n != program.input or last.get(n, -1) > i)}) == 1:
+            best = i + 1
+    return best
+
+
+def step_flops(step: Step, out_shape: tuple[int, int, int, int], keys: int) -> float:
+    """Multiply-adds of one step producing `out_shape`; attention against `keys` keys per query."""
+    px = math.prod(out_shape[:1] + out_shape[2:])
+    c_in, c_out = input_channels(step), step.out_channels
+    if isinstance(step, AttentionStep):
+        return px * c_in * (4 * c_out + 2 * keys)
+    return px * c_out * c_in * step.kernel**2
+
+
+def _in_channels(program: Program) -> int:
+    return input_channels(program.steps[0])
 
 
 def key_chunk(program: Program, budget_bytes: float, sides: tuple[int, ...], height: int, width: int) -> int:

@@ -18,12 +18,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gigadiff.vae.attention import attend, merge_heads, project_tokens, split_heads
+from gigadiff.vae.attention import KeyValues, attend, merge_heads, pooled, project_tokens, split_heads
 from gigadiff.vae.program import AttentionStep, ConvStep, Program, Step
 from gigadiff.vae.stats import ChannelMoments, GroupStats
 
@@ -36,7 +37,15 @@ class Frozen:
     """What fast mode borrows from a statistics pass: each norm's statistics, each attention's keys/values."""
 
     stats: dict[int, GroupStats] = field(default_factory=dict)
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[int, KeyValues] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """The live buffers of a run between steps, and the moments of those that later norms will read."""
+
+    buffers: dict[str, torch.Tensor]
+    moments: dict[str, ChannelMoments]
 
 
 @dataclass(frozen=True)
@@ -144,14 +153,19 @@ def input_channels(step: Step) -> int:
     return int(step.conv.in_channels) if isinstance(step, ConvStep) else int(step.attn.to_q.in_features)
 
 
-def bytes_per_output_px(step: Step) -> float:
-    """Device bytes one output position of `step` needs: input window (with an im2col copy), output, residual."""
+def bytes_per_output_px(step: Step, whole: bool = False) -> float:
+    """Device bytes one output position of `step` needs: input window (with an im2col copy), output, residual.
+
+    whole=True is a step over a whole device buffer (`_whole_conv`): normalised, activated and padded copies of
+    the input, no gathered window or im2col.
+    """
     c_in, c_out = input_channels(step), step.out_channels
     if isinstance(step, AttentionStep):
         return 4.0 * (2 * c_in + 4 * c_out)
     ratio = (step.stride / (2 if step.upsample else 1)) ** 2
     residual = c_out if step.residual else 0
-    return 4.0 * (ratio * c_in * (2 + step.kernel**2) + 3 * c_out + 2 * residual)
+    copies = 3 if whole else 2 + step.kernel**2
+    return 4.0 * (ratio * c_in * copies + 3 * c_out + 2 * residual)
 
 
 class LayerEngine:
@@ -174,6 +188,7 @@ class LayerEngine:
         store: HostStore | None = None,
         on_device: bool = False,
         cells: Cells | None = None,
+        max_keys: int | None = None,
     ) -> None:
         self.program = program
         self.device = torch.device(device)
@@ -187,44 +202,70 @@ class LayerEngine:
         self.store = store or HostStore()
         self.on_device = on_device
         self.cells = cells
+        self.max_keys = max_keys
+        """Attention keys/values pooled down to at most this many (fast mode); None: every position, exact."""
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, sink: TileSink | None = None) -> torch.Tensor | None:
         """The program's output for input x [B, C, H, W]; streamed to `sink` instead when one is given."""
-        buffers: dict[str, torch.Tensor] = {self.program.input: x}
-        self._input_height = x.shape[2]
-        moments = {self.program.input: self._moments_of(x, 1.0)}
+        state = self.begin({self.program.input: x})
+        self.advance(state, 0, len(self.program.steps), sink)
+        return None if sink is not None else state.buffers[self.program.output]
+
+    def begin(self, buffers: dict[str, torch.Tensor], moments: dict[str, ChannelMoments] | None = None) -> RunState:
+        """A run starting from named buffers (all of one spatial size: the reference for `Cells` geometry).
+
+        `moments` of those buffers may be given (a statistics pass resuming from an exact prefix passes the
+        whole image's); otherwise they are measured here when this run computes its own statistics.
+        """
+        first = next(iter(buffers.values()))
+        self._input_height = first.shape[2]
+        if moments is None:
+            moments = {} if self.frozen is not None else {n: self._moments_of(b, 1.0) for n, b in buffers.items()}
+        return RunState(dict(buffers), dict(moments))
+
+    @torch.no_grad()
+    def advance(self, state: RunState, start: int, stop: int, sink: TileSink | None = None) -> None:
+        """Run steps [start, stop) on `state`; the last step of the program streams to `sink` if one is given."""
+        buffers, moments = state.buffers, state.moments
+        track = self.frozen is None and not self.cells  # moments are only kept when statistics come from them
         last_use = self.program.last_use()
         steps = self.program.steps
-        for i, step in enumerate(steps):
+        for i in range(start, stop):
+            step = steps[i]
             src = buffers[step.src]
-            h, w = output_size(step, src.shape[2], src.shape[3])
+            shape = (src.shape[0], step.out_channels, *output_size(step, src.shape[2], src.shape[3]))
             streaming = sink is not None and i == len(steps) - 1
-            dst = None if streaming else self._allocate((src.shape[0], step.out_channels, h, w))
+            out: dict[str, torch.Tensor] = {}
             acc = ChannelMoments.empty(src.shape[0] // (self.cells.count if self.cells else 1), step.out_channels)
             stats = self._stats(i, step, moments.get(step.src))
 
-            def emit(y0: int, x0: int, y: torch.Tensor, dst=dst, acc=acc, streaming=streaming) -> None:
+            def emit(y0: int, x0: int, y: torch.Tensor, out=out, acc=acc, shape=shape, streaming=streaming) -> None:
                 if streaming:
                     sink(y0, x0, y)  # type: ignore[misc]
                     return
-                if not self.cells:
+                if track:
                     acc.add(y)
-                dst[:, :, y0 : y0 + y.shape[2], x0 : x0 + y.shape[3]] = y.to(dst.device, torch.float32)  # type: ignore[index]
+                if self.on_device and y.shape == shape:  # the whole buffer in one tile: keep it, no copy
+                    out["dst"] = y.float()
+                    return
+                dst = out.setdefault("dst", self._allocate(shape))
+                dst[:, :, y0 : y0 + y.shape[2], x0 : x0 + y.shape[3]] = y.to(dst.device, torch.float32)
 
             if isinstance(step, ConvStep):
                 self._conv(step, src, buffers.get(step.residual or ""), stats, self.tile_px(i), emit)
             else:
                 self._attention(i, step, src, stats, self.tile_px(i), emit)
-            if dst is not None:
-                buffers[step.dst] = dst
-                moments[step.dst] = self._moments_of(dst, h / x.shape[2]) if self.cells else acc
+            if not streaming:
+                dst = buffers[step.dst] = out["dst"]
+                if self.frozen is None:
+                    factor = shape[2] / self._input_height
+                    moments[step.dst] = self._moments_of(dst, factor) if self.cells else acc
             for name in [n for n, last in last_use.items() if last == i and n != self.program.input]:
                 buffer = buffers.pop(name, None)
                 moments.pop(name, None)
                 if buffer is not None and not self.on_device:
                     self.store.free(buffer)
-        return None if sink is not None else buffers[self.program.output]
 
     def _allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.on_device:
@@ -270,16 +311,15 @@ class LayerEngine:
         h, w = output_size(step, src.shape[2], src.shape[3])
         weight = step.conv.weight
         for y0, y1, x0, x1 in tiles_of(h, w, tile):
-            rows, row_ok = window_index(y0, y1, step.stride, step.kernel, top, src.shape[2], up, self.wrap[0])
-            cols, col_ok = window_index(x0, x1, step.stride, step.kernel, left, src.shape[3], up, self.wrap[1])
-            win = gather(src, rows, cols).to(self.device, torch.float32)
-            if stats is not None:
-                win = stats.apply(win, step.norm)  # type: ignore[arg-type]
-            if step.act is not None:
-                win = step.act(win)
-            if not bool(row_ok.all()) or not bool(col_ok.all()):
-                win = win * (row_ok[:, None] & col_ok[None, :]).to(win.device, win.dtype)
-            y = F.conv2d(win.to(weight.dtype), weight, step.conv.bias, stride=step.stride)
+            if (y1 - y0, x1 - x0) == (h, w) and not any(self.wrap) and src.device == self.device:
+                y = self._whole_conv(step, src, stats)  # one tile is the whole buffer: pad, no gather
+            else:
+                rows, row_ok = window_index(y0, y1, step.stride, step.kernel, top, src.shape[2], up, self.wrap[0])
+                cols, col_ok = window_index(x0, x1, step.stride, step.kernel, left, src.shape[3], up, self.wrap[1])
+                win = self._normalised(step, gather(src, rows, cols).to(self.device, torch.float32), stats)
+                if not bool(row_ok.all()) or not bool(col_ok.all()):
+                    win = win * (row_ok[:, None] & col_ok[None, :]).to(win.device, win.dtype)
+                y = F.conv2d(win.to(weight.dtype), weight, step.conv.bias, stride=step.stride)
             if residual is not None:
                 res = residual[:, :, y0:y1, x0:x1].to(self.device, weight.dtype)
                 if step.shortcut is not None:
@@ -288,6 +328,23 @@ class LayerEngine:
             if step.out_scale != 1.0:
                 y = y / step.out_scale
             emit(y0, x0, y)
+
+    @staticmethod
+    def _normalised(step: ConvStep, x: torch.Tensor, stats: GroupStats | None) -> torch.Tensor:
+        """The step's norm (with `stats`) and activation applied to its input."""
+        if stats is not None:
+            x = stats.apply(x, step.norm)  # type: ignore[arg-type]
+        return step.act(x) if step.act is not None else x
+
+    def _whole_conv(self, step: ConvStep, src: torch.Tensor, stats: GroupStats | None) -> torch.Tensor:
+        """The step over a whole device buffer: norm, activation, upsample and zero padding as the module does."""
+        x = self._normalised(step, src.float(), stats)
+        if step.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        top, bottom, left, right = step.pad
+        x = F.pad(x, (left, right, top, bottom))
+        weight = step.conv.weight
+        return F.conv2d(x.to(weight.dtype), weight, step.conv.bias, stride=step.stride)
 
     def _attention(
         self,
@@ -307,37 +364,52 @@ class LayerEngine:
             return t.flatten(2).transpose(1, 2)
 
         if self.frozen is not None:
-            keys, values = self.frozen.kv[i]
-        else:  # keys and values of every position, in tile order (attention does not care about order)
-            ks, vs = [], []
-            kv_device = self._kv_device(src)
-            for box in tiles_of(h, w, tile):
-                t = tokens(*box)
-                ks.append(split_heads(project_tokens(attn.to_k, t), attn.heads).to(kv_device))
-                vs.append(split_heads(project_tokens(attn.to_v, t), attn.heads).to(kv_device))
-            keys, values = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-            if self.cells:
-                keys, values = self._pooled_tokens(keys, h, w), self._pooled_tokens(values, h, w)
+            kv = self.frozen.kv[i]
+        else:
+            kv = self._keys_values(attn, src, tile, tokens)
             if self.recorded is not None:
-                self.recorded.kv[i] = (keys, values)
+                self.recorded.kv[i] = kv
         for y0, y1, x0, x1 in tiles_of(h, w, tile):
             t = tokens(y0, y1, x0, x1)
             q = split_heads(project_tokens(attn.to_q, t), attn.heads)
-            o = merge_heads(attend(q, keys, values, float(attn.scale), self.key_chunk))
+            o = merge_heads(attend(q, kv, float(attn.scale), self.key_chunk))
             o = attn.to_out[1](attn.to_out[0](o))
             o = o.transpose(1, 2).reshape(src.shape[0], -1, y1 - y0, x1 - x0)
             if attn.residual_connection:
                 o = o + src[:, :, y0:y1, x0:x1].to(o.device, o.dtype)
             emit(y0, x0, o / attn.rescale_output_factor)
 
-    def _pooled_tokens(self, t: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Keys/values [B*cells, H, h*w, d] of whole cells -> [B, H, cells*core, d] of their cores only."""
-        assert self.cells is not None
-        bk, heads, _, d = t.shape
-        grid = t.view(bk, heads, h, w, d).permute(0, 1, 4, 2, 3).reshape(bk, heads * d, h, w)
-        core = self.cells.pool(self.cells.core(grid, h / self._input_height))  # [B, cells, H*d, hc, wc]
-        b, k = core.shape[:2]
-        return core.reshape(b, k, heads, d, -1).permute(0, 2, 1, 4, 3).reshape(b, heads, -1, d)
+    def _keys_values(self, attn: Any, src: torch.Tensor, tile: int, tokens: Callable[..., torch.Tensor]) -> KeyValues:
+        """Keys and values of every position (of the cells' cores only, in a statistics pass over cells).
+
+        Exact by default, in tile order (attention does not care about order); with `max_keys`, laid out as
+        grids and pooled down to that many (see attention.pooled).
+        """
+        h, w = src.shape[2], src.shape[3]
+        kv_device = self._kv_device(src)
+        if self.max_keys is None and not self.cells:
+            ks, vs = [], []
+            for box in tiles_of(h, w, tile):
+                t = tokens(*box)
+                ks.append(split_heads(project_tokens(attn.to_k, t), attn.heads).to(kv_device))
+                vs.append(split_heads(project_tokens(attn.to_v, t), attn.heads).to(kv_device))
+            return KeyValues(torch.cat(ks, dim=2), torch.cat(vs, dim=2))
+        inner = attn.to_k.out_features
+        grids = [torch.empty(src.shape[0], inner, h, w, device=kv_device) for _ in range(2)]
+        for y0, y1, x0, x1 in tiles_of(h, w, tile):
+            t = tokens(y0, y1, x0, x1)
+            for grid, proj in zip(grids, (attn.to_k, attn.to_v), strict=True):
+                out = project_tokens(proj, t).transpose(1, 2).reshape(src.shape[0], inner, y1 - y0, x1 - x0)
+                grid[:, :, y0:y1, x0:x1] = out.to(kv_device, torch.float32)
+        keys, values = (self._as_grids(g, attn.heads) for g in grids)
+        return pooled(keys, values, self.max_keys or 1 << 62)
+
+    def _as_grids(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B(*cells), H*d, h, w] -> [B, H, G, h', w', d]: one grid per image, or the cores of its cells."""
+        cells = self.cells
+        t = cells.pool(cells.core(t, t.shape[2] / self._input_height)) if cells else t[:, None]  # [B, G, H*d, h, w]
+        b, g, inner, h, w = t.shape
+        return t.view(b, g, heads, inner // heads, h, w).permute(0, 2, 1, 4, 5, 3)
 
     def _kv_device(self, src: torch.Tensor) -> torch.device:
         """Keep all keys/values on the device when one chunk holds them all, on the host otherwise."""

@@ -55,13 +55,22 @@ class GroupStats:
 
         A batch of B*k cells (k consecutive per image) shares its image's statistics.
         """
-        b, c = x.shape[:2]
+        scale, shift = self.affine(x.shape[0], norm, x.device)
+        return torch.addcmul(shift, x.float(), scale)
+
+    def affine(self, batch: int, norm: nn.GroupNorm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm with these statistics as one per-(sample, channel) scale and shift, each [batch, C, 1, 1].
+
+        Folding the statistics into the norm's affine parameters makes normalisation a single pass over a tile.
+        """
+        c = norm.num_channels
         rep = c // norm.num_groups
-        cells = b // self.mean.shape[0]
-        mean = self.mean.to(x.device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
-        rstd = self.rstd.to(x.device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
-        mean, rstd = mean.view(b, c, 1, 1), rstd.view(b, c, 1, 1)
-        y = (x.float() - mean) * rstd
+        cells = batch // self.mean.shape[0]
+        rstd = self.rstd.to(device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
+        mean = self.mean.to(device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
         if norm.affine:
-            y = y * norm.weight.float().view(1, c, 1, 1) + norm.bias.float().view(1, c, 1, 1)
-        return y
+            rstd = rstd * norm.weight.float()
+            shift = norm.bias.float() - mean * rstd
+        else:
+            shift = -mean * rstd
+        return rstd.view(batch, c, 1, 1), shift.view(batch, c, 1, 1)

@@ -35,6 +35,10 @@ Mode = Literal["auto", "exact", "fast"]
 MODES = ("auto", "exact", "fast")
 SAMPLE_ABOVE = 128
 """Fast mode samples statistics only for latents larger than this squared; smaller ones are measured whole."""
+PREFIX_COST = 0.15
+"""Fast mode measures exact statistics over the whole image for the leading steps up to this share of compute."""
+MAX_KEYS = 16384
+"""Fast mode's attention keys/values per image: whole-image attention pooled down to this many positions."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class VaeTiling:
     """(top/bottom, left/right) edges continue each other."""
     halo: int = 8
     """Fast mode: latent pixels of context on each side of a tile (the decoder's effective reach)."""
-    sample: float = 0.25
+    sample: float = 0.125
     """Fast mode: the fraction of the image the statistics pass samples (1 = all of it: exact statistics)."""
     cell: int = 32
     """Fast mode: core side (latent px) of each sampled cell of the statistics pass."""
@@ -97,7 +101,7 @@ def _plan(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int
         sides = tuple(budget.layer_tiles(program, budget_bytes))
         return DecodePlan("exact", budget_bytes, min(sides), host, sides)
     unit = program.input_unit
-    kv_tokens = math.ceil(tiling.sample * (height // unit) * (width // unit)) + tiling.cell**2
+    kv_tokens = min(MAX_KEYS, (height // unit) * (width // unit))
     tile = budget.fast_tile(program, batch, budget_bytes, tiling.halo * unit, kv_tokens, max(height, width), unit)
     return DecodePlan("fast", budget_bytes, tile, None)
 
@@ -119,7 +123,7 @@ class TiledVAE:
         exists whole in memory.
         """
         z = unscale_latents(self.vae, latents.float().cpu())
-        collect = _Collector() if sink is None else None
+        collect = Collector() if sink is None else None
         self._run(decoder_program(self.vae), z, _clamped(sink or collect))  # type: ignore[arg-type]
         return collect.image if collect is not None else None
 
@@ -135,7 +139,7 @@ class TiledVAE:
         h, w = image.shape[2:]
         if h % self.factor or w % self.factor:
             raise GigadiffError(f"tiled VAE encode: image size {w}x{h} must be a multiple of {self.factor}")
-        collect = _Collector()
+        collect = Collector()
         self._run(encoder_program(self.vae), image.float().cpu(), collect)
         moments = collect.image
         mean, logvar = moments.chunk(2, dim=1)
@@ -165,9 +169,17 @@ class TiledVAE:
         engine.run(x, sink)
 
     def _fast(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
+        frozen, whole = self.statistics(program, x, dtype, plan.budget_bytes)
+        if whole is not None:  # the statistics pass already ran everything over the whole input
+            sink(0, 0, whole)
+        else:
+            self.tiles(program, x, dtype, frozen, plan.tile, sink)
+
+    def tiles(
+        self, program: Program, x: torch.Tensor, dtype: torch.dtype, frozen: Frozen, core: int, sink: TileSink
+    ) -> None:
+        """Fast mode's tile pass: `core`-sized tiles, each with its halo, through the whole network alone."""
         device = next(self.vae.parameters()).device
-        frozen = self.statistics(program, x, dtype)
-        core = plan.tile
         halo = self.tiling.halo * program.input_unit
         f_out = program.output_per_input
         engine = LayerEngine(program, device, dtype, frozen=frozen, on_device=True)
@@ -182,22 +194,45 @@ class TiledVAE:
                 oh, ow = round((y1 - y0) * f_out), round((x1 - x0) * f_out)
                 sink(round(y0 * f_out), round(x0 * f_out), y[:, :, oy : oy + oh, ox : ox + ow])
 
-    def statistics(self, program: Program, x: torch.Tensor, dtype: torch.dtype) -> Frozen:
-        """Fast mode's statistics pass: sampled full-resolution cells (or the whole input, when sampling would
-        not save anything) run through the network together, recording every norm's statistics and the
-        attention's keys/values, pooled over the cells' cores."""
+    def statistics(
+        self, program: Program, x: torch.Tensor, dtype: torch.dtype, budget_bytes: float
+    ) -> tuple[Frozen, torch.Tensor | None]:
+        """Fast mode's statistics pass: every norm's statistics and every attention's (pooled) keys/values.
+
+        The cheap leading steps (a decoder's latent-resolution layers; see budget.exact_prefix) run over the
+        whole input, so their statistics are exact. The remaining steps run on full-resolution cells cut from
+        the live buffers at that point, their statistics and keys/values pooled over the cells' cores (or on
+        all of it, when sampling would not save anything). sample=1 runs everything whole: exact statistics.
+        When the pass ran the whole program over the whole input, its output is returned too (no tile pass
+        is needed then); otherwise None.
+        """
         device = next(self.vae.parameters()).device
-        unit = program.input_unit
-        sampled = sample_cells(x, self.tiling.cell * unit, self.tiling.halo * unit, self.tiling.sample, unit)
-        if sampled is None:
-            engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True)
-            engine.run(x.to(device))
-        else:
-            batch, cells = sampled
-            engine = LayerEngine(program, device, dtype, record=True, on_device=True, cells=cells)
-            engine.run(batch.to(device))
+        steps = len(program.steps)
+        prefix = steps
+        if self.tiling.sample < 1:
+            prefix = budget.exact_prefix(program, x.shape[0], x.shape[2], x.shape[3], budget_bytes, PREFIX_COST,
+                                         MAX_KEYS)  # fmt: skip
+        engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True, max_keys=MAX_KEYS)
+        state = engine.begin({program.input: x.to(device)})
+        engine.advance(state, 0, prefix)
         assert engine.recorded is not None
-        return engine.recorded
+        if prefix == steps:
+            return engine.recorded, state.buffers[program.output]
+        last_use = program.last_use()
+        live = {n: b for n, b in state.buffers.items() if last_use.get(n, -1) >= prefix}
+        first = next(iter(live.values()))
+        unit = round(first.shape[2] * program.input_unit / x.shape[2])  # live px per latent px
+        sampled = cell_positions(first, self.tiling.cell * unit, self.tiling.halo * unit, self.tiling.sample, unit)
+        if sampled is None:
+            engine.advance(state, prefix, steps)
+            return engine.recorded, state.buffers[program.output]
+        positions, cells = sampled
+        cut = {name: crop_cells(buffer, positions, cells) for name, buffer in live.items()}
+        rest = LayerEngine(program, device, dtype, record=True, on_device=True, cells=cells, max_keys=MAX_KEYS)
+        rest.advance(rest.begin(cut, {n: m for n, m in state.moments.items() if n in live}), prefix, steps)
+        assert rest.recorded is not None
+        stats, kv = {**engine.recorded.stats, **rest.recorded.stats}, {**engine.recorded.kv, **rest.recorded.kv}
+        return Frozen(stats, kv), None
 
     @contextlib.contextmanager
     def _compute_dtype(self) -> Iterator[torch.dtype]:
@@ -213,13 +248,13 @@ class TiledVAE:
                 self.vae.to(torch.float16)
 
 
-def sample_cells(
+def cell_positions(
     x: torch.Tensor, core: int, halo: int, fraction: float, unit: int
-) -> tuple[torch.Tensor, Cells] | None:
-    """Cells of side core+2*halo spread evenly over x, stacked in the batch (image-major), with their `Cells`.
+) -> tuple[list[tuple[int, int]], Cells] | None:
+    """Top-left corners of cells of side core+2*halo spread evenly over x, with their `Cells`.
 
     None when the cores would cover about as much as the whole image (then the whole image is the sample).
-    Positions are multiples of `unit` so that an encoder's cells align with its latent grid.
+    Positions are multiples of `unit` (x's px per latent px) so that cells align with the latent grid.
     """
     h, w = x.shape[2:]
     side = core + 2 * halo
@@ -231,9 +266,14 @@ def sample_cells(
     nx = max(1, min(math.ceil(wanted / ny), (w - side) // unit + 1))
     ys = [_spread(i, ny, h - side, unit) for i in range(ny)]
     xs = [_spread(i, nx, w - side, unit) for i in range(nx)]
-    crops = [x[:, :, y : y + side, c : c + side] for y in ys for c in xs]
-    batch = torch.stack(crops, dim=1).flatten(0, 1)  # [b * cells, C, side, side], image-major
-    return batch, Cells(len(crops), halo, halo, core)
+    return [(y, c) for y in ys for c in xs], Cells(ny * nx, halo, halo, core)
+
+
+def crop_cells(x: torch.Tensor, positions: list[tuple[int, int]], cells: Cells) -> torch.Tensor:
+    """The cells at `positions` cut from x and stacked in the batch, image-major: [B * cells, C, side, side]."""
+    side = cells.size + cells.top + cells.left
+    crops = [x[:, :, y : y + side, c : c + side] for y, c in positions]
+    return torch.stack(crops, dim=1).flatten(0, 1)
 
 
 def _spread(i: int, n: int, extent: int, unit: int) -> int:
@@ -258,7 +298,7 @@ def _crop(x: torch.Tensor, y0: int, y1: int, x0: int, x1: int, halo: int, wrap: 
     return x.index_select(2, rows).index_select(3, cols), (top, left)
 
 
-class _Collector:
+class Collector:
     """A sink that assembles streamed tiles into one tensor (for images that fit in memory)."""
 
     def __init__(self) -> None:
