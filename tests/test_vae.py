@@ -201,3 +201,19 @@ def test_pooled_attention_is_exact_for_blocks_of_equal_keys(side):
     assert torch.allclose(attend(q, small, 0.5, 1 << 30), exact, atol=1e-5)
     assert torch.allclose(attend(q, small, 0.5, 4), exact, atol=1e-5)  # key chunks with the online softmax
     assert pooled(keys, values, max_tokens=side * side).log_weight is None  # fits: not pooled
+
+
+def test_moments_merged_tile_by_tile_give_the_whole_buffer_group_norm():
+    from gigadiff.vae.stats import ChannelMoments
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 37, 29) * 3 + 5  # an offset mean: the naive sum-of-squares formula loses digits here
+    norm = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    moments = ChannelMoments.empty(2, 8)
+    for y0 in range(0, 37, 10):
+        for x0 in range(0, 29, 7):
+            moments.add(x[:, :, y0 : y0 + 10, x0 : x0 + 7])
+    assert moments.count == 37 * 29
+    with torch.no_grad():
+        assert torch.allclose(moments.group_norm(norm).apply(x, norm), norm(x), atol=1e-5)

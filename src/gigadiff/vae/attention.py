@@ -83,8 +83,15 @@ def attend(q: torch.Tensor, kv: KeyValues, scale: float, chunk: int) -> torch.Te
     if chunk >= n_keys:
         k = keys.to(q.device, q.dtype)
         v = values.to(q.device, q.dtype)
-        mask = None if bias is None else bias.to(q.device, q.dtype).view(1, 1, 1, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if bias is None:  # contiguous operands: strided ones send SDPA to its O(n^2)-memory path
+            return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale)
+        # The log-weights ride in one extra head dimension (q: 1/scale, k: log-weight, v: 0) rather than an
+        # attention mask, which would also force the O(n^2)-memory path.
+        b = bias.to(q.device, q.dtype).view(1, 1, -1, 1).expand(*k.shape[:3], 1)
+        q1 = torch.cat([q, torch.full((*q.shape[:3], 1), 1 / scale, dtype=q.dtype, device=q.device)], dim=-1)
+        v1 = torch.cat([v, torch.zeros_like(b)], dim=-1)
+        out = F.scaled_dot_product_attention(q1, torch.cat([k, b], dim=-1), v1, scale=scale)
+        return out[..., :-1]
     qf = q.float()
     best = torch.full((*q.shape[:3], 1), float("-inf"), device=q.device)
     denom = torch.zeros_like(best)

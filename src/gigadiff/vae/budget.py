@@ -24,6 +24,11 @@ MIN_TILE = 8
 """Smallest useful output tile side of a layer (px), and the granularity of fast-mode latent tiles."""
 
 
+SDPA_QUERY_BLOCK = 4096
+"""Queries whose logits a fused scaled-dot-product attention holds at once (a generous bound: its kernels
+work in blocks of a few hundred)."""
+
+
 def default_memory_gb(device: torch.device) -> float:
     """Half of what the device has free (CUDA), else 2 GB (CPU/MPS: the tiles share memory with everything else)."""
     if device.type == "cuda" and torch.cuda.is_available():
@@ -151,7 +156,7 @@ def fast_tile_bytes(program: Program, batch: int, side: int, kv_tokens: int) -> 
         peak = max(peak, batch * shape[2] * shape[3] * bytes_per_output_px(step))
     attn = [s.attn for s in program.steps if isinstance(s, AttentionStep)]
     kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attn)
-    logits = sum(4 * batch * a.heads * side * side * kv_tokens for a in attn)
+    logits = sum(4 * batch * a.heads * min(side * side, SDPA_QUERY_BLOCK) * kv_tokens for a in attn)
     return peak + kv + logits
 
 

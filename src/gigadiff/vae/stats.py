@@ -16,10 +16,15 @@ from torch import nn
 
 @dataclass
 class ChannelMoments:
-    """Running per-sample, per-channel sums of x and x^2 (float64) and the element count per channel."""
+    """Running per-sample, per-channel mean and sum of squared deviations (float64), and the count per channel.
 
-    total: torch.Tensor
-    squares: torch.Tensor
+    Each tile's moments are taken in its own dtype on its own device (a two-pass mean/variance, which is
+    accurate); tiles are merged in float64 with Chan's parallel update, so the whole buffer's statistics are
+    exact to float64 rounding without a float64 copy of any tile.
+    """
+
+    mean: torch.Tensor
+    m2: torch.Tensor
     count: int = 0
 
     @classmethod
@@ -28,19 +33,23 @@ class ChannelMoments:
         return cls(zeros, zeros.clone())
 
     def add(self, tile: torch.Tensor) -> None:
-        t = tile.detach().to("cpu", torch.float64)
-        self.total += t.sum(dim=(2, 3))
-        self.squares += (t * t).sum(dim=(2, 3))
-        self.count += t.shape[2] * t.shape[3]
+        """Merge a tile [B, C, ...] (every dim after the channels is a position)."""
+        t = tile.detach().flatten(2)
+        n = t.shape[2]
+        var, mean = torch.var_mean(t.float(), dim=2, correction=0)
+        mean, m2 = mean.to("cpu", torch.float64), var.to("cpu", torch.float64) * n
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
 
     def group_norm(self, norm: nn.GroupNorm) -> GroupStats:
         """Mean and 1/std per (sample, group), exactly as `norm` would compute them over the whole buffer."""
-        b, c = self.total.shape
-        g = norm.num_groups
-        n = self.count * (c // g)
-        mean = self.total.view(b, g, -1).sum(-1) / n
-        var = (self.squares.view(b, g, -1).sum(-1) / n - mean * mean).clamp_min(0.0)
-        return GroupStats(mean, torch.rsqrt(var + norm.eps))
+        means = self.mean.view(self.mean.shape[0], norm.num_groups, -1)
+        mean = means.mean(-1)
+        var = (self.m2.view(means.shape) / self.count + (means - mean[..., None]) ** 2).mean(-1)
+        return GroupStats(mean, torch.rsqrt(var.clamp_min(0.0) + norm.eps))
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,12 @@ Two modes, both with every tile normalised by the SAME GroupNorm statistics (no 
 - exact: the network runs layer by layer over the whole image (engine.py); GroupNorm uses the whole image's
   statistics and the mid-block attention attends over every position. Equal to the whole-image decode up to
   float rounding. Whole-image buffers live in host RAM (or memory-mapped files); the device holds one tile.
-- fast: one statistics pass over a downsampled copy of the input (longest side `stats_px`) records every
-  GroupNorm's statistics and the attention's keys/values; then each tile, with a `halo` of context, goes
-  through the whole network alone with those frozen numbers and is streamed out. Memory does not grow with the
-  image; the error comes from the statistics estimate, the low-resolution keys/values and the halo cut-off
-  (measured in tests and bench/vae.py).
+- fast: one statistics pass records every GroupNorm's statistics and the attention's keys/values, then each
+  tile, with a `halo` of context, goes through the whole network alone with those frozen numbers and is
+  streamed out. The pass runs the cheap leading steps (a decoder's latent-resolution layers) over the whole
+  input, so their statistics are exact, and the rest on sampled full-resolution cells. Attention attends to
+  keys/values pooled to at most MAX_KEYS positions (exact below that). Device memory is bounded by the budget,
+  not by the image; the error comes from the sampled statistics and the halo cut-off (tests, bench/vae.py).
 
 `auto` picks exact when its whole-image buffers fit in RAM and fast otherwise. Wrap mode makes the image
 continue across its edges (left/right, top/bottom or both) for seamless textures.
