@@ -88,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096])
     parser.add_argument("--ours-only", type=int, nargs="*", default=[8192, 16384])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", type=Path, default=Path("bench/results/vae.json"))
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "SIZE", "REF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,7 +98,7 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        plan = [(m, s, ".npy") for s in args.sizes for m in METHODS]
+        plan = [(m, s, ".npy") for s in args.sizes for m in METHODS if m in args.methods]
         plan += [(m, s, ".tif") for s in args.ours_only for m in ("fast",)]
         for method, size, kind in plan:
             ref = Path(tmp) / f"whole{size}.npy"
@@ -106,13 +107,14 @@ def main() -> None:
                    str(out) if kind == ".tif" else "-"]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                row = {"method": method, "size": size, "failed": proc.stderr.strip().splitlines()[-1][:120]}
+                why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:120]
+                row = {"method": method, "size": size, "failed": why}
             else:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(_line(row), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a long run keeps its rows
     print(f"wrote {args.json}")
 
 

@@ -223,7 +223,12 @@ class TiledVAE:
         live = {n: b for n, b in state.buffers.items() if last_use.get(n, -1) >= prefix}
         first = next(iter(live.values()))
         unit = round(first.shape[2] * program.input_unit / x.shape[2])  # live px per latent px
-        sampled = cell_positions(first, self.tiling.cell * unit, self.tiling.halo * unit, self.tiling.sample, unit)
+        core, halo = self.tiling.cell * unit, self.tiling.halo * unit
+        # the cells run as one device batch: together no larger than the biggest tile the budget allows
+        largest = budget.fast_tile(program, x.shape[0], budget_bytes, self.tiling.halo * program.input_unit,
+                                   MAX_KEYS, max(x.shape[2:]), program.input_unit) // program.input_unit  # fmt: skip
+        max_cells = max(1, ((largest + 2 * self.tiling.halo) * unit // (core + 2 * halo)) ** 2)
+        sampled = cell_positions(first, core, halo, self.tiling.sample, unit, max_cells)
         if sampled is None:
             engine.advance(state, prefix, steps)
             return engine.recorded, state.buffers[program.output]
@@ -250,16 +255,16 @@ class TiledVAE:
 
 
 def cell_positions(
-    x: torch.Tensor, core: int, halo: int, fraction: float, unit: int
+    x: torch.Tensor, core: int, halo: int, fraction: float, unit: int, max_cells: int = 1 << 30
 ) -> tuple[list[tuple[int, int]], Cells] | None:
-    """Top-left corners of cells of side core+2*halo spread evenly over x, with their `Cells`.
+    """Top-left corners of cells of side core+2*halo spread evenly over x (at most max_cells), with their `Cells`.
 
     None when the cores would cover about as much as the whole image (then the whole image is the sample).
     Positions are multiples of `unit` (x's px per latent px) so that cells align with the latent grid.
     """
     h, w = x.shape[2:]
     side = core + 2 * halo
-    wanted = math.ceil(fraction * h * w / (core * core))
+    wanted = min(max_cells, math.ceil(fraction * h * w / (core * core)))
     small = h * w <= (SAMPLE_ABOVE * unit) ** 2  # a pass over all of it costs little: no estimate needed
     if small or fraction >= 1 or side > h or side > w or wanted * core * core >= 0.9 * h * w:
         return None
