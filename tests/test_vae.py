@@ -166,9 +166,10 @@ def test_exact_mode_that_does_not_fit_in_ram_is_refused_or_spilled(vae, latents,
     auto = TiledVAE(vae, VaeTiling(mode="auto", memory_gb=0.05))
     auto.decode(latents)
     assert auto.last_plan is not None and auto.last_plan.mode == "fast"
-    spilled = TiledVAE(vae, VaeTiling(mode="exact", spill_dir=tmp_path)).decode(latents)
-    assert (spilled - whole_decode(vae, latents)).abs().max() <= 1e-3
-    assert not list(tmp_path.iterdir())  # memory-mapped buffers are removed when freed
+    for memory_gb in (None, 0.0005):  # one tile per layer; many tiles per layer (one buffer per step all the same)
+        spilled = TiledVAE(vae, VaeTiling(mode="exact", spill_dir=tmp_path, memory_gb=memory_gb)).decode(latents)
+        assert (spilled - whole_decode(vae, latents)).abs().max() <= 1e-3
+        assert not list(tmp_path.iterdir())  # memory-mapped buffers are removed when freed
 
 
 def test_unscale_handles_shift_and_per_channel_statistics():

@@ -249,7 +249,9 @@ class LayerEngine:
                 if self.on_device and y.shape == shape:  # the whole buffer in one tile: keep it, no copy
                     out["dst"] = y.float()
                     return
-                dst = out.setdefault("dst", self._allocate(shape))
+                if "dst" not in out:  # allocated once per step (setdefault would allocate on every tile)
+                    out["dst"] = self._allocate(shape)
+                dst = out["dst"]
                 dst[:, :, y0 : y0 + y.shape[2], x0 : x0 + y.shape[3]] = y.to(dst.device, torch.float32)
 
             if isinstance(step, ConvStep):
