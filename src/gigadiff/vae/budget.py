@@ -101,10 +101,10 @@ def exact_prefix(
     out_shapes = shapes(program, batch, height, width)
     costs = [step_flops(step, shape, keys) for step, shape in zip(program.steps, out_shapes, strict=True)]
     total, spent = sum(costs), 0.0
-    sizes = {program.input: 4 * batch * height * width * _in_channels(program)}
+    live = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
     hw = {program.input: (height, width)}
     last = program.last_use()
-    live, best = dict(sizes), 0
+    best = 0
     for i, (step, shape) in enumerate(zip(program.steps, out_shapes, strict=True)):
         nbytes = 4 * math.prod(shape)
         working = batch * shape[2] * shape[3] * bytes_per_output_px(step, whole=True)
@@ -126,10 +126,6 @@ def step_flops(step: Step, out_shape: tuple[int, int, int, int], keys: int) -> f
     if isinstance(step, AttentionStep):
         return px * c_in * (4 * c_out + 2 * keys)
     return px * c_out * c_in * step.kernel**2
-
-
-def _in_channels(program: Program) -> int:
-    return input_channels(program.steps[0])
 
 
 def key_chunk(program: Program, budget_bytes: float, sides: tuple[int, ...], height: int, width: int) -> int:
