@@ -19,6 +19,7 @@ continue across its edges (left/right, top/bottom or both) for seamless textures
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 
 from gigadiff.errors import GigadiffError
 from gigadiff.vae import budget
+from gigadiff.vae.blend import OverlapBlender, even_cuts, tile_span
 from gigadiff.vae.engine import Cells, Frozen, HostStore, LayerEngine, TileSink
 from gigadiff.vae.program import Program, decoder_program, encoder_program
 
@@ -52,6 +54,11 @@ class VaeTiling:
     """(top/bottom, left/right) edges continue each other."""
     halo: int = 8
     """Fast mode: latent pixels of context on each side of a tile (the decoder's effective reach)."""
+    blend: int = 2
+    """Fast mode: latent pixels of its halo a tile keeps on each side of a cut, cross-faded with its neighbour's.
+
+    The zone's far end then has halo - blend px of context; on the tiny test VAE blend 2 halves the step
+    across cuts for 2 dB of PSNR, blend 4 costs 9 dB (the outer halo is the least accurate part of a tile)."""
     sample: float = 0.125
     """Fast mode: the fraction of the image the statistics pass samples (1 = all of it: exact statistics)."""
     cell: int = 32
@@ -63,8 +70,10 @@ class VaeTiling:
             raise GigadiffError(f"--vae-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.memory_gb is not None and not self.memory_gb > 0:
             raise GigadiffError(f"--vae-memory must be a positive number of GB, got {self.memory_gb}")
-        if self.halo < 0 or self.cell < 8 or not 0 < self.sample <= 1:
-            raise GigadiffError("tiled VAE: halo must be >= 0, cells at least 8 latent px, sample in (0, 1]")
+        if self.halo < 0 or self.cell < 8 or not 0 < self.sample <= 1 or not 0 <= self.blend <= self.halo:
+            raise GigadiffError(
+                "tiled VAE: halo must be >= 0, blend from 0 to halo, cells at least 8 latent px, sample in (0, 1]"
+            )
 
 
 @dataclass(frozen=True)
@@ -179,21 +188,28 @@ class TiledVAE:
     def tiles(
         self, program: Program, x: torch.Tensor, dtype: torch.dtype, frozen: Frozen, core: int, sink: TileSink
     ) -> None:
-        """Fast mode's tile pass: `core`-sized tiles, each with its halo, through the whole network alone."""
+        """Fast mode's tile pass: tiles of about `core` (input px), each with its halo, through the network alone.
+
+        Neighbouring tiles cross-fade over `blend` latent px on each side of their cut (see blend.py).
+        """
         device = next(self.vae.parameters()).device
-        halo = self.tiling.halo * program.input_unit
-        f_out = program.output_per_input
+        unit, f_out = program.input_unit, program.output_per_input
+        halo = self.tiling.halo * unit
         engine = LayerEngine(program, device, dtype, frozen=frozen, on_device=True)
         h, w = x.shape[2:]
-        for y0 in range(0, h, core):
-            for x0 in range(0, w, core):
-                y1, x1 = min(y0 + core, h), min(x0 + core, w)
+        rows, cols = even_cuts(h, core, unit), even_cuts(w, core, unit)
+        smallest = min(b - a for cuts in (rows, cols) for a, b in itertools.pairwise(cuts))
+        margin = round(min(self.tiling.blend * unit, smallest // 2) * f_out)
+        blender = OverlapBlender(sink, round(w * f_out))
+        for y0, y1 in itertools.pairwise(rows):
+            for x0, x1 in itertools.pairwise(cols):
                 crop, (top, left) = _crop(x, y0, y1, x0, x1, halo, self.tiling.wrap)
                 y = engine.run(crop.to(device))
                 assert y is not None
-                oy, ox = round(top * f_out), round(left * f_out)
-                oh, ow = round((y1 - y0) * f_out), round((x1 - x0) * f_out)
-                sink(round(y0 * f_out), round(x0 * f_out), y[:, :, oy : oy + oh, ox : ox + ow])
+                span = tile_span(*(round(v * f_out) for v in (y0, y1, x0, x1, h, w)), margin)
+                (r0, r1), (c0, c1) = span.rows, span.cols
+                oy, ox = round(top * f_out) - span.top, round(left * f_out) - span.left
+                blender.add(span, y[:, :, oy : oy + r1 - r0, ox : ox + c1 - c0])
 
     def statistics(
         self, program: Program, x: torch.Tensor, dtype: torch.dtype, budget_bytes: float
