@@ -51,7 +51,7 @@ def blend_tiles(tiles: dict, rows: list[int], cols: list[int], margin: int) -> t
             span = tile_span(y0, y1, x0, x1, height, width, margin)
             blender.add(span, tiles[i, j](span))
     # the emitted rectangles tile the image in rows of equal height, row-major, as StripAssembler needs
-    for y0, group in itertools.groupby(emitted, key=lambda e: e[0]):
+    for _, group in itertools.groupby(emitted, key=lambda e: e[0]):
         group = list(group)
         assert len({g[2] for g in group}) == 1
         assert [g[1] for g in group] == sorted(g[1] for g in group) and group[0][1] == 0
