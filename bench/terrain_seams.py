@@ -4,10 +4,13 @@ Same seed, difficulty and sizes (1024² and 2048² by default). The package's la
 128² windows of one noise canvas once, Hann-blended, with no synchronization. gigadiff runs the same ONNX
 network in its own loop: uniform or gaussian fusion, fixed or shifted grids, 1, 2 and 4 consistency steps.
 
-Seam score (gigadiff.metrics.seam_score): mean squared height gradient across tile borders / the same everywhere
-else, on each method's own borders (for shifted grids, every border of every step) and on the package's
-borders. Also wall time, model calls and tiles per step. Writes a table, JSON, and a side-by-side shaded relief
-of the same seam region.
+Seam score (gigadiff.metrics.seam_score): mean squared gradient across each method's own tile borders (for
+shifted grids, every border of every step) / the same everywhere else, with its spread over random line sets
+("null sd": how far from 1 chance alone moves it) and the local ratio (each border line against the lines
+6-12 px beside it). Scored in the model's own space (asinh-companded heights in [-1, 1], where the texture is
+about equally rough everywhere) and in metres (where a few high ranges carry most of the gradient energy, so
+the null spread is several times larger). Also wall time, model calls and tiles per step. Writes a table,
+JSON, and a side-by-side shaded relief of the same seam region.
 
     python bench/terrain_seams.py [--sizes 1024 2048] [--steps 1 2 4] [--difficulty 60] [--seed 0]
 """
@@ -24,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 OVERLAP = 32  # the package's default tile overlap; gigadiff's terrain default is the same
-CONFIGS = [("uniform", False), ("gaussian", False), ("gaussian", True)]
+CONFIGS = [("uniform", False), ("gaussian", False), ("gaussian", True), ("linear", True)]
 
 
 class CountingSession:
@@ -39,14 +42,30 @@ class CountingSession:
         return self.session.run(outputs, feeds)
 
 
-def package_borders(size: int) -> list[int]:
+def package_starts(size: int) -> list[int]:
     from terrain_diffusion import TerrainGenerator
 
-    starts = TerrainGenerator._tile_starts(size, 128, OVERLAP)
-    return sorted({s for s in starts if s} | {s + 128 for s in starts if s + 128 < size})
+    return [s for s in TerrainGenerator._tile_starts(size, 128, OVERLAP) if s]
 
 
-def run_package(size: int, difficulty: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def package_borders(size: int) -> list[int]:
+    starts = package_starts(size)
+    return sorted(set(starts) | {s + 128 for s in starts if s + 128 < size})
+
+
+def handover_peak(image: np.ndarray, starts: list[int], overlap: int) -> float:
+    """Highest mean gradient energy, over the offsets d in [0, overlap), of the lines d px after a tile start.
+
+    A cross-fade puts its seam inside the overlap (a Gaussian hands over in its middle), where the border
+    score does not look; this finds it on the last step's grid. Relative to the image's mean line energy.
+    """
+    energies = [(np.diff(image, axis=a) ** 2).mean(axis=1 - a) for a in (0, 1)]
+    mean = float(np.mean([e.mean() for e in energies]))
+    profile = [np.mean([e[s + d - 1] for e in energies for s in starts if s + d - 1 < e.size]) for d in range(overlap)]
+    return float(max(profile)) / mean
+
+
+def run_package(size: int, difficulty: int, seed: int) -> tuple[np.ndarray, dict[str, Any], list[int]]:
     from terrain_diffusion import TerrainGenerator
 
     gen = TerrainGenerator(device="cpu")
@@ -55,7 +74,9 @@ def run_package(size: int, difficulty: int, seed: int) -> tuple[np.ndarray, dict
     start = time.perf_counter()
     heights = gen.generate(1, shape=(size, size), difficulty=difficulty, seed=seed, tile_overlap=OVERLAP)[0]
     wall = time.perf_counter() - start
-    return heights, {"wall_s": wall, "model_calls": counter.calls, "tiles_per_step": counter.tiles, "steps": 1}
+    stats = {"wall_s": wall, "model_calls": counter.calls, "tiles_per_step": counter.tiles, "steps": 1}
+    lines = package_borders(size)
+    return heights, stats, (lines, lines), (package_starts(size), OVERLAP)
 
 
 def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, weights: str, shift: bool, steps: int):
@@ -72,9 +93,28 @@ def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, weights: s
     wall = time.perf_counter() - start
     plan = grid_plan(result.settings, backend.info)
     borders = grid_borders([plan.grid(i) for i in range(steps)])
+    last = plan.grid(steps - 1)
+    starts = sorted({t.x for t in last if t.x > 0})  # square canvas: rows start where columns do
+    overlap = min(a.x + a.w - b.x for a, b in zip(last.tiles, last.tiles[1:], strict=False) if b.x > a.x)
     stats = {"wall_s": wall, "model_calls": result.run.model_calls, "tiles_per_step": result.run.tiles_per_step,
              "steps": steps}  # fmt: skip
-    return heights, stats, borders
+    return heights, stats, borders, (starts, overlap)
+
+
+def seam_columns(heights: np.ndarray, borders: tuple[list[int], list[int]], last: tuple[list[int], int]):
+    """Seam ratio, its null spread, the local ratio and the hand-over peak, in model space and in metres."""
+    import torch
+
+    from gigadiff.backends.terrain import heights_to_model
+    from gigadiff.metrics import seam_score
+
+    model = heights_to_model(torch.from_numpy(np.asarray(heights, dtype=np.float32))).numpy()
+    out = {}
+    for space, image in (("model", model), ("m", heights)):
+        score = seam_score(image, *borders)
+        out |= {f"seam_{space}": score.ratio, f"null_sd_{space}": score.null_sd, f"local_{space}": score.local,
+                f"handover_{space}": handover_peak(image, *last)}  # fmt: skip
+    return out
 
 
 def seam_region(heights: np.ndarray, border: int, half: int = 128) -> np.ndarray:
@@ -95,34 +135,34 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from gigadiff.api import open_backend
-    from gigadiff.metrics import seam_score
 
     backend = open_backend("terrain", "cpu")
     rows: list[dict[str, Any]] = []
-    header = (f"{'size':>5} {'method':<28} {'steps':>5} {'seam own':>9} {'seam pkg':>9} {'wall s':>8} "
-              f"{'calls':>6} {'tiles/step':>10}")  # fmt: skip
+    header = (f"{'size':>5} {'method':<26} {'steps':>5} {'seam model':>15} {'local':>6} {'hand-over':>9} "
+              f"{'seam metres':>15} {'local':>6} {'hand-over':>9} "
+              f"{'wall s':>7} {'calls':>6} {'tiles/step':>10}")  # fmt: skip
     print(header)
     for size in args.sizes:
-        lines = package_borders(size)
-        heights, stats = run_package(size, args.difficulty, args.seed)
-        score = seam_score(heights, lines, lines).ratio
-        runs = [("package (own tiler)", heights, {**stats, "seam_own": score, "seam_pkg": score})]
+        heights, stats, lines, last = run_package(size, args.difficulty, args.seed)
+        runs = [("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last)})]
         for weights, shift in CONFIGS:
             for steps in args.steps:
-                h, st, (b_rows, b_cols) = run_gigadiff(backend, size, args.difficulty, args.seed, weights, shift, steps)
-                st["seam_own"] = seam_score(h, b_rows, b_cols).ratio
-                st["seam_pkg"] = seam_score(h, lines, lines).ratio
-                runs.append((f"gigadiff {weights}{' shifted' if shift else ''}", h, st))
+                h, st, borders, last = run_gigadiff(backend, size, args.difficulty, args.seed, weights, shift, steps)
+                name = f"gigadiff {weights}{' shifted' if shift else ''}"
+                runs.append((name, h, {**st, **seam_columns(h, borders, last)}))
         for name, _, st in runs:
             rows.append({"size": size, "method": name, **st})
-            print(f"{size:>5} {name:<28} {st['steps']:>5} {st['seam_own']:>9.3f} {st['seam_pkg']:>9.3f} "
-                  f"{st['wall_s']:>8.1f} {st['model_calls']:>6} {st['tiles_per_step']:>10}")  # fmt: skip
-        border = lines[len(lines) // 2]
+            print(f"{size:>5} {name:<26} {st['steps']:>5} {st['seam_model']:>7.3f} ±{st['null_sd_model']:<6.3f} "
+                  f"{st['local_model']:>6.3f} {st['handover_model']:>9.2f} "
+                  f"{st['seam_m']:>7.3f} ±{st['null_sd_m']:<6.3f} "
+                  f"{st['local_m']:>6.3f} {st['handover_m']:>9.2f} "
+                  f"{st['wall_s']:>7.1f} {st['model_calls']:>6} {st['tiles_per_step']:>10}", flush=True)  # fmt: skip
+        report = {"benchmark": "terrain_seams", "difficulty": args.difficulty, "seed": args.seed, "overlap": OVERLAP,
+                  "rows": rows}  # fmt: skip
+        (args.out / "terrain_seams.json").write_text(json.dumps(report, indent=2) + "\n")
+        border = lines[0][len(lines[0]) // 2]
         pair = [seam_region(runs[0][1], border), seam_region(runs[-1][1], border)]
         Image.fromarray(np.concatenate(pair, axis=1)).save(args.out / f"terrain_seams_{size}.png")
-    report = {"benchmark": "terrain_seams", "difficulty": args.difficulty, "seed": args.seed, "overlap": OVERLAP,
-              "rows": rows}  # fmt: skip
-    (args.out / "terrain_seams.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'terrain_seams.json'} and terrain_seams_<size>.png (left: package, right: gigadiff)")
 
 

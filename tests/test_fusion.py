@@ -61,6 +61,21 @@ def test_uncovered_pixels_are_an_error():
         acc.result()
 
 
+@pytest.mark.parametrize("margin", [0, 3])
+def test_linear_windows_cross_fade_linearly_across_any_overlap(margin):
+    """Two tiles overlapping by 20 px: tile A's share falls in equal steps from its neighbour's rim to its own."""
+    for width, overlap in ((60, 20), (52, 12)):
+        tile = (width + overlap) // 2
+        a, b = Tile(0, 0, 8, tile), Tile(0, width - tile, 8, tile)
+        preds = torch.cat([torch.ones(1, 1, 8, tile), torch.zeros(1, 1, 8, tile)])
+        share = fuse([a, b], preds, (1, 1, 8, width), "linear", margin=margin)[0, 0, 4]
+        lo, hi = b.x + margin, a.x + tile - margin  # the overlap without either rim
+        assert torch.all(share[:lo] > 0.999) and torch.all(share[hi:] < 0.001)
+        n = hi - lo  # pixel centres of the ramp: shares 1 - (k + 0.5) / n
+        expected = 1 - (torch.arange(n) + 0.5) / n
+        assert torch.allclose(share[lo:hi], expected, atol=2e-5)
+
+
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown weight window"):
         FusionAccumulator((1, 1, 2, 2), "triangle")

@@ -20,6 +20,22 @@ def test_clean_noise_scores_about_one_and_a_planted_step_is_flagged():
     assert seam_score(smooth, [100], [100]).ratio == pytest.approx(1.0)
 
 
+def test_local_ratio_flags_creases_and_smoothed_bands_and_null_spread_reflects_the_image():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(256, 256))
+    clean = seam_score(image, [64, 128, 192], [96, 160])
+    assert clean.local == pytest.approx(1.0, abs=0.1) and clean.null_sd < 0.1
+    assert abs(clean.ratio - 1) < 3 * clean.null_sd
+    creased = image.copy()
+    creased[:, 96:] += 1.5
+    assert seam_score(creased, [], [96]).local > 1.5
+    smoothed = image.copy()  # two unrelated textures averaged along the border: a band of low gradient
+    smoothed[:, 92:100] = (image[:, 92:100] + rng.normal(size=(256, 8))) / 2
+    assert seam_score(smoothed, [], [96]).local < 0.7
+    rough = image * np.where(np.arange(256) < 32, 10.0, 1.0)[:, None]  # one rough band dominates the energy
+    assert seam_score(rough, [64, 128, 192], [96, 160]).null_sd > 5 * clean.null_sd
+
+
 def test_grid_borders_are_the_inner_tile_edges():
     grid = tile_grid(64, 256, 64, 8)
     rows, cols = grid_borders([grid], scale=8)

@@ -120,7 +120,7 @@ def generate(
     scheduler: str = "default",
     tile: int | None = None,
     overlap: int | None = None,
-    weights: str = "gaussian",
+    weights: str | None = None,
     shift: bool = True,
     tile_batch: int = 4,
     guidance_rescale: float = 0.0,

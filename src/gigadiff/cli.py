@@ -102,7 +102,13 @@ def generate(
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, unipc, ...")] = "default",
     tile: Annotated[int | None, typer.Option(help="Tile side in image pixels (default: native size).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in image pixels (default: tile/8).")] = None,
-    weights: Annotated[str, typer.Option(help="Fusion weights: uniform, gaussian or cosine.")] = "gaussian",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Fusion weights: uniform, gaussian, cosine or linear (default: the model's; gaussian, "
+            "linear for terrain)."
+        ),
+    ] = None,
     shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
     tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
     guidance_rescale: Annotated[float, typer.Option(help="Guidance rescale factor in [0, 1].")] = 0.0,
@@ -185,7 +191,7 @@ def _generate(
     scheduler: str,
     tile: int | None,
     overlap: int | None,
-    weights: str,
+    weights: str | None,
     shift: bool,
     tile_batch: int,
     guidance_rescale: float,
@@ -352,8 +358,10 @@ def metrics(
         if report.seams is None:
             typer.echo("seam score: no tile grid known (not a gigadiff output with metadata; give --tile)")
         else:
-            typer.echo(f"seam score: {report.seams.ratio:.3f} (tile borders from {report.borders_from}; "
-                       "about 1: seamless, above 1.1: visible seams)")  # fmt: skip
+            sc = report.seams
+            typer.echo(f"seam score: {sc.ratio:.3f} (random lines: 1 +- {sc.null_sd:.3f}), local {sc.local:.3f} "
+                       f"(tile borders from {report.borders_from}; about 1: seamless, above 1.1: visible seams, "
+                       "local below 0.9: smoothed bands)")  # fmt: skip
         e = report.edges
         typer.echo(f"edge continuity: x {e.x:.2f}, y {e.y:.2f} (about 1: tiles with itself; 10+: a visible seam)")
         d = report.duplication

@@ -9,6 +9,11 @@ that only one tile reaches.
 - gaussian: a centred Gaussian with variance 0.01 in tile-normalised units, Mixture of Diffusers
   (Jiménez, 2023): the centre of a tile is trusted more than its borders.
 - cosine: a raised-cosine (Hann) window sampled at pixel centres, which never reaches zero.
+- linear: a tent, the distance to the nearest tile edge (beyond the damped rim). Where two tiles overlap,
+  normalising makes each one's share fall linearly across the whole overlap, whatever its width: the
+  gentlest cross-fade there is (least squared weight gradient), where the Gaussian hands over within a few
+  pixels in the middle of the overlap. On the terrain model, whose tiles disagree most, the Gaussian's
+  hand-over line carries 1.7x the mean gradient energy and the tent's overlap about 1.1x (bench/terrain_seams.py).
 
 Some models produce unreliable values in a thin rim along their input's edges. A window with `margin` > 0
 multiplies its weight within `margin` pixels of the tile edge by RIM_FACTOR, so a rim counts only where no
@@ -28,7 +33,7 @@ import torch
 
 from gigadiff.geometry import Tile, wrapped_pieces
 
-WEIGHT_KINDS = ("uniform", "gaussian", "cosine")
+WEIGHT_KINDS = ("uniform", "gaussian", "cosine", "linear")
 GAUSSIAN_VARIANCE = 0.01
 RIM_FACTOR = 1e-6
 
@@ -41,12 +46,16 @@ def _profile(kind: str, n: int) -> list[float]:
         return [math.exp(-((i - mid) ** 2) / (n * n) / (2 * GAUSSIAN_VARIANCE)) for i in range(n)]
     if kind == "cosine":
         return [math.sin(math.pi * (i + 0.5) / n) ** 2 for i in range(n)]
+    if kind == "linear":
+        return [min(i, n - 1 - i) + 0.5 for i in range(n)]
     raise ValueError(f"unknown weight window {kind!r}; choose one of {', '.join(WEIGHT_KINDS)}")
 
 
 def _axis_profile(kind: str, n: int, margin: int) -> torch.Tensor:
     profile = torch.tensor(_profile(kind, n), dtype=torch.float64)
     m = min(margin, (n - 1) // 2)
+    if kind == "linear":  # the tent starts where the rim ends, so the cross-fade begins at zero there
+        profile = (profile - m).clamp_min(0.5)
     if m > 0:
         profile[:m] *= RIM_FACTOR
         profile[n - m :] *= RIM_FACTOR

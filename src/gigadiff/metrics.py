@@ -30,9 +30,27 @@ from gigadiff.geometry import TileGrid
 
 @dataclass(frozen=True)
 class SeamScore:
+    """Gradient energy across tile borders against the rest of the image.
+
+    `ratio` is the border/interior energy ratio. Natural images are not uniform (a mountain range crossing
+    a few border lines moves it a lot), so two companions say how much it means:
+    - `null_sd`: the spread of the same ratio over random sets of as many lines; a ratio within about two of
+      these from 1 cannot be told from chance;
+    - `local`: each border line against the lines `LOCAL_NEAR` px to either side of it (not themselves
+      borders), which sees the same terrain: about 1 seamless, above 1 a crease or step, below 1 a band
+      smoothed by averaging unrelated content.
+    """
+
     ratio: float
     border_energy: float
     interior_energy: float
+    local: float = float("nan")
+    null_sd: float = float("nan")
+
+
+LOCAL_NEAR = (6, 12)
+"""Distances (px) of the lines a border line is compared with by the local seam ratio."""
+NULL_DRAWS = 200
 
 
 def grid_borders(grids: Iterable[TileGrid], scale: int = 1) -> tuple[list[int], list[int]]:
@@ -52,26 +70,60 @@ def _as_float(image: np.ndarray) -> np.ndarray:
 
 
 def seam_score(image: np.ndarray, rows: Iterable[int], cols: Iterable[int], band: int = 1) -> SeamScore:
-    """Border-to-interior gradient energy ratio of a [H, W] or [H, W, C] image.
+    """Border-to-interior gradient energy ratio of a [H, W] or [H, W, C] image, with its local and null spread.
 
     Each border counts the `band` difference lines nearest to it (band=1: exactly the line across the border).
     """
     img = _as_float(image)
-    dx = np.diff(img, axis=1) ** 2  # dx[:, c-1] is across the border between columns c-1 and c
-    dy = np.diff(img, axis=0) ** 2
-    col_mask = np.zeros(dx.shape[1], dtype=bool)
-    row_mask = np.zeros(dy.shape[0], dtype=bool)
+    height, width = img.shape[:2]
+    # line k of an axis lies between pixels k and k+1; its energy is the mean squared step across it
+    lines = [(np.diff(img, axis=0) ** 2).mean(axis=(1, 2)), (np.diff(img, axis=1) ** 2).mean(axis=(0, 2))]
+    lengths = (width, height)  # samples per line: a row line spans the width, a column line the height
+    masks = [np.zeros(e.size, dtype=bool) for e in lines]
     half = band // 2
-    for c in cols:
-        col_mask[max(c - 1 - half, 0) : min(c - 1 - half + band, dx.shape[1])] = True
-    for r in rows:
-        row_mask[max(r - 1 - half, 0) : min(r - 1 - half + band, dy.shape[0])] = True
-    border = np.concatenate([dx[:, col_mask].ravel(), dy[row_mask].ravel()])
-    interior = np.concatenate([dx[:, ~col_mask].ravel(), dy[~row_mask].ravel()])
-    if border.size == 0 or interior.size == 0:
+    for mask, borders in zip(masks, (rows, cols), strict=True):
+        for b in borders:
+            mask[max(b - 1 - half, 0) : min(b - 1 - half + band, mask.size)] = True
+    if not any(m.any() for m in masks) or all(m.all() for m in masks):
         raise ValueError("seam_score needs at least one border and some interior")
-    b, i = float(border.mean()), float(interior.mean())
-    return SeamScore(ratio=b / i if i > 0 else float("inf"), border_energy=b, interior_energy=i)
+    b, i = _energy(lines, lengths, masks), _energy(lines, lengths, [~m for m in masks])
+    ratio = b / i if i > 0 else float("inf")
+    return SeamScore(ratio, b, i, _local_ratio(lines, lengths, masks), _null_sd(lines, lengths, masks))
+
+
+def _energy(lines: list[np.ndarray], lengths: tuple[int, int], masks: list[np.ndarray]) -> float:
+    total = sum(n * float(e[m].sum()) for e, n, m in zip(lines, lengths, masks, strict=True))
+    count = sum(n * int(m.sum()) for n, m in zip(lengths, masks, strict=True))
+    return total / count if count else 0.0
+
+
+def _local_ratio(lines: list[np.ndarray], lengths: tuple[int, int], masks: list[np.ndarray]) -> float:
+    near = np.r_[-LOCAL_NEAR[1] : -LOCAL_NEAR[0] + 1, LOCAL_NEAR[0] : LOCAL_NEAR[1] + 1]
+    border = around = 0.0
+    for e, n, m in zip(lines, lengths, masks, strict=True):
+        for k in np.flatnonzero(m):
+            idx = k + near
+            idx = idx[(idx >= 0) & (idx < e.size)]
+            idx = idx[~m[idx]]
+            if idx.size:
+                border += n * float(e[k])
+                around += n * float(e[idx].mean())
+    return border / around if around > 0 else float("nan")
+
+
+def _null_sd(lines: list[np.ndarray], lengths: tuple[int, int], masks: list[np.ndarray]) -> float:
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(NULL_DRAWS):
+        drawn = []
+        for e, m in zip(lines, masks, strict=True):
+            d = np.zeros(e.size, dtype=bool)
+            d[rng.choice(e.size, int(m.sum()), replace=False)] = True
+            drawn.append(d)
+        interior = _energy(lines, lengths, [~d for d in drawn])
+        if interior > 0:
+            ratios.append(_energy(lines, lengths, drawn) / interior)
+    return float(np.std(ratios)) if ratios else float("nan")
 
 
 @dataclass(frozen=True)

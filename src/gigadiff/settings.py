@@ -77,7 +77,7 @@ class GenerationSettings:
     """Tile side in image pixels; None means the model's native size."""
     overlap: int | None = None
     """Minimum overlap between neighbouring tiles in image pixels; None means tile / 8."""
-    weights: str = "gaussian"
+    weights: str | None = None
     shift: bool = True
     tile_batch: int = 4
     guidance_rescale: float = 0.0
@@ -127,6 +127,7 @@ class GenerationSettings:
             if info.uses_guidance
             else None,
             tile=tile,
+            weights=self.weights or info.default_weights,
             overlap=self.overlap if self.overlap is not None else default_overlap,
             strength=self.strength if self.strength is not None or self.init_image is None else DEFAULT_STRENGTH,
         )
@@ -166,7 +167,7 @@ def check_generic(s: GenerationSettings) -> None:
         raise GigadiffError("coherence exponents must be positive")
     if s.tileable not in TILEABLE:
         raise GigadiffError(f"tileable must be one of {', '.join(TILEABLE)}, got {s.tileable!r}")
-    if s.weights not in WEIGHT_KINDS:
+    if s.weights is not None and s.weights not in WEIGHT_KINDS:
         raise GigadiffError(f"unknown weights {s.weights!r}; choose one of: {', '.join(WEIGHT_KINDS)}")
     if s.tile is not None and s.tile <= 0:
         raise GigadiffError(f"tile must be positive, got {s.tile}")

@@ -30,6 +30,8 @@ class ModelInfo:
     default_size: int | None = None
     """Image side used when the user gives no size; None means twice the native size."""
     default_steps: int = 30
+    default_weights: str = "gaussian"
+    """The fusion window used when the user names none (see gigadiff.fusion)."""
     default_guidance: float = 7.5
     takes_prompt: bool = True
     uses_guidance: bool = True

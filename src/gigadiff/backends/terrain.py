@@ -75,6 +75,14 @@ def model_to_heights(values: torch.Tensor) -> torch.Tensor:
     return heights.clamp(0, HEIGHT_RANGE_M).float()
 
 
+def heights_to_model(heights: torch.Tensor) -> torch.Tensor:
+    """Heights in metres -> the model's [-1, 1] space (the asinh companding; inverse of model_to_heights)."""
+    unit = torch.asinh(heights.double().clamp(0, HEIGHT_RANGE_M) / ASINH_SCALE) / math.asinh(
+        HEIGHT_RANGE_M / ASINH_SCALE
+    )
+    return (2 * unit - 1).float()
+
+
 def file_fingerprint(path: Path) -> str:
     import hashlib
 
@@ -108,6 +116,7 @@ class TerrainBackend:
             native_size=NATIVE,
             default_size=1024,
             default_steps=4,
+            default_weights="linear",
             default_guidance=0.0,
             takes_prompt=False,
             uses_guidance=False,
