@@ -22,6 +22,10 @@ def test_defaults_come_from_the_model():
     assert (s.width, s.height, s.tile, s.overlap, s.steps, s.guidance) == (1024, 1024, 512, 64, 30, 7.5)
     s = check_for_model(GenerationSettings("x", tile=520), SD)
     assert s.overlap == 64  # 520 / 8 = 65, rounded down to the VAE factor
+    assert s.weights == "gaussian"
+    tent = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, default_weights="linear")
+    assert check_for_model(GenerationSettings(""), tent).weights == "linear"
+    assert check_for_model(GenerationSettings("", weights="uniform"), tent).weights == "uniform"
 
 
 def test_explicit_settings_are_kept():
@@ -39,6 +43,7 @@ def test_explicit_settings_are_kept():
         ({"guidance": -1}, "guidance must be >= 0"),
         ({"guidance_rescale": 2}, "guidance rescale must lie in [0, 1]"),
         ({"seed": -1}, "seed must lie in [0, 2**64)"),
+        ({"weights": "box"}, "unknown weights 'box'; choose one of: uniform, gaussian, cosine, linear"),
     ],
 )
 def test_bad_settings(changes, message):
