@@ -12,8 +12,8 @@ that only one tile reaches.
 - linear: a tent, the distance to the nearest tile edge (beyond the damped rim). Where two tiles overlap,
   normalising makes each one's share fall linearly across the whole overlap, whatever its width: the
   gentlest cross-fade there is (least squared weight gradient), where the Gaussian hands over within a few
-  pixels in the middle of the overlap. On the terrain model, whose tiles disagree most, the Gaussian's
-  hand-over line carries 1.7x the mean gradient energy and the tent's overlap about 1.1x (bench/terrain_seams.py).
+  pixels in the middle of the overlap. On the terrain model, whose last-step tiles still disagree, the
+  Gaussian's hand-over line carries 1.6-1.9x the mean gradient energy, the tent's 1.3-1.6x (bench/terrain_seams.py).
 
 Some models produce unreliable values in a thin rim along their input's edges. A window with `margin` > 0
 multiplies its weight within `margin` pixels of the tile edge by RIM_FACTOR, so a rim counts only where no
