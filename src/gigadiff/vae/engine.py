@@ -344,9 +344,11 @@ class LayerEngine:
         if step.upsample:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         top, bottom, left, right = step.pad
-        x = F.pad(x, (left, right, top, bottom))
+        padding = (top, left)
+        if (top, left) != (bottom, right):  # asymmetric (an encoder's downsampling): pad first
+            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
         weight = step.conv.weight
-        return F.conv2d(x.to(weight.dtype), weight, step.conv.bias, stride=step.stride)
+        return F.conv2d(x.to(weight.dtype), weight, step.conv.bias, stride=step.stride, padding=padding)
 
     def _attention(
         self,
