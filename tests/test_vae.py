@@ -70,6 +70,17 @@ def test_fast_mode_at_this_size_equals_the_whole_decode(vae, latents):
     assert psnr(out, whole_decode(vae, latents)) >= 40
 
 
+def test_fast_mode_measures_a_small_latent_whole_only_within_the_memory_budget(vae, latents):
+    """A 96x128 latent is measured whole in one pass when the budget holds that pass (0.2 GB), else sampled."""
+    program = decoder_program(vae)
+    z = F.interpolate(unscale_latents(vae, latents), scale_factor=2.0, mode="bilinear")
+    tiled = TiledVAE(vae, VaeTiling(mode="fast"))
+    _, whole = tiled.statistics(program, z, torch.float32, 0.2 * 1024**3)
+    assert whole is not None and whole.shape[-2:] == (768, 1024)
+    _, whole = tiled.statistics(program, z, torch.float32, 0.1 * 1024**3)
+    assert whole is None
+
+
 def test_fast_tiles_with_exact_statistics_lose_only_the_halo(vae, latents):
     """The tile pass alone: every 16-px tile decoded by itself with the whole image's statistics, neighbours
     cross-faded over 2 latent px (53 dB with cuts at the halo, 51 dB blended, on this chaotic random VAE)."""

@@ -37,7 +37,8 @@ from gigadiff.vae.program import Program, decoder_program, encoder_program
 Mode = Literal["auto", "exact", "fast"]
 MODES = ("auto", "exact", "fast")
 SAMPLE_ABOVE = 128
-"""Fast mode samples statistics only for latents larger than this squared; smaller ones are measured whole."""
+"""Fast mode samples statistics only for latents larger than this squared; smaller ones are measured whole
+(when that whole pass fits the memory budget)."""
 PREFIX_COST = 0.15
 """Fast mode measures exact statistics over the whole image for the leading steps up to this share of compute."""
 MAX_KEYS = 16384
@@ -232,9 +233,12 @@ class TiledVAE:
         device = next(self.vae.parameters()).device
         steps = len(program.steps)
         prefix = steps
+        small = False  # measured whole: small enough to need no estimate, and the whole pass fits the budget
         if self.tiling.sample < 1:
-            prefix = budget.exact_prefix(program, x.shape[0], x.shape[2], x.shape[3], budget_bytes, PREFIX_COST,
-                                         MAX_KEYS)  # fmt: skip
+            b, h, w = x.shape[0], x.shape[2], x.shape[3]
+            if h * w <= (SAMPLE_ABOVE * program.input_unit) ** 2:
+                small = budget.exact_prefix(program, b, h, w, budget_bytes, 1.0, MAX_KEYS) == steps
+            prefix = steps if small else budget.exact_prefix(program, b, h, w, budget_bytes, PREFIX_COST, MAX_KEYS)
         engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True, max_keys=MAX_KEYS)
         state = engine.begin({program.input: x.to(device)})
         engine.advance(state, 0, prefix)
@@ -281,14 +285,14 @@ def cell_positions(
 ) -> tuple[list[tuple[int, int]], Cells] | None:
     """Top-left corners of cells of side core+2*halo spread evenly over x (at most max_cells), with their `Cells`.
 
-    None when the cores would cover about as much as the whole image (then the whole image is the sample).
+    None when the cores would cover about as much as the whole image, or x is smaller than one cell (then the
+    whole image is the sample).
     Positions are multiples of `unit` (x's px per latent px) so that cells align with the latent grid.
     """
     h, w = x.shape[2:]
     side = core + 2 * halo
     wanted = min(max_cells, math.ceil(fraction * h * w / (core * core)))
-    small = h * w <= (SAMPLE_ABOVE * unit) ** 2  # a pass over all of it costs little: no estimate needed
-    if small or fraction >= 1 or side > h or side > w or wanted * core * core >= 0.9 * h * w:
+    if fraction >= 1 or side > h or side > w or wanted * core * core >= 0.9 * h * w:
         return None
     ny = max(1, min(round(math.sqrt(wanted * h / w)), (h - side) // unit + 1))
     nx = max(1, min(math.ceil(wanted / ny), (w - side) // unit + 1))
