@@ -43,10 +43,6 @@ PREFIX_COST = 0.15
 """Fast mode measures exact statistics over the whole image for the leading steps up to this share of compute."""
 MAX_KEYS = 16384
 """Fast mode's attention keys/values per image: whole-image attention pooled down to this many positions."""
-CPU_TILE = 64
-"""Fast mode's largest tile core (latent px) on a CPU. Measured on the bench VAE at 2048²: 64-px cores pass
-in 0.8x the time of the 168-px cores a 2 GB budget allows (the working set stays in cache), though their
-halos add compute; GPUs take the largest tile the budget allows."""
 
 
 @dataclass(frozen=True)
@@ -118,8 +114,6 @@ def _plan(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int
     unit = program.input_unit
     kv_tokens = min(MAX_KEYS, (height // unit) * (width // unit))
     tile = budget.fast_tile(program, batch, budget_bytes, tiling.halo * unit, kv_tokens, max(height, width), unit)
-    if device.type == "cpu":
-        tile = min(tile, CPU_TILE * unit)
     return DecodePlan("fast", budget_bytes, tile, None)
 
 
