@@ -59,13 +59,15 @@ def handover_peak(image: np.ndarray, starts: list[int], overlap: int) -> float:
     A cross-fade puts its seam inside the overlap (a Gaussian hands over in its middle), where the border
     score does not look; this finds it on the last step's grid. Relative to the image's mean line energy.
     """
-    energies = [(np.diff(image, axis=a) ** 2).mean(axis=1 - a) for a in (0, 1)]
+    from gigadiff.metrics import line_energies
+
+    energies = line_energies(image)
     mean = float(np.mean([e.mean() for e in energies]))
     profile = [np.mean([e[s + d - 1] for e in energies for s in starts if s + d - 1 < e.size]) for d in range(overlap)]
     return float(max(profile)) / mean
 
 
-def run_package(size: int, difficulty: int, seed: int) -> tuple[np.ndarray, dict[str, Any], list[int]]:
+def run_package(size: int, difficulty: int, seed: int):
     from terrain_diffusion import TerrainGenerator
 
     gen = TerrainGenerator(device="cpu")

@@ -70,6 +70,13 @@ def test_fast_mode_at_this_size_equals_the_whole_decode(vae, latents):
     assert psnr(out, whole_decode(vae, latents)) >= 40
 
 
+def test_blend_must_lie_within_the_halo():
+    with pytest.raises(GigadiffError, match="blend from 0 to halo"):
+        VaeTiling(halo=4, blend=6)
+    with pytest.raises(GigadiffError, match="blend from 0 to halo"):
+        VaeTiling(blend=-1)
+
+
 def test_fast_mode_measures_a_small_latent_whole_only_within_the_memory_budget(vae, latents):
     """A 96x128 latent is measured whole in one pass when the budget holds that pass (0.2 GB), else sampled."""
     program = decoder_program(vae)

@@ -69,15 +69,22 @@ def _as_float(image: np.ndarray) -> np.ndarray:
     return img[..., None] if img.ndim == 2 else img
 
 
+def line_energies(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean squared step across every row line and every column line of a [H, W] or [H, W, C] image.
+
+    Entry k of an axis is the line between pixels k and k+1 along it: [H-1] row lines, [W-1] column lines.
+    """
+    img = _as_float(image)
+    return (np.diff(img, axis=0) ** 2).mean(axis=(1, 2)), (np.diff(img, axis=1) ** 2).mean(axis=(0, 2))
+
+
 def seam_score(image: np.ndarray, rows: Iterable[int], cols: Iterable[int], band: int = 1) -> SeamScore:
     """Border-to-interior gradient energy ratio of a [H, W] or [H, W, C] image, with its local and null spread.
 
     Each border counts the `band` difference lines nearest to it (band=1: exactly the line across the border).
     """
-    img = _as_float(image)
-    height, width = img.shape[:2]
-    # line k of an axis lies between pixels k and k+1; its energy is the mean squared step across it
-    lines = [(np.diff(img, axis=0) ** 2).mean(axis=(1, 2)), (np.diff(img, axis=1) ** 2).mean(axis=(0, 2))]
+    height, width = np.shape(image)[:2]
+    lines = list(line_energies(image))
     lengths = (width, height)  # samples per line: a row line spans the width, a column line the height
     masks = [np.zeros(e.size, dtype=bool) for e in lines]
     half = band // 2

@@ -227,12 +227,12 @@ class TiledVAE:
         device = next(self.vae.parameters()).device
         steps = len(program.steps)
         prefix = steps
-        small = False  # measured whole: small enough to need no estimate, and the whole pass fits the budget
         if self.tiling.sample < 1:
             b, h, w = x.shape[0], x.shape[2], x.shape[3]
-            if h * w <= (SAMPLE_ABOVE * program.input_unit) ** 2:
-                small = budget.exact_prefix(program, b, h, w, budget_bytes, 1.0, MAX_KEYS) == steps
-            prefix = steps if small else budget.exact_prefix(program, b, h, w, budget_bytes, PREFIX_COST, MAX_KEYS)
+            # a small input is measured whole (no estimate needed) when that whole pass fits the budget
+            small = h * w <= (SAMPLE_ABOVE * program.input_unit) ** 2
+            if not (small and budget.exact_prefix(program, b, h, w, budget_bytes, 1.0, MAX_KEYS) == steps):
+                prefix = budget.exact_prefix(program, b, h, w, budget_bytes, PREFIX_COST, MAX_KEYS)
         engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True, max_keys=MAX_KEYS)
         state = engine.begin({program.input: x.to(device)})
         engine.advance(state, 0, prefix)
