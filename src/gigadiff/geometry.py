@@ -71,13 +71,16 @@ def axis_count(length: int, window: int, overlap: int) -> int:
     return math.ceil((length - overlap) / (window - overlap))
 
 
-def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0, min_overlap: int = 0) -> tuple[int, ...]:
+def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0, rim_overlap: int = 0) -> tuple[int, ...]:
     """Start positions of the windows along one axis.
 
     Windows are spread evenly between the two edges (so real overlaps are >= `overlap`). `shift` in [-1, 1]
-    moves every interior window by `shift * amplitude`; the first and last windows stay clamped to the edges.
-    The amplitude keeps every pair of neighbours overlapping by at least max(overlap // 2, min_overlap) and
-    never lets an interior window reach an edge window, so the number of windows is the same for every shift.
+    moves the interior windows (the first and last stay clamped to the edges): window k of n by
+    shift * min(k, n - 1 - k) * allowance, at most half a stride. Every pair of neighbours moves apart or
+    together by at most the allowance, so it keeps overlapping by at least `shift_overlap`, and the number of
+    windows is the same for every shift. Windows far from the edges move the most (a uniform shift would be
+    limited everywhere by the two clamped edge windows), and by at most half a stride, so that shifts -1 and
+    1 put them a stride apart: one window's range of positions never overlaps its neighbour's.
     """
     if not -1.0 <= shift <= 1.0:
         raise ValueError(f"shift must lie in [-1, 1], got {shift}")
@@ -90,13 +93,20 @@ def axis_starts(length: int, window: int, overlap: int, shift: float = 0.0, min_
     if n == 1:
         return (0,)
     stride = last / (n - 1)
-    amplitude = max(0.0, min(window - stride - max(overlap // 2, min_overlap), stride - 1))
-    offset = shift * amplitude
+    allowance = max(0.0, window - stride - shift_overlap(overlap, rim_overlap) - 1)  # 1: rounding of starts
     starts = [0]
     for k in range(1, n - 1):
+        offset = shift * min(k * allowance, (n - 1 - k) * allowance, stride / 2, stride - 1)
         starts.append(min(max(round(k * stride + offset), 0), last))
     starts.append(last)
     return tuple(sorted(set(starts)))
+
+
+def shift_overlap(overlap: int, rim_overlap: int) -> int:
+    """The least overlap shifted neighbours keep: half the requested overlap, and beyond the `rim_overlap` px
+    that two untrusted tile rims take (which cannot cross-fade) a quarter of it, so that no shifted pair meets
+    in a hard seam."""
+    return max(overlap // 2, rim_overlap + overlap // 4) if rim_overlap else overlap // 2
 
 
 def ring_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> tuple[int, ...]:
@@ -140,7 +150,7 @@ def tile_grid(
     tile: int | tuple[int, int],
     overlap: int,
     shift: tuple[float, float] = (0.0, 0.0),
-    min_overlap: int = 0,
+    rim_overlap: int = 0,
     wrap: tuple[bool, bool] = (False, False),
 ) -> TileGrid:
     """A row-major grid of windows covering a `height` x `width` canvas.
@@ -158,19 +168,23 @@ def tile_grid(
     def starts(length: int, win: int, axis_shift: float, wraps: bool) -> tuple[int, ...]:
         if wraps:
             return ring_starts(length, win, min(overlap, win - 1), axis_shift)
-        return axis_starts(length, win, min(overlap, win - 1), axis_shift, min_overlap)
+        return axis_starts(length, win, min(overlap, win - 1), axis_shift, rim_overlap)
 
     ys = starts(height, win_h, shift[0], wrap[0])
     xs = starts(width, win_w, shift[1], wrap[1])
     return TileGrid(height, width, tuple(Tile(y, x, win_h, win_w) for y in ys for x in xs), wrap)
 
 
+PLASTIC = 1.324717957244746
+R2_STEP = np.array([1 / PLASTIC, 1 / PLASTIC**2])
+
+
 @dataclass(frozen=True)
 class GridPlan:
     """The grid to use at each step of one generation.
 
-    With `shifted`, step i's grid is moved by an offset drawn from a generator seeded with (seed, i), so the
-    same settings give the same grids on every process, whatever the batch size or world size.
+    With `shifted`, step i's grid is moved by an offset that depends only on (seed, i) (see shift_for_step),
+    so the same settings give the same grids on every process, whatever the batch size or world size.
     """
 
     height: int
@@ -179,21 +193,26 @@ class GridPlan:
     overlap: int
     shifted: bool = True
     seed: int = 0
-    min_overlap: int = 0
-    """Overlap that shifting must never go below (models with unreliable tile rims need 2 x rim)."""
+    rim_overlap: int = 0
+    """Overlap taken by untrusted tile rims (2 x the model's edge margin), which cannot cross-fade."""
     wrap: tuple[bool, bool] = (False, False)
     """(vertical, horizontal) axes on which the canvas is a ring (tileable output)."""
 
     def shift_for_step(self, step: int) -> tuple[float, float]:
+        """Step i's shift in [-1, 1]^2: a seeded start plus i steps of the R2 low-discrepancy sequence.
+
+        Independent random shifts often repeat a grid within a few steps (its seams then add up); R2 steps
+        (Roberts, 2018: the plastic number's inverse powers) spread any run of consecutive steps evenly.
+        """
         if not self.shifted:
             return (0.0, 0.0)
-        rng = np.random.default_rng([self.seed % (2**63), step])
-        dy, dx = rng.uniform(-1.0, 1.0, size=2)
-        return float(dy), float(dx)
+        start = np.random.default_rng([self.seed % (2**63)]).uniform(0.0, 1.0, size=2)
+        phase = (start + step * R2_STEP) % 1.0
+        return float(2 * phase[0] - 1), float(2 * phase[1] - 1)
 
     def grid(self, step: int) -> TileGrid:
         shift = self.shift_for_step(step)
-        return tile_grid(self.height, self.width, self.tile, self.overlap, shift, self.min_overlap, self.wrap)
+        return tile_grid(self.height, self.width, self.tile, self.overlap, shift, self.rim_overlap, self.wrap)
 
     @property
     def tiles_per_step(self) -> int:
