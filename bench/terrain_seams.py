@@ -2,17 +2,24 @@
 
 Same seed, difficulty and sizes (1024² and 2048² by default). The package's large-map mode denoises overlapping
 128² windows of one noise canvas once, Hann-blended, with no synchronization. gigadiff runs the same ONNX
-network in its own loop: uniform or gaussian fusion, fixed or shifted grids, 1, 2 and 4 consistency steps.
+network in its own loop: uniform, gaussian or linear fusion, fixed or shifted grids, with or without level
+consensus (gigadiff.levels), 1, 2 and 4 consistency steps.
+
+Plateau score (gigadiff.metrics.plateau_score): the low-passed gradient energy inside the first step's overlaps
+(the package's only step) against elsewhere, in model space: tiles that paint their own base levels leave
+tile-sized plateaus whose cross-faded edges lie there. About 1 without plateaus.
 
 Seam score (gigadiff.metrics.seam_score): mean squared gradient across each method's own tile borders (for
 shifted grids, every border of every step) / the same everywhere else, with its spread over random line sets
 ("null sd": how far from 1 chance alone moves it) and the local ratio (each border line against the lines
 6-12 px beside it). Scored in the model's own space (asinh-companded heights in [-1, 1], where the texture is
 about equally rough everywhere) and in metres (where a few high ranges carry most of the gradient energy, so
-the null spread is several times larger). Also wall time, model calls and tiles per step. Writes a table,
-JSON, and a side-by-side shaded relief of the same seam region.
+the null spread is several times larger). Also wall time, model calls, tiles per step and tiles evaluated in
+all (level consensus adds one probe tile per step). Writes a table, JSON, and a side-by-side shaded relief of
+the same seam region.
 
     python bench/terrain_seams.py [--sizes 1024 2048] [--steps 1 2 4] [--difficulty 60] [--seed 0]
+                                  [--configs uniform gaussian gaussian-shifted linear-shifted default]
 """
 
 from __future__ import annotations
@@ -27,7 +34,13 @@ import numpy as np
 from PIL import Image
 
 OVERLAP = 32  # the package's default tile overlap; gigadiff's terrain default is the same
-CONFIGS = [("uniform", False), ("gaussian", False), ("gaussian", True), ("linear", True)]
+CONFIGS = {  # name: (weights, shifted grids, level consensus)
+    "uniform": ("uniform", False, False),
+    "gaussian": ("gaussian", False, False),
+    "gaussian-shifted": ("gaussian", True, False),
+    "linear-shifted": ("linear", True, False),
+    "default": ("linear", True, True),
+}
 
 
 class CountingSession:
@@ -76,19 +89,22 @@ def run_package(size: int, difficulty: int, seed: int):
     start = time.perf_counter()
     heights = gen.generate(1, shape=(size, size), difficulty=difficulty, seed=seed, tile_overlap=OVERLAP)[0]
     wall = time.perf_counter() - start
-    stats = {"wall_s": wall, "model_calls": counter.calls, "tiles_per_step": counter.tiles, "steps": 1}
+    stats = {"wall_s": wall, "model_calls": counter.calls, "tiles_per_step": counter.tiles, "steps": 1,
+             "tiles_evaluated": counter.tiles}  # fmt: skip
     lines = package_borders(size)
-    return heights, stats, (lines, lines), (package_starts(size), OVERLAP)
+    starts = [0, *package_starts(size)]
+    return heights, stats, (lines, lines), (package_starts(size), OVERLAP), (starts, starts)
 
 
-def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, weights: str, shift: bool, steps: int):
+def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool], steps: int):
     from gigadiff.api import run_generation
     from gigadiff.metrics import grid_borders
     from gigadiff.recipes.txt2img import grid_plan
     from gigadiff.settings import GenerationSettings
 
+    weights, shift, level_sync = config
     settings = GenerationSettings("", width=size, height=size, steps=steps, seed=seed, weights=weights, shift=shift,
-                                  overlap=OVERLAP, extra={"difficulty": difficulty})  # fmt: skip
+                                  level_sync=level_sync, overlap=OVERLAP, extra={"difficulty": difficulty})  # fmt: skip
     start = time.perf_counter()
     result = run_generation(settings, backend)
     heights = backend.decode(result.latents)[0, 0].numpy()
@@ -99,19 +115,27 @@ def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, weights: s
     starts = sorted({t.x for t in last if t.x > 0})  # square canvas: rows start where columns do
     overlap = min(a.x + a.w - b.x for a, b in zip(last.tiles, last.tiles[1:], strict=False) if b.x > a.x)
     stats = {"wall_s": wall, "model_calls": result.run.model_calls, "tiles_per_step": result.run.tiles_per_step,
-             "steps": steps}  # fmt: skip
-    return heights, stats, borders, (starts, overlap)
+             "steps": steps, "tiles_evaluated": result.run.evaluated_pixels // 128**2}  # fmt: skip
+    first = sorted({t.x for t in plan.grid(0)}), sorted({t.y for t in plan.grid(0)})
+    return heights, stats, borders, (starts, overlap), first
 
 
-def seam_columns(heights: np.ndarray, borders: tuple[list[int], list[int]], last: tuple[list[int], int]):
-    """Seam ratio, its null spread, the local ratio and the hand-over peak, in model space and in metres."""
+def seam_columns(
+    heights: np.ndarray,
+    borders: tuple[list[int], list[int]],
+    last: tuple[list[int], int],
+    first: tuple[list[int], list[int]],
+):
+    """Seam ratio, its null spread, the local ratio and the hand-over peak, in model space and in metres; and
+    the plateau score on the first step's overlaps (model space)."""
     import torch
 
-    from gigadiff.backends.terrain import heights_to_model
-    from gigadiff.metrics import seam_score
+    from gigadiff.backends.terrain import EDGE_MARGIN, heights_to_model
+    from gigadiff.metrics import overlap_bands, plateau_score, seam_score
 
     model = heights_to_model(torch.from_numpy(np.asarray(heights, dtype=np.float32))).numpy()
-    out = {}
+    cols, rows = (overlap_bands(starts, 128, EDGE_MARGIN) for starts in first)
+    out = {"plateau_model": plateau_score(model, rows, cols)}
     for space, image in (("model", model), ("m", heights)):
         score = seam_score(image, *borders)
         out |= {f"seam_{space}": score.ratio, f"null_sd_{space}": score.null_sd, f"local_{space}": score.local,
@@ -132,6 +156,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--difficulty", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,25 +165,28 @@ def main() -> None:
 
     backend = open_backend("terrain", "cpu")
     rows: list[dict[str, Any]] = []
-    header = (f"{'size':>5} {'method':<26} {'steps':>5} {'seam model':>15} {'local':>6} {'hand-over':>9} "
+    header = (f"{'size':>5} {'method':<26} {'steps':>5} {'plateau':>7} "
+              f"{'seam model':>15} {'local':>6} {'hand-over':>9} "
               f"{'seam metres':>15} {'local':>6} {'hand-over':>9} "
-              f"{'wall s':>7} {'calls':>6} {'tiles/step':>10}")  # fmt: skip
+              f"{'wall s':>7} {'calls':>6} {'tiles/step':>10} {'tiles run':>9}")  # fmt: skip
     print(header)
     for size in args.sizes:
-        heights, stats, lines, last = run_package(size, args.difficulty, args.seed)
-        runs = [("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last)})]
-        for weights, shift in CONFIGS:
+        heights, stats, lines, last, first = run_package(size, args.difficulty, args.seed)
+        runs = [("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last, first)})]
+        for name in args.configs:
             for steps in args.steps:
-                h, st, borders, last = run_gigadiff(backend, size, args.difficulty, args.seed, weights, shift, steps)
-                name = f"gigadiff {weights}{' shifted' if shift else ''}"
-                runs.append((name, h, {**st, **seam_columns(h, borders, last)}))
+                h, st, borders, last, first = run_gigadiff(backend, size, args.difficulty, args.seed, CONFIGS[name],
+                                                           steps)  # fmt: skip
+                runs.append((f"gigadiff {name}", h, {**st, **seam_columns(h, borders, last, first)}))
         for name, _, st in runs:
             rows.append({"size": size, "method": name, **st})
-            print(f"{size:>5} {name:<26} {st['steps']:>5} {st['seam_model']:>7.3f} ±{st['null_sd_model']:<6.3f} "
+            print(f"{size:>5} {name:<26} {st['steps']:>5} {st['plateau_model']:>7.2f} "
+                  f"{st['seam_model']:>7.3f} ±{st['null_sd_model']:<6.3f} "
                   f"{st['local_model']:>6.3f} {st['handover_model']:>9.2f} "
                   f"{st['seam_m']:>7.3f} ±{st['null_sd_m']:<6.3f} "
                   f"{st['local_m']:>6.3f} {st['handover_m']:>9.2f} "
-                  f"{st['wall_s']:>7.1f} {st['model_calls']:>6} {st['tiles_per_step']:>10}", flush=True)  # fmt: skip
+                  f"{st['wall_s']:>7.1f} {st['model_calls']:>6} {st['tiles_per_step']:>10} {st['tiles_evaluated']:>9}",
+                  flush=True)  # fmt: skip
         report = {"benchmark": "terrain_seams", "difficulty": args.difficulty, "seed": args.seed, "overlap": OVERLAP,
                   "rows": rows}  # fmt: skip
         (args.out / "terrain_seams.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -67,10 +67,12 @@ def test_existing_output_is_never_overwritten_without_flag(tiny_sd_dir, tmp_path
 
 def test_sdxl_end_to_end(tiny_sdxl_dir, tmp_path):
     out = tmp_path / "xl.png"
-    result = invoke(*tiny_args(tiny_sdxl_dir, out, "--weights", "cosine", "--no-shift", "--tile-batch", "3"))
+    result = invoke(*tiny_args(tiny_sdxl_dir, out, "--weights", "cosine", "--no-shift", "--tile-batch", "3",
+                               "--level-sync"))  # fmt: skip
     assert result.exit_code == 0, result.output
     meta = read_png_metadata(out)
     assert meta["model_family"] == "sdxl" and meta["weights"] == "cosine" and meta["shift"] is False
+    assert meta["level_sync"] is True
 
 
 BAD_INPUTS = [

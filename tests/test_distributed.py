@@ -83,14 +83,16 @@ def test_cfg_split_needs_torchrun_and_guidance(tiny_sd_dir, tmp_path):
     assert proc.returncode != 0 and "needs a model run with classifier-free guidance" in proc.stderr
 
 
-def test_single_process_run_equals_the_torchrun_ones(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--level-sync"]], ids=["plain", "level-sync"])
+def test_single_process_run_equals_the_torchrun_ones(tiny_sd_dir, tmp_path, extra):
+    """Also with level consensus, whose probe tile is one more unit of work shared out over the ranks."""
     out = tmp_path / "plain.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out)], capture_output=True,
-                          text=True, env=env, timeout=240)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out, *extra)],
+                          capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = tmp_path / "two.png"
-    assert torchrun(2, gen_args(tiny_sd_dir, two)).returncode == 0
+    assert torchrun(2, gen_args(tiny_sd_dir, two, *extra)).returncode == 0
     assert torch.equal(read_latent(out.with_suffix(".safetensors"))[0], read_latent(two.with_suffix(".safetensors"))[0])
 
 

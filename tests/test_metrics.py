@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from gigadiff.geometry import tile_grid
-from gigadiff.metrics import grid_borders, seam_score
+from gigadiff.metrics import grid_borders, overlap_bands, plateau_score, seam_score
 
 
 def test_clean_noise_scores_about_one_and_a_planted_step_is_flagged():
@@ -150,3 +151,27 @@ def test_metrics_cli_refuses_a_bad_grid_a_mismatched_sidecar_and_broken_metadata
     sidecar.write_text("{broken")
     broken = invoke("metrics", str(image))
     assert broken.exit_code == 2 and "is not valid JSON" in broken.output
+
+
+def _plateaus(levels: np.ndarray, starts: list[int], window: int, margin: int) -> np.ndarray:
+    """Tiles of constant level fused as the terrain default does: linear cross-fades over the overlaps."""
+    from gigadiff.fusion import fuse
+    from gigadiff.geometry import Tile
+
+    tiles = [Tile(y, x, window, window) for y in starts for x in starts]
+    values = torch.tensor(levels, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, window, window)
+    size = starts[-1] + window
+    return fuse(tiles, values.contiguous(), (1, 1, size, size), "linear", margin)[0, 0].numpy()
+
+
+def test_plateau_score_flags_tile_levels_and_passes_texture():
+    rng = np.random.default_rng(2)
+    starts, window, margin = [0, 96, 192, 288, 384], 128, 8
+    bands = overlap_bands(starts, window, margin)
+    assert bands == [(104, 120), (200, 216), (296, 312), (392, 408)]
+    texture = rng.normal(size=(512, 512)) * 0.05
+    assert plateau_score(texture, bands, bands) == pytest.approx(1.0, abs=0.1)
+    plateaus = _plateaus(rng.normal(size=25) * 0.3, starts, window, margin)
+    assert plateau_score(plateaus + texture, bands, bands) > 3
+    hills = np.add.outer(np.sin(np.arange(512) / 40.0), np.cos(np.arange(512) / 55.0)) * 0.3  # no tile structure
+    assert plateau_score(hills + texture, bands, bands) == pytest.approx(1.0, abs=0.25)

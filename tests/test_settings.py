@@ -26,6 +26,10 @@ def test_defaults_come_from_the_model():
     tent = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, default_weights="linear")
     assert check_for_model(GenerationSettings(""), tent).weights == "linear"
     assert check_for_model(GenerationSettings("", weights="uniform"), tent).weights == "uniform"
+    assert s.level_sync is False
+    synced = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, default_level_sync=True)
+    assert check_for_model(GenerationSettings(""), synced).level_sync is True
+    assert check_for_model(GenerationSettings("", level_sync=False), synced).level_sync is False
 
 
 def test_explicit_settings_are_kept():

@@ -48,7 +48,9 @@ def test_deterministic_for_a_seed_and_different_across_seeds(terrain):
 def test_multistep_run_is_a_plausible_heightmap(terrain):
     result = run_generation(settings(steps=2, tile_batch=3), terrain)
     assert result.run.tiles_per_step == 9  # 256 px, 128 tiles, 32 overlap -> 3 x 3, same as the package's tiler
-    assert result.run.model_calls == 2 * 3  # 2 steps, 9 tiles in batches of 3
+    # 2 steps, 9 tiles in batches of 3, and level consensus's 4 probe tiles in batches of 3
+    assert result.run.model_calls == 2 * (3 + 2)
+    assert result.latents.min() >= -1 and result.latents.max() <= 1  # the model's own range
     heights = terrain.decode(result.latents)
     assert heights.shape == (1, 1, 256, 256)
     assert heights.min() >= 0 and heights.max() <= HEIGHT_RANGE_M

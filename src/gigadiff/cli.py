@@ -110,6 +110,14 @@ def generate(
         ),
     ] = None,
     shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
+    level_sync: Annotated[
+        bool | None,
+        typer.Option(
+            "--level-sync/--no-level-sync",
+            help="Tiles share the canvas's low frequencies instead of each painting its own level (default: "
+            "the model's; on for terrain).",
+        ),
+    ] = None,
     tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
     guidance_rescale: Annotated[float, typer.Option(help="Guidance rescale factor in [0, 1].")] = 0.0,
     eta: Annotated[
@@ -193,6 +201,7 @@ def _generate(
     overlap: int | None,
     weights: str | None,
     shift: bool,
+    level_sync: bool | None,
     tile_batch: int,
     guidance_rescale: float,
     eta: float,
@@ -251,6 +260,7 @@ def _generate(
         overlap=overlap,
         weights=weights,
         shift=shift,
+        level_sync=level_sync,
         tile_batch=tile_batch,
         guidance_rescale=guidance_rescale,
         eta=eta,

@@ -5,6 +5,11 @@ else. A seam (a step or a crease along a border) raises it above 1; an image who
 from its interior scores about 1. Gradients across a vertical border at column c are I[:, c] - I[:, c-1]
 (horizontal differences), across a horizontal border at row r are I[r, :] - I[r-1, :].
 
+Plateau score: a few-step sampler whose tiles each invent their own base level leaves tile-sized plateaus.
+Fusion cross-fades them, so their edges are not on the border lines but spread as ramps over the first
+step's overlaps. The score is the low-passed image's (Gaussian, `PLATEAU_SMOOTH` px: texture removed)
+gradient energy across lines inside those overlaps, divided by the same elsewhere: about 1 without plateaus.
+
 Edge continuity: for output meant to tile (textures, 360-degree panoramas), the mean squared step from the
 last column to the first (or last row to first), divided by the mean squared step between neighbouring
 columns (rows) inside the image. About 1 when copies placed side by side show no seam (one line against the
@@ -131,6 +136,47 @@ def _null_sd(lines: list[np.ndarray], lengths: tuple[int, int], masks: list[np.n
         if interior > 0:
             ratios.append(_energy(lines, lengths, drawn) / interior)
     return float(np.std(ratios)) if ratios else float("nan")
+
+
+PLATEAU_SMOOTH = 3.0
+"""Standard deviation (px) of the low-pass the plateau score looks through: wider than a texture's grain,
+narrower than an overlap."""
+
+
+def overlap_bands(starts: Iterable[int], window: int, margin: int = 0) -> list[tuple[int, int]]:
+    """Where neighbouring windows (sorted starts, `window` px long) overlap, less `margin` px at each end."""
+    ordered = sorted(starts)
+    bands = [(b + margin, a + window - margin) for a, b in itertools.pairwise(ordered)]
+    return [(lo, hi) for lo, hi in bands if hi > lo]
+
+
+def plateau_score(
+    image: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]], edge: int = 16
+) -> float:
+    """Low-passed gradient energy across the lines inside the bands / across all other lines (`edge` px from
+    the image's own edges left out). See the module docstring."""
+    import torch
+
+    from gigadiff.levels import gaussian_lowpass
+
+    img = _as_float(image)
+    channels_first = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+    smooth = gaussian_lowpass(channels_first, PLATEAU_SMOOTH)[0].numpy().transpose(1, 2, 0)
+    inside = outside = 0.0
+    n_in = n_out = 0
+    for energies, bands, length in zip(line_energies(smooth), (row_bands, col_bands), img.shape[1::-1], strict=True):
+        mask = np.zeros(energies.size, dtype=bool)
+        for lo, hi in bands:  # the line between pixels k and k+1 is inside when both are
+            mask[max(lo, 0) : max(hi - 1, 0)] = True
+        kept = np.zeros(energies.size, dtype=bool)
+        kept[edge : energies.size - edge] = True
+        inside += length * float(energies[mask & kept].sum())
+        outside += length * float(energies[~mask & kept].sum())
+        n_in += length * int((mask & kept).sum())
+        n_out += length * int((~mask & kept).sum())
+    if not n_in or not n_out or outside == 0:
+        raise ValueError("plateau_score needs lines both inside and outside the bands")
+    return (inside / n_in) / (outside / n_out)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class GenerationSettings:
     """Minimum overlap between neighbouring tiles in image pixels; None means tile / 8."""
     weights: str | None = None
     shift: bool = True
+    level_sync: bool | None = None
+    """Tiles agree on the canvas's low frequencies (gigadiff.levels); None means the model's default."""
     tile_batch: int = 4
     guidance_rescale: float = 0.0
     eta: float = 0.0
@@ -128,6 +130,7 @@ class GenerationSettings:
             else None,
             tile=tile,
             weights=self.weights or info.default_weights,
+            level_sync=self.level_sync if self.level_sync is not None else info.default_level_sync,
             overlap=self.overlap if self.overlap is not None else default_overlap,
             strength=self.strength if self.strength is not None or self.init_image is None else DEFAULT_STRENGTH,
         )

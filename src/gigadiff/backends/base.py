@@ -32,6 +32,12 @@ class ModelInfo:
     default_steps: int = 30
     default_weights: str = "gaussian"
     """The fusion window used when the user names none (see gigadiff.fusion)."""
+    prediction_range: tuple[float, float] | None = None
+    """Bounds the model's predictions never leave (e.g. an x0 model that clamps its output), which fusion
+    corrections (gigadiff.levels) must respect too; None: unbounded."""
+    default_level_sync: bool = False
+    """Whether tiles share one low-frequency level by default (gigadiff.levels): on for few-step models whose
+    tiles otherwise paint tile-sized plateaus."""
     default_guidance: float = 7.5
     takes_prompt: bool = True
     uses_guidance: bool = True

@@ -117,6 +117,8 @@ class TerrainBackend:
             default_size=1024,
             default_steps=4,
             default_weights="linear",
+            default_level_sync=True,
+            prediction_range=(-1.0, 1.0),  # the graph clamps its x0
             default_guidance=0.0,
             takes_prompt=False,
             uses_guidance=False,

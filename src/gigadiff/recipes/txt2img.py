@@ -20,6 +20,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan
 from gigadiff.io.images import load_resized
+from gigadiff.levels import LevelConsensus
 from gigadiff.noise import canvas_noise, seeded_generator
 from gigadiff.recipes.regional import region_layers, region_weights, with_region_seeds
 from gigadiff.recipes.setup import condition, prepared_scheduler
@@ -49,7 +50,7 @@ def grid_plan(settings: GenerationSettings, info: ModelInfo) -> GridPlan:
         overlap=settings.overlap // f,
         shifted=settings.shift,
         seed=settings.seed,
-        min_overlap=2 * info.edge_margin,
+        rim_overlap=2 * info.edge_margin,
         wrap=settings.wrap,
     )
 
@@ -165,7 +166,8 @@ def text_to_image(
     if checkpoints is not None:
         writer = CheckpointWriter(checkpoints, settings, backend, scheduler, generator, len(scheduler.timesteps))
     layers = region_layers(backend, settings, cond, weights) if settings.regions else ()
-    denoiser = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin, layers)
+    local = CanvasDenoiser(backend, cond, executor, plan, settings.weights, info.edge_margin, layers)
+    denoiser = LevelConsensus(local) if settings.level_sync else local
     latents = sample(
         denoiser,
         scheduler,

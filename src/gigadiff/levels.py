@@ -1,0 +1,184 @@
+"""Level consensus: tiles agree on the canvas's low frequencies instead of each inventing its own.
+
+A tile sees only its window, so everything the model reads from scales larger than a tile is read from that
+window alone. At high noise the clearest such signal is the window's mean: on the terrain model at sigma 80,
+the level of a tile's prediction follows the mean of its noisy input with correlation 0.96, while with the
+mean removed the levels of 32 random windows vary 5x less (measured). Neighbouring windows have different
+means, so each tile paints its own base level, and fusion leaves a patchwork of tile-sized plateaus with
+straight edges; a few-step sampler (a consistency model) never gets to reconcile them.
+
+The fix splits the model input canvas x into a smooth part L (a Gaussian low-pass about a quarter of a tile wide)
+and the rest:
+
+- every tile sees x - L + mean(L): the same level everywhere, the window's detail unchanged;
+- the fused prediction gets R(L - mean(L)) added back, R the model's response to a uniform shift of its
+  input level, measured at every step on the grid's middle tile: the mean of its prediction with its input
+  shifted by -3, -1, 1 and 3 spreads of the field (0.3% of a Gaussian field lies beyond), against its
+  prediction in the fused pass, joined by a polyline (4 extra tiles per step, in one batch). Each channel
+  has its own curve (a diagonal response).
+
+So the low frequencies pass through the model's measured response, the same at every pixel, rather than
+through a patchwork of per-window responses, and the model still sees the canvas's overall level. Near 0 the
+curve's slope is what the denoiser's shrinkage makes of a level at that noise level (terrain: 0.2-0.6 at
+sigma 80, about 1 at sigma 10); measuring a curve, not a slope, keeps the output inside the model's range
+where the response saturates (a linear gain pushed the terrain model's heights past its [-1, 1] range).
+The curve is the probe window's, whose level is the canvas's; where the local level is near a bound, the
+result is clamped to the model's `prediction_range` (its own outputs never leave it either).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gigadiff.backends.base import Backend
+from gigadiff.executors.local import TileExecutor
+from gigadiff.fusion import gather_tile
+from gigadiff.geometry import GridPlan, Tile, TileGrid
+from gigadiff.sampler import CanvasDenoiser, StepListener
+
+PROBE_SHIFTS = (-3.0, -1.0, 1.0, 3.0)
+"""Where the response curve is measured: input levels this many field spreads from the canvas level."""
+WIDTH_PER_TILE = 1 / (2 * math.sqrt(math.pi))
+"""Standard deviation of the low-pass, in tile sides: a Gaussian window of sigma = T / (2 sqrt(pi)) averages
+over an effective area 4 pi sigma^2 = T^2, one tile's, so the field varies as much as the tile means the model
+reads. A narrower one lets blurred noise paint its own blobs (at T / 8: 5x the variance, a map of round
+peaks); a wider one leaves more of the tile-scale level to the windows (measured on the terrain model)."""
+
+
+def gaussian_lowpass(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px, truncated at 3 sigma.
+
+    Edges are mirrored (a constant stays constant); a wrapped axis is blurred round its ring. On an axis
+    shorter than the kernel, the kernel is truncated to fit and renormalised.
+    """
+    out = x
+    for axis, wraps in ((2, wrap[0]), (3, wrap[1])):
+        size = x.shape[axis]
+        radius = min(math.ceil(3 * sigma), size - 1 if not wraps else size // 2)
+        if radius < 1:
+            continue
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+        kernel = torch.exp(-(taps**2) / (2 * sigma * sigma))
+        kernel = (kernel / kernel.sum()).to(x.dtype)
+        channels = x.shape[1]
+        if axis == 2:
+            pad, weight = (0, 0, radius, radius), kernel.view(1, 1, -1, 1)
+        else:
+            pad, weight = (radius, radius, 0, 0), kernel.view(1, 1, 1, -1)
+        padded = F.pad(out, pad, mode="circular" if wraps else "reflect")
+        out = F.conv2d(padded, weight.expand(channels, 1, *weight.shape[2:]), groups=channels)
+    return out
+
+
+@dataclass
+class LevelConsensus:
+    """A `Denoiser` around a CanvasDenoiser whose tiles all see one level (see the module docstring)."""
+
+    local: CanvasDenoiser
+    gains: list[list[float]] = field(default_factory=list)
+    """The gain measured at each step (per channel), for reports and tests."""
+    probe_calls: int = 0
+    probe_pixels: int = 0
+
+    @property
+    def plan(self) -> GridPlan:
+        return self.local.plan
+
+    @property
+    def model_calls(self) -> int:
+        return self.local.model_calls + self.probe_calls
+
+    @property
+    def evaluated_pixels(self) -> int:
+        return self.local.evaluated_pixels + self.probe_pixels
+
+    def passes(self, grid: TileGrid) -> list[tuple[Any, TileGrid, torch.Tensor | None]]:
+        passes = self.local.passes(grid)
+        if len(grid) < 2:
+            return passes
+        window = grid.tiles[len(grid.tiles) // 2]
+        probes = tuple(Tile(0, k * window.w, window.h, window.w) for k in range(len(PROBE_SHIFTS)))
+        return [*passes, (self.local.cond, TileGrid(window.h, len(probes) * window.w, probes), None)]
+
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
+        if len(grid) < 2:  # one window sees the whole canvas: nothing to agree on
+            return self.local(x, t, step, grid, listener)
+        smooth = gaussian_lowpass(x.float(), WIDTH_PER_TILE * self.plan.tile, grid.wrap).to(x.dtype)
+        field_ = smooth - smooth.mean(dim=(-2, -1), keepdim=True)
+        detail = x - field_
+        probe = grid.tiles[len(grid.tiles) // 2]  # a full-size interior window
+        executor = self.local.executor
+        self.local.executor = capture = Capture(executor, probe)
+        try:
+            fused = self.local(detail, t, step, grid, listener)
+        finally:
+            self.local.executor = executor
+        assert capture.prediction is not None
+        knots, responses = self._response(gather_tile(detail, probe), capture.prediction, field_, t, listener)
+        self.gains.append(((responses[..., 3] - responses[..., 1]) / (knots[..., 3] - knots[..., 1])).tolist())
+        correction = piecewise_linear(field_.float(), knots, responses)
+        out = fused + correction.to(fused.device, fused.dtype)
+        bounds = self.local.backend.info.prediction_range
+        return out if bounds is None else out.clamp(*bounds)
+
+    def _response(
+        self, crop: torch.Tensor, base: torch.Tensor, field_: torch.Tensor, t: Any, listener: StepListener
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe window's mean prediction as its input level moves by PROBE_SHIFTS field spreads, less its
+        prediction in the fused pass: ([C, K] shifts, [C, K] responses), K = len(PROBE_SHIFTS) + 1, sorted.
+
+        The shifted copies of the window run side by side as one small canvas: one batch, whatever executor."""
+        spread = field_.float().std(dim=(-2, -1)).mean(dim=0).clamp_min(1e-3)  # [C]
+        h, w = crop.shape[-2:]
+        shifts = [s * spread for s in PROBE_SHIFTS]
+        canvas = torch.cat([crop + d.to(crop.dtype).view(1, -1, 1, 1) for d in shifts], dim=-1)
+        tiles = tuple(Tile(0, k * w, h, w) for k in range(len(shifts)))
+        local = self.local
+        means = []
+        for done, predictions in local.executor.predictions(
+            local.backend, canvas, t, local.cond, TileGrid(h, canvas.shape[-1], tiles)
+        ):
+            means += [p.float().mean(dim=(0, 2, 3)) for p in predictions.chunk(len(done))]
+            self.probe_calls += 1
+            listener.on_tiles_done(len(done))
+        self.probe_pixels += len(tiles) * h * w
+        level = base.float().mean(dim=(0, 2, 3))
+        knots = torch.stack([*shifts, torch.zeros_like(spread)], dim=-1)
+        responses = torch.stack([*(m - level for m in means), torch.zeros_like(level)], dim=-1)
+        order = knots.argsort(dim=-1)
+        return knots.gather(-1, order), responses.gather(-1, order)
+
+
+def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per channel, the polyline through (knots[c, k], values[c, k]) (knots increasing) at x [B, C, H, W],
+    extended beyond the end knots along the end segments."""
+    out = torch.empty_like(x)
+    for c in range(x.shape[1]):
+        u, v = knots[c], values[c]
+        slopes = (v[1:] - v[:-1]) / (u[1:] - u[:-1]).clamp_min(1e-12)
+        segment = torch.bucketize(x[:, c].contiguous(), u[1:-1])  # 0 .. K-2
+        out[:, c] = v[segment] + slopes[segment] * (x[:, c] - u[segment])
+    return out
+
+
+@dataclass
+class Capture:
+    """An executor that passes another's predictions through and keeps the one for `tile`."""
+
+    inner: TileExecutor
+    tile: Tile
+    prediction: torch.Tensor | None = None
+
+    def predictions(
+        self, backend: Backend, canvas: torch.Tensor, t: Any, cond: Any, grid: TileGrid
+    ) -> Iterator[tuple[Sequence[Tile], torch.Tensor]]:
+        for tiles, predictions in self.inner.predictions(backend, canvas, t, cond, grid):
+            if self.tile in tiles:
+                self.prediction = predictions.chunk(len(tiles))[list(tiles).index(self.tile)]
+            yield tiles, predictions
