@@ -5,9 +5,9 @@ Same seed, difficulty and sizes (1024² and 2048² by default). The package's la
 network in its own loop: uniform, gaussian or linear fusion, fixed or shifted grids, with or without level
 consensus (gigadiff.levels), 1, 2 and 4 consistency steps.
 
-Plateau score (gigadiff.metrics.plateau_score): the low-passed gradient energy inside the first step's overlaps
-(the package's only step) against elsewhere, in model space: tiles that paint their own base levels leave
-tile-sized plateaus whose cross-faded edges lie there. About 1 without plateaus.
+Grid anisotropy (gigadiff.metrics.grid_anisotropy): spectral power along the two image axes against the oblique
+directions, in model space, with its chance spread: tile-sized plateaus and seams are straight, axis-aligned
+edges (a grid); natural relief has no preferred direction and scores about 1.
 
 Seam score (gigadiff.metrics.seam_score): mean squared gradient across each method's own tile borders (for
 shifted grids, every border of every step) / the same everywhere else, with its spread over random line sets
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,7 @@ def run_package(size: int, difficulty: int, seed: int):
     stats = {"wall_s": wall, "model_calls": counter.calls, "tiles_per_step": counter.tiles, "steps": 1,
              "tiles_evaluated": counter.tiles}  # fmt: skip
     lines = package_borders(size)
-    starts = [0, *package_starts(size)]
-    return heights, stats, (lines, lines), (package_starts(size), OVERLAP), (starts, starts)
+    return heights, stats, (lines, lines), (package_starts(size), OVERLAP)
 
 
 def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool], steps: int):
@@ -116,26 +116,20 @@ def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tu
     overlap = min(a.x + a.w - b.x for a, b in zip(last.tiles, last.tiles[1:], strict=False) if b.x > a.x)
     stats = {"wall_s": wall, "model_calls": result.run.model_calls, "tiles_per_step": result.run.tiles_per_step,
              "steps": steps, "tiles_evaluated": result.run.evaluated_pixels // 128**2}  # fmt: skip
-    first = sorted({t.x for t in plan.grid(0)}), sorted({t.y for t in plan.grid(0)})
-    return heights, stats, borders, (starts, overlap), first
+    return heights, stats, borders, (starts, overlap)
 
 
-def seam_columns(
-    heights: np.ndarray,
-    borders: tuple[list[int], list[int]],
-    last: tuple[list[int], int],
-    first: tuple[list[int], list[int]],
-):
+def seam_columns(heights: np.ndarray, borders: tuple[list[int], list[int]], last: tuple[list[int], int]):
     """Seam ratio, its null spread, the local ratio and the hand-over peak, in model space and in metres; and
-    the plateau score on the first step's overlaps (model space)."""
+    the grid anisotropy (model space)."""
     import torch
 
-    from gigadiff.backends.terrain import EDGE_MARGIN, heights_to_model
-    from gigadiff.metrics import overlap_bands, plateau_score, seam_score
+    from gigadiff.backends.terrain import heights_to_model
+    from gigadiff.metrics import grid_anisotropy, seam_score
 
     model = heights_to_model(torch.from_numpy(np.asarray(heights, dtype=np.float32))).numpy()
-    cols, rows = (overlap_bands(starts, 128, EDGE_MARGIN) for starts in first)
-    out = {"plateau_model": plateau_score(model, rows, cols)}
+    grid = grid_anisotropy(model)
+    out = {"grid_model": grid.ratio, "grid_log_sd": grid.null_sd}
     for space, image in (("model", model), ("m", heights)):
         score = seam_score(image, *borders)
         out |= {f"seam_{space}": score.ratio, f"null_sd_{space}": score.null_sd, f"local_{space}": score.local,
@@ -165,22 +159,22 @@ def main() -> None:
 
     backend = open_backend("terrain", "cpu")
     rows: list[dict[str, Any]] = []
-    header = (f"{'size':>5} {'method':<26} {'steps':>5} {'plateau':>7} "
+    header = (f"{'size':>5} {'method':<26} {'steps':>5} {'grid':>12} "
               f"{'seam model':>15} {'local':>6} {'hand-over':>9} "
               f"{'seam metres':>15} {'local':>6} {'hand-over':>9} "
               f"{'wall s':>7} {'calls':>6} {'tiles/step':>10} {'tiles run':>9}")  # fmt: skip
     print(header)
     for size in args.sizes:
-        heights, stats, lines, last, first = run_package(size, args.difficulty, args.seed)
-        runs = [("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last, first)})]
+        heights, stats, lines, last = run_package(size, args.difficulty, args.seed)
+        runs = [("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last)})]
         for name in args.configs:
             for steps in args.steps:
-                h, st, borders, last, first = run_gigadiff(backend, size, args.difficulty, args.seed, CONFIGS[name],
-                                                           steps)  # fmt: skip
-                runs.append((f"gigadiff {name}", h, {**st, **seam_columns(h, borders, last, first)}))
+                h, st, borders, last = run_gigadiff(backend, size, args.difficulty, args.seed, CONFIGS[name], steps)
+                runs.append((f"gigadiff {name}", h, {**st, **seam_columns(h, borders, last)}))
         for name, _, st in runs:
             rows.append({"size": size, "method": name, **st})
-            print(f"{size:>5} {name:<26} {st['steps']:>5} {st['plateau_model']:>7.2f} "
+            spread = math.exp(st["grid_log_sd"])
+            print(f"{size:>5} {name:<26} {st['steps']:>5} {st['grid_model']:>5.2f} ×÷{spread:<5.2f} "
                   f"{st['seam_model']:>7.3f} ±{st['null_sd_model']:<6.3f} "
                   f"{st['local_model']:>6.3f} {st['handover_model']:>9.2f} "
                   f"{st['seam_m']:>7.3f} ±{st['null_sd_m']:<6.3f} "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gigadiff.geometry import tile_grid
-from gigadiff.metrics import grid_borders, overlap_bands, plateau_score, seam_score
+from gigadiff.metrics import grid_anisotropy, grid_borders, seam_score
 
 
 def test_clean_noise_scores_about_one_and_a_planted_step_is_flagged():
@@ -164,14 +164,16 @@ def _plateaus(levels: np.ndarray, starts: list[int], window: int, margin: int) -
     return fuse(tiles, values.contiguous(), (1, 1, size, size), "linear", margin)[0, 0].numpy()
 
 
-def test_plateau_score_flags_tile_levels_and_passes_texture():
+def test_grid_anisotropy_flags_tile_plateaus_and_passes_isotropic_relief():
+    from gigadiff.levels import gaussian_lowpass
+
     rng = np.random.default_rng(2)
-    starts, window, margin = [0, 96, 192, 288, 384], 128, 8
-    bands = overlap_bands(starts, window, margin)
-    assert bands == [(104, 120), (200, 216), (296, 312), (392, 408)]
     texture = rng.normal(size=(512, 512)) * 0.05
-    assert plateau_score(texture, bands, bands) == pytest.approx(1.0, abs=0.1)
-    plateaus = _plateaus(rng.normal(size=25) * 0.3, starts, window, margin)
-    assert plateau_score(plateaus + texture, bands, bands) > 3
-    hills = np.add.outer(np.sin(np.arange(512) / 40.0), np.cos(np.arange(512) / 55.0)) * 0.3  # no tile structure
-    assert plateau_score(hills + texture, bands, bands) == pytest.approx(1.0, abs=0.25)
+    clean = grid_anisotropy(texture)
+    assert abs(np.log(clean.ratio)) < 3 * clean.null_sd and clean.null_sd < 0.3
+    noise = torch.from_numpy(rng.normal(size=(1, 1, 512, 512)))
+    hills = gaussian_lowpass(noise, 12.0)[0, 0].numpy() * 10  # smooth relief, no preferred direction
+    smooth = grid_anisotropy(hills + texture)
+    assert abs(np.log(smooth.ratio)) < 3 * smooth.null_sd
+    plateaus = _plateaus(rng.normal(size=25) * 0.3, [0, 96, 192, 288, 384], 128, 8)
+    assert grid_anisotropy(plateaus + texture).ratio > 3

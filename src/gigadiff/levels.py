@@ -51,20 +51,24 @@ reads. A narrower one lets blurred noise paint its own blobs (at T / 8: 5x the v
 peaks); a wider one leaves more of the tile-scale level to the windows (measured on the terrain model)."""
 
 
-def gaussian_lowpass(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px, truncated at 3 sigma.
+def gaussian_lowpass(
+    x: torch.Tensor, sigma: float | tuple[float, float], wrap: tuple[bool, bool] = (False, False)
+) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px ((vertical, horizontal) when
+    a pair), truncated at 3 sigma.
 
     Edges are mirrored (a constant stays constant); a wrapped axis is blurred round its ring. On an axis
     shorter than the kernel, the kernel is truncated to fit and renormalised.
     """
     out = x
-    for axis, wraps in ((2, wrap[0]), (3, wrap[1])):
+    sigmas = (sigma, sigma) if isinstance(sigma, int | float) else sigma
+    for axis, wraps, sigma_ in ((2, wrap[0], sigmas[0]), (3, wrap[1], sigmas[1])):
         size = x.shape[axis]
-        radius = min(math.ceil(3 * sigma), size - 1 if not wraps else size // 2)
+        radius = min(math.ceil(3 * sigma_), size - 1 if not wraps else size // 2)
         if radius < 1:
             continue
         taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-        kernel = torch.exp(-(taps**2) / (2 * sigma * sigma))
+        kernel = torch.exp(-(taps**2) / (2 * sigma_ * sigma_))
         kernel = (kernel / kernel.sum()).to(x.dtype)
         channels = x.shape[1]
         if axis == 2:

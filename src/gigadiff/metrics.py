@@ -5,10 +5,11 @@ else. A seam (a step or a crease along a border) raises it above 1; an image who
 from its interior scores about 1. Gradients across a vertical border at column c are I[:, c] - I[:, c-1]
 (horizontal differences), across a horizontal border at row r are I[r, :] - I[r-1, :].
 
-Plateau score: a few-step sampler whose tiles each invent their own base level leaves tile-sized plateaus.
-Fusion cross-fades them, so their edges are not on the border lines but spread as ramps over the first
-step's overlaps. The score is the low-passed image's (Gaussian, `PLATEAU_SMOOTH` px: texture removed)
-gradient energy across lines inside those overlaps, divided by the same elsewhere: about 1 without plateaus.
+Grid anisotropy: seams and tile-sized plateaus are straight and lie along the image axes; natural content has
+no preferred direction. The score is the spectral power (Hann-windowed image, wavelengths 8-128 px) in thin
+wedges round the two axes against the oblique directions, averaged per octave: about 1 for an isotropic image,
+well above for a grid of straight edges. `null_sd` is the spread of the log of the same ratio for wedges at
+oblique angles (chance).
 
 Edge continuity: for output meant to tile (textures, 360-degree panoramas), the mean squared step from the
 last column to the first (or last row to first), divided by the mean squared step between neighbouring
@@ -138,45 +139,50 @@ def _null_sd(lines: list[np.ndarray], lengths: tuple[int, int], masks: list[np.n
     return float(np.std(ratios)) if ratios else float("nan")
 
 
-PLATEAU_SMOOTH = 3.0
-"""Standard deviation (px) of the low-pass the plateau score looks through: wider than a texture's grain,
-narrower than an overlap."""
+GRID_BAND = (1 / 128, 1 / 8)
+"""Spatial frequencies (cycles/px) the grid anisotropy looks at: wavelengths from a 128-px tile to 8 px."""
+GRID_WEDGE = 2.0
+"""Half-width (degrees) of the wedges round each axis and round each reference angle."""
+GRID_REFERENCES = tuple(range(10, 81, 5))
+"""Oblique angles (degrees) whose wedges give the chance spread."""
 
 
-def overlap_bands(starts: Iterable[int], window: int, margin: int = 0) -> list[tuple[int, int]]:
-    """Where neighbouring windows (sorted starts, `window` px long) overlap, less `margin` px at each end."""
-    ordered = sorted(starts)
-    bands = [(b + margin, a + window - margin) for a, b in itertools.pairwise(ordered)]
-    return [(lo, hi) for lo, hi in bands if hi > lo]
+@dataclass(frozen=True)
+class GridAnisotropy:
+    """`ratio`: spectral power in thin wedges round the two image axes / in the oblique directions, per octave
+    (geometric mean over frequency bins); `null_sd`: the spread (of the log) of the same ratio for wedges at
+    oblique reference angles, i.e. how far from 1 an isotropic image moves it by chance."""
+
+    ratio: float
+    null_sd: float
 
 
-def plateau_score(
-    image: np.ndarray, row_bands: list[tuple[int, int]], col_bands: list[tuple[int, int]], edge: int = 16
-) -> float:
-    """Low-passed gradient energy across the lines inside the bands / across all other lines (`edge` px from
-    the image's own edges left out). See the module docstring."""
-    import torch
+def grid_anisotropy(image: np.ndarray) -> GridAnisotropy:
+    """How much more axis-aligned structure an image holds than oblique structure (see the module docstring)."""
+    img = _as_float(image).mean(axis=2)
+    h, w = img.shape
+    window = np.outer(np.hanning(h), np.hanning(w))  # no streaks from the image's own edges
+    power = np.abs(np.fft.fft2((img - img.mean()) * window)) ** 2
+    ky, kx = np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :]
+    radius = np.hypot(ky, kx)
+    angle = np.degrees(np.arctan2(np.abs(ky), np.abs(kx)))  # 0 (horizontal frequencies) .. 90
+    lo, hi = GRID_BAND
+    band = (radius >= lo) & (radius <= hi)
+    oblique = band & (np.minimum(angle, 90 - angle) >= 4 * GRID_WEDGE)
+    edges = np.geomspace(lo, hi, 9)
+    rings = [(radius >= a) & (radius < b) for a, b in itertools.pairwise(edges)]
 
-    from gigadiff.levels import gaussian_lowpass
+    def log_ratio(wedge: np.ndarray) -> float:
+        logs = [np.log(power[wedge & ring].mean() / power[oblique & ring].mean())
+                for ring in rings if (wedge & ring).any() and (oblique & ring).any()]  # fmt: skip
+        return float(np.mean(logs)) if logs else float("nan")
 
-    img = _as_float(image)
-    channels_first = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
-    smooth = gaussian_lowpass(channels_first, PLATEAU_SMOOTH)[0].numpy().transpose(1, 2, 0)
-    inside = outside = 0.0
-    n_in = n_out = 0
-    for energies, bands, length in zip(line_energies(smooth), (row_bands, col_bands), img.shape[1::-1], strict=True):
-        mask = np.zeros(energies.size, dtype=bool)
-        for lo, hi in bands:  # the line between pixels k and k+1 is inside when both are
-            mask[max(lo, 0) : max(hi - 1, 0)] = True
-        kept = np.zeros(energies.size, dtype=bool)
-        kept[edge : energies.size - edge] = True
-        inside += length * float(energies[mask & kept].sum())
-        outside += length * float(energies[~mask & kept].sum())
-        n_in += length * int((mask & kept).sum())
-        n_out += length * int((~mask & kept).sum())
-    if not n_in or not n_out or outside == 0:
-        raise ValueError("plateau_score needs lines both inside and outside the bands")
-    return (inside / n_in) / (outside / n_out)
+    def wedge(at: float) -> np.ndarray:
+        return band & (np.abs(angle - at) < GRID_WEDGE)
+
+    axes = log_ratio(wedge(0) | wedge(90))
+    references = [log_ratio(wedge(a)) for a in GRID_REFERENCES]
+    return GridAnisotropy(float(np.exp(axes)), float(np.std(references)))
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,22 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
     return sides
 
 
+def whole_step_peaks(program: Program, batch: int, height: int, width: int) -> list[float]:
+    """Device bytes at each step when the program runs over whole buffers (fast mode's tiles and statistics
+    pass): the buffers still needed later (the input always: its caller holds it), the step's output and its
+    working copies (float32)."""
+    live = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
+    last = program.last_use()
+    peaks = []
+    for i, (step, shape) in enumerate(zip(program.steps, shapes(program, batch, height, width), strict=True)):
+        nbytes = 4 * math.prod(shape)
+        peaks.append(sum(live.values()) + nbytes + batch * shape[2] * shape[3] * bytes_per_output_px(step, whole=True))
+        live[step.dst] = nbytes
+        for name in [n for n, used in last.items() if used == i and n != program.input]:
+            live.pop(name, None)
+    return peaks
+
+
 def exact_prefix(
     program: Program, batch: int, height: int, width: int, budget_bytes: float, max_cost: float, keys: int
 ) -> int:
@@ -100,21 +116,20 @@ def exact_prefix(
     """
     out_shapes = shapes(program, batch, height, width)
     costs = [step_flops(step, shape, keys) for step, shape in zip(program.steps, out_shapes, strict=True)]
+    peaks = whole_step_peaks(program, batch, height, width)
     total, spent = sum(costs), 0.0
-    live = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
     hw = {program.input: (height, width)}
+    live = {program.input}
     last = program.last_use()
     best = 0
     for i, (step, shape) in enumerate(zip(program.steps, out_shapes, strict=True)):
-        nbytes = 4 * math.prod(shape)
-        working = batch * shape[2] * shape[3] * bytes_per_output_px(step, whole=True)
         spent += costs[i]
-        if sum(live.values()) + nbytes + working > budget_bytes or spent > max_cost * total:
+        if peaks[i] > budget_bytes or spent > max_cost * total:
             break
-        live[step.dst], hw[step.dst] = nbytes, shape[2:]
-        for name in [n for n, used in last.items() if used == i and n != program.input]:
-            live.pop(name, None)
-        if len({hw[n] for n in live if n in hw and (n != program.input or last.get(n, -1) > i)}) == 1:
+        live.add(step.dst)
+        hw[step.dst] = shape[2:]
+        live -= {n for n, used in last.items() if used == i and n != program.input}
+        if len({hw[n] for n in live if n != program.input or last.get(n, -1) > i}) == 1:
             best = i + 1
     return best
 
@@ -147,9 +162,7 @@ def key_chunk(program: Program, budget_bytes: float, sides: tuple[int, ...], hei
 
 def fast_tile_bytes(program: Program, batch: int, side: int, kv_tokens: int) -> float:
     """Device bytes to push one square latent tile of `side` (halo included) through the whole program."""
-    peak = 0.0
-    for step, shape in zip(program.steps, shapes(program, batch, side, side), strict=True):
-        peak = max(peak, batch * shape[2] * shape[3] * bytes_per_output_px(step))
+    peak = max(whole_step_peaks(program, batch, side, side))
     attn = [s.attn for s in program.steps if isinstance(s, AttentionStep)]
     kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attn)
     logits = sum(4 * batch * a.heads * min(side * side, SDPA_QUERY_BLOCK) * kv_tokens for a in attn)
