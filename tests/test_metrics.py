@@ -103,9 +103,11 @@ def test_metrics_cli_reads_the_grid_from_a_gigadiff_output_and_writes_json(tiny_
     result = invoke("metrics", str(out), "--json", str(report_path))
     assert result.exit_code == 0, result.output
     assert "tile borders from metadata" in result.output and "duplication:" in result.output
+    assert "grid anisotropy:" in result.output
     report = json.loads(report_path.read_text())
     assert report["borders_from"] == "metadata" and (report["width"], report["height"]) == (768, 512)
     assert report["seams"]["ratio"] > 0 and -1 <= report["duplication"]["score"] <= 1
+    assert report["grid"]["ratio"] > 0 and report["grid"]["null_sd"] > 0
     again = invoke("metrics", str(out), "--json", str(report_path))
     assert again.exit_code == 2 and "already exists" in again.output
 

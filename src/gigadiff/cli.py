@@ -7,6 +7,7 @@ code 2, before any model is loaded where possible and always before the first de
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -356,7 +357,7 @@ def metrics(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --json file.")] = False,
 ) -> None:
-    """Seam score on tile borders, edge continuity (tileable output) and a duplication signal for an image."""
+    """Seam score on tile borders, edge continuity (tileable output), a duplication signal and grid anisotropy."""
     from gigadiff.io.files import check_outputs, publish
     from gigadiff.report import image_report
 
@@ -377,6 +378,9 @@ def metrics(
         d = report.duplication
         typer.echo(f"duplication: {d.score:.2f} between crops {d.pair[0]} and {d.pair[1]} (mean {d.mean:.2f}; "
                    "above 0.6: repeated content)")  # fmt: skip
+        g = report.grid
+        typer.echo(f"grid anisotropy: {g.ratio:.2f} (chance: x/ {math.exp(g.null_sd):.2f}; about 1: no preferred "
+                   "direction, well above: a grid of straight axis-aligned edges, e.g. tile plateaus)")  # fmt: skip
         if json_out is not None:
             import json
 

@@ -123,8 +123,9 @@ def ring_starts(length: int, window: int, overlap: int, shift: float = 0.0) -> t
         raise ValueError(f"overlap must satisfy 0 <= overlap < window, got overlap={overlap}, window={window}")
     n = max(2, math.ceil(length / (window - overlap)))
     stride = length / n
-    offset = (shift + 1.0) / 2.0 * stride
-    return tuple(sorted(math.floor(k * stride + offset) % length for k in range(n)))  # distinct: stride >= 1
+    offset = math.floor((shift + 1.0) / 2.0 * stride)  # a whole-pixel rotation of the unshifted pattern, so
+    # float rounding can never widen one gap (floor(k * stride + offset) could: shift -2e-16 left a row uncovered)
+    return tuple(sorted((math.floor(k * stride) + offset) % length for k in range(n)))  # distinct: stride >= 1
 
 
 def wrapped_pieces(tile: Tile, height: int, width: int) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:

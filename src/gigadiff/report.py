@@ -1,4 +1,5 @@
-"""A quality report for an image file: seams on its tile borders, continuity across its edges, duplication.
+"""A quality report for an image file: seams on its tile borders, continuity across its edges, duplication,
+and grid anisotropy (straight axis-aligned edges, needing no grid).
 
 The tile borders come from the generation metadata gigadiff writes next to (and into) its outputs, which
 records everything needed to rebuild the grid of every step (size, tile, overlap, shift, seed, steps and the
@@ -19,7 +20,16 @@ from PIL import Image
 from gigadiff.errors import GigadiffError
 from gigadiff.geometry import GridPlan, tile_grid
 from gigadiff.io.images import open_image, require_file
-from gigadiff.metrics import Duplication, EdgeContinuity, SeamScore, duplication, edge_continuity, grid_borders
+from gigadiff.metrics import (
+    Duplication,
+    EdgeContinuity,
+    GridAnisotropy,
+    SeamScore,
+    duplication,
+    edge_continuity,
+    grid_anisotropy,
+    grid_borders,
+)
 from gigadiff.metrics import seam_score as measure_seams
 from gigadiff.settings import wrap_axes
 
@@ -34,6 +44,7 @@ class ImageReport:
     seams: SeamScore | None
     edges: EdgeContinuity
     duplication: Duplication
+    grid: GridAnisotropy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,4 +104,4 @@ def image_report(path: Path, tile: int | None = None, overlap: int = 0, crops: i
         rows, cols, source = [], [], "none"
     seams = measure_seams(pixels, rows, cols) if rows or cols else None
     return ImageReport(str(path), width, height, source if seams else "none", seams, edge_continuity(pixels),
-                       duplication(pixels, crops))  # fmt: skip
+                       duplication(pixels, crops), grid_anisotropy(pixels))  # fmt: skip

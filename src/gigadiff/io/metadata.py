@@ -30,6 +30,7 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "overlap": settings.overlap,
         "weights": settings.weights,
         "shift": settings.shift,
+        "level_sync": settings.level_sync,
         "tile_batch": settings.tile_batch,
         "eta": settings.eta,
         "coherence": settings.coherence,
