@@ -131,3 +131,6 @@ def test_regions_cli_records_regions_and_rejects_bad_files(tiny_sd_dir, tmp_path
     assert bad.exit_code == 2 and "reaches outside the 768x512 canvas" in bad.output
     assert not (tmp_path / "bad.png").exists()
     np.testing.assert_equal(Image.open(out).size, (768, 512))
+    synced = invoke(*tiny_args(tiny_sd_dir, tmp_path / "synced.png"), "--regions", str(path), "--level-sync")
+    assert synced.exit_code == 2 and "--level-sync cannot be used with regional prompts yet" in synced.output
+    assert not (tmp_path / "synced.png").exists()

@@ -37,6 +37,13 @@ def test_explicit_settings_are_kept():
     assert (s.width, s.height, s.tile, s.overlap, s.steps, s.guidance) == (800, 600, 256, 0, 3, 0)
 
 
+def test_level_sync_is_refused_with_regional_prompts():
+    region = {"prompt": "x", "negative_prompt": "", "guidance": None, "seed": None, "box": [0, 0, 1, 1]}
+    with pytest.raises(GigadiffError, match="--level-sync cannot be used with regional prompts yet"):
+        check_for_model(GenerationSettings("x", level_sync=True, regions=(region,)), SD)
+    assert check_for_model(GenerationSettings("x", regions=(region,)), SD).level_sync is False
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -23,7 +23,8 @@ curve's slope is what the denoiser's shrinkage makes of a level at that noise le
 sigma 80, about 1 at sigma 10); measuring a curve, not a slope, keeps the output inside the model's range
 where the response saturates (a linear gain pushed the terrain model's heights past its [-1, 1] range).
 The curve is the probe window's, whose level is the canvas's; where the local level is near a bound, the
-result is clamped to the model's `prediction_range` (its own outputs never leave it either).
+result is clamped to the model's `prediction_range` (its own outputs never leave it either). The probe runs
+with the background conditioning alone, so regional prompts are refused with it (settings).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class LevelConsensus:
 
     local: CanvasDenoiser
     gains: list[list[float]] = field(default_factory=list)
-    """The gain measured at each step (per channel), for reports and tests."""
+    """Each step's gain per channel: the response curve's slope between the probes at -1 and +1 spreads."""
     probe_calls: int = 0
     probe_pixels: int = 0
 

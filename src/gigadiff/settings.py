@@ -241,6 +241,11 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             f"(steps x strength must be at least 1); raise --strength or --steps"
         )
     resolved = replace(resolved, coherence=_coherence(resolved, info))
+    if resolved.level_sync and resolved.regions:
+        raise GigadiffError(
+            "--level-sync cannot be used with regional prompts yet (its probe measures the background prompt's "
+            "response alone); add --no-level-sync"
+        )
     if resolved.regions:
         from gigadiff.regions import check_regions
 
