@@ -15,7 +15,7 @@ shifted grids, every border of every step) / the same everywhere else, with its 
 6-12 px beside it). Scored in the model's own space (asinh-companded heights in [-1, 1], where the texture is
 about equally rough everywhere) and in metres (where a few high ranges carry most of the gradient energy, so
 the null spread is several times larger). Also wall time, model calls, tiles per step and tiles evaluated in
-all (level consensus adds one probe tile per step). Writes a table, JSON, and a side-by-side shaded relief of
+all (level consensus adds 4 probe tiles per step). Writes a table, JSON, and a side-by-side shaded relief of
 the same seam region.
 
     python bench/terrain_seams.py [--sizes 1024 2048] [--steps 1 2 4] [--difficulty 60] [--seed 0]

@@ -52,24 +52,20 @@ reads. A narrower one lets blurred noise paint its own blobs (at T / 8: 5x the v
 peaks); a wider one leaves more of the tile-scale level to the windows (measured on the terrain model)."""
 
 
-def gaussian_lowpass(
-    x: torch.Tensor, sigma: float | tuple[float, float], wrap: tuple[bool, bool] = (False, False)
-) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px ((vertical, horizontal) when
-    a pair), truncated at 3 sigma.
+def gaussian_lowpass(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px, truncated at 3 sigma.
 
     Edges are mirrored (a constant stays constant); a wrapped axis is blurred round its ring. On an axis
     shorter than the kernel, the kernel is truncated to fit and renormalised.
     """
     out = x
-    sigmas = (sigma, sigma) if isinstance(sigma, int | float) else sigma
-    for axis, wraps, sigma_ in ((2, wrap[0], sigmas[0]), (3, wrap[1], sigmas[1])):
+    for axis, wraps in ((2, wrap[0]), (3, wrap[1])):
         size = x.shape[axis]
-        radius = min(math.ceil(3 * sigma_), size - 1 if not wraps else size // 2)
+        radius = min(math.ceil(3 * sigma), size - 1 if not wraps else size // 2)
         if radius < 1:
             continue
         taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-        kernel = torch.exp(-(taps**2) / (2 * sigma_ * sigma_))
+        kernel = torch.exp(-(taps**2) / (2 * sigma * sigma))
         kernel = (kernel / kernel.sum()).to(x.dtype)
         channels = x.shape[1]
         if axis == 2:
@@ -107,9 +103,7 @@ class LevelConsensus:
         passes = self.local.passes(grid)
         if len(grid) < 2:
             return passes
-        window = grid.tiles[len(grid.tiles) // 2]
-        probes = tuple(Tile(0, k * window.w, window.h, window.w) for k in range(len(PROBE_SHIFTS)))
-        return [*passes, (self.local.cond, TileGrid(window.h, len(probes) * window.w, probes), None)]
+        return [*passes, (self.local.cond, probe_grid(probe_window(grid)), None)]
 
     def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
         if len(grid) < 2:  # one window sees the whole canvas: nothing to agree on
@@ -117,7 +111,7 @@ class LevelConsensus:
         smooth = gaussian_lowpass(x.float(), WIDTH_PER_TILE * self.plan.tile, grid.wrap).to(x.dtype)
         field_ = smooth - smooth.mean(dim=(-2, -1), keepdim=True)
         detail = x - field_
-        probe = grid.tiles[len(grid.tiles) // 2]  # a full-size interior window
+        probe = probe_window(grid)
         executor = self.local.executor
         self.local.executor = capture = Capture(executor, probe)
         try:
@@ -140,24 +134,32 @@ class LevelConsensus:
 
         The shifted copies of the window run side by side as one small canvas: one batch, whatever executor."""
         spread = field_.float().std(dim=(-2, -1)).mean(dim=0).clamp_min(1e-3)  # [C]
-        h, w = crop.shape[-2:]
         shifts = [s * spread for s in PROBE_SHIFTS]
         canvas = torch.cat([crop + d.to(crop.dtype).view(1, -1, 1, 1) for d in shifts], dim=-1)
-        tiles = tuple(Tile(0, k * w, h, w) for k in range(len(shifts)))
+        grid = probe_grid(Tile(0, 0, *crop.shape[-2:]))
         local = self.local
         means = []
-        for done, predictions in local.executor.predictions(
-            local.backend, canvas, t, local.cond, TileGrid(h, canvas.shape[-1], tiles)
-        ):
+        for done, predictions in local.executor.predictions(local.backend, canvas, t, local.cond, grid):
             means += [p.float().mean(dim=(0, 2, 3)) for p in predictions.chunk(len(done))]
             self.probe_calls += 1
             listener.on_tiles_done(len(done))
-        self.probe_pixels += len(tiles) * h * w
+        self.probe_pixels += grid.evaluated_pixels
         level = base.float().mean(dim=(0, 2, 3))
         knots = torch.stack([*shifts, torch.zeros_like(spread)], dim=-1)
         responses = torch.stack([*(m - level for m in means), torch.zeros_like(level)], dim=-1)
         order = knots.argsort(dim=-1)
         return knots.gather(-1, order), responses.gather(-1, order)
+
+
+def probe_window(grid: TileGrid) -> Tile:
+    """The window the level response is measured on: the grid's middle one (full-size, interior)."""
+    return grid.tiles[len(grid.tiles) // 2]
+
+
+def probe_grid(window: Tile) -> TileGrid:
+    """The probe copies of `window`, one per PROBE_SHIFTS entry, side by side on one small canvas."""
+    tiles = tuple(Tile(0, k * window.w, window.h, window.w) for k in range(len(PROBE_SHIFTS)))
+    return TileGrid(window.h, len(tiles) * window.w, tiles)
 
 
 def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

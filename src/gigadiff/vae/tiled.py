@@ -231,7 +231,7 @@ class TiledVAE:
             b, h, w = x.shape[0], x.shape[2], x.shape[3]
             # a small input is measured whole (no estimate needed) when that whole pass fits the budget
             small = h * w <= (SAMPLE_ABOVE * program.input_unit) ** 2
-            if not (small and budget.exact_prefix(program, b, h, w, budget_bytes, 1.0, MAX_KEYS) == steps):
+            if not (small and max(budget.whole_step_peaks(program, b, h, w)) <= budget_bytes):
                 prefix = budget.exact_prefix(program, b, h, w, budget_bytes, PREFIX_COST, MAX_KEYS)
         engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True, max_keys=MAX_KEYS)
         state = engine.begin({program.input: x.to(device)})
