@@ -32,6 +32,14 @@ def test_defaults_come_from_the_model():
     assert check_for_model(GenerationSettings("", level_sync=False), synced).level_sync is False
 
 
+def test_default_overlap_is_the_models_share_of_the_tile_with_room_past_the_rims():
+    wide = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, default_overlap_share=0.5)
+    assert check_for_model(GenerationSettings(""), wide).overlap == 64
+    assert check_for_model(GenerationSettings("", overlap=32), wide).overlap == 32
+    rims = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, edge_margin=8)
+    assert check_for_model(GenerationSettings(""), rims).overlap == 32  # 128 / 8 = 16 < 4 x the 8 px rim
+
+
 def test_explicit_settings_are_kept():
     s = check_for_model(GenerationSettings("x", width=800, height=600, tile=256, overlap=0, steps=3, guidance=0), SD)
     assert (s.width, s.height, s.tile, s.overlap, s.steps, s.guidance) == (800, 600, 256, 0, 3, 0)

@@ -102,7 +102,9 @@ def generate(
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, unipc, ...")] = "default",
     tile: Annotated[int | None, typer.Option(help="Tile side in image pixels (default: native size).")] = None,
-    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in image pixels (default: tile/8).")] = None,
+    overlap: Annotated[
+        int | None, typer.Option(help="Minimum tile overlap in image pixels (default: tile/8, terrain tile/2).")
+    ] = None,
     weights: Annotated[
         str | None,
         typer.Option(

@@ -76,7 +76,8 @@ class GenerationSettings:
     tile: int | None = None
     """Tile side in image pixels; None means the model's native size."""
     overlap: int | None = None
-    """Minimum overlap between neighbouring tiles in image pixels; None means tile / 8."""
+    """Minimum overlap between neighbouring tiles in image pixels; None means the model's default share of the
+    tile (1/8 for most models, 1/2 for terrain)."""
     weights: str | None = None
     shift: bool = True
     level_sync: bool | None = None
@@ -117,7 +118,8 @@ class GenerationSettings:
         """Fill in what the user left open from the model's own defaults."""
         tile = self.tile if self.tile is not None else info.native_size
         factor = info.vae_scale_factor
-        default_overlap = max(tile // 8, 4 * info.edge_margin * factor) // factor * factor
+        share = round(tile * info.default_overlap_share)
+        default_overlap = max(share, 4 * info.edge_margin * factor) // factor * factor
         steps = len(self.sigmas) if self.sigmas else self.steps
         side = info.default_size or 2 * info.native_size
         return replace(

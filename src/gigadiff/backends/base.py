@@ -30,6 +30,9 @@ class ModelInfo:
     default_size: int | None = None
     """Image side used when the user gives no size; None means twice the native size."""
     default_steps: int = 30
+    default_overlap_share: float = 1 / 8
+    """Default overlap between neighbouring tiles as a share of the tile (at least 2 rims: see edge_margin).
+    Larger for models whose tiles disagree in content even at the last step, whose cross-fades must be wide."""
     default_weights: str = "gaussian"
     """The fusion window used when the user names none (see gigadiff.fusion)."""
     prediction_range: tuple[float, float] | None = None

@@ -13,6 +13,14 @@ The network is endpoint-distilled for one step, and it denoises poorly at low no
 denoised again, its output's high-frequency energy is 2x the one-step output's at sigma 20, 3x at 10 and 11x
 at 2.5 (measured). Its multistep schedule therefore stops at SIGMA_FLOOR = 10: low enough for deterministic
 (eta = 0) steps to let tiles agree on structures that span them, high enough to keep the texture moderate.
+
+Even at sigma 10 the network reads only structures wider than about 50 px from its noisy input, so
+neighbouring windows still paint different relief where they overlap, and every cross-fade decides where one
+tile's relief gives way to the other's. With the package's 32 px overlap that is a 16 px ramp between its two
+8 px rims: it reads as a straight cliff, and the first step's cliffs survive every later step. Its default
+overlap is therefore half a tile (48 px cross-fades), and 2 steps (sigma 80, 10) instead of 4: on a 1024² map
+(seed 0) that removes the visible cliffs (grid anisotropy 1.04 -> 0.93, chance x/ 1.14) for fewer tile
+evaluations in all (458 against 500) and less time.
 """
 
 from __future__ import annotations
@@ -115,7 +123,8 @@ class TerrainBackend:
             vae_scale_factor=1,
             native_size=NATIVE,
             default_size=1024,
-            default_steps=4,
+            default_steps=2,
+            default_overlap_share=0.5,
             default_weights="linear",
             default_level_sync=True,
             prediction_range=(-1.0, 1.0),  # the graph clamps its x0
