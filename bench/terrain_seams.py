@@ -3,7 +3,9 @@
 Same seed, difficulty and sizes (1024² and 2048² by default). The package's large-map mode denoises overlapping
 128² windows of one noise canvas once, Hann-blended, with no synchronization. gigadiff runs the same ONNX
 network in its own loop: uniform, gaussian or linear fusion, fixed or shifted grids, with or without level
-consensus (gigadiff.levels), 1, 2 and 4 consistency steps.
+consensus (gigadiff.levels), 1, 2 and 4 consistency steps, at the package's default overlap (32 px) or at
+gigadiff's terrain default (64 px: half a tile). The package runs at both overlaps, so every gigadiff row has
+a package row with the same tiles per step beside it.
 
 Grid anisotropy (gigadiff.metrics.grid_anisotropy): spectral power along the two image axes against the oblique
 directions, in model space, with its chance spread: tile-sized plateaus and seams are straight, axis-aligned
@@ -19,7 +21,7 @@ all (level consensus adds 4 probe tiles per step). Writes a table, JSON, and a s
 the same seam region.
 
     python bench/terrain_seams.py [--sizes 1024 2048] [--steps 1 2 4] [--difficulty 60] [--seed 0]
-                                  [--configs uniform gaussian gaussian-shifted linear-shifted default]
+                                  [--package-overlaps 32 64] [--configs uniform ... default]
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-OVERLAP = 32  # the package's default tile overlap; gigadiff's terrain default is the same
-CONFIGS = {  # name: (weights, shifted grids, level consensus)
-    "uniform": ("uniform", False, False),
-    "gaussian": ("gaussian", False, False),
-    "gaussian-shifted": ("gaussian", True, False),
-    "linear-shifted": ("linear", True, False),
-    "default": ("linear", True, True),
+CONFIGS = {  # name: (weights, shifted grids, level consensus, overlap px)
+    "uniform": ("uniform", False, False, 32),
+    "gaussian": ("gaussian", False, False, 32),
+    "gaussian-shifted": ("gaussian", True, False, 32),
+    "linear-shifted": ("linear", True, False, 32),
+    "level-sync-32": ("linear", True, True, 32),
+    "linear-shifted-64": ("linear", True, False, 64),
+    "default": ("linear", True, True, 64),
 }
 
 
@@ -56,14 +59,14 @@ class CountingSession:
         return self.session.run(outputs, feeds)
 
 
-def package_starts(size: int) -> list[int]:
+def package_starts(size: int, overlap: int) -> list[int]:
     from terrain_diffusion import TerrainGenerator
 
-    return [s for s in TerrainGenerator._tile_starts(size, 128, OVERLAP) if s]
+    return [s for s in TerrainGenerator._tile_starts(size, 128, overlap) if s]
 
 
-def package_borders(size: int) -> list[int]:
-    starts = package_starts(size)
+def package_borders(size: int, overlap: int) -> list[int]:
+    starts = package_starts(size, overlap)
     return sorted(set(starts) | {s + 128 for s in starts if s + 128 < size})
 
 
@@ -81,30 +84,30 @@ def handover_peak(image: np.ndarray, starts: list[int], overlap: int) -> float:
     return float(max(profile)) / mean
 
 
-def run_package(size: int, difficulty: int, seed: int):
+def run_package(size: int, difficulty: int, seed: int, overlap: int):
     from terrain_diffusion import TerrainGenerator
 
     gen = TerrainGenerator(device="cpu")
     counter = CountingSession(gen.session)
     gen.session = counter
     start = time.perf_counter()
-    heights = gen.generate(1, shape=(size, size), difficulty=difficulty, seed=seed, tile_overlap=OVERLAP)[0]
+    heights = gen.generate(1, shape=(size, size), difficulty=difficulty, seed=seed, tile_overlap=overlap)[0]
     wall = time.perf_counter() - start
     stats = {"wall_s": wall, "model_calls": counter.calls, "tiles_per_step": counter.tiles, "steps": 1,
-             "tiles_evaluated": counter.tiles}  # fmt: skip
-    lines = package_borders(size)
-    return heights, stats, (lines, lines), (package_starts(size), OVERLAP)
+             "tiles_evaluated": counter.tiles, "overlap": overlap}  # fmt: skip
+    lines = package_borders(size, overlap)
+    return heights, stats, (lines, lines), (package_starts(size, overlap), overlap)
 
 
-def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool], steps: int):
+def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool, int], steps: int):
     from gigadiff.api import run_generation
     from gigadiff.metrics import grid_borders
     from gigadiff.recipes.txt2img import grid_plan
     from gigadiff.settings import GenerationSettings
 
-    weights, shift, level_sync = config
+    weights, shift, level_sync, overlap = config
     settings = GenerationSettings("", width=size, height=size, steps=steps, seed=seed, weights=weights, shift=shift,
-                                  level_sync=level_sync, overlap=OVERLAP, extra={"difficulty": difficulty})  # fmt: skip
+                                  level_sync=level_sync, overlap=overlap, extra={"difficulty": difficulty})  # fmt: skip
     start = time.perf_counter()
     result = run_generation(settings, backend)
     heights = backend.decode(result.latents)[0, 0].numpy()
@@ -113,10 +116,10 @@ def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tu
     borders = grid_borders([plan.grid(i) for i in range(steps)])
     last = plan.grid(steps - 1)
     starts = sorted({t.x for t in last if t.x > 0})  # square canvas: rows start where columns do
-    overlap = min(a.x + a.w - b.x for a, b in zip(last.tiles, last.tiles[1:], strict=False) if b.x > a.x)
+    last_overlap = min(a.x + a.w - b.x for a, b in zip(last.tiles, last.tiles[1:], strict=False) if b.x > a.x)
     stats = {"wall_s": wall, "model_calls": result.run.model_calls, "tiles_per_step": result.run.tiles_per_step,
-             "steps": steps, "tiles_evaluated": result.run.evaluated_pixels // 128**2}  # fmt: skip
-    return heights, stats, borders, (starts, overlap)
+             "steps": steps, "tiles_evaluated": result.run.evaluated_pixels // 128**2, "overlap": overlap}  # fmt: skip
+    return heights, stats, borders, (starts, last_overlap)
 
 
 def seam_columns(heights: np.ndarray, borders: tuple[list[int], list[int]], last: tuple[list[int], int]):
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--difficulty", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--package-overlaps", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -159,14 +163,16 @@ def main() -> None:
 
     backend = open_backend("terrain", "cpu")
     rows: list[dict[str, Any]] = []
-    header = (f"{'size':>5} {'method':<26} {'steps':>5} {'grid':>12} "
+    header = (f"{'size':>5} {'method':<26} {'overlap':>7} {'steps':>5} {'grid':>12} "
               f"{'seam model':>15} {'local':>6} {'hand-over':>9} "
               f"{'seam metres':>15} {'local':>6} {'hand-over':>9} "
               f"{'wall s':>7} {'calls':>6} {'tiles/step':>10} {'tiles run':>9}")  # fmt: skip
     print(header)
     for size in args.sizes:
-        heights, stats, lines, last = run_package(size, args.difficulty, args.seed)
-        runs = [("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last)})]
+        runs = []
+        for overlap in args.package_overlaps:
+            heights, stats, lines, last = run_package(size, args.difficulty, args.seed, overlap)
+            runs.append(("package (own tiler)", heights, {**stats, **seam_columns(heights, lines, last)}))
         for name in args.configs:
             for steps in args.steps:
                 h, st, borders, last = run_gigadiff(backend, size, args.difficulty, args.seed, CONFIGS[name], steps)
@@ -174,20 +180,21 @@ def main() -> None:
         for name, _, st in runs:
             rows.append({"size": size, "method": name, **st})
             spread = math.exp(st["grid_log_sd"])
-            print(f"{size:>5} {name:<26} {st['steps']:>5} {st['grid_model']:>5.2f} ×÷{spread:<5.2f} "
+            print(f"{size:>5} {name:<26} {st['overlap']:>7} {st['steps']:>5} {st['grid_model']:>5.2f} ×÷{spread:<5.2f} "
                   f"{st['seam_model']:>7.3f} ±{st['null_sd_model']:<6.3f} "
                   f"{st['local_model']:>6.3f} {st['handover_model']:>9.2f} "
                   f"{st['seam_m']:>7.3f} ±{st['null_sd_m']:<6.3f} "
                   f"{st['local_m']:>6.3f} {st['handover_m']:>9.2f} "
                   f"{st['wall_s']:>7.1f} {st['model_calls']:>6} {st['tiles_per_step']:>10} {st['tiles_evaluated']:>9}",
                   flush=True)  # fmt: skip
-        report = {"benchmark": "terrain_seams", "difficulty": args.difficulty, "seed": args.seed, "overlap": OVERLAP,
-                  "rows": rows}  # fmt: skip
+        report = {"benchmark": "terrain_seams", "difficulty": args.difficulty, "seed": args.seed, "rows": rows}
         (args.out / "terrain_seams.json").write_text(json.dumps(report, indent=2) + "\n")
-        border = lines[0][len(lines[0]) // 2]
+        lines = package_borders(size, args.package_overlaps[0])
+        border = lines[len(lines) // 2]
         pair = [seam_region(runs[0][1], border), seam_region(runs[-1][1], border)]
         Image.fromarray(np.concatenate(pair, axis=1)).save(args.out / f"terrain_seams_{size}.png")
-    print(f"wrote {args.out / 'terrain_seams.json'} and terrain_seams_<size>.png (left: package, right: gigadiff)")
+    print(f"wrote {args.out / 'terrain_seams.json'} and terrain_seams_<size>.png")
+    print("(left: the package at the first of --package-overlaps, right: the last gigadiff row)")
 
 
 if __name__ == "__main__":
