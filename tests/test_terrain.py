@@ -15,7 +15,7 @@ from gigadiff.cli import app
 from gigadiff.errors import GigadiffError
 from gigadiff.io.heightmap import read_heightmap
 from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.settings import GenerationSettings
+from gigadiff.settings import GenerationSettings, check_for_model
 
 runner = CliRunner()
 
@@ -47,7 +47,8 @@ def test_deterministic_for_a_seed_and_different_across_seeds(terrain):
 
 def test_multistep_run_is_a_plausible_heightmap(terrain):
     result = run_generation(settings(steps=2, tile_batch=3), terrain)
-    assert result.run.tiles_per_step == 9  # 256 px, 128 tiles, 32 overlap -> 3 x 3, same as the package's tiler
+    assert result.settings.overlap == 64  # the terrain default: half a tile
+    assert result.run.tiles_per_step == 9  # 256 px, 128 tiles, 64 overlap -> 3 x 3, as the package's at 64
     # 2 steps, 9 tiles in batches of 3, and level consensus's 4 probe tiles in batches of 3
     assert result.run.model_calls == 2 * (3 + 2)
     assert result.latents.min() >= -1 and result.latents.max() <= 1  # the model's own range
@@ -57,6 +58,12 @@ def test_multistep_run_is_a_plausible_heightmap(terrain):
     assert heights.std() > 0.01  # not flat
     # the map is smooth at the pixel scale: neighbour differences far below the height range
     assert (heights[..., 1:] - heights[..., :-1]).abs().mean() < 0.05 * HEIGHT_RANGE_M
+
+
+def test_defaults_are_wide_cross_fades_and_two_steps(terrain):
+    """Half-tile overlaps (32 px ones leave straight cliffs), 2 steps (sigma 80, 10), tent weights, level consensus."""
+    s = check_for_model(GenerationSettings("", extra={"difficulty": 60}), terrain.info)
+    assert (s.width, s.tile, s.overlap, s.steps, s.weights, s.level_sync) == (1024, 128, 64, 2, "linear", True)
 
 
 def test_difficulty_conditions_the_model(terrain):
