@@ -161,8 +161,9 @@ def bytes_per_output_px(step: Step, whole: bool = False) -> float:
     whole=True is a step over a whole device buffer (`_whole_conv`, then `_conv`'s residual and scale), whose
     temporaries live in phases: the normalised and the activated input side by side; then the activated input
     with its upsampled or padded copy while the convolution runs; then the shortcut and the sum. The peak is
-    the largest phase (float32). Measured peak RSS of a fast-mode tile, SD's full-width decoder, 72² and 96²
-    latent: 1.04 and 1.97 GB, this model 1.0x (an earlier model that added the phases was 1.7-1.9x too high).
+    the largest phase (float32). Peak RSS of one fast-mode tile, measured against this model: SD's full-width
+    decoder at 72² and 96² latent 1.01 / 1.87 GB against 1.11 / 1.97; the bench VAE at 256² and 384² 0.85 /
+    1.91 against 0.88 / 1.97 (an earlier model that added the phases was 1.7-1.9x too high).
     """
     c_in, c_out = input_channels(step), step.out_channels
     if isinstance(step, AttentionStep):
