@@ -31,8 +31,9 @@ class ModelInfo:
     """Image side used when the user gives no size; None means twice the native size."""
     default_steps: int = 30
     default_overlap_share: float = 1 / 8
-    """Default overlap between neighbouring tiles as a share of the tile (at least 2 rims: see edge_margin).
-    Larger for models whose tiles disagree in content even at the last step, whose cross-fades must be wide."""
+    """Default overlap between neighbouring tiles as a share of the tile, and at least 4 x edge_margin (the two
+    tiles' rims plus as much again to cross-fade in). Larger for models whose tiles still disagree about content
+    at the last step: their cross-fades must be wide (terrain: 1/2)."""
     default_weights: str = "gaussian"
     """The fusion window used when the user names none (see gigadiff.fusion)."""
     prediction_range: tuple[float, float] | None = None
