@@ -45,7 +45,7 @@ MAX_KEYS = 4096
 """Fast mode's attention keys/values per image: whole-image attention pooled down to this many positions, the
 key count of one 64² tile (what diffusers' tiling attends to per query). Its error alone (exact statistics,
 bench VAE, 2048²): 64.2 dB PSNR against the exact attention's decode, 74.4 dB at 16384 keys, 57.2 at 1024;
-sampled statistics cost far more (about 30 dB). 4096 instead of 16384 keys makes fast decodes 8-16% faster
+sampled statistics leave far less (about 30 dB). 4096 instead of 16384 keys makes fast decodes 8-16% faster
 there, 5% on SD's full-width VAE at 1024², at no measurable cost in their PSNR against whole."""
 
 
