@@ -171,10 +171,12 @@ def grid_anisotropy(image: np.ndarray) -> GridAnisotropy:
     oblique = band & (np.minimum(angle, 90 - angle) >= 4 * GRID_WEDGE)
     edges = np.geomspace(lo, hi, 9)
     rings = [(radius >= a) & (radius < b) for a, b in itertools.pairwise(edges)]
+    # each ring's oblique power, the denominator of every wedge's ratio (rings without oblique bins are dropped)
+    references_by_ring = [(ring, power[oblique & ring].mean()) for ring in rings if (oblique & ring).any()]
 
     def log_ratio(wedge: np.ndarray) -> float:
-        logs = [np.log(power[wedge & ring].mean() / power[oblique & ring].mean())
-                for ring in rings if (wedge & ring).any() and (oblique & ring).any()]  # fmt: skip
+        logs = [np.log(power[wedge & ring].mean() / reference)
+                for ring, reference in references_by_ring if (wedge & ring).any()]  # fmt: skip
         return float(np.mean(logs)) if logs else float("nan")
 
     def wedge(at: float) -> np.ndarray:
