@@ -7,8 +7,11 @@ seeded random weights, so that 4096²+ decodes finish on 2 CPU cores; the latent
 whole-image decode where that runs. gigadiff's largest sizes stream into a tiled BigTIFF (never whole in RAM).
 `--vae sd` uses SD 1.x's full VAE configuration instead ([128, 256, 512, 512], two resnets per block, 32
 groups; still random weights): compute-bound like the real one, where the reduced one is memory-bound.
+Every method runs with the allocator setting gigadiff's command line makes (gigadiff.heap: freed large
+buffers are reused, not page-faulted anew); `--default-malloc` measures without it.
 
-    python bench/vae.py [--sizes 1024 2048 4096] [--ours-only 8192 16384] [--vae bench|sd] [--json F]
+    python bench/vae.py [--sizes 1024 2048 4096] [--ours-only 8192 16384] [--vae bench|sd] [--default-malloc]
+                        [--json F]
 """
 
 from __future__ import annotations
@@ -55,15 +58,18 @@ def latent_for(vae, size: int):
     return scale_latents(vae, F.interpolate(z, size=(size // 8, size // 8), mode="bilinear"))
 
 
-def one(method: str, size: int, ref: Path | None, out: Path, kind: str) -> dict:
+def one(method: str, size: int, ref: Path | None, out: Path, kind: str, heap: bool) -> dict:
     """Runs in the child: decode once, report time, peak RSS and the error against a saved whole decode."""
     import numpy as np
     import torch
 
+    from gigadiff.heap import reuse_freed_memory
     from gigadiff.io.streaming import write_streamed
     from gigadiff.vae.tiled import TiledVAE, VaeTiling, unscale_latents
 
     torch.set_num_threads(2)
+    if heap:
+        reuse_freed_memory()
     vae = bench_vae(kind)
     z = latent_for(vae, size)
     if method == "diffusers-tiling":  # SD's settings: 512 px tiles, 25% overlap
@@ -105,12 +111,14 @@ def main() -> None:
     parser.add_argument("--ours-only", type=int, nargs="*", default=[8192, 16384])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--vae", choices=sorted(VAES), default="bench")
+    parser.add_argument("--default-malloc", action="store_true", help="without gigadiff.heap's allocator setting")
     parser.add_argument("--json", type=Path, default=Path("bench/results/vae.json"))
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "SIZE", "REF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         method, size, ref, out = args.one
-        print(json.dumps(one(method, int(size), Path(ref) if ref != "-" else None, Path(out), args.vae)))
+        ref_path = Path(ref) if ref != "-" else None
+        print(json.dumps(one(method, int(size), ref_path, Path(out), args.vae, not args.default_malloc)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,6 +129,7 @@ def main() -> None:
             out = Path(tmp) / f"{method}{size}.tif"
             cmd = [sys.executable, __file__, "--vae", args.vae, "--one", method, str(size),
                    str(ref) if kind == ".npy" else "-", str(out) if kind == ".tif" else "-"]  # fmt: skip
+            cmd += ["--default-malloc"] if args.default_malloc else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:120]

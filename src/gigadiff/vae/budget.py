@@ -28,7 +28,11 @@ SDPA_QUERY_BLOCK = 4096
 """Queries whose logits a fused scaled-dot-product attention holds at once (a generous bound: its kernels
 work in blocks of a few hundred)."""
 FAST_HEADROOM = 1.2
-"""Fast-mode tile estimates are multiplied by this (allocator slack; see fast_tile_bytes)."""
+"""Whole-buffer step estimates (fast mode's tiles and prefix) are multiplied by this (allocator slack; see
+fast_tile_bytes)."""
+RETAIN_SHARE = 0.5
+"""Fast mode keeps the buffers live at the end of its whole-image prefix while its tiles run: at most this
+share of the memory budget."""
 
 
 def default_memory_gb(device: torch.device) -> float:
@@ -51,10 +55,10 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def shapes(program: Program, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """Output shape of every step for an input of the given size."""
+def shapes(program: Program, batch: int, height: int, width: int, start: int = 0) -> list[tuple[int, int, int, int]]:
+    """Output shape of every step from `start` on, for an input (or buffers at `start`) of the given size."""
     out, h, w = [], height, width
-    for step in program.steps:
+    for step in program.steps[start:]:
         h, w = output_size(step, h, w)
         out.append((batch, step.out_channels, h, w))
     return out
@@ -90,59 +94,88 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
     return sides
 
 
-def whole_step_peaks(program: Program, batch: int, height: int, width: int) -> list[float]:
+def whole_step_peaks(
+    program: Program, batch: int, height: int, width: int, start: int = 0, live: dict[str, int] | None = None
+) -> list[float]:
     """Device bytes at each step when the program runs over whole buffers (fast mode's tiles and statistics
     pass): the buffers still needed later (the input always: its caller holds it), the step's output and its
-    working copies (float32)."""
-    live = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
+    working copies (float32), with FAST_HEADROOM. From step `start` on, `live` gives the bytes of the buffers
+    live there (height x width is then their size); by default the run starts from the input."""
+    live = (
+        dict(live)
+        if live is not None
+        else {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
+    )
     last = program.last_use()
     peaks = []
-    for i, (step, shape) in enumerate(zip(program.steps, shapes(program, batch, height, width), strict=True)):
+    for i, (step, shape) in enumerate(
+        zip(program.steps[start:], shapes(program, batch, height, width, start), strict=True), start
+    ):
         nbytes = 4 * math.prod(shape)
-        peaks.append(sum(live.values()) + nbytes + batch * shape[2] * shape[3] * bytes_per_output_px(step, whole=True))
+        working = batch * shape[2] * shape[3] * bytes_per_output_px(step, whole=True)
+        peaks.append(FAST_HEADROOM * (sum(live.values()) + nbytes + working))
         live[step.dst] = nbytes
         for name in [n for n, used in last.items() if used == i and n != program.input]:
             live.pop(name, None)
     return peaks
 
 
-def exact_prefix(
-    program: Program, batch: int, height: int, width: int, budget_bytes: float, max_cost: float, keys: int
+def statistics_downsample(
+    program: Program, start: int, live: dict[str, torch.Tensor], budget_bytes: float, kv_tokens: int, least: int
 ) -> int:
-    """Fast mode: how many leading steps its statistics pass runs over whole buffers.
+    """Fast mode: the smallest factor (at least `least`) by which its statistics pass can average-pool the
+    buffers live at step `start` and run the remaining steps over them whole, beside those buffers, within
+    the budget."""
+    batch, _, height, width = next(iter(live.values())).shape
+    room = budget_bytes - sum(4 * t.numel() for t in live.values())
+    factor = least
+    while factor < max(height, width):
+        h, w = -(-height // factor), -(-width // factor)
+        pooled = {n: 4 * batch * t.shape[1] * h * w for n, t in live.items()}
+        peak = max(whole_step_peaks(program, batch, h, w, start, pooled))
+        if peak + attention_bytes(program.steps[start:], batch, h * w, kv_tokens) <= room:
+            break
+        factor += 1
+    return factor
 
-    Those steps' statistics are then exact. The prefix stops before the step that would overrun the device
-    budget or take the prefix past `max_cost` of the program's compute (a decoder's low-resolution layers are
-    cheap, its high-resolution ones are most of the work). It ends where every live buffer has one spatial
-    size, so the rest of the pass can cut matching cells from all of them. `keys`: attention keys per query.
+
+def exact_prefix(program: Program, batch: int, height: int, width: int, budget_bytes: float, kv_tokens: int) -> int:
+    """Fast mode: how many leading steps run over whole buffers on the device (the whole program if it fits).
+
+    Those steps' statistics are exact and their attention sees every position; the tile pass resumes from the
+    buffers live at the prefix's end, which stay in memory meanwhile. So the prefix is the longest one whose
+    every step fits the device budget, whose kept buffers take at most RETAIN_SHARE of it (they sit beside the
+    tiles), and which ends where every kept buffer has one spatial size (cells and tiles are cut from all of
+    them alike). A decoder's latent-resolution layers are the usual prefix; a small image's is all of it.
+    `kv_tokens`: the keys an attention step attends to.
     """
-    out_shapes = shapes(program, batch, height, width)
-    costs = [step_flops(step, shape, keys) for step, shape in zip(program.steps, out_shapes, strict=True)]
     peaks = whole_step_peaks(program, batch, height, width)
-    total, spent = sum(costs), 0.0
     hw = {program.input: (height, width)}
+    nbytes = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
     live = {program.input}
     last = program.last_use()
     best = 0
-    for i, (step, shape) in enumerate(zip(program.steps, out_shapes, strict=True)):
-        spent += costs[i]
-        if peaks[i] > budget_bytes or spent > max_cost * total:
+    for i, (step, shape) in enumerate(zip(program.steps, shapes(program, batch, height, width), strict=True)):
+        if peaks[i] + attention_bytes([step], batch, shape[2] * shape[3], kv_tokens) > budget_bytes:
             break
         live.add(step.dst)
-        hw[step.dst] = shape[2:]
+        hw[step.dst], nbytes[step.dst] = shape[2:], 4 * math.prod(shape)
         live -= {n for n, used in last.items() if used == i and n != program.input}
-        if len({hw[n] for n in live if n != program.input or last.get(n, -1) > i}) == 1:
+        kept = {n for n in live if n != program.input or last.get(n, -1) > i}
+        finished = i == len(program.steps) - 1  # the output is streamed, not kept
+        fits = finished or sum(nbytes[n] for n in kept) <= RETAIN_SHARE * budget_bytes
+        if fits and len({hw[n] for n in kept}) == 1:
             best = i + 1
     return best
 
 
-def step_flops(step: Step, out_shape: tuple[int, int, int, int], keys: int) -> float:
-    """Multiply-adds of one step producing `out_shape`; attention against `keys` keys per query."""
-    px = math.prod(out_shape[:1] + out_shape[2:])
-    c_in, c_out = input_channels(step), step.out_channels
-    if isinstance(step, AttentionStep):
-        return px * c_in * (4 * c_out + 2 * keys)
-    return px * c_out * c_in * step.kernel**2
+def attention_bytes(steps: list[Step], batch: int, queries: int, kv_tokens: int) -> float:
+    """Device bytes the attention steps among `steps` add beyond `whole_step_peaks`: their keys/values and the
+    logits of one block of at most SDPA_QUERY_BLOCK of `queries` queries."""
+    attn = [s.attn for s in steps if isinstance(s, AttentionStep)]
+    kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attn)
+    logits = sum(4 * batch * a.heads * min(queries, SDPA_QUERY_BLOCK) * kv_tokens for a in attn)
+    return kv + logits
 
 
 def key_chunk(program: Program, budget_bytes: float, sides: tuple[int, ...], height: int, width: int) -> int:
@@ -166,12 +199,9 @@ def fast_tile_bytes(program: Program, batch: int, side: int, kv_tokens: int) -> 
     """Device bytes to push one square latent tile of `side` (halo included) through the whole program.
 
     The step model is within about 10% of measured peaks step by step; a whole SD-width encoder tile peaks
-    16% above it (measured), so FAST_HEADROOM is added on top."""
-    peak = FAST_HEADROOM * max(whole_step_peaks(program, batch, side, side))
-    attn = [s.attn for s in program.steps if isinstance(s, AttentionStep)]
-    kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attn)
-    logits = sum(4 * batch * a.heads * min(side * side, SDPA_QUERY_BLOCK) * kv_tokens for a in attn)
-    return peak + kv + logits
+    16% above it (measured), so whole_step_peaks includes FAST_HEADROOM."""
+    attention = attention_bytes(program.steps, batch, side * side, kv_tokens)
+    return max(whole_step_peaks(program, batch, side, side)) + attention
 
 
 def fast_tile(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gigadiff.vae.attention import KeyValues, attend, merge_heads, pooled, project_tokens, split_heads
 from gigadiff.vae.program import AttentionStep, ConvStep, Program, Step
@@ -334,20 +335,25 @@ class LayerEngine:
                 if not bool(row_ok.all()) or not bool(col_ok.all()):
                     win = win * (row_ok[:, None] & col_ok[None, :]).to(win.device, win.dtype)
                 y = F.conv2d(win.to(weight.dtype), weight, step.conv.bias, stride=step.stride)
-            if residual is not None:
+            if residual is not None:  # y is this step's own fresh output: updated in place
                 res = residual[:, :, y0:y1, x0:x1].to(self.device, weight.dtype)
                 if step.shortcut is not None:
                     res = step.shortcut(res.to(step.shortcut.weight.dtype))
-                y = y + res
+                y = y.add_(res)
             if step.out_scale != 1.0:
-                y = y / step.out_scale
+                y = y.div_(step.out_scale)
             emit(y0, x0, y)
 
     @staticmethod
     def _normalised(step: ConvStep, x: torch.Tensor, stats: GroupStats | None) -> torch.Tensor:
-        """The step's norm (with `stats`) and activation applied to its input."""
+        """The step's norm (with `stats`) and activation applied to its input.
+
+        A SiLU after the norm works in place on the norm's fresh output: one large temporary fewer (on the
+        CPU a fresh buffer of this size costs more in page faults than the activation itself)."""
         if stats is not None:
             x = stats.apply(x, step.norm)  # type: ignore[arg-type]
+            if isinstance(step.act, nn.SiLU):
+                return F.silu(x, inplace=True)
         return step.act(x) if step.act is not None else x
 
     def _whole_conv(self, step: ConvStep, src: torch.Tensor, stats: GroupStats | None) -> torch.Tensor:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+CPU_SLICE = 1 << 18
+"""Values per slice when ChannelMoments takes a CPU tile apart (1 MB of float32: cache-sized)."""
+
 
 @dataclass
 class ChannelMoments:
@@ -33,11 +36,27 @@ class ChannelMoments:
         return cls(zeros, zeros.clone())
 
     def add(self, tile: torch.Tensor) -> None:
-        """Merge a tile [B, C, ...] (every dim after the channels is a position)."""
+        """Merge a tile [B, C, ...] (every dim after the channels is a position).
+
+        On the CPU the tile is taken in slices of about CPU_SLICE values: torch.var_mean's kernel runs at
+        ~1.4 GB/s there (20x slower than a sum), while a slice's mean and then its centred sum of squares stay
+        in cache and cost about two sums.
+        """
         t = tile.detach().flatten(2)
-        n = t.shape[2]
-        var, mean = torch.var_mean(t.float(), dim=2, correction=0)
-        mean, m2 = mean.to("cpu", torch.float64), var.to("cpu", torch.float64) * n
+        if t.device.type != "cpu":
+            var, mean = torch.var_mean(t.float(), dim=2, correction=0)
+            self._merge(mean, var * t.shape[2], t.shape[2])
+            return
+        step = max(1, CPU_SLICE // (t.shape[0] * t.shape[1]))
+        for start in range(0, t.shape[2], step):
+            part = t[:, :, start : start + step].float()
+            mean = part.mean(dim=2)
+            m2 = torch.linalg.vector_norm(part - mean[..., None], dim=2).square()
+            self._merge(mean, m2, part.shape[2])
+
+    def _merge(self, mean: torch.Tensor, m2: torch.Tensor, n: int) -> None:
+        """Chan's parallel update with a tile's mean and sum of squared deviations over n positions."""
+        mean, m2 = mean.to("cpu", torch.float64), m2.to("cpu", torch.float64)
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
