@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gigadiff.vae.tiled as tiled_module
 from gigadiff.errors import GigadiffError
 from gigadiff.testing import tiny_vae
 from gigadiff.vae import budget
-from gigadiff.vae.program import decoder_program
-from gigadiff.vae.tiled import Collector, TiledVAE, VaeTiling, scale_latents, unscale_latents
+from gigadiff.vae.program import AttentionStep, decoder_program
+from gigadiff.vae.tiled import Collector, Prefix, TiledVAE, VaeTiling, scale_latents, unscale_latents
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,83 +76,125 @@ def test_blend_must_lie_within_the_halo():
         VaeTiling(halo=4, blend=6)
     with pytest.raises(GigadiffError, match="blend from 0 to halo"):
         VaeTiling(blend=-1)
+    with pytest.raises(GigadiffError, match="downsample at least 1"):
+        VaeTiling(downsample=0)
 
 
-def test_fast_mode_measures_a_small_latent_whole_only_within_the_memory_budget(vae, latents):
-    """A 96x128 latent is measured whole in one pass when the budget holds that pass, else sampled."""
+def test_fast_mode_runs_a_latent_whole_only_within_the_memory_budget(vae, latents):
+    """A 96x128 latent is decoded whole in one pass when the budget holds that pass; else only a prefix is."""
     program = decoder_program(vae)
+    steps = len(program.steps)
     z = F.interpolate(unscale_latents(vae, latents), scale_factor=2.0, mode="bilinear")
-    need = max(budget.whole_step_peaks(program, 1, 96, 128))
+    need = max(budget.whole_step_needs(program, 1, 96, 128, tiled_module.MAX_KEYS))
     assert 0.05 * 1024**3 < need < 0.5 * 1024**3
     tiled = TiledVAE(vae, VaeTiling(mode="fast"))
-    _, whole = tiled.statistics(program, z, torch.float32, 1.01 * need)
-    assert whole is not None and whole.shape[-2:] == (768, 1024)
-    _, whole = tiled.statistics(program, z, torch.float32, 0.99 * need)
-    assert whole is None
+    _, prefix = tiled.statistics(program, z, torch.float32, 1.01 * need)
+    assert prefix.stop == steps and prefix.buffers[program.output].shape[-2:] == (768, 1024)
+    _, prefix = tiled.statistics(program, z, torch.float32, 0.99 * need)
+    assert 0 < prefix.stop < steps and program.output not in prefix.buffers
 
 
 def test_fast_tiles_with_exact_statistics_lose_only_the_halo(vae, latents):
-    """The tile pass alone: every 16-px tile decoded by itself with the whole image's statistics, neighbours
-    cross-faded over 2 latent px (53 dB with cuts at the halo, 51 dB blended, on this chaotic random VAE)."""
-    tiled = TiledVAE(vae, VaeTiling(mode="fast", sample=1.0))
+    """The tile pass alone, from the latent: every 16-px tile decoded by itself with the whole image's
+    statistics, neighbours cross-faded over 2 latent px (53 dB with cuts at the halo, 51 dB blended, on this
+    chaotic random VAE)."""
+    tiled = TiledVAE(vae, VaeTiling(mode="fast", downsample=1))
     program = decoder_program(vae)
     z = unscale_latents(vae, latents)
     frozen, whole = tiled.statistics(program, z, torch.float32, 2 * 1024**3)
     collect = Collector()
-    tiled.tiles(program, z, torch.float32, frozen, 16, collect)
+    tiled.tiles(program, Prefix(0, {program.input: z}, *z.shape[2:]), torch.float32, frozen, 16, collect)
     assert psnr(collect.image.clamp(-1, 1), whole_decode(vae, latents)) >= 40
-    assert psnr(whole.clamp(-1, 1), whole_decode(vae, latents)) >= 100
+    assert psnr(whole.buffers[program.output].clamp(-1, 1), whole_decode(vae, latents)) >= 100
 
 
 def test_fast_encode_tiles_with_exact_statistics_stay_close_to_the_whole_encode(vae, photo, latents):
     """Encoder tiles (16 latent px, blended over 2 px of their halos) with the whole image's statistics."""
     from gigadiff.vae.program import encoder_program
 
-    tiled = TiledVAE(vae, VaeTiling(mode="fast", sample=1.0))
+    tiled = TiledVAE(vae, VaeTiling(mode="fast", downsample=1))
     program = encoder_program(vae)
     frozen, _ = tiled.statistics(program, photo, torch.float32, 2 * 1024**3)
     collect = Collector()
-    tiled.tiles(program, photo, torch.float32, frozen, 128, collect)
+    tiled.tiles(program, Prefix(0, {program.input: photo}, *photo.shape[2:]), torch.float32, frozen, 128, collect)
     z = scale_latents(vae, collect.image.chunk(2, dim=1)[0])
     assert z.shape == latents.shape
     assert float((z - latents).pow(2).mean().sqrt() / latents.std()) < 1e-2
 
 
-def test_sampled_statistics_keep_the_exact_prefix_and_are_reported_beside_diffusers(vae, latents, capsys, monkeypatch):
-    """Statistics of the prefix steps are the whole image's; those after it come from sampled cells.
+@pytest.fixture(scope="module")
+def partial_budget(vae, latents):
+    """A budget that holds every whole step but the mid-block attention (the largest): fast mode then runs the
+    steps before it whole and estimates the rest."""
+    program = decoder_program(vae)
+    needs = budget.whole_step_needs(program, 1, *latents.shape[2:], tiled_module.MAX_KEYS)
+    return 1.01 * max(n for n, step in zip(needs, program.steps, strict=True) if not isinstance(step, AttentionStep))
 
-    The tiny random-weight VAE is chaotic in its statistics (a 1-3% error costs ~15 dB), so the sampled
-    estimate's PSNR is printed beside diffusers' tiling, not held to a threshold (see the README).
-    """
-    import gigadiff.vae.tiled as tiled_module
 
-    monkeypatch.setattr(tiled_module, "SAMPLE_ABOVE", 16)  # this small latent would otherwise be measured whole
+def test_downsampled_statistics_keep_the_exact_prefix(vae, latents, partial_budget):
+    """Statistics of the prefix steps are the whole image's; those after it come from the downsampled pass."""
     program = decoder_program(vae)
     z = unscale_latents(vae, latents)
-    exact, _ = TiledVAE(vae, VaeTiling(mode="fast", sample=1.0)).statistics(program, z, torch.float32, 1e9)
-    sampled_vae = TiledVAE(vae, VaeTiling(mode="fast", cell=16, sample=0.25))
-    sampled, whole = sampled_vae.statistics(program, z, torch.float32, 1e9)
-    assert whole is None
-    prefix = budget.exact_prefix(program, 1, *z.shape[2:], 1e9, tiled_module.PREFIX_COST, tiled_module.MAX_KEYS)
-    assert 0 < prefix < len(program.steps)
+    exact, _ = TiledVAE(vae, VaeTiling(mode="fast", downsample=1)).statistics(program, z, torch.float32, 1e9)
+    estimated, prefix = TiledVAE(vae, VaeTiling(mode="fast")).statistics(program, z, torch.float32, partial_budget)
+    assert 0 < prefix.stop < len(program.steps)
+    assert set(prefix.buffers) and all(t.shape[-2:] == z.shape[-2:] for t in prefix.buffers.values())
     same = {
-        i: torch.allclose(a.mean, sampled.stats[i].mean, atol=1e-6)
-        and torch.allclose(a.rstd, sampled.stats[i].rstd, rtol=1e-5)
+        i: torch.allclose(a.mean, estimated.stats[i].mean, atol=1e-6)
+        and torch.allclose(a.rstd, estimated.stats[i].rstd, rtol=1e-5)
         for i, a in exact.stats.items()
     }
-    assert all(same[i] for i in same if i <= prefix)  # step `prefix` reads the cut buffer, whose moments are exact
-    assert not any(same[i] for i in same if i > prefix + 1)
+    assert all(same[i] for i in same if i <= prefix.stop)  # step `stop` reads a prefix buffer: exact moments
+    assert not any(same[i] for i in same if i > prefix.stop + 1)
+
+
+def test_fast_mode_with_estimated_statistics_beats_diffusers_tiling(photo, capsys):
+    """A VAE of the bench's width (8-32 channels, 8 groups; random weights) decoding a 96x128 latent under half
+    the budget its whole decode needs: the attention and latent-resolution steps run whole, the rest is
+    estimated at half resolution and tiled. Printed beside diffusers' tiling (measured: 31.8 dB against 16.2).
+    On the 4-channel tiny VAE at 48x64 both are poor (14 dB against 16.5 dB): a 24x32 estimate is too coarse
+    and its two-group norms amplify any error."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[8, 16, 32, 32], norm_num_groups=8, layers_per_block=1).eval()  # fmt: skip
+    image = F.interpolate(photo, size=(768, 1024), mode="bilinear")
+    with torch.no_grad():
+        latents = scale_latents(vae, vae.encode(image).latent_dist.mean)
+    needs = budget.whole_step_needs(decoder_program(vae), 1, 96, 128, tiled_module.MAX_KEYS)
+    tiled = TiledVAE(vae, VaeTiling(mode="fast", memory_gb=0.5 * max(needs) / budget.GB))
     ref = whole_decode(vae, latents)
-    ours = psnr(TiledVAE(vae, VaeTiling(mode="fast", cell=16, sample=0.25, memory_gb=0.05)).decode(latents), ref)
+    ours = psnr(tiled.decode(latents), ref)
     tiling_vae = copy.deepcopy(vae)
     tiling_vae.enable_tiling()
     tiling_vae.tile_sample_min_size, tiling_vae.tile_latent_min_size = 128, 16
     theirs = psnr(whole_decode(tiling_vae, latents), ref)
     with capsys.disabled():
-        print(
-            f"\nfast-mode PSNR vs whole with sampled statistics {ours:.1f} dB; diffusers enable_tiling {theirs:.1f} dB"
-        )
-    assert math.isfinite(ours)
+        print(f"\nfast mode with estimated statistics {ours:.1f} dB PSNR vs whole; diffusers' tiling {theirs:.1f} dB")
+    assert tiled.last_plan is not None and tiled.last_plan.tile < 128  # it was tiled
+    assert ours >= 30 and ours >= theirs + 10
+
+
+def test_the_statistics_pass_downsamples_as_little_as_the_budget_allows(vae, latents, partial_budget):
+    program = decoder_program(vae)
+    z = unscale_latents(vae, latents)
+    _, prefix = TiledVAE(vae, VaeTiling(mode="fast")).statistics(program, z, torch.float32, partial_budget)
+    kv = tiled_module.MAX_KEYS
+    kept = sum(4 * t.numel() for t in prefix.buffers.values())
+
+    def fits(factor: int, budget_bytes: float) -> bool:
+        h, w = (-(-s // factor) for s in z.shape[2:])
+        pooled = {n: 4 * t.shape[1] * h * w for n, t in prefix.buffers.items()}
+        return max(budget.whole_step_needs(program, 1, h, w, kv, prefix.stop, pooled)) <= budget_bytes - kept
+
+    factors = [
+        budget.statistics_downsample(program, prefix.stop, prefix.buffers, b, kv, 2)
+        for b in (partial_budget, 0.5 * partial_budget)
+    ]
+    assert 2 <= factors[0] < factors[1]
+    for factor, b in zip(factors, (partial_budget, 0.5 * partial_budget), strict=True):
+        assert fits(factor, b) and (factor == 2 or not fits(factor - 1, b))
 
 
 def test_wrap_mode_equals_a_circularly_padded_decode(vae, latents):

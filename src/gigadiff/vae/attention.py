@@ -73,12 +73,9 @@ def attend(q: torch.Tensor, kv: KeyValues, scale: float, chunk: int) -> torch.Te
     """softmax(q k^T * scale + log_weight) v for q [B, H, n, d] against `kv` (any device), exactly.
 
     Keys and values are moved to q's device `chunk` positions at a time; one chunk covering all keys is plain
-    scaled-dot-product attention. Keys of B images serve a query batch of B*k cells (k consecutive per image).
+    scaled-dot-product attention.
     """
     keys, values, bias = kv.keys, kv.values, kv.log_weight
-    if keys.shape[0] != q.shape[0]:
-        keys = keys.repeat_interleave(q.shape[0] // keys.shape[0], dim=0)
-        values = values.repeat_interleave(q.shape[0] // values.shape[0], dim=0)
     n_keys = keys.shape[2]
     if chunk >= n_keys:
         k = keys.to(q.device, q.dtype)

@@ -17,7 +17,7 @@ import torch
 
 from gigadiff.errors import GigadiffError
 from gigadiff.vae.engine import bytes_per_output_px, input_channels, output_size
-from gigadiff.vae.program import AttentionStep, Program, Step
+from gigadiff.vae.program import AttentionStep, Program
 
 GB = 1024**3
 MIN_TILE = 8
@@ -120,6 +120,30 @@ def whole_step_peaks(
     return peaks
 
 
+def whole_step_needs(
+    program: Program,
+    batch: int,
+    height: int,
+    width: int,
+    kv_tokens: int,
+    start: int = 0,
+    live: dict[str, int] | None = None,
+) -> list[float]:
+    """Device bytes at each step of a whole-buffer run (arguments as for `whole_step_peaks`): its peaks plus
+    every attention's keys/values (recorded or frozen, they stay to the end of the run) and, at an attention
+    step, the logits of one block of at most SDPA_QUERY_BLOCK queries."""
+    peaks = whole_step_peaks(program, batch, height, width, start, live)
+    attention = [s.attn for s in program.steps[start:] if isinstance(s, AttentionStep)]
+    kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attention)
+    needs = []
+    out_shapes = shapes(program, batch, height, width, start)
+    for step, peak, shape in zip(program.steps[start:], peaks, out_shapes, strict=True):
+        queries = min(shape[2] * shape[3], SDPA_QUERY_BLOCK)
+        logits = 4 * batch * step.attn.heads * queries * kv_tokens if isinstance(step, AttentionStep) else 0
+        needs.append(peak + kv + logits)
+    return needs
+
+
 def statistics_downsample(
     program: Program, start: int, live: dict[str, torch.Tensor], budget_bytes: float, kv_tokens: int, least: int
 ) -> int:
@@ -132,8 +156,7 @@ def statistics_downsample(
     while factor < max(height, width):
         h, w = -(-height // factor), -(-width // factor)
         pooled = {n: 4 * batch * t.shape[1] * h * w for n, t in live.items()}
-        peak = max(whole_step_peaks(program, batch, h, w, start, pooled))
-        if peak + attention_bytes(program.steps[start:], batch, h * w, kv_tokens) <= room:
+        if max(whole_step_needs(program, batch, h, w, kv_tokens, start, pooled)) <= room:
             break
         factor += 1
     return factor
@@ -145,18 +168,18 @@ def exact_prefix(program: Program, batch: int, height: int, width: int, budget_b
     Those steps' statistics are exact and their attention sees every position; the tile pass resumes from the
     buffers live at the prefix's end, which stay in memory meanwhile. So the prefix is the longest one whose
     every step fits the device budget, whose kept buffers take at most RETAIN_SHARE of it (they sit beside the
-    tiles), and which ends where every kept buffer has one spatial size (cells and tiles are cut from all of
-    them alike). A decoder's latent-resolution layers are the usual prefix; a small image's is all of it.
+    tiles), and which ends where every kept buffer has one spatial size (tiles are cut from all of them
+    alike). A decoder's latent-resolution layers are the usual prefix; a small image's is all of it.
     `kv_tokens`: the keys an attention step attends to.
     """
-    peaks = whole_step_peaks(program, batch, height, width)
+    needs = whole_step_needs(program, batch, height, width, kv_tokens)
     hw = {program.input: (height, width)}
     nbytes = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
     live = {program.input}
     last = program.last_use()
     best = 0
     for i, (step, shape) in enumerate(zip(program.steps, shapes(program, batch, height, width), strict=True)):
-        if peaks[i] + attention_bytes([step], batch, shape[2] * shape[3], kv_tokens) > budget_bytes:
+        if needs[i] > budget_bytes:
             break
         live.add(step.dst)
         hw[step.dst], nbytes[step.dst] = shape[2:], 4 * math.prod(shape)
@@ -167,15 +190,6 @@ def exact_prefix(program: Program, batch: int, height: int, width: int, budget_b
         if fits and len({hw[n] for n in kept}) == 1:
             best = i + 1
     return best
-
-
-def attention_bytes(steps: list[Step], batch: int, queries: int, kv_tokens: int) -> float:
-    """Device bytes the attention steps among `steps` add beyond `whole_step_peaks`: their keys/values and the
-    logits of one block of at most SDPA_QUERY_BLOCK of `queries` queries."""
-    attn = [s.attn for s in steps if isinstance(s, AttentionStep)]
-    kv = sum(2 * 4 * batch * kv_tokens * a.to_k.out_features for a in attn)
-    logits = sum(4 * batch * a.heads * min(queries, SDPA_QUERY_BLOCK) * kv_tokens for a in attn)
-    return kv + logits
 
 
 def key_chunk(program: Program, budget_bytes: float, sides: tuple[int, ...], height: int, width: int) -> int:
@@ -200,8 +214,7 @@ def fast_tile_bytes(program: Program, batch: int, side: int, kv_tokens: int) -> 
 
     The step model is within about 10% of measured peaks step by step; a whole SD-width encoder tile peaks
     16% above it (measured), so whole_step_peaks includes FAST_HEADROOM."""
-    attention = attention_bytes(program.steps, batch, side * side, kv_tokens)
-    return max(whole_step_peaks(program, batch, side, side)) + attention
+    return max(whole_step_needs(program, batch, side, side, kv_tokens))
 
 
 def fast_tile(

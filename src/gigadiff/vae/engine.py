@@ -49,30 +49,6 @@ class RunState:
     moments: dict[str, ChannelMoments]
 
 
-@dataclass(frozen=True)
-class Cells:
-    """The input batch is `count` sample cells per image; statistics and keys/values pool over their cores.
-
-    Fast mode's statistics pass runs full-resolution cells cut from the image, each with a halo that absorbs
-    its artificial edges; only the cores (`top`, `left`, `size` in input pixels) count, and the cells of one
-    image share their numbers as if they were one image.
-    """
-
-    count: int
-    top: int
-    left: int
-    size: int
-
-    def core(self, t: torch.Tensor, factor: float) -> torch.Tensor:
-        """The cores of a buffer whose resolution is `factor` times the input's."""
-        y, x, n = round(self.top * factor), round(self.left * factor), round(self.size * factor)
-        return t[:, :, y : y + n, x : x + n]
-
-    def pool(self, t: torch.Tensor) -> torch.Tensor:
-        """[B*count, ...] -> [B, count, ...]."""
-        return t.view(t.shape[0] // self.count, self.count, *t.shape[1:])
-
-
 @dataclass
 class HostStore:
     """Allocates whole-image buffers in RAM up to `ram_bytes`, then as memory-mapped files under `spill_dir`."""
@@ -200,7 +176,6 @@ class LayerEngine:
         key_chunk: int = 1 << 30,
         store: HostStore | None = None,
         on_device: bool = False,
-        cells: Cells | None = None,
         max_keys: int | None = None,
     ) -> None:
         self.program = program
@@ -214,7 +189,6 @@ class LayerEngine:
         self.key_chunk = key_chunk
         self.store = store or HostStore()
         self.on_device = on_device
-        self.cells = cells
         self.max_keys = max_keys
         """Attention keys/values pooled down to at most this many (fast mode); None: every position, exact."""
 
@@ -226,22 +200,20 @@ class LayerEngine:
         return None if sink is not None else state.buffers[self.program.output]
 
     def begin(self, buffers: dict[str, torch.Tensor], moments: dict[str, ChannelMoments] | None = None) -> RunState:
-        """A run starting from named buffers (all of one spatial size: the reference for `Cells` geometry).
+        """A run starting from named buffers.
 
         `moments` of those buffers may be given (a statistics pass resuming from an exact prefix passes the
         whole image's); otherwise they are measured here when this run computes its own statistics.
         """
-        first = next(iter(buffers.values()))
-        self._input_height = first.shape[2]
         if moments is None:
-            moments = {} if self.frozen is not None else {n: self._moments_of(b, 1.0) for n, b in buffers.items()}
+            moments = {} if self.frozen is not None else {n: self._moments_of(b) for n, b in buffers.items()}
         return RunState(dict(buffers), dict(moments))
 
     @torch.no_grad()
     def advance(self, state: RunState, start: int, stop: int, sink: TileSink | None = None) -> None:
         """Run steps [start, stop) on `state`; the last step of the program streams to `sink` if one is given."""
         buffers, moments = state.buffers, state.moments
-        track = self.frozen is None and not self.cells  # moments are only kept when statistics come from them
+        track = self.frozen is None  # moments are only kept when statistics come from them
         last_use = self.program.last_use()
         steps = self.program.steps
         for i in range(start, stop):
@@ -250,7 +222,7 @@ class LayerEngine:
             shape = (src.shape[0], step.out_channels, *output_size(step, src.shape[2], src.shape[3]))
             streaming = sink is not None and i == len(steps) - 1
             out: dict[str, torch.Tensor] = {}
-            acc = ChannelMoments.empty(src.shape[0] // (self.cells.count if self.cells else 1), step.out_channels)
+            acc = ChannelMoments.empty(src.shape[0], step.out_channels)
             stats = self._stats(i, step, moments.get(step.src))
 
             def emit(y0: int, x0: int, y: torch.Tensor, out=out, acc=acc, shape=shape, streaming=streaming) -> None:
@@ -272,10 +244,9 @@ class LayerEngine:
             else:
                 self._attention(i, step, src, stats, self.tile_px(i), emit)
             if not streaming:
-                dst = buffers[step.dst] = out["dst"]
-                if self.frozen is None:
-                    factor = shape[2] / self._input_height
-                    moments[step.dst] = self._moments_of(dst, factor) if self.cells else acc
+                buffers[step.dst] = out["dst"]
+                if track:
+                    moments[step.dst] = acc
             for name in [n for n, last in last_use.items() if last == i and n != self.program.input]:
                 buffer = buffers.pop(name, None)
                 moments.pop(name, None)
@@ -287,14 +258,9 @@ class LayerEngine:
             return torch.empty(shape, dtype=torch.float32, device=self.device)
         return self.store.allocate(shape)
 
-    def _moments_of(self, x: torch.Tensor, factor: float) -> ChannelMoments:
-        """Moments of a whole buffer (`factor`: its resolution relative to the input), pooled over cells."""
-        if self.cells:
-            core = self.cells.core(x, factor)
-            pooled = self.cells.pool(core).transpose(1, 2)  # [B, C, cells, h, w]
-            m = ChannelMoments.empty(pooled.shape[0], pooled.shape[1])
-            m.add(pooled.flatten(3))
-            return m
+    @staticmethod
+    def _moments_of(x: torch.Tensor) -> ChannelMoments:
+        """Moments of a whole buffer."""
         m = ChannelMoments.empty(x.shape[0], x.shape[1])
         for y0, y1, x0, x1 in tiles_of(x.shape[2], x.shape[3], 1024):
             m.add(x[:, :, y0:y1, x0:x1])
@@ -402,14 +368,14 @@ class LayerEngine:
             emit(y0, x0, o / attn.rescale_output_factor)
 
     def _keys_values(self, attn: Any, src: torch.Tensor, tile: int, tokens: Callable[..., torch.Tensor]) -> KeyValues:
-        """Keys and values of every position (of the cells' cores only, in a statistics pass over cells).
+        """Keys and values of every position.
 
         Exact by default, in tile order (attention does not care about order); with `max_keys`, laid out as
-        grids and pooled down to that many (see attention.pooled).
+        a grid and pooled down to that many (see attention.pooled).
         """
         h, w = src.shape[2], src.shape[3]
         kv_device = self._kv_device(src)
-        if self.max_keys is None and not self.cells:
+        if self.max_keys is None:
             ks, vs = [], []
             for box in tiles_of(h, w, tile):
                 t = tokens(*box)
@@ -426,12 +392,11 @@ class LayerEngine:
         keys, values = (self._as_grids(g, attn.heads) for g in grids)
         return pooled(keys, values, self.max_keys or 1 << 62)
 
-    def _as_grids(self, t: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B(*cells), H*d, h, w] -> [B, H, G, h', w', d]: one grid per image, or the cores of its cells."""
-        cells = self.cells
-        t = cells.pool(cells.core(t, t.shape[2] / self._input_height)) if cells else t[:, None]  # [B, G, H*d, h, w]
-        b, g, inner, h, w = t.shape
-        return t.view(b, g, heads, inner // heads, h, w).permute(0, 2, 1, 4, 5, 3)
+    @staticmethod
+    def _as_grids(t: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, H*d, h, w] -> [B, H, 1, h, w, d]: one grid of keys (or values) per image, per head."""
+        b, inner, h, w = t.shape
+        return t.view(b, 1, heads, inner // heads, h, w).permute(0, 2, 1, 4, 5, 3)
 
     def _kv_device(self, src: torch.Tensor) -> torch.device:
         """Keep all keys/values on the device when one chunk holds them all, on the host otherwise."""

@@ -79,10 +79,7 @@ class GroupStats:
     rstd: torch.Tensor
 
     def apply(self, x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-        """norm(x) for a tile x of the buffer these statistics describe (computed in float32).
-
-        A batch of B*k cells (k consecutive per image) shares its image's statistics.
-        """
+        """norm(x) for a tile x of the buffer these statistics describe (computed in float32)."""
         scale, shift = self.affine(x.shape[0], norm, x.device)
         return torch.addcmul(shift, x.float(), scale)
 
@@ -93,9 +90,8 @@ class GroupStats:
         """
         c = norm.num_channels
         rep = c // norm.num_groups
-        cells = batch // self.mean.shape[0]
-        rstd = self.rstd.to(device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
-        mean = self.mean.to(device, torch.float32).repeat_interleave(rep, 1).repeat_interleave(cells, 0)
+        rstd = self.rstd.to(device, torch.float32).repeat_interleave(rep, 1)
+        mean = self.mean.to(device, torch.float32).repeat_interleave(rep, 1)
         if norm.affine:
             rstd = rstd * norm.weight.float()
             shift = norm.bias.float() - mean * rstd
