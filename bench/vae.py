@@ -7,10 +7,10 @@ seeded random weights, so that 4096²+ decodes finish on 2 CPU cores; the latent
 whole-image decode where that runs. gigadiff's largest sizes stream into a tiled BigTIFF (never whole in RAM).
 `--vae sd` uses SD 1.x's full VAE configuration instead ([128, 256, 512, 512], two resnets per block, 32
 groups; still random weights): compute-bound like the real one, where the reduced one is memory-bound.
-Every method runs with the allocator setting gigadiff's command line makes (gigadiff.heap: freed large
-buffers are reused, not page-faulted anew); `--default-malloc` measures without it.
+Every method runs with large CPU tensors on transparent huge pages, as gigadiff's command line sets up
+(gigadiff.heap); `--no-huge-pages` measures without.
 
-    python bench/vae.py [--sizes 1024 2048 4096] [--ours-only 8192 16384] [--vae bench|sd] [--default-malloc]
+    python bench/vae.py [--sizes 1024 2048 4096] [--ours-only 8192 16384] [--vae bench|sd] [--no-huge-pages]
                         [--json F]
 """
 
@@ -58,18 +58,19 @@ def latent_for(vae, size: int):
     return scale_latents(vae, F.interpolate(z, size=(size // 8, size // 8), mode="bilinear"))
 
 
-def one(method: str, size: int, ref: Path | None, out: Path, kind: str, heap: bool) -> dict:
+def one(method: str, size: int, ref: Path | None, out: Path, kind: str, huge_pages: bool) -> dict:
     """Runs in the child: decode once, report time, peak RSS and the error against a saved whole decode."""
+    from gigadiff.heap import use_huge_pages
+
+    if huge_pages:
+        use_huge_pages()
     import numpy as np
     import torch
 
-    from gigadiff.heap import reuse_freed_memory
     from gigadiff.io.streaming import write_streamed
     from gigadiff.vae.tiled import TiledVAE, VaeTiling, unscale_latents
 
     torch.set_num_threads(2)
-    if heap:
-        reuse_freed_memory()
     vae = bench_vae(kind)
     z = latent_for(vae, size)
     if method == "diffusers-tiling":  # SD's settings: 512 px tiles, 25% overlap
@@ -111,14 +112,14 @@ def main() -> None:
     parser.add_argument("--ours-only", type=int, nargs="*", default=[8192, 16384])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--vae", choices=sorted(VAES), default="bench")
-    parser.add_argument("--default-malloc", action="store_true", help="without gigadiff.heap's allocator setting")
+    parser.add_argument("--no-huge-pages", action="store_true", help="without gigadiff.heap's huge pages")
     parser.add_argument("--json", type=Path, default=Path("bench/results/vae.json"))
     parser.add_argument("--one", nargs=4, metavar=("METHOD", "SIZE", "REF", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         method, size, ref, out = args.one
         ref_path = Path(ref) if ref != "-" else None
-        print(json.dumps(one(method, int(size), ref_path, Path(out), args.vae, not args.default_malloc)))
+        print(json.dumps(one(method, int(size), ref_path, Path(out), args.vae, not args.no_huge_pages)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +130,7 @@ def main() -> None:
             out = Path(tmp) / f"{method}{size}.tif"
             cmd = [sys.executable, __file__, "--vae", args.vae, "--one", method, str(size),
                    str(ref) if kind == ".npy" else "-", str(out) if kind == ".tif" else "-"]  # fmt: skip
-            cmd += ["--default-malloc"] if args.default_malloc else []
+            cmd += ["--no-huge-pages"] if args.no_huge_pages else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:120]

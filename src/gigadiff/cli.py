@@ -21,7 +21,7 @@ import typer
 
 from gigadiff import __version__
 from gigadiff.errors import GigadiffError
-from gigadiff.heap import reuse_freed_memory
+from gigadiff.heap import use_huge_pages
 
 if TYPE_CHECKING:
     from gigadiff.api import GenerationResult
@@ -589,7 +589,7 @@ def with_implied_values(args: list[str]) -> list[str]:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
-    reuse_freed_memory()
+    use_huge_pages()
     code: int | str | None = 0
     try:
         app(args=with_implied_values(sys.argv[1:]))
