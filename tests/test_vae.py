@@ -296,3 +296,11 @@ def test_moments_merged_tile_by_tile_give_the_whole_buffer_group_norm():
     assert moments.count == 37 * 29
     with torch.no_grad():
         assert torch.allclose(moments.group_norm(norm).apply(x, norm), norm(x), atol=1e-5)
+
+
+def test_fast_tiles_on_the_cpu_stay_cache_sized_whatever_the_budget(vae):
+    from gigadiff.vae.tiled import CPU_TILE, plan_decode
+
+    plan = plan_decode(vae, VaeTiling(mode="fast", memory_gb=64), 1, 1024, 1024)
+    assert plan.mode == "fast" and plan.tile == CPU_TILE
+    assert plan_decode(vae, VaeTiling(mode="fast", memory_gb=0.05), 1, 1024, 1024).tile < CPU_TILE
