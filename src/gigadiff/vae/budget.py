@@ -94,6 +94,11 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
     return sides
 
 
+def input_bytes(program: Program, batch: int, height: int, width: int) -> int:
+    """Bytes of the program's float32 input of the given size."""
+    return 4 * batch * height * width * input_channels(program.steps[0])
+
+
 def whole_step_peaks(
     program: Program, batch: int, height: int, width: int, start: int = 0, live: dict[str, int] | None = None
 ) -> list[float]:
@@ -101,11 +106,7 @@ def whole_step_peaks(
     pass): the buffers still needed later (the input always: its caller holds it), the step's output and its
     working copies (float32), with FAST_HEADROOM. From step `start` on, `live` gives the bytes of the buffers
     live there (height x width is then their size); by default the run starts from the input."""
-    live = (
-        dict(live)
-        if live is not None
-        else {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
-    )
+    live = dict(live) if live is not None else {program.input: input_bytes(program, batch, height, width)}
     last = program.last_use()
     peaks = []
     for i, (step, shape) in enumerate(
@@ -174,7 +175,7 @@ def exact_prefix(program: Program, batch: int, height: int, width: int, budget_b
     """
     needs = whole_step_needs(program, batch, height, width, kv_tokens)
     hw = {program.input: (height, width)}
-    nbytes = {program.input: 4 * batch * height * width * input_channels(program.steps[0])}
+    nbytes = {program.input: input_bytes(program, batch, height, width)}
     live = {program.input}
     last = program.last_use()
     best = 0

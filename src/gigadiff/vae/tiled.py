@@ -98,6 +98,11 @@ def latent_factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def fast_keys(program: Program, height: int, width: int) -> int:
+    """Keys/values fast mode's attention attends to for an input of this size: all of them, up to MAX_KEYS."""
+    return min(MAX_KEYS, (height // program.input_unit) * (width // program.input_unit))
+
+
 def plan_decode(vae: Any, tiling: VaeTiling, batch: int, height: int, width: int) -> DecodePlan:
     """Choose mode and tile sizes for decoding a [batch, C, height, width] latent; raise if it cannot fit."""
     program = decoder_program(vae)
@@ -116,7 +121,7 @@ def _plan(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int
         sides = tuple(budget.layer_tiles(program, budget_bytes))
         return DecodePlan("exact", budget_bytes, min(sides), host, sides)
     unit = program.input_unit
-    kv_tokens = min(MAX_KEYS, (height // unit) * (width // unit))
+    kv_tokens = fast_keys(program, height, width)
     largest = max(height, width) if device.type != "cpu" else min(max(height, width), CPU_TILE * unit)
     tile = budget.fast_tile(program, batch, budget_bytes, tiling.halo * unit, kv_tokens, largest, unit)
     return DecodePlan("fast", budget_bytes, tile, None)
@@ -257,7 +262,7 @@ class TiledVAE:
         device = next(self.vae.parameters()).device
         steps = len(program.steps)
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
-        kv_tokens = min(MAX_KEYS, (h // program.input_unit) * (w // program.input_unit))
+        kv_tokens = fast_keys(program, h, w)
         stop = budget.exact_prefix(program, b, h, w, budget_bytes, kv_tokens)
         engine = LayerEngine(program, device, dtype, self.tiling.wrap, record=True, on_device=True, max_keys=MAX_KEYS)
         state = engine.begin({program.input: x.to(device)})
