@@ -66,9 +66,11 @@ def run_gigadiff(folder: Path, repeats: int) -> dict[str, Any]:
                                   scheduler="ddim")  # fmt: skip
 
     def once(output_type: str) -> None:
+        from gigadiff.api import result_image
+
         result = gigadiff.run_generation(settings, backend)
         if output_type == "pil":
-            result.image()
+            result_image(result)
 
     result = measure(once, counter, repeats)
     resolved = gigadiff.run_generation(settings, backend).settings

@@ -102,7 +102,7 @@ def run_package(size: int, difficulty: int, seed: int, overlap: int):
 def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool, int], steps: int):
     from gigadiff.api import run_generation
     from gigadiff.metrics import grid_borders
-    from gigadiff.recipes.txt2img import grid_plan
+    from gigadiff.grids import grid_plan
     from gigadiff.settings import GenerationSettings
 
     weights, shift, level_sync, overlap = config
@@ -110,7 +110,7 @@ def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tu
                                   level_sync=level_sync, overlap=overlap, extra={"difficulty": difficulty})  # fmt: skip
     start = time.perf_counter()
     result = run_generation(settings, backend)
-    heights = backend.decode(result.latents)[0, 0].numpy()
+    heights = result.decode()[0, 0].numpy()
     wall = time.perf_counter() - start
     plan = grid_plan(result.settings, backend.info)
     borders = grid_borders([plan.grid(i) for i in range(steps)])

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD and SDXL pipelines saved to disk and loaded back like hub models."""
+"""Shared fixtures: tiny pipelines of every family saved to disk and loaded back like hub models."""
 
 from __future__ import annotations
 
@@ -51,15 +51,66 @@ def sdxl_pipe(tiny_sdxl_dir):
 
 @pytest.fixture(scope="session")
 def sd_backend(tiny_sd_dir):
-
-    from gigadiff.backends.loading import load_backend
+    from gigadiff.backends.registry import load_backend
 
     return load_backend(str(tiny_sd_dir), "cpu")
 
 
 @pytest.fixture(scope="session")
 def sdxl_backend(tiny_sdxl_dir):
-
-    from gigadiff.backends.loading import load_backend
+    from gigadiff.backends.registry import load_backend
 
     return load_backend(str(tiny_sdxl_dir), "cpu")
+
+
+def saved(tmp_path_factory, name, build):
+    from gigadiff.testing import save_tiny
+
+    return save_tiny(build(), tmp_path_factory.mktemp("models") / name)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    from gigadiff.testing import tiny_flux_pipeline
+
+    return saved(tmp_path_factory, "tiny-flux", tiny_flux_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory):
+    from gigadiff.testing import tiny_flux_pipeline
+
+    return saved(tmp_path_factory, "tiny-flux-schnell", lambda: tiny_flux_pipeline(guidance_embeds=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory):
+    from gigadiff.testing import tiny_flux2_pipeline
+
+    return saved(tmp_path_factory, "tiny-flux2", tiny_flux2_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_dir(tmp_path_factory):
+    from gigadiff.testing import tiny_flux2_klein_pipeline
+
+    return saved(tmp_path_factory, "tiny-klein", tiny_flux2_klein_pipeline)
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image_dir(tmp_path_factory):
+    from gigadiff.testing import tiny_z_image_pipeline
+
+    return saved(tmp_path_factory, "tiny-z-image", tiny_z_image_pipeline)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tiny_flux_dir):
+    return load(tiny_flux_dir)
+
+
+@pytest.fixture(scope="session")
+def flux_backend(flux_pipe):
+    from gigadiff.backends.registry import load_backend
+
+    return load_backend(flux_pipe)

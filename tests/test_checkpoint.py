@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,25 +15,29 @@ from gigadiff.cli import app
 from gigadiff.errors import GigadiffError
 from gigadiff.io.writers import read_latent
 from gigadiff.recipes.txt2img import CheckpointPolicy
+from gigadiff.runs.execute import execute
+from gigadiff.runs.request import RunRequest
+from gigadiff.runs.resolve import resolve
 from gigadiff.settings import GenerationSettings
 
 runner = CliRunner()
 
 
 class StopAfter:
-    """A listener that interrupts the run after step `step` (0-based), like Ctrl-C would."""
+    """A listener that interrupts the run after step `step` (0-based) of its `stage`-th schedule, like Ctrl-C."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, stage: int = 0):
+        self.step, self.stage, self.seen = step, stage, -1
 
-    def on_step_start(self, *args):
-        pass
+    def on_step_start(self, step, total, tiles):
+        if step == 0:
+            self.seen += 1
 
     def on_tiles_done(self, count):
         pass
 
     def on_step_end(self, step, latents):
-        if step == self.step:
+        if step == self.step and self.seen == self.stage:
             raise KeyboardInterrupt
 
 
@@ -41,36 +46,76 @@ def settings(scheduler: str) -> GenerationSettings:
                               scheduler=scheduler)  # fmt: skip
 
 
-def interrupted(backend, model: str, s: GenerationSettings, path: Path, outputs: dict | None = None) -> None:
-    policy = CheckpointPolicy(path, 2, model, outputs or {"output": str(path.with_suffix(".png"))})
+def interrupted(backend, s: GenerationSettings, path: Path) -> None:
+    from gigadiff.settings import check_for_model
+
+    policy = CheckpointPolicy(path, 2, check_for_model(s, backend.info), {"model": backend.info.name})
     with pytest.raises(KeyboardInterrupt):
         run_generation(s, backend, listener=StopAfter(2), checkpoints=policy)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "unipc", "euler_a"])
-def test_resumed_run_equals_the_uninterrupted_one(sd_backend, tiny_sd_dir, tmp_path, scheduler):
+def test_resumed_run_equals_the_uninterrupted_one(sd_backend, tmp_path, scheduler):
     s = settings(scheduler)
     full = run_generation(s, sd_backend).latents
     path = tmp_path / "run.ckpt.safetensors"
-    interrupted(sd_backend, str(tiny_sd_dir), s, path)
+    interrupted(sd_backend, s, path)
     ckpt = load_checkpoint(path)
-    assert ckpt.step == 2 and ckpt.settings.scheduler == scheduler
+    assert (ckpt.step, ckpt.stage) == (2, 0) and ckpt.settings.scheduler == scheduler
     resumed = run_generation(ckpt.settings, sd_backend, resume=ckpt).latents
     assert torch.equal(resumed, full)
 
 
-def test_cli_resume_writes_the_recorded_outputs_and_removes_the_checkpoint(sd_backend, tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("scheduler", ["default", "dpmpp_2m", "heun"])
+def test_a_flow_run_resumes_to_the_same_image(flux_backend, tmp_path, scheduler):
+    s = GenerationSettings("a barn", width=512, height=256, steps=4, seed=2, tile=256, overlap=64, scheduler=scheduler)
+    full = run_generation(s, flux_backend).latents
+    path = tmp_path / "flow.ckpt.safetensors"
+    interrupted(flux_backend, s, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.settings.mu == pytest.approx(0.5)  # the tile's 256 tokens
+    assert torch.equal(run_generation(ckpt.settings, flux_backend, resume=ckpt).latents, full)
+
+
+def request(model, out: Path, **changes) -> RunRequest:
+    return RunRequest(prompt="a barn", model=str(model), size="768x384", steps=5, seed=6, tile=256, overlap=64,
+                      output=str(out), quiet=True, **changes)  # fmt: skip
+
+
+def test_cli_resume_restores_every_recorded_setting_and_removes_the_checkpoint(sd_backend, tiny_sd_dir, tmp_path):
     out = tmp_path / "barn.png"
-    s = settings("dpmpp_2m")
+    req = request(tiny_sd_dir, out, scheduler="dpmpp_2m", save_latent=str(tmp_path / "barn.safetensors"),
+                  checkpoint_every=2, vae_mode="fast", vae_memory=0.25)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        execute(resolve(req), sd_backend, listener=StopAfter(2))
     path = tmp_path / "barn.checkpoint.safetensors"
-    recorded = {"output": str(out), "save_latent": str(tmp_path / "barn.safetensors"), "checkpoint_every": 2}
-    interrupted(sd_backend, str(tiny_sd_dir), s, path, recorded)
-    assert not out.exists()
+    assert not out.exists() and path.is_file()
+    recorded = load_checkpoint(path).record
+    assert (recorded["vae_mode"], recorded["vae_memory"], recorded["tile_batch"]) == ("fast", 0.25, 4)
     result = runner.invoke(app, ["resume", str(path), "-q"])
     assert result.exit_code == 0, result.output
     latent, meta = read_latent(tmp_path / "barn.safetensors")
-    assert torch.equal(latent, run_generation(s, sd_backend).latents)
-    assert meta["scheduler"] == "dpmpp_2m" and out.is_file() and not path.exists()
+    full = run_generation(settings("dpmpp_2m"), sd_backend).latents
+    assert torch.equal(latent, full)
+    assert meta["scheduler"] == "dpmpp_2m" and meta["vae_mode"] == "fast" and out.is_file() and not path.exists()
+    assert meta["request"]["vae_memory"] == 0.25 and meta["request"]["output"] == str(out)
+
+
+def test_a_progressive_run_interrupted_in_its_second_stage_resumes_inside_it(sd_backend, tiny_sd_dir, tmp_path):
+    """1536x1024 on a 512-px model: stages 768x512 and 1536x1024; stopped after step 1 of the second stage."""
+    out = tmp_path / "wide.png"
+    req = RunRequest(prompt="a valley", model=str(tiny_sd_dir), size="1536x1024", steps=3, seed=4, tile=256,
+                     overlap=64, scheduler="dpmpp_2m", coherence="progressive", checkpoint_every=1, output=str(out),
+                     save_latent=str(tmp_path / "wide.safetensors"), quiet=True)  # fmt: skip
+    run = resolve(req)
+    full = execute(run, sd_backend, write=False).result.latents
+    with pytest.raises(KeyboardInterrupt):
+        execute(run, sd_backend, listener=StopAfter(1, stage=1))
+    ckpt = load_checkpoint(tmp_path / "wide.checkpoint.safetensors")
+    assert (ckpt.stage, ckpt.step) == (1, 2) and ckpt.reference is not None and ckpt.noise is not None
+    result = runner.invoke(app, ["resume", str(tmp_path / "wide.checkpoint.safetensors"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(read_latent(tmp_path / "wide.safetensors")[0], full)
 
 
 def test_generate_refuses_to_overwrite_an_existing_checkpoint(tiny_sd_dir, tmp_path):
@@ -91,8 +136,10 @@ def test_bad_checkpoints_are_refused(sd_backend, tiny_sd_dir, tiny_sdxl_dir, tmp
 
     save_file({"latent": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     cases["foreign.safetensors"] = "not a gigadiff checkpoint"
-    good = tmp_path / "good.safetensors"
-    interrupted(sd_backend, str(tiny_sd_dir), settings("ddim"), good)
+    good = tmp_path / "good.checkpoint.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        execute(resolve(request(tiny_sd_dir, tmp_path / "good.png", checkpoint_every=2)), sd_backend,
+                listener=StopAfter(2))  # fmt: skip
     data = good.read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     cases["truncated.safetensors"] = "not a readable checkpoint"
@@ -104,7 +151,7 @@ def test_bad_checkpoints_are_refused(sd_backend, tiny_sd_dir, tiny_sdxl_dir, tmp
     # a checkpoint made with one model, pointed at another, is refused before any compute
     ckpt = load_checkpoint(good)
     other = tmp_path / "other.safetensors"
-    save_checkpoint(other, type(ckpt)(**{**ckpt.__dict__, "model": str(tiny_sdxl_dir)}))
+    save_checkpoint(other, replace(ckpt, record={**ckpt.record, "model": str(tiny_sdxl_dir)}))
     result = runner.invoke(app, ["resume", str(other), "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "refusing to resume on another model" in result.output
     assert not (tmp_path / "x.png").exists()

@@ -81,18 +81,18 @@ BAD_INPUTS = [
     (["--size", "-512x512"], "width must be positive"),
     (["--size", "512x70000"], "larger than the supported maximum"),
     (["--size", "big"], "not of the form WIDTHxHEIGHT"),
-    (["--tile", "256", "--overlap", "256"], "overlap (256px) must be smaller than the tile (256px)"),
+    (["--tile", "256", "--overlap", "256"], "--overlap (256px) must be smaller than the --tile (256px)"),
     (["--tile", "260"], "must be multiples of 8"),
-    (["--scheduler", "warp"], "unknown scheduler 'warp'"),
-    (["--weights", "triangle"], "unknown weights 'triangle'"),
+    (["--scheduler", "warp"], "unknown --scheduler 'warp'"),
+    (["--weights", "triangle"], "unknown --weights 'triangle'"),
     (["--steps", "0"], "steps must be between 1 and 1000"),
-    (["--tile-batch", "0"], "tile batch must be at least 1"),
+    (["--tile-batch", "0"], "--tile-batch must be at least 1"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--eta", "2"], "eta must lie in [0, 1]"),
     (["--sigmas", "80,x"], "must be comma-separated numbers"),
     (["--save-latent", "latent.bin"], "must end in .safetensors"),
-    (["--guidance-rescale", "1.5"], "guidance rescale must lie in [0, 1]"),
+    (["--guidance-rescale", "1.5"], "--guidance-rescale must lie in [0, 1]"),
 ]
 
 

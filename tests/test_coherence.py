@@ -19,7 +19,9 @@ from gigadiff.recipes.coherence import (
     stage_sizes,
     view_grid,
 )
+from gigadiff.regions import Region
 from gigadiff.settings import GenerationSettings, check_for_model
+from gigadiff.vae.tiling import VaeTiling
 
 
 def test_stage_sizes_double_up_to_the_canvas_from_at_most_the_native_size():
@@ -106,24 +108,43 @@ def test_a_stage_follows_its_reference_more_the_slower_the_skip_residual_fades(s
     reference = torch.nn.functional.interpolate(smooth, size=(128, 128), mode="bicubic")
     follow = {}
     for exponent in (1.0, 3.0):
-        latents, denoiser = _stage(sd_backend, replace(stage, skip_exponent=exponent), LocalExecutor(8), None,
-                                   reference, 2, 1)  # fmt: skip
-        follow[exponent] = corr(latents, reference)
-        assert denoiser.model_calls == 4 * (2 + 1)  # 9 local tiles and 4 views per step, 8 per call
+        run = _stage(sd_backend, replace(stage, skip_exponent=exponent), LocalExecutor(8), None, reference, 1, [],
+                     None, None, VaeTiling())  # fmt: skip
+        follow[exponent] = corr(run.latents, reference)
+        assert run.model_calls == 4 * (2 + 1)  # 9 local tiles and 4 views per step, 8 per call
     plain = run_generation(stage, sd_backend).latents
     assert follow[1.0] > follow[3.0] > abs(corr(plain, reference)) + 0.2
 
 
-def test_explicit_progressive_is_refused_where_it_cannot_work(sd_backend, tmp_path):
-    from PIL import Image
-
-    photo = tmp_path / "p.png"
-    Image.new("RGB", (64, 64)).save(photo)
-    region = {"prompt": "x", "negative_prompt": "", "guidance": None, "seed": None, "box": [0, 0, 1, 1]}
-    cases = [(replace(BASE, coherence="progressive", init_image=str(photo)), "follows its init image"),
-             (replace(BASE, coherence="progressive", regions=(region,)), "regional prompts"),
-             (replace(BASE, coherence="progressive", width=2048, height=512), "shorter side must exceed"),
+def test_explicit_progressive_is_refused_where_it_cannot_work(sd_backend):
+    cases = [(replace(BASE, coherence="progressive", width=2048, height=512), "shorter side must exceed"),
              (replace(BASE, coherence="sideways"), "coherence must be one of")]  # fmt: skip
     for s, message in cases:
         with pytest.raises(GigadiffError, match=message):
             check_for_model(s, sd_backend.info)
+
+
+def test_regions_act_on_every_stage_and_views(sd_backend):
+    """A region over the whole canvas with its own prompt equals a plain progressive run with that prompt."""
+    whole = Region("a red barn", box=(0.0, 0.0, 1.0, 1.0))
+    regional = run_generation(replace(BASE, regions=(whole,), region_feather=0), sd_backend)
+    plain = run_generation(replace(BASE, prompt="a red barn"), sd_backend)
+    assert regional.settings.coherence == "progressive"
+    assert (regional.latents - plain.latents).abs().max() <= 1e-3 * plain.latents.abs().max()
+    half = Region("a red barn", box=(0.0, 0.0, 0.5, 1.0))
+    mixed = run_generation(replace(BASE, regions=(half,)), sd_backend).latents
+    left, right = mixed[..., :60] - plain.latents[..., :60], mixed[..., 84:] - plain.latents[..., 84:]
+    assert left.abs().mean() < 0.2 * right.abs().mean() + 1e-3  # the barn's side follows the barn's prompt
+
+
+def test_an_init_image_starts_every_stage(sd_backend, tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "p.png"
+    Image.effect_noise((1152, 640), 40).convert("RGB").save(photo)
+    s = replace(BASE, coherence="progressive", init_image=str(photo), strength=0.5, steps=4)
+    result = run_generation(s, sd_backend)
+    assert result.settings.coherence == "progressive" and result.latents.shape == (1, 4, 80, 144)
+    # each stage runs the last 2 of its 4 steps: stage 0 (2 tiles, 1 call), stage 1 (6 local + 4 views, 2 calls)
+    assert result.run.model_calls == 2 * 1 + 2 * 2 and result.run.steps.first == 2
+    assert torch.isfinite(result.latents).all()

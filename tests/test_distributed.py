@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gigadiff.executors.distributed import batches, share, units
+from gigadiff.executors.distributed import calls, share, units
 from gigadiff.io.writers import read_latent
 
 HELPER = Path(__file__).parent / "helpers" / "faulty_rank.py"
@@ -30,19 +30,24 @@ def gen_args(model: Path, out: Path, *extra: str) -> list[str]:
             "--save-latent", str(out.with_suffix(".safetensors")), *extra]  # fmt: skip
 
 
-def test_shares_are_even_and_cover_every_tile():
+def test_shares_are_even_cover_every_tile_and_give_every_rank_work():
     for n in range(0, 40):
         for world in (1, 2, 3, 5):
             for bs in (1, 3, 4):
                 for split in (False, True):
-                    work = units(n, bs, split)
-                    shares = [share(len(work), r, world) for r in range(world)]
-                    got = [(i, work[u].branch) for sh in shares for u in sh for i in work[u].tiles]
-                    branches = (0, 1) if split else (None,)
-                    assert sorted(got, key=str) == sorted(((i, br) for i in range(n) for br in branches), key=str)
-                    assert [u.tiles for u in work[:: len(branches)]] == batches(n, bs)
-                    counts = [len(sh) for sh in shares]
-                    assert max(counts) - min(counts) <= 1
+                    work = units(n, split)
+                    shares = [[work[i] for i in share(len(work), r, world)] for r in range(world)]
+                    done = sorted((u.tile, -1 if u.branch is None else u.branch) for sh in shares for u in sh)
+                    branches = (0, 1) if split else (-1,)
+                    assert done == sorted((i, b) for i in range(n) for b in branches)
+                    sizes = [len(sh) for sh in shares]
+                    assert max(sizes) - min(sizes) <= 1
+                    if len(work) >= world:
+                        assert min(sizes) >= 1  # every rank works whenever there are as many units as ranks
+                    for sh in shares:
+                        made = calls(sh, bs)
+                        assert all(0 < len(tiles) <= bs for _, tiles in made)
+                        assert sorted(i for _, tiles in made for i in tiles) == sorted(u.tile for u in sh)
 
 
 def test_world_sizes_1_2_3_give_bit_identical_latents(tiny_sd_dir, tmp_path):
@@ -78,7 +83,7 @@ def test_cfg_split_needs_torchrun_and_guidance(tiny_sd_dir, tmp_path):
     from gigadiff.cli import app
 
     result = CliRunner().invoke(app, gen_args(tiny_sd_dir, tmp_path / "o.png", "--cfg-split"))
-    assert result.exit_code == 2 and "launch with torchrun" in result.output
+    assert result.exit_code == 2 and "--cfg-split shares guidance passes between processes" in result.output
     proc = torchrun(2, gen_args(tiny_sd_dir, tmp_path / "g.png", "--cfg-split", "--guidance", "1"))
     assert proc.returncode != 0 and "needs a model run with classifier-free guidance" in proc.stderr
 
@@ -129,7 +134,7 @@ def test_rank_timeout_must_be_positive(tiny_sd_dir, tmp_path, timeout):
     from gigadiff.cli import app
 
     result = CliRunner().invoke(app, gen_args(tiny_sd_dir, tmp_path / "o.png", "--rank-timeout", timeout))
-    assert result.exit_code == 2 and "rank timeout must be positive" in result.output
+    assert result.exit_code == 2 and "--rank-timeout must be positive" in result.output
 
 
 def test_terrain_onnx_backend_runs_distributed_with_the_same_result(tmp_path):

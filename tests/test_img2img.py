@@ -8,6 +8,7 @@ from PIL import Image
 
 from gigadiff.api import generate
 from gigadiff.schedulers import make_scheduler
+from gigadiff.vae.tiling import VaeTiling
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_one_tile_img2img_matches_the_diffusers_img2img_pipeline(sd_pipe, photo_
         ref = pipe("an astronaut", image=im.convert("RGB"), strength=0.6, num_inference_steps=5, guidance_scale=7.5,
                    generator=torch.Generator().manual_seed(4), output_type="latent").images  # fmt: skip
     got = generate("an astronaut", model=sd_pipe, steps=5, guidance=7.5, seed=4, scheduler=scheduler,
-                   init_image=str(photo_file), strength=0.6, output_type="latent")  # fmt: skip
+                   init=str(photo_file), strength=0.6, output_type="latent")  # fmt: skip
     assert got.shape == ref.shape == (1, 4, 64, 64)
     assert (got - ref).abs().max().item() <= 1e-3  # the tiled encode equals the whole encode within 1e-4
 
@@ -38,11 +39,11 @@ def test_one_tile_img2img_matches_the_diffusers_img2img_pipeline(sd_pipe, photo_
 def test_strength_sets_how_far_the_result_moves_from_the_image(sd_backend, photo_file):
     from gigadiff.io.images import load_resized
 
-    init = sd_backend.encode(load_resized(photo_file, 768, 512))
+    init = sd_backend.codec.encode(load_resized(photo_file, 768, 512), None, VaeTiling())
     distance = []
     for strength in (0.2, 0.5, 1.0):
         got = generate("an astronaut", model=sd_backend, size="768x512", steps=10, seed=1, tile=256, overlap=64,
-                       init_image=str(photo_file), strength=strength, output_type="latent")  # fmt: skip
+                       init=str(photo_file), strength=strength, output_type="latent")  # fmt: skip
         distance.append((got - init).pow(2).mean().item())
     assert distance[0] < distance[1] < distance[2]
 
@@ -93,7 +94,7 @@ def test_terrain_refuses_an_init_image(photo_file):
     from gigadiff.errors import GigadiffError
 
     with pytest.raises(GigadiffError, match="cannot encode images"):
-        generate(model="terrain", size="256x256", steps=1, init_image=str(photo_file))
+        generate(model="terrain", size="256x256", steps=1, init=str(photo_file))
 
 
 def test_upscale_refuses_a_scale_that_is_not_positive(tiny_sd_dir, photo_file, tmp_path):

@@ -1,13 +1,16 @@
-"""Model loading: presets, folders, single-file checkpoints, and what happens when a model is missing."""
+"""Finding models and their families: presets, folders, single-file checkpoints, missing and damaged models."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from gigadiff.backends.device import resolve_device, resolve_dtype
-from gigadiff.backends.loading import _is_sdxl_checkpoint, backend_for_pipeline, load_backend
+from gigadiff.backends.registry import FAMILIES, family_of, find_model, load_backend, presets
+from gigadiff.backends.source import ModelSource, cached_snapshot, locate, safetensors_keys
 from gigadiff.errors import GigadiffError
 
 
@@ -17,21 +20,80 @@ def test_loaded_folder_reports_its_family_and_native_size(sd_backend, sdxl_backe
     assert sd_backend.info.latent_channels == 4
     assert (sd_backend.info.default_steps, sd_backend.info.default_guidance) == (30, 7.5)
     assert sdxl_backend.info.default_guidance == 5.0
+    assert sd_backend.info.fingerprint and sd_backend.info.fingerprint != sdxl_backend.info.fingerprint
 
 
-def test_preset_defaults_apply(monkeypatch, sd_pipe):
-    import gigadiff.backends.loading as loading
+def test_every_family_is_found_from_its_folder_without_loading_weights(
+    tiny_sd_dir, tiny_sdxl_dir, tiny_flux_dir, tiny_flux_schnell_dir, tiny_flux2_dir, tiny_klein_dir, tiny_z_image_dir
+):
+    expect = {
+        tiny_sd_dir: ("sd", 8, 1, "ddpm", "cfg"),
+        tiny_sdxl_dir: ("sdxl", 8, 1, "ddpm", "cfg"),
+        tiny_flux_dir: ("flux", 8, 2, "flow", "embedded"),
+        tiny_flux_schnell_dir: ("flux", 8, 2, "flow", "none"),
+        tiny_flux2_dir: ("flux2", 16, 1, "flow", "embedded"),
+        tiny_klein_dir: ("flux2-klein", 16, 1, "flow", "cfg"),
+        tiny_z_image_dir: ("z-image", 8, 2, "flow", "cfg"),
+    }
+    for folder, (family, factor, multiple, kind, guidance) in expect.items():
+        _, _, info = find_model(str(folder))
+        assert (info.family, info.vae_scale_factor, info.latent_multiple) == (family, factor, multiple)
+        assert (info.scheduler_kind, info.guidance_kind) == (kind, guidance)
+        assert info.size_multiple == factor * multiple
+    assert find_model(str(tiny_flux_schnell_dir))[2].default_steps == 4
+    assert find_model(str(tiny_flux2_dir))[2].latent_channels == 32  # 8 VAE channels, patchified 2x2
 
-    monkeypatch.setattr(loading, "_load_pretrained", lambda source, dtype, model: sd_pipe)
-    backend = load_backend("sdxl-turbo", "cpu")
-    assert (backend.info.default_steps, backend.info.default_guidance, backend.info.native_size) == (4, 0.0, 512)
+
+def test_presets_name_their_family_and_defaults():
+    table = presets()
+    for name, family in {"sd15": "sd", "sdxl-turbo": "sdxl", "flux-dev": "flux", "flux-schnell": "flux",
+                         "flux-krea": "flux", "flux2-dev": "flux2", "flux2-klein": "flux2-klein",
+                         "z-image-turbo": "z-image"}.items():  # fmt: skip
+        assert table[name][0].name == family
+    assert (table["flux-schnell"][1].steps, table["flux-schnell"][1].guidance) == (4, 0.0)
+    assert table["z-image-turbo"][1].steps == 9
+    assert table["sdxl-turbo"][1].native_size == 512
+    assert len({f.name for f in FAMILIES}) == len(FAMILIES)
 
 
-def test_sdxl_checkpoints_are_told_apart(tmp_path):
-    xl, sd = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(xl))
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sd))
-    assert _is_sdxl_checkpoint(xl) and not _is_sdxl_checkpoint(sd)
+def test_a_cached_preset_is_described_from_the_hub_cache_layout(tiny_flux_dir, tmp_path, monkeypatch):
+    """The cache layout huggingface_hub writes: models--owner--name/refs/main and snapshots/<revision>/."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell"
+    shutil.copytree(tiny_flux_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cached_snapshot("black-forest-labs/FLUX.1-schnell") == repo / "snapshots" / "abc123"
+    source, family, info = find_model("flux-schnell")
+    assert (source.kind, family.name, info.default_steps, info.default_guidance) == ("preset", "flux", 4, 0.0)
+
+
+def test_single_files_are_told_apart_by_their_tensor_names(tmp_path):
+    def family_of_file(keys):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.safetensors"
+        save_file({k: torch.zeros(1) for k in keys}, str(path))
+        return family_of(locate(str(path), (), {})).name
+
+    assert family_of_file(["conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
+    assert family_of_file(["model.diffusion_model.input_blocks.0.0.weight"]) == "sd"
+    assert family_of_file(["double_blocks.0.img_attn.qkv.weight"]) == "flux"
+    assert family_of_file(["double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight"]) == "flux2"
+    assert family_of_file(["noise_refiner.0.attention.to_q.weight"]) == "z-image"
+    with pytest.raises(GigadiffError, match="match no model family"):
+        family_of_file(["something.else"])
+
+
+def test_a_damaged_single_file_is_a_clear_error_before_loading(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(GigadiffError, match=r"is not a readable \.safetensors file"):
+        safetensors_keys(bad)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(b"\xff" * 8)
+    with pytest.raises(GigadiffError, match="damaged or not safetensors"):
+        find_model(str(truncated))
 
 
 def test_single_file_without_config_fails_clearly(tmp_path):
@@ -43,14 +105,36 @@ def test_single_file_without_config_fails_clearly(tmp_path):
         load_backend(str(tmp_path / "absent.safetensors"), "cpu")
 
 
-def test_a_pipeline_without_unet_and_vae_is_refused():
+def test_a_pipeline_of_no_known_family_is_refused(tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, **blocks)
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
-    with pytest.raises(GigadiffError, match=r"DDPMPipeline.*Stable Diffusion 1\.x/2\.x and SDXL"):
-        backend_for_pipeline(pipe)
+    with pytest.raises(GigadiffError, match=r"is a DDPMPipeline; gigadiff has no model family for it"):
+        load_backend(pipe)
+    folder = tmp_path / "ddpm"
+    pipe.save_pretrained(folder)
+    with pytest.raises(GigadiffError, match=r"DDPMPipeline; gigadiff has no model family for it \(it runs: "):
+        find_model(str(folder))
+
+
+def test_a_folder_with_a_broken_model_index_is_named(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text("{")
+    with pytest.raises(GigadiffError, match="is not valid JSON"):
+        find_model(str(tmp_path / "m"))
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert find_model(str(tmp_path / "m"))[1].name == "flux"
+
+
+def test_an_object_source_reads_the_pipelines_configs(flux_pipe):
+    from gigadiff.backends.source import object_source
+
+    source = object_source(flux_pipe)
+    assert isinstance(source, ModelSource) and source.pipeline_class == "FluxPipeline"
+    assert source.config("transformer")["guidance_embeds"] is True
+    assert source.scheduler_config()["use_dynamic_shifting"] is True
 
 
 def test_devices_and_dtypes():

@@ -72,7 +72,7 @@ def test_v_prediction_sd2_style(tiny_sd_v_dir):
 def test_negative_prompt_and_no_guidance(sd_pipe, sdxl_pipe):
     for pipe in (sd_pipe, sdxl_pipe):
         ref = reference_latents(pipe, "ddim", negative_prompt="blurry")
-        got = ours(pipe, "ddim", negative_prompt="blurry")
+        got = ours(pipe, "ddim", negative="blurry")
         assert (got - ref).abs().max().item() <= 1e-4
         ref = reference_latents(pipe, "euler", guidance=1.0)
         got = ours(pipe, "euler", guidance=1.0)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from gigadiff.api import run_generation
 from gigadiff.errors import GigadiffError
-from gigadiff.regions import background_weight, check_regions, load_region_file, region_weight
+from gigadiff.regions import Region, background_weight, check_regions, load_region_file, region_weight
 from gigadiff.settings import GenerationSettings
 
 BASE = GenerationSettings(prompt="a meadow", width=768, height=512, steps=2, guidance=7.5, seed=3, tile=256,
@@ -32,9 +32,8 @@ def test_a_region_file_is_normalised_and_masks_are_found_next_to_it(tmp_path):
         {"mask": "lake.png", "prompt": "a lake", "negative_prompt": "boats"}]})  # fmt: skip
     f = load_region_file(path)
     assert f.background == {"prompt": "dusk"} and f.feather == 16
-    assert f.regions[0] == {"prompt": "a barn", "negative_prompt": "", "guidance": 9, "seed": 5,
-                            "box": [0.1, 0.2, 0.5, 0.9]}  # fmt: skip
-    assert f.regions[1]["mask"] == str(tmp_path / "lake.png")
+    assert f.regions[0] == Region("a barn", "", 9.0, 5, box=(0.1, 0.2, 0.5, 0.9))
+    assert f.regions[1].mask == str(tmp_path / "lake.png") and f.regions[1].negative_prompt == "boats"
     assert load_region_file(write(tmp_path, [{"box": [0, 0, 10, 10], "prompt": "x"}], "list.json")).feather == 32
 
 
@@ -63,17 +62,17 @@ def test_boxes_outside_the_canvas_empty_boxes_and_empty_masks_are_refused(tmp_pa
     Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     cases = [({"mask": str(tmp_path / "broken.png")}, "region 1 ('x'): cannot read mask image"),
-             ({"box": [600, 0, 900, 100]}, "reaches outside the 768x512 canvas"),
-             ({"box": [0.5, 0.5, 0.5, 0.9]}, "is empty"),
+             ({"box": (600, 0, 900, 100)}, "reaches outside the 768x512 canvas"),
+             ({"box": (0.5, 0.5, 0.5, 0.9)}, "is empty"),
              ({"mask": str(tmp_path / "black.png")}, "is empty (no white pixel")]  # fmt: skip
     for where, message in cases:
         with pytest.raises(GigadiffError) as e:
-            check_regions(({"prompt": "x", **where},), 768, 512)
+            check_regions((Region("x", **where),), 768, 512)
         assert message in str(e.value)
 
 
 def test_box_weights_are_one_inside_zero_outside_feathered_only_away_from_the_canvas_edge():
-    w = region_weight({"prompt": "x", "box": [0, 128, 384, 512]}, 768, 512, 8, feather_px=64)
+    w = region_weight(Region("x", box=(0, 128, 384, 512)), 768, 512, 8, feather_px=64)
     assert w.shape == (64, 96)
     assert w[:16].max() == 0 and w[:, 48:].max() == 0  # outside the box
     assert w[40:, :40].min() == 1  # deep inside
@@ -87,7 +86,7 @@ def test_box_weights_are_one_inside_zero_outside_feathered_only_away_from_the_ca
 def test_a_region_over_the_whole_canvas_is_exactly_a_run_with_its_prompt(sd_backend):
     """The background is then left with its floor weight everywhere, so it is skipped: same calls, same result."""
     plain = run_generation(replace(BASE, prompt="a lighthouse"), sd_backend)
-    region = {"prompt": "a lighthouse", "negative_prompt": "", "guidance": None, "seed": None, "box": [0, 0, 1, 1]}
+    region = Region("a lighthouse", box=(0, 0, 1, 1))
     regional = run_generation(replace(BASE, regions=(region,)), sd_backend)
     assert torch.equal(regional.latents, plain.latents)
     assert regional.run.model_calls == plain.run.model_calls
@@ -95,7 +94,7 @@ def test_a_region_over_the_whole_canvas_is_exactly_a_run_with_its_prompt(sd_back
 
 def test_a_region_costs_model_calls_only_on_the_tiles_it_touches_and_changes_only_its_part(sd_backend):
     plain = run_generation(BASE, sd_backend)
-    region = {"prompt": "a red barn", "negative_prompt": "", "guidance": 9.0, "seed": None, "box": [0, 0, 200, 200]}
+    region = Region("a red barn", guidance=9.0, box=(0, 0, 200, 200))
     regional = run_generation(replace(BASE, regions=(region,), tile_batch=1), sd_backend)
     tiles = plain.run.tiles_per_step
     assert tiles < regional.run.model_calls // 2 < 2 * tiles  # the barn touches few of the 6 tiles per step
@@ -106,8 +105,7 @@ def test_a_region_costs_model_calls_only_on_the_tiles_it_touches_and_changes_onl
 def test_a_region_seed_redraws_the_noise_inside_it_only():
     from gigadiff.recipes.regional import region_weights, with_region_seeds
 
-    settings = replace(BASE, regions=({"prompt": "x", "negative_prompt": "", "guidance": None, "seed": 9,
-                                       "box": [0, 0, 384, 256]},))  # fmt: skip
+    settings = replace(BASE, regions=(Region("x", seed=9, box=(0, 0, 384, 256)),))
     noise = torch.zeros(1, 4, 64, 96)
     out = with_region_seeds(noise, settings, region_weights(settings, 8))
     assert (out[..., 32:, :] == 0).all() and (out[..., :, 48:] == 0).all()
@@ -125,7 +123,8 @@ def test_regions_cli_records_regions_and_rejects_bad_files(tiny_sd_dir, tmp_path
     result = invoke(*args, "--regions", str(path))
     assert result.exit_code == 0, result.output
     meta = read_png_metadata(out)
-    assert meta["prompt"] == "a meadow" and meta["regions"][0]["prompt"] == "a barn"
+    assert meta["prompt"] == "a meadow" and meta["settings"]["regions"][0]["prompt"] == "a barn"
+    assert meta["request"]["regions"]["regions"][0]["box"] == [0, 0, 0.5, 0.5]
     outside = write(tmp_path, {"regions": [{"box": [0, 0, 900, 100], "prompt": "x"}]}, "outside.json")
     bad = invoke(*tiny_args(tiny_sd_dir, tmp_path / "bad.png"), "--regions", str(outside))
     assert bad.exit_code == 2 and "reaches outside the 768x512 canvas" in bad.output
@@ -133,4 +132,23 @@ def test_regions_cli_records_regions_and_rejects_bad_files(tiny_sd_dir, tmp_path
     np.testing.assert_equal(Image.open(out).size, (768, 512))
     synced = invoke(*tiny_args(tiny_sd_dir, tmp_path / "synced.png"), "--regions", str(path), "--level-sync")
     assert synced.exit_code == 2 and "--level-sync cannot be used with regional prompts yet" in synced.output
+
+
+def test_regions_come_inline_with_masks_as_data_urls_where_files_cannot_be_named(tmp_path):
+    import base64
+    import io
+
+    from gigadiff.errors import GigadiffError
+    from gigadiff.regions import parse_regions
+
+    buffer = io.BytesIO()
+    Image.new("L", (32, 32), 255).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    regions = parse_regions([{"mask": url, "prompt": "a lake"}], folder=None).regions
+    check_regions(regions, 256, 256)
+    assert region_weight(regions[0], 256, 256, 8, 0).min() == 1
+    with pytest.raises(GigadiffError, match="masks must be given as data:image"):
+        parse_regions([{"mask": "lake.png", "prompt": "a lake"}], folder=None)
+    with pytest.raises(GigadiffError, match="not valid base64"):
+        parse_regions([{"mask": "data:image/png;base64,@@@", "prompt": "a lake"}], folder=None)
     assert not (tmp_path / "synced.png").exists()

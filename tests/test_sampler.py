@@ -27,6 +27,11 @@ def run(backend, **changes):
     return run_generation(replace(BASE, **changes), backend)
 
 
+EVALUATIONS = {"heun": 2 * 3 - 1, "pndm": 3 + 1}
+"""Model evaluations of a 3-step schedule where it is not 3: Heun evaluates twice per step but the last, PNDM's
+PLMS warm-up once more."""
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "heun", "lcm", "pndm"])
 def test_every_scheduler_runs_on_a_multi_tile_canvas(sd_backend, scheduler):
     result = run(sd_backend, scheduler=scheduler)
@@ -34,8 +39,10 @@ def test_every_scheduler_runs_on_a_multi_tile_canvas(sd_backend, scheduler):
     assert torch.isfinite(result.latents).all()
     tiles = result.run.tiles_per_step
     assert tiles == 2 * 4  # 48 latent rows / 32-tile -> 2, 96 cols -> 4 with overlap 8
-    # heun evaluates the model twice per step
-    assert result.run.evaluated_pixels >= 3 * tiles * 32 * 32
+    evaluations = EVALUATIONS.get(scheduler, 3)
+    assert result.run.evaluated_pixels == evaluations * tiles * 32 * 32
+    assert result.run.model_calls == evaluations * 2  # 8 tiles per step in batches of 4
+    assert result.run.steps.count == evaluations
 
 
 @pytest.mark.parametrize("weights", ["uniform", "gaussian", "cosine"])
@@ -83,20 +90,37 @@ def test_sdxl_runs_tiled_with_crop_conditioning(sdxl_backend):
 def test_sdxl_tiles_are_conditioned_on_their_canvas_position(sdxl_backend):
     from gigadiff.geometry import Tile
 
-    cond = sdxl_backend.condition("x", "", 7.5, (384, 768))
-    ids = sdxl_backend._time_ids([Tile(0, 0, 32, 32), Tile(16, 64, 32, 32)], cond)
+    cond = sdxl_backend.condition("x", "", 7.5, (384, 768), {})
+    ids = sdxl_backend.time_ids([Tile(0, 0, 32, 32), Tile(16, 64, 32, 32)], cond)
     assert ids.tolist() == [[384, 768, 0, 0, 256, 256], [384, 768, 128, 512, 256, 256]]
 
 
-def test_executor_yields_tiles_in_grid_order(sd_backend):
+def test_executor_yields_tiles_in_grid_order_in_calls_of_one_shape(sd_backend):
+    """14 tiles in batches of 4: four calls of exactly 4 tiles, the last filled up with copies of tile 13; each
+    tile's prediction equals the one it gets in any other batch of that shape."""
     from gigadiff.geometry import tile_grid
 
-    grid = tile_grid(48, 96, 32, 8)
-    cond = sd_backend.condition("x", "", 7.5, (384, 768))
-    seen = []
-    canvas = torch.randn(1, 4, 48, 96)
-    t = sd_backend.base_scheduler.timesteps[0] if len(sd_backend.base_scheduler.timesteps) else 999
-    for tiles, preds in LocalExecutor(3).predictions(sd_backend, canvas, torch.tensor(t), cond, grid):
-        assert preds.shape == (len(tiles), 4, 32, 32)
-        seen.extend(tiles)
-    assert tuple(seen) == grid.tiles
+    grid = tile_grid(48, 160, 32, 8)
+    assert len(grid) == 14
+    cond = sd_backend.condition("x", "", 7.5, (384, 1280), {})
+    canvas = torch.randn(1, 4, 48, 160, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    shapes = []
+    predict = sd_backend.predict
+
+    def spy(x, *args):
+        shapes.append(x.shape[0])
+        return predict(x, *args)
+
+    sd_backend.predict = spy
+    try:
+        batches = list(LocalExecutor(4).predictions(sd_backend, canvas, t, cond, grid))
+        reversed_tiles = type(grid)(grid.height, grid.width, grid.tiles[::-1])
+        backwards = list(LocalExecutor(4).predictions(sd_backend, canvas, t, cond, reversed_tiles))
+    finally:
+        del sd_backend.predict
+    assert shapes == [4] * 8 and [b.calls for b in batches] == [1] * 4
+    assert tuple(t for b in batches for t in b.tiles) == grid.tiles
+    forward = torch.cat([b.predictions for b in batches])
+    assert forward.shape == (14, 4, 32, 32)
+    assert torch.equal(forward, torch.cat([b.predictions for b in backwards]).flip(0))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
-from gigadiff.backends.base import ModelInfo
+from gigadiff.backends.base import ModelInfo, ShiftRule
 from gigadiff.errors import GigadiffError
+from gigadiff.regions import Region
 from gigadiff.settings import GenerationSettings, check_for_model, parse_size
 
 SD = ModelInfo("sd", "sd", latent_channels=4, vae_scale_factor=8, native_size=512)
@@ -46,8 +50,8 @@ def test_explicit_settings_are_kept():
 
 
 def test_level_sync_is_refused_with_regional_prompts():
-    region = {"prompt": "x", "negative_prompt": "", "guidance": None, "seed": None, "box": [0, 0, 1, 1]}
-    with pytest.raises(GigadiffError, match="--level-sync cannot be used with regional prompts yet"):
+    region = Region("x", box=(0, 0, 1, 1))
+    with pytest.raises(GigadiffError, match="level_sync cannot be used with regional prompts yet"):
         check_for_model(GenerationSettings("x", level_sync=True, regions=(region,)), SD)
     assert check_for_model(GenerationSettings("x", regions=(region,)), SD).level_sync is False
 
@@ -56,11 +60,15 @@ def test_level_sync_is_refused_with_regional_prompts():
     ("changes", "message"),
     [
         ({"width": 1001}, "width 1001 is not a multiple of 8 (this model's VAE downsampling factor); use 1000 or 1008"),
+        ({"scheduler": "warp"}, "unknown scheduler 'warp'"),
+        ({"true_cfg": 0.5}, "true_cfg must be at least 1"),
+        ({"positions": "everywhere"}, "positions must be one of local, global"),
+        ({"flow_shift": "huge"}, "flow_shift 'huge' must be tile, canvas, a shift > 0"),
         ({"tile": 8}, "tile (8px) must be at least 16px"),
         ({"tile": 256, "overlap": 300}, "overlap (300px) must be smaller than the tile (256px)"),
         ({"overlap": -8}, "overlap must be >= 0"),
         ({"guidance": -1}, "guidance must be >= 0"),
-        ({"guidance_rescale": 2}, "guidance rescale must lie in [0, 1]"),
+        ({"guidance_rescale": 2}, "guidance_rescale must lie in [0, 1]"),
         ({"seed": -1}, "seed must lie in [0, 2**64)"),
         ({"weights": "box"}, "unknown weights 'box'; choose one of: uniform, gaussian, cosine, linear"),
     ],
@@ -75,3 +83,74 @@ def test_prompt_refused_for_models_that_take_none():
     info = ModelInfo("terrain", "terrain", 1, 1, 128, takes_prompt=False)
     with pytest.raises(GigadiffError, match="takes no prompt"):
         check_for_model(GenerationSettings("mountains"), info)
+
+
+FLUX = ModelInfo("flux", "flux", latent_channels=16, vae_scale_factor=8, native_size=1024, latent_multiple=2,
+                 scheduler_kind="flow", guidance_kind="embedded", true_cfg=True, positions="rope",
+                 shift_rule=ShiftRule("linear"))  # fmt: skip
+
+
+def test_flow_models_take_flow_schedulers_only_naming_the_ones_that_work():
+    assert check_for_model(GenerationSettings("x", scheduler="unipc"), FLUX).scheduler == "unipc"
+    with pytest.raises(GigadiffError) as e:
+        check_for_model(GenerationSettings("x", scheduler="ddim"), FLUX)
+    assert "scheduler 'ddim' has no flow-matching form for model 'flux'" in str(e.value)
+    assert "default, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, unipc, deis, lcm" in str(e.value)
+    consistency = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, scheduler_kind="consistency")
+    with pytest.raises(GigadiffError, match="has its own sampler"):
+        check_for_model(GenerationSettings("", scheduler="euler"), consistency)
+
+
+def test_sizes_tiles_and_overlaps_are_whole_tokens():
+    with pytest.raises(GigadiffError) as e:
+        check_for_model(GenerationSettings("x", width=1000, height=1024), FLUX)
+    assert "width 1000 is not a multiple of 16 (its VAE factor 8 x 2x2 token patches); use 992 or 1008" in str(e.value)
+    with pytest.raises(GigadiffError, match=r"must be multiples of 16 \(model 'flux'"):
+        check_for_model(GenerationSettings("x", tile=1016), FLUX)
+    with pytest.raises(GigadiffError, match=r"overlap \(72px\) must be multiples of 16"):
+        check_for_model(GenerationSettings("x", tile=1024, overlap=72), FLUX)
+
+
+def test_the_default_overlap_is_whole_tokens():
+    s = check_for_model(GenerationSettings("x", tile=1008), FLUX)
+    assert s.overlap % 16 == 0 and s.overlap == 1008 // 8 // 16 * 16
+
+
+def test_the_timestep_shift_comes_from_one_tiles_tokens():
+    small_tile = check_for_model(GenerationSettings("x", width=4096, height=4096, tile=512, coherence="none"), FLUX)
+    native = check_for_model(GenerationSettings("x", width=4096, height=4096, coherence="none"), FLUX)
+    whole = check_for_model(GenerationSettings("x", width=4096, height=4096, flow_shift="canvas", coherence="none"),
+                            FLUX)  # fmt: skip
+    assert small_tile.mu == pytest.approx(0.5 + (1024 - 256) * 0.65 / 3840)
+    assert native.mu == pytest.approx(1.15)
+    assert whole.mu == pytest.approx(0.5 + (65536 - 256) * 0.65 / 3840)  # 11.55: diffusers' rule on the canvas
+    assert check_for_model(GenerationSettings("x", flow_shift="3"), FLUX).mu == pytest.approx(math.log(3))
+    assert check_for_model(GenerationSettings("x", flow_shift="mu=0.7"), FLUX).mu == pytest.approx(0.7)
+    assert check_for_model(GenerationSettings("x"), SD).mu is None
+    with pytest.raises(GigadiffError, match="flow_shift applies to flow-matching models"):
+        check_for_model(GenerationSettings("x", flow_shift="3"), SD)
+
+
+def test_guidance_kinds_and_positions_are_checked_against_the_model():
+    schnell = replace(FLUX, guidance_kind="none")
+    assert check_for_model(GenerationSettings("x"), schnell).guidance is None
+    with pytest.raises(GigadiffError, match="takes no guidance scale"):
+        check_for_model(GenerationSettings("x", guidance=3.5), schnell)
+    assert check_for_model(GenerationSettings("x", true_cfg=2.0), schnell).true_cfg == 2.0
+    with pytest.raises(GigadiffError, match="its guidance is classifier-free already: use guidance"):
+        check_for_model(GenerationSettings("x", true_cfg=2.0), SD)
+    with pytest.raises(GigadiffError, match="has no position ids"):
+        check_for_model(GenerationSettings("x", positions="global"), SD)
+    table = replace(FLUX, max_global_px=3072)
+    assert check_for_model(GenerationSettings("x", width=3072, height=2048, positions="global"), table)
+    with pytest.raises(GigadiffError, match="position table covers 3072px a side"):
+        check_for_model(GenerationSettings("x", width=4096, height=2048, positions="global"), table)
+
+
+def test_the_default_tile_batch_follows_the_tile_count_not_the_world():
+    assert check_for_model(GenerationSettings("x", width=1024, height=512, tile=512, overlap=0), SD).tile_batch == 2
+    assert check_for_model(GenerationSettings("x", width=512, height=512), SD).tile_batch == 1
+    assert check_for_model(GenerationSettings("x", width=1536, height=512, tile=512, overlap=0), SD).tile_batch == 3
+    assert check_for_model(GenerationSettings("x", width=1024, height=1024, tile=512, overlap=0), SD).tile_batch == 4
+    assert check_for_model(GenerationSettings("x", width=4096, height=4096), SD).tile_batch == 3  # 81 tiles
+    assert check_for_model(GenerationSettings("x", width=4096, height=512, tile_batch=2), SD).tile_batch == 2

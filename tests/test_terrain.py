@@ -16,6 +16,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.io.heightmap import read_heightmap
 from gigadiff.noise import canvas_noise, seeded_generator
 from gigadiff.settings import GenerationSettings, check_for_model
+from gigadiff.vae.tiling import VaeTiling
 
 runner = CliRunner()
 
@@ -33,7 +34,9 @@ def settings(**kw):
 def test_one_tile_one_step_is_the_network_on_seeded_noise(terrain):
     result = run_generation(settings(width=128, height=128, steps=1, weights="uniform"), terrain)
     noise = canvas_noise((1, 1, 128, 128), seeded_generator(4)) * 80.0
-    expected = terrain.predict(noise, torch.tensor(80.0), terrain.condition("", "", None, (128, 128), 60), [])
+    expected = terrain.predict(
+        noise, torch.tensor(80.0), terrain.condition("", "", None, (128, 128), {"difficulty": 60}), []
+    )
     assert torch.allclose(result.latents, expected, rtol=1e-6, atol=1e-7)  # w * p / w rounding only
 
 
@@ -52,7 +55,7 @@ def test_multistep_run_is_a_plausible_heightmap(terrain):
     # 2 steps, 9 tiles in batches of 3, and level consensus's 4 probe tiles in batches of 3
     assert result.run.model_calls == 2 * (3 + 2)
     assert result.latents.min() >= -1 and result.latents.max() <= 1  # the model's own range
-    heights = terrain.decode(result.latents)
+    heights = terrain.codec.decode(result.latents, VaeTiling())
     assert heights.shape == (1, 1, 256, 256)
     assert heights.min() >= 0 and heights.max() <= HEIGHT_RANGE_M
     assert heights.std() > 0.01  # not flat
@@ -116,11 +119,11 @@ def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
         (["--difficulty", "101"], "difficulty must be a number from 1 to 100"),
         (["mountains"], "takes no prompt"),
         (["--negative", "flat"], "takes no prompt"),
-        (["--guidance", "3"], "does not use classifier-free guidance"),
+        (["--guidance", "3"], "takes no guidance scale; remove --guidance"),
         (["--scheduler", "ddim"], "has its own sampler"),
         (["--size", "100x100"], "smaller than model 'terrain''s 128x128 input"),
         (["--tile", "256"], "only takes 128x128 tiles"),
-        (["--overlap", "8"], "overlap (8px) must be at least 16px"),
+        (["--overlap", "8"], "--overlap (8px) must be at least 16px"),
         (["--dtype", "bf16"], "fp32 ONNX model"),
         (["--sigmas", "20,80"], "sigmas must be positive and decreasing"),
     ],
@@ -146,5 +149,5 @@ def test_python_api_takes_backend_options_and_returns_the_relief(terrain):
     assert image.mode == "RGB" and image.size == (256, 128)
     latent = generate(model=terrain, size=(128, 128), sigmas="80,10", seed=2, difficulty=30, output_type="latent")
     assert latent.shape == (1, 1, 128, 128)
-    with pytest.raises(GigadiffError, match="does not accept colour"):
+    with pytest.raises(GigadiffError, match=r"unknown option\(s\) colour"):
         generate(model=terrain, size="128x128", colour="red")

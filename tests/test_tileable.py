@@ -11,7 +11,7 @@ from gigadiff.schedulers import make_scheduler, step_kwargs
 
 
 def torus_run(backend, latents: torch.Tensor, wrap: tuple[bool, bool]) -> torch.Tensor:
-    cond = backend.condition("a stone wall", "", 5.0, (384, 384))
+    cond = backend.condition("a stone wall", "", 5.0, (384, 384), {})
     plan = GridPlan(48, 48, tile=32, overlap=8, shifted=False, wrap=wrap)  # ring of 2 windows, starts 12 and 36
     scheduler = make_scheduler("euler", backend.base_scheduler)
     scheduler.set_timesteps(3)

@@ -225,9 +225,9 @@ def test_16_channel_vae_with_shift_factor(photo):
 
 
 def test_errors_before_any_work(vae, latents):
-    with pytest.raises(GigadiffError, match="--vae-mode must be one of"):
+    with pytest.raises(GigadiffError, match="vae_mode must be one of"):
         VaeTiling(mode="quick")  # type: ignore[arg-type]
-    with pytest.raises(GigadiffError, match="--vae-memory must be a positive"):
+    with pytest.raises(GigadiffError, match="vae_memory must be a positive"):
         VaeTiling(memory_gb=0)
     with pytest.raises(GigadiffError, match="too small for fast tiled VAE"):
         TiledVAE(vae, VaeTiling(mode="fast", memory_gb=1e-6)).decode(latents)

@@ -10,11 +10,13 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "generate": "gigadiff.api",
+    "generate_result": "gigadiff.api",
     "open_backend": "gigadiff.api",
     "run_generation": "gigadiff.api",
-    "GenerationResult": "gigadiff.api",
+    "GenerationResult": "gigadiff.runs.execute",
     "GenerationSettings": "gigadiff.settings",
     "GigadiffError": "gigadiff.errors",
+    "RunRequest": "gigadiff.runs.request",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -1,178 +1,101 @@
-"""The Python API: `gigadiff.generate(...)`, and the pieces the CLI shares with it.
+"""The Python API: `gigadiff.generate(...)`, with the same options as the command line.
 
     import gigadiff
     image = gigadiff.generate("a lighthouse at dawn", model="sdxl", size="4096x2048", seed=7)
     image.save("lighthouse.png")
 
-`model` may be a preset alias, a hub id, a local folder, a checkpoint file, or an already-loaded diffusers
-pipeline (which is used as it is, on its own device and dtype).
+Keyword arguments are the fields of `gigadiff.runs.request.RunRequest` (the command line's options with
+underscores: negative, tile_batch, vae_mode, regions, init, ...); the request is resolved and executed by the
+run layer like the command line's. `model` may also be a loaded diffusers pipeline or a backend from
+`open_backend` (used as it is, on its own device and dtype). With `output`, the files are written as the
+command line writes them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
-
-from gigadiff.backends.base import Backend, ModelInfo
-from gigadiff.backends.loading import load_backend
-from gigadiff.checkpoint import Checkpoint
 from gigadiff.errors import GigadiffError
-from gigadiff.executors.local import LocalExecutor, TileExecutor
-from gigadiff.io.images import image_size, tensor_to_pil
-from gigadiff.io.metadata import generation_metadata
-from gigadiff.io.relief import shaded_relief
-from gigadiff.recipes.txt2img import CanvasRun, CheckpointPolicy, text_to_image
-from gigadiff.sampler import StepListener
-from gigadiff.settings import GenerationSettings, check_for_model, settings_from_options
+from gigadiff.runs.request import FIELD_NAMES, RunRequest, check_types
 
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
-@dataclass(frozen=True)
-class GenerationResult:
-    """A finished generation: its latent canvas, the settings that made it, and what it cost."""
-
-    latents: torch.Tensor
-    settings: GenerationSettings
-    backend: Backend
-    run: CanvasRun
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.backend.info
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return generation_metadata(self.settings, self.info)
-
-    def decode(self) -> torch.Tensor:
-        return self.backend.decode(self.latents)
-
-    def image(self) -> Image.Image:
-        """The picture to look at: the decoded image, or for heightmap models their shaded relief."""
-        decoded = self.decode()
-        if self.info.output == "heightmap":
-            return Image.fromarray(shaded_relief(decoded[0, 0].numpy()))
-        return tensor_to_pil(decoded)[0]
-
-
-SIZE_MULTIPLE = 8
-"""Sizes derived from an init image are rounded to this (the VAE factor of every latent model gigadiff runs)."""
-
-
-def init_size(path: str, scale: float = 1.0) -> tuple[int, int]:
-    """(width, height) for a run from the image at `path` scaled by `scale`, rounded to SIZE_MULTIPLE."""
-    if not scale > 0:
-        raise GigadiffError(f"scale must be positive, got {scale}")
-    width, height = image_size(path)
-    return tuple(max(SIZE_MULTIPLE, round(v * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE) for v in (width, height))  # type: ignore[return-value]
+    from gigadiff.backends.base import Backend
+    from gigadiff.runs.execute import GenerationResult
+    from gigadiff.sampler import StepListener
 
 
 def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
     """Load `model` once; pass the result as `model=` to several `generate` calls to reuse it."""
-    if not isinstance(model, str) and hasattr(model, "info") and hasattr(model, "predict"):
-        return model  # already a backend
-    return load_backend(model, device, dtype)
+    from gigadiff.backends.registry import load_backend
+
+    if isinstance(model, str) or _is_pipeline(model):
+        return load_backend(model, device, dtype)
+    return model  # already a backend
 
 
-def run_generation(
-    settings: GenerationSettings,
-    backend: Backend,
-    executor: TileExecutor | None = None,
-    listener: StepListener | None = None,
-    checkpoints: CheckpointPolicy | None = None,
-    resume: Checkpoint | None = None,
-) -> GenerationResult:
-    """Check `settings` against the model, then generate. Raises GigadiffError before any compute.
-
-    With `resume`, the run continues from the checkpoint, after checking that it was made by this model.
-    """
-    resolved = check_for_model(settings, backend.info)
-    if resume is not None and resume.fingerprint != backend.info.fingerprint:
-        raise GigadiffError(
-            f"checkpoint was made with model {resume.model!r} (fingerprint {resume.fingerprint}); the loaded model "
-            f"{backend.info.name!r} has fingerprint {backend.info.fingerprint}: refusing to resume on another model"
-        )
-    if hasattr(backend, "vae_tiling"):  # a tileable image is decoded with the VAE's wrap-around too
-        backend.vae_tiling = replace(backend.vae_tiling, wrap=resolved.wrap)
-    executor = executor or LocalExecutor(resolved.tile_batch)
-    if resolved.coherence == "progressive":
-        if checkpoints is not None or resume is not None:
-            raise GigadiffError("checkpoints are not supported with --coherence progressive yet; add --coherence none")
-        from gigadiff.recipes.coherence import progressive
-
-        run = progressive(backend, resolved, executor, listener)
-    else:
-        run = text_to_image(backend, resolved, executor, listener, checkpoints, resume)
-    return GenerationResult(run.latents, resolved, backend, run)
+def _is_pipeline(model: Any) -> bool:
+    return hasattr(model, "components") and hasattr(model, "scheduler")
 
 
-def generate(
-    prompt: str = "",
-    *,
-    model: str | Any,
-    size: str | tuple[int, int] | None = None,
-    negative_prompt: str = "",
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int | None = None,
-    scheduler: str = "default",
-    tile: int | None = None,
-    overlap: int | None = None,
-    weights: str | None = None,
-    shift: bool = True,
-    level_sync: bool | None = None,
-    tile_batch: int = 4,
-    guidance_rescale: float = 0.0,
-    eta: float = 0.0,
-    tileable: str = "none",
-    coherence: str = "auto",
-    init_image: str | None = None,
-    strength: float | None = None,
-    sigmas: str | list[float] | None = None,
-    device: str = "auto",
-    dtype: str = "fp32",
-    output_type: str = "pil",
-    listener: StepListener | None = None,
-    **options: Any,
-) -> Image.Image | torch.Tensor:
-    """Generate one image of `size` ("WIDTHxHEIGHT" or (width, height), in pixels).
+def generate_result(prompt: str = "", *, model: str | Any = "sd15", listener: StepListener | None = None,
+                    **fields: Any) -> GenerationResult:  # fmt: skip
+    """Like `generate`, but returns the whole `GenerationResult` (latents, resolved settings, metadata)."""
+    from gigadiff.backends.registry import described_backend
+    from gigadiff.runs.execute import execute
+    from gigadiff.runs.resolve import resolve
 
-    With `init_image` (a file), the canvas starts from that picture resized to `size` (default: its own size)
-    and `strength` of it is repainted (img2img; upscaling when `size` is larger than the picture).
-    Backend options go in `options` (e.g. difficulty=60 for model="terrain"). Returns a PIL image (for a
-    heightmap model, its shaded relief), or with output_type="latent" the final canvas [1, C, H/f, W/f].
-    """
+    unknown = sorted(set(fields) - set(FIELD_NAMES))
+    if unknown:
+        raise GigadiffError(f"generate() got unknown option(s) {', '.join(unknown)}; options are the fields of "
+                            f"RunRequest: {', '.join(FIELD_NAMES)}")  # fmt: skip
+    if isinstance(fields.get("size"), tuple | list):  # (width, height), as Python callers like to pass it
+        fields["size"] = "{}x{}".format(*fields["size"])
+    backend = None if isinstance(model, str) else open_backend(model)
+    name = model if isinstance(model, str) else backend.info.name  # type: ignore[union-attr]
+    request = RunRequest(**check_types({**fields, "prompt": prompt, "model": name}, "generate()"))
+    described = described_backend(backend) if backend is not None else None
+    run = resolve(request, described=described, check_files=request.output is not None)
+    return execute(run, backend, listener, write=request.output is not None).result
+
+
+def generate(prompt: str = "", *, model: str | Any = "sd15", output_type: str = "pil",
+             listener: StepListener | None = None, **fields: Any) -> Image.Image | torch.Tensor:  # fmt: skip
+    """Generate one image; returns a PIL image (a heightmap model's shaded relief) carrying the generation
+    metadata in `image.info` ("parameters", "gigadiff"), or with output_type="latent" the final canvas."""
     if output_type not in ("pil", "latent"):
         raise GigadiffError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    if init_image is not None and size is None:
-        size = init_size(init_image)
-    settings = settings_from_options(
-        prompt,
-        size=size,
-        seed=seed,
-        sigmas=sigmas,
-        options=options,
-        negative_prompt=negative_prompt,
-        steps=steps,
-        guidance=guidance,
-        scheduler=scheduler,
-        tile=tile,
-        overlap=overlap,
-        weights=weights,
-        shift=shift,
-        level_sync=level_sync,
-        tile_batch=tile_batch,
-        guidance_rescale=guidance_rescale,
-        eta=eta,
-        tileable=tileable,
-        coherence=coherence,
-        init_image=init_image,
-        strength=strength,
-    )
-    result = run_generation(settings, open_backend(model, device, dtype), listener=listener)
-    return result.latents if output_type == "latent" else result.image()
+    result = generate_result(prompt, model=model, listener=listener, **fields)
+    return result.latents if output_type == "latent" else result_image(result)
 
 
-__all__ = ["GenerationResult", "generate", "init_size", "open_backend", "run_generation"]
+def result_image(result: GenerationResult) -> Image.Image:
+    """The picture to look at, with the metadata the command line's files carry in `image.info`."""
+    import json
+
+    from PIL import Image
+
+    from gigadiff.io.images import tensor_to_pil
+    from gigadiff.io.metadata import parameters_text
+    from gigadiff.io.relief import shaded_relief
+
+    decoded = result.decode()
+    if result.info.output == "heightmap":
+        image = Image.fromarray(shaded_relief(decoded[0, 0].numpy()))
+    else:
+        image = tensor_to_pil(decoded)[0]
+    meta = result.metadata
+    image.info.update({"parameters": parameters_text(meta), "gigadiff": json.dumps(meta, sort_keys=True)})
+    return image
+
+
+def run_generation(*args: Any, **kwargs: Any) -> GenerationResult:
+    """Generate from resolved-or-not `GenerationSettings` on a loaded backend, in memory (gigadiff.runs.execute)."""
+    from gigadiff.runs.execute import run_generation as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["generate", "generate_result", "open_backend", "result_image", "run_generation"]

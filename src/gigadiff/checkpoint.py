@@ -1,8 +1,10 @@
 """Checkpoints of a running generation, and resuming from them.
 
 A checkpoint holds everything the loop needs to continue as if it had never stopped: the latent canvas, the
-number of finished steps, the scheduler's state (multistep history included), the generator's RNG state (for
-stochastic schedulers and re-noising), the settings, the model's name and fingerprint, and where the outputs go.
+progressive-coherence stage and the number of its finished steps, the stage's reference (the enlarged earlier
+stage it is pulled toward), the scheduler's state (multistep history included), the generator's RNG state (for
+stochastic schedulers and re-noising), the resolved settings, the model's fingerprint, and the record of the
+whole resolved run request (model, outputs, VAE settings, ...), from which `gigadiff resume` rebuilds the run.
 The shifted tile grids need no state: they are a function of (seed, step).
 
 Format: one safetensors file (tensors, no pickle: opening a checkpoint cannot run code) with a JSON header.
@@ -24,7 +26,7 @@ from gigadiff.io.files import publish
 from gigadiff.settings import GenerationSettings
 
 FORMAT = "gigadiff-checkpoint"
-VERSION = 1
+VERSION = 2
 _SKIP = {"config", "_internal_dict"}
 _SCALARS = (int, float, bool, str, type(None))
 _ARRAYS = (torch.Tensor, np.ndarray)
@@ -33,15 +35,24 @@ _ARRAYS = (torch.Tensor, np.ndarray)
 @dataclass(frozen=True)
 class Checkpoint:
     settings: GenerationSettings
-    model: str
     fingerprint: str
     step: int
-    """Steps already taken; the run continues with step index `step`."""
+    """Timesteps already taken in `stage`; the run continues with timestep index `step`."""
     latents: torch.Tensor
     scheduler_state: dict[str, Any]
     generator_state: torch.Tensor
-    outputs: dict[str, Any] = field(default_factory=dict)
-    """Where the finished run writes (output path, latent path, ...), so `gigadiff resume` needs only the file."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """The resolved run request (gigadiff.runs), so `gigadiff resume` needs only the file."""
+    stage: int = 0
+    """Progressive coherence: the stage the run was in (0 for every other run)."""
+    reference: torch.Tensor | None = None
+    """Progressive coherence: that stage's reference (the earlier stage, enlarged and encoded)."""
+    noise: torch.Tensor | None = None
+    """Progressive coherence: the noise that stage draws its reference toward (drawn once at its start)."""
+
+    @property
+    def model(self) -> str:
+        return str(self.record.get("model", ""))
 
 
 def scheduler_state(scheduler: Any) -> dict[str, Any]:
@@ -109,15 +120,19 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     tensors, described = _split(ckpt.scheduler_state)
     tensors["latents"] = ckpt.latents.detach().to("cpu", torch.float32).contiguous()
     tensors["generator_state"] = ckpt.generator_state.cpu().contiguous()
+    for name in ("reference", "noise"):
+        value = getattr(ckpt, name)
+        if value is not None:
+            tensors[name] = value.detach().to("cpu", torch.float32).contiguous()
     header = {
         "format": FORMAT,
         "version": str(VERSION),
         "settings": json.dumps(asdict(ckpt.settings)),
-        "model": ckpt.model,
         "fingerprint": ckpt.fingerprint,
+        "stage": str(ckpt.stage),
         "step": str(ckpt.step),
         "scheduler": json.dumps(described),
-        "outputs": json.dumps(ckpt.outputs),
+        "record": json.dumps(ckpt.record),
     }
     publish(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), overwrite=True)
 
@@ -137,20 +152,20 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if header.get("format") != FORMAT:
         raise GigadiffError(f"{path} is not a gigadiff checkpoint")
     if header.get("version") != str(VERSION):
-        raise GigadiffError(f"{path} is a version {header.get('version')} checkpoint; this gigadiff reads {VERSION}")
+        raise GigadiffError(f"{path} is a version {header.get('version')} checkpoint; this gigadiff reads {VERSION} "
+                            "(finish it with the gigadiff that wrote it)")  # fmt: skip
     try:
-        raw = json.loads(header["settings"])
-        if raw.get("sigmas") is not None:
-            raw["sigmas"] = tuple(raw["sigmas"])
         return Checkpoint(
-            settings=GenerationSettings(**raw),
-            model=header["model"],
+            settings=GenerationSettings.from_dict(json.loads(header["settings"])),
             fingerprint=header["fingerprint"],
             step=int(header["step"]),
             latents=tensors["latents"],
             scheduler_state=_join(json.loads(header["scheduler"]), tensors),
             generator_state=tensors["generator_state"],
-            outputs=json.loads(header["outputs"]),
+            record=json.loads(header["record"]),
+            stage=int(header["stage"]),
+            reference=tensors.get("reference"),
+            noise=tensors.get("noise"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise GigadiffError(f"{path} is an incomplete or damaged gigadiff checkpoint ({e})") from None

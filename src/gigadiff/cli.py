@@ -1,36 +1,41 @@
-"""The `gigadiff` command line.
+"""The `gigadiff` command line: a front end of the run layer (gigadiff.runs).
 
-Every user error (bad size, missing model, existing output...) is reported in one line on stderr with exit
-code 2, before any model is loaded where possible and always before the first denoising step.
+`generate` and `upscale` take their options from `RunRequest`'s fields (names, help, per-command defaults), build
+a request and hand it over: resolved (every check before a model loads, and before torch is even imported), then
+executed. Every user error is one line on stderr, naming the flag, with exit code 2; a failed peer rank exits 3.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from gigadiff import __version__
 from gigadiff.errors import GigadiffError
 from gigadiff.heap import use_huge_pages
+from gigadiff.runs.request import (
+    FIELDS,
+    GENERATE,
+    UPSCALE,
+    RunRequest,
+    command_default,
+    flag,
+)
 
 if TYPE_CHECKING:
-    from gigadiff.api import GenerationResult
     from gigadiff.checkpoint import Checkpoint
     from gigadiff.executors.launch import Ranks
     from gigadiff.executors.local import TileExecutor
-    from gigadiff.recipes.txt2img import CheckpointPolicy
-    from gigadiff.settings import GenerationSettings
-    from gigadiff.vae.tiled import VaeTiling
+    from gigadiff.runs.resolve import Run
 
 app = typer.Typer(
     name="gigadiff",
@@ -42,6 +47,12 @@ app = typer.Typer(
 
 USER_ERROR = 2
 RANK_FAILED = 3
+ARGUMENT_NAMES = {("init", UPSCALE): "IMAGE"}
+
+
+def cli_name(field: str, command: str = GENERATE) -> str:
+    """How the command line shows a request field (`tile_batch` -> `--tile-batch`; upscale's image argument)."""
+    return ARGUMENT_NAMES.get((field, command), flag(field))
 
 
 def fail(message: str) -> typer.Exit:
@@ -50,20 +61,24 @@ def fail(message: str) -> typer.Exit:
 
 
 @contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """One line on stderr and a distinct exit code for user errors (2) and failed peer ranks (3)."""
-    from gigadiff.executors.distributed import RankFailure
-    from gigadiff.executors.launch import shutdown
+def reported_errors(command: str = GENERATE) -> Iterator[None]:
+    """One line on stderr and a distinct exit code for user errors (2) and failed peer ranks (3).
 
+    Torch is only touched here if a run already imported it, so that early errors stay fast."""
     try:
         yield
     except GigadiffError as e:
-        raise fail(str(e)) from None
-    except RankFailure as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(RANK_FAILED) from None
+        raise fail(e.render(lambda f: cli_name(f, command))) from None
+    except Exception as e:
+        if type(e).__name__ == "RankFailure":
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(RANK_FAILED) from None
+        raise
     finally:
-        shutdown()
+        if "torch.distributed" in sys.modules:
+            from gigadiff.executors.launch import shutdown
+
+            shutdown()
 
 
 def _version(value: bool) -> None:
@@ -81,272 +96,166 @@ def main_options(
     """gigadiff command line."""
 
 
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Argument(help="What to paint.")] = "",
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model", "-m", help="terrain (offline), a preset (sd15, sd21, sdxl, sdxl-turbo), hub id, folder or file."
-        ),
-    ] = "sd15",
-    size: Annotated[
-        str | None,
-        typer.Option(help="WIDTHxHEIGHT in pixels (default: the model's, e.g. 1024x1024 for sd15 and terrain)."),
-    ] = None,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output PNG (heightmaps: 16-bit PNG or float TIFF).")
-    ] = Path("gigadiff.png"),
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: a new random seed).")] = None,
-    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
-    scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, unipc, ...")] = "default",
-    tile: Annotated[int | None, typer.Option(help="Tile side in image pixels (default: native size).")] = None,
-    overlap: Annotated[
-        int | None, typer.Option(help="Minimum tile overlap in image pixels (default: tile/8, terrain tile/2).")
-    ] = None,
-    weights: Annotated[
-        str | None,
-        typer.Option(
-            help="Fusion weights: uniform, gaussian, cosine or linear (default: the model's; gaussian, "
-            "linear for terrain)."
-        ),
-    ] = None,
-    shift: Annotated[bool, typer.Option("--shift/--no-shift", help="Move the tile grid at every step.")] = True,
-    level_sync: Annotated[
-        bool | None,
-        typer.Option(
-            "--level-sync/--no-level-sync",
-            help="Tiles share the canvas's low frequencies instead of each painting its own level (default: "
-            "the model's; on for terrain).",
-        ),
-    ] = None,
-    tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
-    guidance_rescale: Annotated[float, typer.Option(help="Guidance rescale factor in [0, 1].")] = 0.0,
-    eta: Annotated[
-        float, typer.Option(help="Noise kept vs drawn afresh per step (DDIM, consistency): 0 = deterministic.")
-    ] = 0.0,
-    sigmas: Annotated[
-        str | None, typer.Option(help="Explicit decreasing noise levels, e.g. 80,2.5 (sets the steps).")
-    ] = None,
-    difficulty: Annotated[
-        float | None, typer.Option(help="Terrain model only: terrain difficulty from 1 (gentle) to 100 (rugged).")
-    ] = None,
-    init: Annotated[
-        Path | None, typer.Option("--init", help="img2img: start from this image (resized to --size, default its own).")
-    ] = None,
-    strength: Annotated[
-        float | None, typer.Option(help="img2img: how much of the init image to repaint, in (0, 1] (default 0.8).")
-    ] = None,
-    coherence: Annotated[
-        str,
-        typer.Option(
-            help="progressive (x2 stages from the native size: no repeated subjects), none, or auto "
-            "(progressive beyond twice the native size)."
-        ),
-    ] = "auto",
-    regions: Annotated[
-        Path | None, typer.Option(help="Regional prompts: a JSON file of boxes/masks with their own prompts.")
-    ] = None,
-    tileable: Annotated[
-        str,
-        typer.Option(help="Seamless output: --tileable (both ways, a texture), --tileable x (360-degree panorama), y."),
-    ] = "none",
-    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
-    vae_mode: Annotated[
-        str, typer.Option(help="Tiled VAE: exact (whole-image statistics), fast (streamed), auto (exact if it fits).")
-    ] = "auto",
-    vae_memory: Annotated[
-        float | None, typer.Option(help="Device memory (GB) a VAE tile may use (default: half the free GPU, 2 on CPU).")
-    ] = None,
-    vae_spill: Annotated[
-        Path | None, typer.Option(help="Directory for exact-mode VAE buffers that do not fit in RAM.")
-    ] = None,
-    save_latent: Annotated[
-        Path | None, typer.Option(help="Also save the final latent canvas to this .safetensors file.")
-    ] = None,
-    profile: Annotated[
-        bool, typer.Option(help="Report compute time, communication time and bytes exchanged per rank.")
-    ] = False,
-    rank_timeout: Annotated[
-        float, typer.Option(help="Seconds a rank may go silent before a multi-process run is ended.")
-    ] = 600.0,
-    cfg_split: Annotated[
-        bool, typer.Option(help="torchrun only: run unconditional and conditional passes on different ranks.")
-    ] = False,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Save a resumable checkpoint every K steps (0: never).", min=0)
-    ] = 0,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint file (default: <output>.checkpoint.safetensors).")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-) -> None:
-    """Generate an image of any size."""
-    options = dict(locals())
-    with reported_errors():
-        _generate(**options)
+_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def _generate(
-    prompt: str,
-    model: str,
-    size: str | None,
-    output: Path,
-    steps: int | None,
-    guidance: float | None,
-    seed: int | None,
-    negative: str,
-    scheduler: str,
-    tile: int | None,
-    overlap: int | None,
-    weights: str | None,
-    shift: bool,
-    level_sync: bool | None,
-    tile_batch: int,
-    guidance_rescale: float,
-    eta: float,
-    sigmas: str | None,
-    difficulty: float | None,
-    init: Path | None,
-    strength: float | None,
-    coherence: str,
-    regions: Path | None,
-    tileable: str,
-    device: str,
-    dtype: str,
-    vae_mode: str,
-    vae_memory: float | None,
-    vae_spill: Path | None,
-    save_latent: Path | None,
-    profile: bool,
-    rank_timeout: float,
-    cfg_split: bool,
-    checkpoint_every: int,
-    checkpoint: Path | None,
-    overwrite: bool,
-    quiet: bool,
-) -> None:
+def _python_type(annotation: str, override: Any) -> Any:
+    if override is not None:
+        return Optional[override]  # noqa: UP045 - typer needs a real object, not a string annotation
+    base, _, rest = annotation.partition(" | ")
+    kind = _TYPES[base]
+    return Optional[kind] if rest == "None" else kind  # noqa: UP045
+
+
+def command_parameters(command: str) -> list[inspect.Parameter]:
+    """Typer parameters for `command`, one per request field the command takes, in the request's order."""
+    params = []
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        if command not in meta["commands"] and command not in meta["argument"]:
+            continue
+        kind = _python_type(str(f.type), meta["cli_type"])
+        if command in meta["argument"]:
+            info: Any = typer.Argument(help=meta["help"], metavar=ARGUMENT_NAMES.get((name, command)),
+                                       show_default=False)  # fmt: skip
+        else:
+            decls = [flag(name), *meta["flags"]]
+            if str(f.type).startswith("bool") and f.default is not False:  # on by default, or the model's
+                decls = [f"{flag(name)}/--no-{name.replace('_', '-')}"]
+            info = typer.Option(*decls, help=meta["help"], min=meta["minimum"])
+        default = command_default(name, command)
+        kind = Annotated[kind, info]
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+        )
+    return params
+
+
+def request_command(command: str, help_text: str) -> None:
+    """Register `command`, which builds a RunRequest from its options and runs it."""
+
+    def handler(**values: Any) -> None:
+        with reported_errors(command):
+            run_request(RunRequest(**values), command)
+
+    params = command_parameters(command)
+    handler.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    handler.__annotations__ = {p.name: p.annotation for p in params}
+    handler.__doc__ = help_text
+    handler.__name__ = command
+    app.command(name=command)(handler)
+
+
+request_command(GENERATE, "Generate an image of any size.")
+request_command(UPSCALE, "Enlarge a picture: resize, tiled VAE encode, re-noise to --strength, tiled denoise, "
+                         "tiled decode.")  # fmt: skip
+
+
+def run_request(request: RunRequest, command: str = GENERATE, resume: Checkpoint | None = None) -> None:
+    """Resolve and execute `request`: in this process, under torchrun's group, or by launching its processes."""
+    from gigadiff.executors.launch import launched
+
+    if launched():
+        run, ranks = _resolve_in_group(request, command, resume is not None)
+    else:
+        from gigadiff.runs.resolve import resolve
+
+        run = resolve(request, command, resuming=resume is not None)  # no torch yet: answers in a fraction of a second
+        if run.request.processes > 1:
+            from gigadiff.runs.spawn import spawn
+
+            raise typer.Exit(spawn(run, resume))
+        from gigadiff.executors.launch import Ranks
+
+        ranks = Ranks()
+    _execute(run, ranks, resume)
+
+
+def _resolve_in_group(request: RunRequest, command: str, resuming: bool) -> tuple[Run, Ranks]:
+    """Under torchrun: rank 0 resolves (its checks of output files included) and every rank runs its record."""
     from gigadiff.executors.launch import from_main, init_from_env
-    from gigadiff.settings import new_seed, settings_from_options
-    from gigadiff.vae.tiled import VaeTiling
+    from gigadiff.runs.resolve import resolve
 
-    vae = VaeTiling(mode=vae_mode, memory_gb=vae_memory, spill_dir=vae_spill)  # type: ignore[arg-type]
-
-    if rank_timeout <= 0:
-        raise GigadiffError(f"rank timeout must be positive, got {rank_timeout}")
-    from gigadiff.api import init_size
-
-    if init is not None and size is None:
-        size = "{}x{}".format(*init_size(str(init)))
-    region_file = None
-    if regions is not None:
-        from gigadiff.regions import load_region_file
-
-        region_file = load_region_file(regions)
-        prompt = prompt or region_file.background.get("prompt", "")
-        negative = negative or region_file.background.get("negative_prompt", "")
-    ranks = init_from_env(device, rank_timeout)
-    settings = settings_from_options(
-        prompt,
-        size=size,
-        seed=from_main(seed if seed is not None else new_seed(), ranks),
-        sigmas=sigmas,
-        options={"difficulty": difficulty} if difficulty is not None else None,
-        negative_prompt=negative,
-        steps=steps,
-        guidance=guidance,
-        scheduler=scheduler,
-        tile=tile,
-        overlap=overlap,
-        weights=weights,
-        shift=shift,
-        level_sync=level_sync,
-        tile_batch=tile_batch,
-        guidance_rescale=guidance_rescale,
-        eta=eta,
-        tileable=tileable,
-        init_image=str(init) if init is not None else None,
-        strength=strength,
-        coherence=coherence,
-        **({"regions": region_file.regions, "region_feather": region_file.feather} if region_file else {}),
-    )
-    _execute(settings, model, device, dtype, output, save_latent, profile, rank_timeout, overwrite, quiet, ranks,
-             checkpoint_every, checkpoint, cfg_split=cfg_split, vae=vae)  # fmt: skip
+    ranks = init_from_env(request.device, request.rank_timeout)
+    verdict: Any = None
+    if ranks.is_main:
+        try:
+            verdict = resolve(request, command, resuming=resuming).record()
+        except GigadiffError as e:
+            verdict = (e.template, e.fields)
+    verdict = from_main(verdict, ranks)
+    if isinstance(verdict, tuple):
+        raise GigadiffError(verdict[0], *verdict[1])
+    if request.processes > 1 and request.processes != ranks.world:
+        raise GigadiffError(f"{{processes}} is {request.processes} but torchrun started {ranks.world} processes",
+                            "processes")  # fmt: skip
+    return resolve(RunRequest.from_dict(verdict), command, check_files=False), ranks
 
 
-@app.command()
-def upscale(
-    image: Annotated[Path, typer.Argument(help="The picture to enlarge.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What the picture shows (guides the new detail).")] = "",
-    scale: Annotated[float, typer.Option(help="Enlargement factor (the output size is rounded to 8 px).")] = 2.0,
-    strength: Annotated[float, typer.Option(help="How much to repaint, in (0, 1]: low keeps the picture.")] = 0.35,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="A preset (sd15, sdxl, ...), hub id, folder or file.")
-    ] = "sd15",
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output .png/.tif (default: IMAGE_x<scale>.png).")
-    ] = None,
-    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "blurry, soft, low detail",
-    steps: Annotated[int | None, typer.Option(help="Denoising steps before strength (default: the model's).")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: a new random seed).")] = None,
-    scheduler: Annotated[str, typer.Option(help="default, ddim, euler, dpmpp_2m, unipc, ...")] = "default",
-    tile: Annotated[int | None, typer.Option(help="Tile side in pixels (default: native size).")] = None,
-    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in pixels (default: tile/8).")] = None,
-    tile_batch: Annotated[int, typer.Option(help="Tiles per model call.")] = 4,
-    tileable: Annotated[str, typer.Option(help="Keep a seamless texture seamless: both, x or y.")] = "none",
-    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
-    vae_mode: Annotated[str, typer.Option(help="Tiled VAE: exact, fast or auto.")] = "auto",
-    vae_memory: Annotated[float | None, typer.Option(help="Device memory (GB) a VAE tile may use.")] = None,
-    vae_spill: Annotated[Path | None, typer.Option(help="Directory for exact-mode VAE buffers.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-) -> None:
-    """Enlarge a picture: resize, tiled VAE encode, re-noise to --strength, tiled denoise, tiled decode."""
-    import inspect
+def _execute(run: Run, ranks: Ranks, resume: Checkpoint | None) -> None:
+    from gigadiff.progress import RichProgress
+    from gigadiff.runs.execute import execute
 
-    from gigadiff.api import init_size
+    quiet = run.request.quiet or not ranks.is_main
+    if quiet:
+        done = execute(run, ranks=ranks, resume=resume)
+    else:
+        with RichProgress() as progress:
+            progress.loading(run.request.model)
+            done = execute(run, listener=progress, ranks=ranks, resume=resume, on_loaded=progress.loaded)
+    if run.request.profile:
+        report_profile(done.executor, ranks)
+    if done.summary:
+        typer.echo(done.summary, err=True)
+    if ranks.distributed:
+        import torch.distributed as dist
 
-    given = dict(locals())
-    with reported_errors():
-        width, height = init_size(str(image), scale)
-        options = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
-        options.update({k: v for k, v in given.items() if k in options})
-        suffix = f"{scale:g}".replace(".", "_")
-        options.update(init=image, size=f"{width}x{height}",
-                       output=output or image.with_name(f"{image.stem}_x{suffix}.png"))  # fmt: skip
-        _generate(**options)
+        dist.barrier()  # leave the group together: a rank that left while rank 0 still wrote could abort
 
 
 @app.command()
 def resume(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written with --checkpoint-every.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(help="Keep checkpointing every K steps.", min=0)] = 0,
+    device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (default: the run's).")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Keep checkpointing every K steps (default: the run's).", min=0)
+    ] = None,
     profile: Annotated[bool, typer.Option(help="Report per-rank compute and communication.")] = False,
-    rank_timeout: Annotated[float, typer.Option(help="Seconds a rank may go silent.")] = 600.0,
+    rank_timeout: Annotated[float | None, typer.Option(help="Seconds a rank may go silent.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Continue an interrupted generation from its checkpoint; the result equals an uninterrupted run."""
+    """Continue an interrupted generation from its checkpoint: the run it records, to the same final image."""
     from gigadiff.checkpoint import load_checkpoint
-    from gigadiff.executors.launch import init_from_env
 
     with reported_errors():
         ckpt = load_checkpoint(checkpoint)
-        ranks = init_from_env(device, rank_timeout)
-        saved = ckpt.outputs
-        target = output or Path(saved["output"])
-        latent = Path(saved["save_latent"]) if saved.get("save_latent") else None
-        every = checkpoint_every or int(saved.get("checkpoint_every", 0))
-        _execute(ckpt.settings, ckpt.model, device, saved.get("dtype", "fp32"), target, latent, profile,
-                 rank_timeout, overwrite, quiet, ranks, every, checkpoint, resume_from=ckpt)  # fmt: skip
+        request = RunRequest.from_dict(ckpt.record, f"checkpoint {checkpoint}")
+        changes: dict[str, Any] = {"checkpoint": str(checkpoint), "overwrite": overwrite, "quiet": quiet,
+                                   "profile": profile}  # fmt: skip
+        for name, value in (("output", output), ("device", device), ("checkpoint_every", checkpoint_every),
+                            ("rank_timeout", rank_timeout)):  # fmt: skip
+            if value is not None:
+                changes[name] = str(value) if isinstance(value, Path) else value
+        run_request(request.replace(**changes), GENERATE, ckpt)
+
+
+@app.command(name="_run", hidden=True)
+def run_recorded(
+    record: Annotated[Path, typer.Argument(help="A resolved request (JSON), from a launcher.")],
+    resume_from: Annotated[Path | None, typer.Option("--resume", help="Continue from this checkpoint.")] = None,
+) -> None:
+    """Run a recorded request: what `--processes N` starts under torchrun on every process."""
+    import json
+
+    with reported_errors():
+        ckpt = None
+        if resume_from is not None:
+            from gigadiff.checkpoint import load_checkpoint
+
+            ckpt = load_checkpoint(resume_from)
+        run_request(RunRequest.from_dict(json.loads(record.read_text())), GENERATE, ckpt)
 
 
 @app.command()
@@ -391,152 +300,15 @@ def metrics(
             publish(json_out, lambda tmp: tmp.write_text(text + "\n"), overwrite)
 
 
-def _execute(
-    settings: GenerationSettings,
-    model: str,
-    device: str,
-    dtype: str,
-    output: Path,
-    save_latent: Path | None,
-    profile: bool,
-    rank_timeout: float,
-    overwrite: bool,
-    quiet: bool,
-    ranks: Ranks,
-    checkpoint_every: int,
-    checkpoint: Path | None,
-    resume_from: Checkpoint | None = None,
-    cfg_split: bool = False,
-    vae: VaeTiling | None = None,
-) -> None:
-    """Check outputs, load the model, run (or continue) the generation, write the results on rank 0."""
-    from gigadiff.executors.launch import rank_device
-    from gigadiff.io.files import check_outputs
-    from gigadiff.io.heightmap import HEIGHTMAP_SUFFIXES as OUTPUT_SUFFIXES  # images take the same
-    from gigadiff.io.heightmap import relief_path
-    from gigadiff.io.writers import sidecar_path
-    from gigadiff.recipes.txt2img import CheckpointPolicy
-    from gigadiff.vae.tiled import VaeTiling
-
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise GigadiffError(f"output {output} must end in .png, .tif or .tiff")
-    if save_latent is not None and save_latent.suffix != ".safetensors":
-        raise GigadiffError(f"--save-latent {save_latent} must end in .safetensors")
-    outputs = [output, sidecar_path(output), *([save_latent] if save_latent else [])]
-    policy = None
-    if checkpoint_every:
-        path = checkpoint or output.with_name(f"{output.stem}.checkpoint.safetensors")
-        if resume_from is None:
-            outputs.append(path)
-        recorded = {"output": str(output), "save_latent": str(save_latent) if save_latent else None,
-                    "checkpoint_every": checkpoint_every, "dtype": dtype}  # fmt: skip
-        policy = CheckpointPolicy(path, checkpoint_every, model, recorded, write=ranks.is_main)
-    agreed(lambda: check_outputs(outputs, overwrite), ranks)
-
-    from gigadiff.api import open_backend, run_generation
-    from gigadiff.progress import RichProgress
-    from gigadiff.settings import check_for_model
-
-    _quiet_libraries()
-    started = time.perf_counter()
-    backend = open_backend(model, rank_device(device, ranks), dtype)
-    resolved = check_for_model(settings, backend.info)
-    heightmap = backend.info.output == "heightmap"
-    if heightmap:
-        agreed(lambda: check_outputs([relief_path(output)], overwrite), ranks)
-    if hasattr(backend, "vae_tiling"):
-        backend.vae_tiling = vae or VaeTiling()
-        backend.check_decode(1, resolved.height, resolved.width)  # an impossible decode fails now, not after hours
-    if cfg_split:
-        if not ranks.distributed:
-            raise GigadiffError("--cfg-split shares guidance passes between processes: launch with torchrun")
-        if not hasattr(backend, "predict_branch") or not (resolved.guidance or 0) > 1:
-            raise GigadiffError("--cfg-split needs a model run with classifier-free guidance (guidance > 1)")
-    executor = make_executor(resolved.tile_batch, ranks, rank_timeout, cfg_split)
-    if quiet or not ranks.is_main:
-        result = run_generation(resolved, backend, executor, None, policy, resume_from)
-    else:
-        with RichProgress() as progress:
-            result = run_generation(resolved, backend, executor, progress, policy, resume_from)
-    if profile:
-        report_profile(executor, ranks)
-    if ranks.is_main:
-        _write_results(result, output, save_latent, policy, overwrite, started)
-    if ranks.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()  # leave the group together: a rank that left while rank 0 still wrote could abort
-
-
-def _write_results(
-    result: GenerationResult,
-    output: Path,
-    save_latent: Path | None,
-    policy: CheckpointPolicy | None,
-    overwrite: bool,
-    started: float,
-) -> None:
-    from gigadiff.io.heightmap import write_heightmap
-    from gigadiff.io.streaming import write_streamed
-    from gigadiff.io.writers import write_latent, write_png
-
-    meta = result.metadata
-    heightmap = result.info.output == "heightmap"
-    if heightmap:
-        meta = write_heightmap(result.decode()[0, 0].numpy(), output, meta, overwrite)
-    elif hasattr(result.backend, "stream_decode"):
-        h, w = result.latents.shape[2:]
-        f = result.info.vae_scale_factor
-        decode = partial(result.backend.stream_decode, result.latents)
-        write_streamed(decode, output, w * f, h * f, meta, overwrite)
-    else:
-        write_png(result.image(), output, meta, overwrite)
-    if save_latent is not None:
-        write_latent(result.latents, save_latent, meta, overwrite)
-    if policy is not None and policy.path.exists():
-        policy.path.unlink()  # the finished outputs supersede this run's checkpoint
-    elapsed = time.perf_counter() - started
-    s = result.settings
-    typer.echo(
-        f"wrote {output} ({s.width}x{s.height}, seed {s.seed}, {s.steps} steps, "
-        f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls) in {elapsed:.1f}s",
-        err=True,
-    )
-
-
-def agreed(check: Callable[[], None], ranks: Ranks) -> None:
-    """Run a check on rank 0 only (e.g. of output paths) and raise its error, if any, on every rank."""
-    from gigadiff.executors.launch import from_main
-
-    verdict = None
-    if ranks.is_main:
-        try:
-            check()
-        except GigadiffError as e:
-            verdict = str(e)
-    verdict = from_main(verdict, ranks)
-    if verdict:
-        raise GigadiffError(verdict)
-
-
-def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float, cfg_split: bool = False) -> TileExecutor:
-    from gigadiff.executors.distributed import DistributedExecutor
-    from gigadiff.executors.local import LocalExecutor
-
-    if ranks.distributed:
-        return DistributedExecutor(tile_batch, timeout_s=timeout_s, cfg_split=cfg_split)
-    return LocalExecutor(tile_batch)
-
-
 def report_profile(executor: TileExecutor, ranks: Ranks) -> None:
     """Per-rank compute time, communication time and bytes exchanged, printed by rank 0."""
-    import torch.distributed as dist
-
     mine = getattr(executor, "profile", None)
     row = {"rank": ranks.rank, **({} if mine is None else {k: v for k, v in vars(mine).items() if k != "per_step"})}
     rows = [row]
     if ranks.distributed:
-        rows = [None] * ranks.world
+        import torch.distributed as dist
+
+        rows = [None] * ranks.world  # type: ignore[list-item]
         dist.all_gather_object(rows, row)
     if not ranks.is_main:
         return
@@ -550,23 +322,13 @@ def report_profile(executor: TileExecutor, ranks: Ranks) -> None:
         )
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bar is the one users read; silence the libraries' loading bars and notices."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-
-
 def _terminate_cleanly(signum: int, frame: object) -> None:
     """SIGTERM (sent by torchrun when a peer fails) unwinds like an exception, so temporary files are removed."""
     raise SystemExit(128 + signum)
 
 
-OPTIONAL_VALUES = {"--tileable": ("both", ("none", "x", "y", "both"))}
+OPTIONAL_VALUES = {flag(name): (f.metadata["bare"], ("none", "x", "y", "both")) for name, f in FIELDS.items()
+                   if f.metadata["bare"] is not None}  # fmt: skip
 """Options that may be given bare: the value they take then, and the values that may follow them."""
 
 
@@ -594,7 +356,7 @@ def main() -> None:
     try:
         app(args=with_implied_values(sys.argv[1:]))
     except GigadiffError as e:  # raised outside a command (should not happen, but never show a traceback)
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {e.render(cli_name)}", err=True)
         code = USER_ERROR
     except SystemExit as e:
         code = e.code
@@ -615,3 +377,6 @@ def _exit(code: int | str | None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+__all__ = ["app", "main"]

@@ -1,10 +1,34 @@
 """User-facing errors.
 
 Everything a user can get wrong (sizes, paths, model names, options) raises `GigadiffError` *before* any
-model is run. The CLI turns it into a one-line message and exit code 2; the Python API lets it propagate.
-It subclasses `ValueError` so callers that already catch bad arguments keep working.
+model is run. The CLI turns it into a one-line message and exit code 2; the Python API lets it propagate;
+the service answers 400 with the CLI's message. It subclasses `ValueError` so callers that already catch bad
+arguments keep working.
+
+An error about a request field names the field through a placeholder (`{tile_batch} must be at least 1`):
+the run layer below the front ends only knows field names, and each front end renders them its own way
+(`tile_batch` in Python, `--tile-batch` on the command line). `str(error)` renders plain field names;
+other braces in the message (a path, JSON) are left as they are.
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_FIELD = re.compile(r"\{(\w+)\}")
 
 
 class GigadiffError(ValueError):
     """A problem with the user's input or environment, reported before compute starts."""
+
+    def __init__(self, message: str, *fields: str):
+        self.template = message
+        self.fields = fields
+        super().__init__(self.render())
+
+    def render(self, name: Callable[[str], str] = str) -> str:
+        """The message with every named field written as `name(field)` (the API's plain names by default)."""
+        if not self.fields:
+            return self.template
+        return _FIELD.sub(lambda m: name(m[1]) if m[1] in self.fields else m[0], self.template)

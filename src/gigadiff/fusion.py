@@ -1,23 +1,7 @@
 """Fusing per-tile model predictions into one canvas-sized prediction.
 
-Each tile's prediction is multiplied by a weight window and accumulated; dividing by the accumulated weights
-makes the effective weights a partition of unity (they sum to one at every canvas pixel). Windows are
-strictly positive, so every covered pixel has a non-zero denominator, including pixels at the canvas edge
-that only one tile reaches.
-
-- uniform: equal weights, MultiDiffusion (Bar-Tal et al., 2023).
-- gaussian: a centred Gaussian with variance 0.01 in tile-normalised units, Mixture of Diffusers
-  (Jiménez, 2023): the centre of a tile is trusted more than its borders.
-- cosine: a raised-cosine (Hann) window sampled at pixel centres, which never reaches zero.
-- linear: a tent, the distance to the nearest tile edge (beyond the damped rim). Where two tiles overlap,
-  normalising makes each one's share fall linearly across the whole overlap, whatever its width: the
-  gentlest cross-fade there is (least squared weight gradient), where the Gaussian hands over within a few
-  pixels in the middle of the overlap. On the terrain model, whose last-step tiles still disagree, the
-  Gaussian's hand-over line carries 1.6-1.9x the mean gradient energy, the tent's 1.3-1.6x (bench/terrain_seams.py).
-
-Some models produce unreliable values in a thin rim along their input's edges. A window with `margin` > 0
-multiplies its weight within `margin` pixels of the tile edge by RIM_FACTOR, so a rim counts only where no
-other tile covers the pixel (along the canvas border), and otherwise the neighbour's interior wins.
+Each tile's prediction is multiplied by its weight window (gigadiff.windows) and accumulated; dividing by the
+accumulated weights makes the effective weights a partition of unity (they sum to one at every canvas pixel).
 
 Accumulation is done in float32 whatever the model's dtype, in the order tiles are added, so a fixed
 canonical order gives bit-identical results.
@@ -25,46 +9,20 @@ canonical order gives bit-identical results.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
 
 from gigadiff.geometry import Tile, wrapped_pieces
-
-WEIGHT_KINDS = ("uniform", "gaussian", "cosine", "linear")
-GAUSSIAN_VARIANCE = 0.01
-RIM_FACTOR = 1e-6
-
-
-def _profile(kind: str, n: int) -> list[float]:
-    if kind == "uniform":
-        return [1.0] * n
-    if kind == "gaussian":
-        mid = (n - 1) / 2
-        return [math.exp(-((i - mid) ** 2) / (n * n) / (2 * GAUSSIAN_VARIANCE)) for i in range(n)]
-    if kind == "cosine":
-        return [math.sin(math.pi * (i + 0.5) / n) ** 2 for i in range(n)]
-    if kind == "linear":
-        return [min(i, n - 1 - i) + 0.5 for i in range(n)]
-    raise ValueError(f"unknown weight window {kind!r}; choose one of {', '.join(WEIGHT_KINDS)}")
-
-
-def _axis_profile(kind: str, n: int, margin: int) -> torch.Tensor:
-    profile = torch.tensor(_profile(kind, n), dtype=torch.float64)
-    m = min(margin, (n - 1) // 2)
-    if kind == "linear":  # the tent starts where the rim ends, so the cross-fade begins at zero there
-        profile = (profile - m).clamp_min(0.5)
-    if m > 0:
-        profile[:m] *= RIM_FACTOR
-        profile[n - m :] *= RIM_FACTOR
-    return profile
+from gigadiff.windows import WEIGHT_KINDS, axis_profile
 
 
 @lru_cache(maxsize=64)
 def _window_cpu(kind: str, h: int, w: int, margin: int) -> torch.Tensor:
-    return torch.outer(_axis_profile(kind, h, margin), _axis_profile(kind, w, margin)).to(torch.float32)
+    rows = torch.tensor(axis_profile(kind, h, margin), dtype=torch.float64)
+    cols = torch.tensor(axis_profile(kind, w, margin), dtype=torch.float64)
+    return torch.outer(rows, cols).to(torch.float32)
 
 
 def weight_window(kind: str, h: int, w: int, device: torch.device | str = "cpu", margin: int = 0) -> torch.Tensor:

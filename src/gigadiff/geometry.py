@@ -14,6 +14,10 @@ On a wrapped axis (seamless textures, 360-degree panoramas) the canvas is a ring
 around it, may cross the edge (a window starting at x continues at column 0 past the right edge), and at
 least two windows are used, so that some window always straddles the seam between the last and first column.
 A tile that crosses the edge is cut and pasted in pieces (`wrapped_pieces`).
+
+Models that pack several latent pixels into one token (FLUX: 2x2) need every window to start, end and move on
+whole tokens: with `unit` > 1 a grid is laid out on the canvas measured in tokens and scaled back, so sizes,
+overlaps and shifts are always multiples of the unit.
 """
 
 from __future__ import annotations
@@ -153,8 +157,9 @@ def tile_grid(
     shift: tuple[float, float] = (0.0, 0.0),
     rim_overlap: int = 0,
     wrap: tuple[bool, bool] = (False, False),
+    unit: int = 1,
 ) -> TileGrid:
-    """A row-major grid of windows covering a `height` x `width` canvas.
+    """A row-major grid of windows covering a `height` x `width` canvas, on whole multiples of `unit` px.
 
     A canvas smaller than the tile on an axis gets one window of the canvas size on that axis (on a wrapped
     axis: two such windows, half a canvas apart).
@@ -164,6 +169,13 @@ def tile_grid(
     tile_h, tile_w = (tile, tile) if isinstance(tile, int) else tile
     if tile_h <= 0 or tile_w <= 0:
         raise ValueError(f"tile must be positive, got {tile_h}x{tile_w}")
+    if unit > 1:
+        if height % unit or width % unit or tile_h % unit or tile_w % unit:
+            raise ValueError(f"canvas {height}x{width} and tile {tile_h}x{tile_w} must be multiples of {unit}")
+        coarse = tile_grid(height // unit, width // unit, (tile_h // unit, tile_w // unit), overlap // unit, shift,
+                           -(-rim_overlap // unit), wrap)  # fmt: skip
+        tiles = tuple(Tile(t.y * unit, t.x * unit, t.h * unit, t.w * unit) for t in coarse)
+        return TileGrid(height, width, tiles, wrap)
     win_h, win_w = min(tile_h, height), min(tile_w, width)
 
     def starts(length: int, win: int, axis_shift: float, wraps: bool) -> tuple[int, ...]:
@@ -198,6 +210,8 @@ class GridPlan:
     """Overlap taken by untrusted tile rims (2 x the model's edge margin), which cannot cross-fade."""
     wrap: tuple[bool, bool] = (False, False)
     """(vertical, horizontal) axes on which the canvas is a ring (tileable output)."""
+    unit: int = 1
+    """Canvas pixels per token side: windows start, end and move on multiples of it."""
 
     def shift_for_step(self, step: int) -> tuple[float, float]:
         """Step i's shift in [-1, 1]^2: a seeded start plus i steps of the R2 low-discrepancy sequence.
@@ -213,7 +227,8 @@ class GridPlan:
 
     def grid(self, step: int) -> TileGrid:
         shift = self.shift_for_step(step)
-        return tile_grid(self.height, self.width, self.tile, self.overlap, shift, self.rim_overlap, self.wrap)
+        return tile_grid(self.height, self.width, self.tile, self.overlap, shift, self.rim_overlap, self.wrap,
+                         self.unit)  # fmt: skip
 
     @property
     def tiles_per_step(self) -> int:

@@ -30,7 +30,7 @@ with the background conditioning alone, so regional prompts are refused with it 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from gigadiff.backends.base import Backend
-from gigadiff.executors.local import TileExecutor
+from gigadiff.executors.local import Batch, TileExecutor
 from gigadiff.fusion import gather_tile
 from gigadiff.geometry import GridPlan, Tile, TileGrid
 from gigadiff.sampler import CanvasDenoiser, StepListener
@@ -139,10 +139,10 @@ class LevelConsensus:
         grid = probe_grid(Tile(0, 0, *crop.shape[-2:]))
         local = self.local
         means = []
-        for done, predictions in local.executor.predictions(local.backend, canvas, t, local.cond, grid):
-            means += [p.float().mean(dim=(0, 2, 3)) for p in predictions.chunk(len(done))]
-            self.probe_calls += 1
-            listener.on_tiles_done(len(done))
+        for batch in local.executor.predictions(local.backend, canvas, t, local.cond, grid):
+            means += [p.float().mean(dim=(0, 2, 3)) for p in batch.predictions.chunk(len(batch.tiles))]
+            self.probe_calls += batch.calls
+            listener.on_tiles_done(len(batch.tiles))
         self.probe_pixels += grid.evaluated_pixels
         level = base.float().mean(dim=(0, 2, 3))
         knots = torch.stack([*shifts, torch.zeros_like(spread)], dim=-1)
@@ -182,10 +182,8 @@ class Capture:
     tile: Tile
     prediction: torch.Tensor | None = None
 
-    def predictions(
-        self, backend: Backend, canvas: torch.Tensor, t: Any, cond: Any, grid: TileGrid
-    ) -> Iterator[tuple[Sequence[Tile], torch.Tensor]]:
-        for tiles, predictions in self.inner.predictions(backend, canvas, t, cond, grid):
-            if self.tile in tiles:
-                self.prediction = predictions.chunk(len(tiles))[list(tiles).index(self.tile)]
-            yield tiles, predictions
+    def predictions(self, backend: Backend, canvas: torch.Tensor, t: Any, cond: Any, grid: TileGrid) -> Iterator[Batch]:
+        for batch in self.inner.predictions(backend, canvas, t, cond, grid):
+            if self.tile in batch.tiles:
+                self.prediction = batch.predictions.chunk(len(batch.tiles))[list(batch.tiles).index(self.tile)]
+            yield batch

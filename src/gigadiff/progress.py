@@ -31,6 +31,12 @@ class RichProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
+    def loading(self, model: str) -> None:
+        self.progress.update(self.task, description=f"loading {model}")
+
+    def loaded(self) -> None:
+        self.progress.update(self.task, description="starting")
+
     def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
         """A step numbered no higher than the last one starts a new sequence of steps (a coherence stage):
         its tiles are added to the total then (the ETA covers the stages started so far)."""

@@ -1,6 +1,6 @@
 """Regional prompts: parts of the canvas painted toward their own prompt, fused with feathered masks.
 
-A regions file is JSON:
+Regions come as JSON, from a file (`--regions regions.json`) or inline (the Python API and the service):
 
     {
       "background": {"prompt": "a meadow at dusk", "negative_prompt": "people"},
@@ -13,45 +13,75 @@ A regions file is JSON:
     }
 
 (or just the list of regions). A box is [left, top, right, bottom], in pixels, or in fractions of the canvas
-when all four numbers lie in [0, 1]. A mask is a greyscale image (white: the region) resized to the canvas;
-a relative mask path is taken from the regions file's folder. `feather` (image pixels, default 32) softens the
-edges of boxes and masks that are inside the canvas.
+when all four numbers lie in [0, 1]. A mask is a greyscale image (white: the region) resized to the canvas:
+a file (a relative path is taken from the regions file's folder) or, where files cannot be named (the
+service), a `data:image/png;base64,...` URL. `feather` (image pixels, default 32) softens the edges of boxes
+and masks that are inside the canvas.
 
 At every step each region's prompt is predicted on the tiles its mask touches, and the predictions are fused
 per pixel with weights: the region's feathered mask, and for the background prompt what the regions leave
 (1 - the largest region weight, floored at BACKGROUND_FLOOR so every pixel keeps a defined prediction). A
 region's own seed redraws the initial noise inside it.
+
+Parsing and checking need no torch; the weights are computed when a run starts.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from gigadiff.errors import GigadiffError
 from gigadiff.io.images import open_image, require_file
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_FEATHER_PX = 32
 BACKGROUND_FLOOR = 1e-3
 REGION_KEYS = {"box", "mask", "prompt", "negative_prompt", "guidance", "seed"}
+DATA_URL = "data:image/"
 
 
 @dataclass(frozen=True)
-class RegionFile:
-    regions: tuple[dict[str, Any], ...]
-    """Normalised regions: prompt, negative_prompt, guidance (or None), seed (or None), box or mask (absolute)."""
+class Region:
+    """One regional prompt: where (a box or a mask) and what (prompt, negative prompt, guidance, seed)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    guidance: float | None = None
+    """None: the run's guidance."""
+    seed: int | None = None
+    """None: the run's noise; a seed redraws the initial noise where this region dominates."""
+    box: tuple[float, float, float, float] | None = None
+    """[left, top, right, bottom] in pixels, or fractions of the canvas when all four lie in [0, 1]."""
+    mask: str | None = None
+    """A greyscale image file (absolute path) or a data: URL."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Region:
+        """A region recorded by `dataclasses.asdict` (metadata, checkpoints)."""
+        box = d.get("box")
+        return cls(**{**d, "box": tuple(box) if box is not None else None})
+
+
+@dataclass(frozen=True)
+class RegionSet:
+    regions: tuple[Region, ...]
     background: dict[str, str]
+    """The background's prompt and negative prompt, used when the run gives none."""
     feather: int
 
 
-def load_region_file(path: Path) -> RegionFile:
+def load_region_file(path: Path) -> RegionSet:
     """Read and check a regions file (everything that needs no canvas size); clear errors for bad content."""
     if not path.is_file():
         raise GigadiffError(f"regions file {path} does not exist")
@@ -63,28 +93,37 @@ def load_region_file(path: Path) -> RegionFile:
         ) from None
     except UnicodeDecodeError:
         raise GigadiffError(f"regions file {path} is not a JSON text file") from None
+    return parse_regions(raw, f"regions file {path}", folder=path.parent)
+
+
+def parse_regions(raw: Any, where: str = "regions", folder: Path | None = None) -> RegionSet:
+    """Check regions given as JSON data. `folder`: where relative mask paths are; None allows no mask files
+    (only data: URLs), for callers that may not name files on this machine."""
     if isinstance(raw, list):
         raw = {"regions": raw}
     if not isinstance(raw, dict):
-        raise GigadiffError(f'regions file {path} must hold an object with "regions", or a list of regions')
+        raise GigadiffError(f'{where} must hold an object with "regions", or a list of regions')
     unknown = set(raw) - {"regions", "background", "feather"}
     if unknown:
-        raise GigadiffError(f"regions file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise GigadiffError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     items = raw.get("regions")
     if not isinstance(items, list) or not items:
-        raise GigadiffError(f'regions file {path} has no regions (a non-empty list under "regions")')
+        raise GigadiffError(f'{where} has no regions (a non-empty list under "regions")')
     feather = raw.get("feather", DEFAULT_FEATHER_PX)
-    if not isinstance(feather, int | float) or feather < 0:
-        raise GigadiffError(f"regions file {path}: feather must be a number of pixels >= 0, got {feather!r}")
+    if isinstance(feather, bool) or not isinstance(feather, int | float) or feather < 0:
+        raise GigadiffError(f"{where}: feather must be a number of pixels >= 0, got {feather!r}")
     background = raw.get("background", {})
     if not isinstance(background, dict) or set(background) - {"prompt", "negative_prompt"}:
-        raise GigadiffError(f"regions file {path}: background may only hold prompt and negative_prompt")
-    regions = tuple(_region(item, i, path) for i, item in enumerate(items, 1))
-    return RegionFile(regions, {k: str(v) for k, v in background.items()}, int(feather))
+        raise GigadiffError(f"{where}: background may only hold prompt and negative_prompt")
+    regions = tuple(_region(item, f"{where}, region {i}", folder) for i, item in enumerate(items, 1))
+    return RegionSet(regions, {k: str(v) for k, v in background.items()}, int(feather))
 
 
-def _region(item: Any, n: int, path: Path) -> dict[str, Any]:
-    where = f"regions file {path}, region {n}"
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _region(item: Any, where: str, folder: Path | None) -> Region:
     if not isinstance(item, dict):
         raise GigadiffError(f"{where}: a region must be an object with a prompt and a box or mask")
     unknown = set(item) - REGION_KEYS
@@ -96,55 +135,88 @@ def _region(item: Any, n: int, path: Path) -> dict[str, Any]:
         raise GigadiffError(f'{where}: needs a non-empty "prompt"')
     if ("box" in item) == ("mask" in item):
         raise GigadiffError(f'{where}: give exactly one of "box" and "mask"')
-    out: dict[str, Any] = {
-        "prompt": item["prompt"],
-        "negative_prompt": str(item.get("negative_prompt", "")),
-        "guidance": item.get("guidance"),
-        "seed": item.get("seed"),
-    }
-    if out["guidance"] is not None and (not isinstance(out["guidance"], int | float) or out["guidance"] < 0):
-        raise GigadiffError(f"{where}: guidance must be a number >= 0, got {out['guidance']!r}")
-    if out["seed"] is not None and (not isinstance(out["seed"], int) or not 0 <= out["seed"] < 2**64):
-        raise GigadiffError(f"{where}: seed must be an integer in [0, 2**64), got {out['seed']!r}")
+    guidance, seed = item.get("guidance"), item.get("seed")
+    if guidance is not None and (not _number(guidance) or guidance < 0):
+        raise GigadiffError(f"{where}: guidance must be a number >= 0, got {guidance!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise GigadiffError(f"{where}: seed must be an integer in [0, 2**64), got {seed!r}")
+    box = mask = None
     if "box" in item:
-        box = item["box"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-            raise GigadiffError(f"{where}: box must be [left, top, right, bottom], got {box!r}")
-        out["box"] = [float(v) for v in box]
+        raw_box = item["box"]
+        if not (isinstance(raw_box, list) and len(raw_box) == 4 and all(_number(v) for v in raw_box)):
+            raise GigadiffError(f"{where}: box must be [left, top, right, bottom], got {raw_box!r}")
+        box = tuple(float(v) for v in raw_box)
     else:
-        mask = Path(item["mask"])
-        mask = mask if mask.is_absolute() else path.parent / mask
-        require_file(mask, "mask image", f"{where}: ")
-        out["mask"] = str(mask)
-    return out
+        mask = _mask_source(item["mask"], where, folder)
+    return Region(str(item["prompt"]), str(item.get("negative_prompt", "")),
+                  float(guidance) if guidance is not None else None, seed, box, mask)  # type: ignore[arg-type]  # fmt: skip
 
 
-def box_pixels(box: list[float], width: int, height: int, where: str) -> tuple[int, int, int, int]:
+def _mask_source(mask: Any, where: str, folder: Path | None) -> str:
+    if not isinstance(mask, str) or not mask:
+        raise GigadiffError(f"{where}: mask must be an image file name or a data:image/...;base64 URL")
+    if mask.startswith(DATA_URL):
+        _data_url_bytes(mask, where)
+        return mask
+    if folder is None:
+        raise GigadiffError(f"{where}: masks must be given as data:image/...;base64 URLs here, not as file names")
+    path = Path(mask)
+    path = path if path.is_absolute() else folder / path
+    require_file(path, "mask image", f"{where}: ")
+    return str(path)
+
+
+def _data_url_bytes(url: str, where: str) -> bytes:
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64") or not data:
+        raise GigadiffError(f"{where}: a mask data URL must be data:image/<type>;base64,<data>")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise GigadiffError(f"{where}: the mask data URL is not valid base64") from None
+
+
+def box_pixels(box: tuple[float, ...], width: int, height: int, where: str) -> tuple[int, int, int, int]:
     """[left, top, right, bottom] in pixels (fractions scaled), checked against a width x height canvas."""
     fraction = all(0 <= v <= 1 for v in box)
     left, top, right, bottom = (box[0] * width, box[1] * height, box[2] * width, box[3] * height) if fraction else box
     if not (right > left and bottom > top):
-        raise GigadiffError(f"{where}: box {box} is empty (right must exceed left, bottom must exceed top)")
+        raise GigadiffError(f"{where}: box {list(box)} is empty (right must exceed left, bottom must exceed top)")
     if left < 0 or top < 0 or right > width or bottom > height:
-        raise GigadiffError(f"{where}: box {box} reaches outside the {width}x{height} canvas")
+        raise GigadiffError(f"{where}: box {list(box)} reaches outside the {width}x{height} canvas")
     return round(left), round(top), round(right), round(bottom)
 
 
-def check_regions(regions: tuple[dict[str, Any], ...], width: int, height: int) -> None:
+def _label(i: int, region: Region) -> str:
+    return f"region {i} ({region.prompt!r})"
+
+
+def check_regions(regions: tuple[Region, ...], width: int, height: int) -> None:
     """Checks that need the canvas size: boxes inside it, masks readable and not empty."""
     for i, region in enumerate(regions, 1):
-        where = f"region {i} ({region['prompt']!r})"
-        if "box" in region:
-            box_pixels(region["box"], width, height, where)
+        where = _label(i, region)
+        if region.box is not None:
+            box_pixels(region.box, width, height, where)
         else:
-            mask = _mask_values(region["mask"], width, height, where)
+            assert region.mask is not None
+            mask = _mask_values(region.mask, width, height, where)
             if not (mask > 0.5).any():
-                raise GigadiffError(f"{where}: mask {region['mask']} is empty (no white pixel at the canvas size)")
+                shown = "the data URL" if region.mask.startswith(DATA_URL) else region.mask
+                raise GigadiffError(f"{where}: mask {shown} is empty (no white pixel at the canvas size)")
 
 
-def _mask_values(path: str, width: int, height: int, where: str) -> np.ndarray:
-    with open_image(path, "mask image", f"{where}: ") as im:
-        grey = im.convert("L").resize((width, height), Image.Resampling.BOX)
+def _mask_values(mask: str, width: int, height: int, where: str) -> np.ndarray:
+    from PIL import Image
+
+    if mask.startswith(DATA_URL):
+        try:
+            with Image.open(io.BytesIO(_data_url_bytes(mask, where))) as im:
+                grey = im.convert("L").resize((width, height), Image.Resampling.BOX)
+        except OSError as e:
+            raise GigadiffError(f"{where}: cannot read the mask data URL as an image: {e}") from None
+    else:
+        with open_image(mask, "mask image", f"{where}: ") as im:
+            grey = im.convert("L").resize((width, height), Image.Resampling.BOX)
     return np.asarray(grey, dtype=np.float32) / 255.0
 
 
@@ -160,17 +232,20 @@ def _ramp(n: int, lo: int, hi: int, feather: float) -> np.ndarray:
     return ramp
 
 
-def region_weight(region: dict[str, Any], width: int, height: int, factor: int, feather_px: int) -> torch.Tensor:
-    """A region's feathered weight in [0, 1] on the latent canvas [height/factor, width/factor]."""
+def region_weight(region: Region, width: int, height: int, factor: int, feather_px: int) -> torch.Tensor:
+    """A region's feathered weight in [0, 1] on the canvas [height/factor, width/factor]."""
+    import torch
+
     h, w = height // factor, width // factor
     feather = feather_px / factor
-    where = f"region ({region['prompt']!r})"
-    if "box" in region:
-        left, top, right, bottom = (v / factor for v in box_pixels(region["box"], width, height, where))
+    where = f"region ({region.prompt!r})"
+    if region.box is not None:
+        left, top, right, bottom = (v / factor for v in box_pixels(region.box, width, height, where))
         weight = np.outer(_ramp(h, math.floor(top), math.ceil(bottom), feather),
                           _ramp(w, math.floor(left), math.ceil(right), feather))  # fmt: skip
     else:
-        mask = _mask_values(region["mask"], w, h, where).astype(np.float64)
+        assert region.mask is not None
+        mask = _mask_values(region.mask, w, h, where).astype(np.float64)
         weight = mask
         k = 2 * int(feather // 2) + 1
         if k > 1 and min(h, w) > k:
@@ -182,4 +257,6 @@ def region_weight(region: dict[str, Any], width: int, height: int, factor: int, 
 
 def background_weight(weights: list[torch.Tensor]) -> torch.Tensor:
     """What the regions leave to the background prompt: 1 - the largest region weight, floored above zero."""
+    import torch
+
     return (1 - torch.stack(weights).amax(dim=0)).clamp_min(BACKGROUND_FLOOR)

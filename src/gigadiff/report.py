@@ -1,10 +1,11 @@
 """A quality report for an image file: seams on its tile borders, continuity across its edges, duplication,
 and grid anisotropy (straight axis-aligned edges, needing no grid).
 
-The tile borders come from the generation metadata gigadiff writes next to (and into) its outputs, which
-records everything needed to rebuild the grid of every step (size, tile, overlap, shift, seed, steps and the
-VAE factor); for other images they come from a tile size and overlap the user gives (an unshifted grid, as
-most tiled tools use). Pixels are read whole: this is an analysis tool for images that fit in memory.
+The tile borders come from the generation metadata gigadiff writes next to (and into) its outputs: its resolved
+settings, its model's description and the timesteps that ran, from which gigadiff.grids rebuilds every step's
+grid with the function the run used; for other images they come from a tile size and overlap the user gives
+(an unshifted grid, as most tiled tools use). Pixels are read whole: this is an analysis tool for images that
+fit in memory.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 from PIL import Image
 
 from gigadiff.errors import GigadiffError
-from gigadiff.geometry import GridPlan, tile_grid
+from gigadiff.geometry import tile_grid
+from gigadiff.grids import StepRange, run_grids
 from gigadiff.io.images import open_image, require_file
+from gigadiff.io.metadata import info_from_metadata
 from gigadiff.metrics import (
     Duplication,
     EdgeContinuity,
@@ -31,7 +34,7 @@ from gigadiff.metrics import (
     grid_borders,
 )
 from gigadiff.metrics import seam_score as measure_seams
-from gigadiff.settings import wrap_axes
+from gigadiff.settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -76,13 +79,16 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
     return None
 
 
+RECORDED = ("settings", "model_info", "timesteps")
+"""What a gigadiff output's metadata must hold for its grids to be rebuilt."""
+
+
 def borders_from_metadata(meta: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """Every tile border of every step of the generation `meta` describes, in image pixels."""
-    f = int(meta.get("vae_scale_factor", 8))
-    wrap = wrap_axes(meta.get("tileable"))
-    plan = GridPlan(meta["height"] // f, meta["width"] // f, meta["tile"] // f, meta["overlap"] // f,
-                    shifted=bool(meta["shift"]), seed=int(meta["seed"]), wrap=wrap)  # fmt: skip
-    return grid_borders((plan.grid(i) for i in range(int(meta["steps"]))), scale=f)
+    """Every tile border of every step that ran in the generation `meta` describes, in image pixels."""
+    settings = GenerationSettings.from_dict(meta["settings"])
+    info = info_from_metadata(meta)
+    steps = StepRange(int(meta["timesteps"]["first"]), int(meta["timesteps"]["count"]))
+    return grid_borders(run_grids(settings, info, steps), scale=info.vae_scale_factor)
 
 
 def image_report(path: Path, tile: int | None = None, overlap: int = 0, crops: int = 4) -> ImageReport:
@@ -90,14 +96,14 @@ def image_report(path: Path, tile: int | None = None, overlap: int = 0, crops: i
     pixels = read_pixels(path)
     height, width = pixels.shape[:2]
     meta = read_metadata(path) if tile is None else None
+    if meta is not None and {"width", "height"} <= set(meta) and (meta["width"], meta["height"]) != (width, height):
+        raise GigadiffError(f"{path} is {width}x{height} but its metadata says {meta['width']}x{meta['height']}")
     if tile is not None:
         if not 0 <= overlap < tile:
             raise GigadiffError(f"overlap ({overlap}) must satisfy 0 <= overlap < tile ({tile})")
         rows, cols = grid_borders([tile_grid(height, width, tile, overlap)])
         source = "options"
-    elif meta is not None and {"tile", "overlap", "width", "height", "seed", "steps"} <= set(meta):
-        if (meta["width"], meta["height"]) != (width, height):
-            raise GigadiffError(f"{path} is {width}x{height} but its metadata says {meta['width']}x{meta['height']}")
+    elif meta is not None and set(RECORDED) <= set(meta):
         rows, cols = borders_from_metadata(meta)
         source = "metadata"
     else:

@@ -19,6 +19,7 @@ from gigadiff.backends.base import Backend
 from gigadiff.executors.local import TileExecutor
 from gigadiff.fusion import FusionAccumulator, gather_tile
 from gigadiff.geometry import GridPlan, TileGrid
+from gigadiff.schedulers import model_input
 
 
 class StepListener(Protocol):
@@ -104,10 +105,10 @@ class CanvasDenoiser:
     def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
         acc = FusionAccumulator(x.shape, self.weights, x.device, self.margin)
         for cond, part, weight in self.passes(grid):
-            for tiles, predictions in self.executor.predictions(self.backend, x, t, cond, part):
-                acc.add_batch(tiles, predictions, weight)
-                self.model_calls += 1
-                listener.on_tiles_done(len(tiles))
+            for batch in self.executor.predictions(self.backend, x, t, cond, part):
+                acc.add_batch(batch.tiles, batch.predictions, weight)
+                self.model_calls += batch.calls
+                listener.on_tiles_done(len(batch.tiles))
             self.evaluated_pixels += part.evaluated_pixels
         return acc.result()
 
@@ -143,7 +144,7 @@ def sample(
             latents = guide(i, latents)
         grid = denoiser.plan.grid(i)
         listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)))
-        x_in = scheduler.scale_model_input(latents, t)
+        x_in = model_input(scheduler, latents, t)
         prediction = denoiser(x_in, t, i, grid, listener)
         latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
         listener.on_step_end(i, latents)

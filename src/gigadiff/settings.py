@@ -1,8 +1,9 @@
-"""What the user asked for, and the checks that run before any model is loaded or any step is computed.
+"""What determines a generated image, and the checks that run before any model is loaded.
 
-Sizes here are in image pixels, as users think of them; the recipes convert to latent pixels with the model's
-VAE factor. `check_generic` runs before the model is loaded (it needs nothing but the numbers);
-`check_for_model` runs once the model's VAE factor is known, still before any compute.
+Sizes here are in image pixels, as users think of them; the recipes convert to canvas pixels with the model's
+VAE factor. `check_generic` needs nothing but the numbers; `check_for_model` runs against the model's
+`ModelInfo`, read from its config files before its weights (or torch) load, and fills in every default.
+Errors name the request field they concern (gigadiff.errors).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from gigadiff.backends.base import ModelInfo
+from gigadiff.backends.flow import parse_flow_shift, run_mu
 from gigadiff.errors import GigadiffError
-from gigadiff.fusion import WEIGHT_KINDS
-from gigadiff.schedulers import SCHEDULER_NAMES
+from gigadiff.regions import Region
+from gigadiff.schedulers import check_scheduler
+from gigadiff.windows import WEIGHT_KINDS
 
 MAX_SIDE = 65536
 """Largest accepted side in image pixels. Beyond this the latent canvas alone needs tens of GB."""
@@ -24,6 +27,9 @@ MAX_SIDE = 65536
 MAX_STEPS = 1000
 TILEABLE = ("none", "x", "y", "both")
 COHERENCE = ("auto", "progressive", "none")
+POSITIONS = ("local", "global")
+DEFAULT_TILE_BATCH = 4
+"""Tiles per model call unless asked otherwise (fewer when a step has fewer tiles)."""
 DEFAULT_STRENGTH = 0.8
 """As diffusers' img2img pipelines: most of the picture is repainted, its layout and colours are kept."""
 _SIZE_RE = re.compile(r"^\s*(-?\d+)\s*[xX×*,]\s*(-?\d+)\s*$")
@@ -47,7 +53,7 @@ def parse_size(text: str) -> tuple[int, int]:
     elif text.strip().lstrip("-").isdigit():
         width = height = int(text)
     else:
-        raise GigadiffError(f"size {text!r} is not of the form WIDTHxHEIGHT, e.g. 4096x2048")
+        raise GigadiffError(f"{{size}} {text!r} is not of the form WIDTHxHEIGHT, e.g. 4096x2048", "size")
     return width, height
 
 
@@ -56,7 +62,7 @@ def parse_sigmas(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise GigadiffError(f"sigmas {text!r} must be comma-separated numbers, e.g. 80,2.5") from None
+        raise GigadiffError(f"{{sigmas}} {text!r} must be comma-separated numbers, e.g. 80,2.5", "sigmas") from None
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class GenerationSettings:
     steps: int | None = None
     """None means the model's default (e.g. 30, or 4 for SDXL-Turbo)."""
     guidance: float | None = None
+    true_cfg: float | None = None
+    """True classifier-free guidance beside a model's embedded guidance (FLUX.1); None or 1: off."""
     seed: int = 0
     scheduler: str = "default"
     tile: int | None = None
@@ -82,7 +90,8 @@ class GenerationSettings:
     shift: bool = True
     level_sync: bool | None = None
     """Tiles agree on the canvas's low frequencies (gigadiff.levels); None means the model's default."""
-    tile_batch: int = 4
+    tile_batch: int | None = None
+    """None: DEFAULT_TILE_BATCH, or the tiles of a step when there are fewer."""
     guidance_rescale: float = 0.0
     eta: float = 0.0
     sigmas: tuple[float, ...] | None = None
@@ -91,8 +100,8 @@ class GenerationSettings:
     """img2img / upscaling: the picture to start from (resized to the canvas, encoded by the tiled VAE)."""
     strength: float | None = None
     """How much of the init image is repainted: 1 = all of it (pure noise), 0 = none; None = 0.8 with an image."""
-    regions: tuple[dict[str, Any], ...] = ()
-    """Regional prompts, as normalised by gigadiff.regions.load_region_file (prompt is then the background's)."""
+    regions: tuple[Region, ...] = ()
+    """Regional prompts (gigadiff.regions); the prompt is then the background's."""
     region_feather: int = 32
     """Image pixels over which region edges inside the canvas fade (see gigadiff.regions)."""
     coherence: str = "auto"
@@ -104,6 +113,12 @@ class GenerationSettings:
     """Progressive coherence: exponent of the dilated global views' cosine fade."""
     tileable: str = "none"
     """Seamless output: "both" (a texture), "x" (left/right continue: 360-degree panoramas), "y", or "none"."""
+    flow_shift: str = "tile"
+    """Flow models' timestep shift: "tile", "canvas", a shift or "mu=X" (gigadiff.backends.flow)."""
+    mu: float | None = None
+    """The timestep shift the run uses (resolved from flow_shift; None: a fixed-shift or non-flow model's own)."""
+    positions: str = "local"
+    """DiT position ids per tile: "local" (from 0, as trained) or "global" (canvas coordinates)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend-specific settings (e.g. terrain difficulty), kept for metadata."""
 
@@ -114,12 +129,25 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationSettings:
+        """Settings recorded by `to_dict` (checkpoints, metadata)."""
+        sigmas = data.get("sigmas")
+        regions = tuple(Region.from_dict(r) for r in data.get("regions") or ())
+        return cls(**{**data, "sigmas": tuple(sigmas) if sigmas is not None else None, "regions": regions})
+
+    @property
+    def conditioning_options(self) -> dict[str, Any]:
+        """What a backend's `condition` may read beside the prompt: guidance details, positions, family options."""
+        return {"guidance_rescale": self.guidance_rescale, "true_cfg": self.true_cfg, "positions": self.positions,
+                **self.extra}  # fmt: skip
+
     def with_model_defaults(self, info: ModelInfo) -> GenerationSettings:
         """Fill in what the user left open from the model's own defaults."""
         tile = self.tile if self.tile is not None else info.native_size
-        factor = info.vae_scale_factor
+        factor, unit = info.vae_scale_factor, info.size_multiple
         share = round(tile * info.default_overlap_share)
-        default_overlap = max(share, 4 * info.edge_margin * factor) // factor * factor
+        default_overlap = max(share, 4 * info.edge_margin * factor) // unit * unit
         steps = len(self.sigmas) if self.sigmas else self.steps
         side = info.default_size or 2 * info.native_size
         return replace(
@@ -144,109 +172,147 @@ def check_generic(s: GenerationSettings) -> None:
         if value is None:
             continue
         if value <= 0:
-            raise GigadiffError(f"{name} must be positive, got {value}")
+            raise GigadiffError(f"{{size}}: {name} must be positive, got {value}", "size")
         if value > MAX_SIDE:
-            raise GigadiffError(f"{name} {value} is larger than the supported maximum of {MAX_SIDE} pixels")
+            raise GigadiffError(f"{{size}}: {name} {value} is larger than the supported maximum of {MAX_SIDE} pixels",
+                                "size")  # fmt: skip
     if s.steps is not None and not 1 <= s.steps <= MAX_STEPS:
-        raise GigadiffError(f"steps must be between 1 and {MAX_STEPS}, got {s.steps}")
+        raise GigadiffError(f"{{steps}} must be between 1 and {MAX_STEPS}, got {s.steps}", "steps")
     if s.guidance is not None and s.guidance < 0:
-        raise GigadiffError(f"guidance must be >= 0, got {s.guidance}")
+        raise GigadiffError(f"{{guidance}} must be >= 0, got {s.guidance}", "guidance")
+    if s.true_cfg is not None and not s.true_cfg >= 1:
+        raise GigadiffError(f"{{true_cfg}} must be at least 1 (1: off), got {s.true_cfg}", "true_cfg")
     if not 0 <= s.guidance_rescale <= 1:
-        raise GigadiffError(f"guidance rescale must lie in [0, 1], got {s.guidance_rescale}")
+        raise GigadiffError(f"{{guidance_rescale}} must lie in [0, 1], got {s.guidance_rescale}", "guidance_rescale")
     if not 0 <= s.eta <= 1:
-        raise GigadiffError(f"eta must lie in [0, 1], got {s.eta}")
-    if s.tile_batch < 1:
-        raise GigadiffError(f"tile batch must be at least 1, got {s.tile_batch}")
+        raise GigadiffError(f"{{eta}} must lie in [0, 1], got {s.eta}", "eta")
+    if s.tile_batch is not None and s.tile_batch < 1:
+        raise GigadiffError(f"{{tile_batch}} must be at least 1, got {s.tile_batch}", "tile_batch")
     if not 0 <= s.seed < 2**64:
-        raise GigadiffError(f"seed must lie in [0, 2**64), got {s.seed}")
-    if s.scheduler not in SCHEDULER_NAMES:
-        raise GigadiffError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+        raise GigadiffError(f"{{seed}} must lie in [0, 2**64), got {s.seed}", "seed")
+    check_scheduler(s.scheduler)
     if s.strength is not None:
         if s.init_image is None:
-            raise GigadiffError("--strength applies to an init image; give --init IMAGE (or use gigadiff upscale)")
+            raise GigadiffError("{strength} applies to an init image; give {init} IMAGE (or use gigadiff upscale)",
+                                "strength", "init")  # fmt: skip
         if not 0 < s.strength <= 1:
-            raise GigadiffError(f"strength must lie in (0, 1], got {s.strength}")
-    if s.coherence not in COHERENCE:
-        raise GigadiffError(f"coherence must be one of {', '.join(COHERENCE)}, got {s.coherence!r}")
+            raise GigadiffError(f"{{strength}} must lie in (0, 1], got {s.strength}", "strength")
+    for name, value, allowed in (("coherence", s.coherence, COHERENCE), ("tileable", s.tileable, TILEABLE),
+                                 ("positions", s.positions, POSITIONS)):  # fmt: skip
+        if value not in allowed:
+            raise GigadiffError(f"{{{name}}} must be one of {', '.join(allowed)}, got {value!r}", name)
     if not (s.skip_exponent > 0 and s.dilation_exponent > 0):
         raise GigadiffError("coherence exponents must be positive")
-    if s.tileable not in TILEABLE:
-        raise GigadiffError(f"tileable must be one of {', '.join(TILEABLE)}, got {s.tileable!r}")
     if s.weights is not None and s.weights not in WEIGHT_KINDS:
-        raise GigadiffError(f"unknown weights {s.weights!r}; choose one of: {', '.join(WEIGHT_KINDS)}")
+        raise GigadiffError(f"unknown {{weights}} {s.weights!r}; choose one of: {', '.join(WEIGHT_KINDS)}", "weights")
     if s.tile is not None and s.tile <= 0:
-        raise GigadiffError(f"tile must be positive, got {s.tile}")
+        raise GigadiffError(f"{{tile}} must be positive, got {s.tile}", "tile")
     if s.overlap is not None and s.overlap < 0:
-        raise GigadiffError(f"overlap must be >= 0, got {s.overlap}")
+        raise GigadiffError(f"{{overlap}} must be >= 0, got {s.overlap}", "overlap")
     if s.tile is not None and s.overlap is not None and s.overlap >= s.tile:
-        raise GigadiffError(f"overlap ({s.overlap}px) must be smaller than the tile ({s.tile}px)")
+        raise GigadiffError(f"{{overlap}} ({s.overlap}px) must be smaller than the {{tile}} ({s.tile}px)",
+                            "overlap", "tile")  # fmt: skip
     if s.sigmas is not None:
         if not s.sigmas or any(v <= 0 for v in s.sigmas) or list(s.sigmas) != sorted(s.sigmas, reverse=True):
-            raise GigadiffError(f"sigmas must be positive and decreasing, got {list(s.sigmas)}")
+            raise GigadiffError(f"{{sigmas}} must be positive and decreasing, got {list(s.sigmas)}", "sigmas")
         if s.steps is not None and s.steps != len(s.sigmas):
-            raise GigadiffError(f"{len(s.sigmas)} sigmas given but steps is {s.steps}; give one or the other")
+            raise GigadiffError(f"{len(s.sigmas)} {{sigmas}} given but {{steps}} is {s.steps}; give one or the other",
+                                "sigmas", "steps")  # fmt: skip
+    parse_flow_shift(s.flow_shift)
+
+
+def _multiple(name: str, value: int, unit: int, info: ModelInfo, field: str) -> None:
+    if value % unit == 0:
+        return
+    why = "this model's VAE downsampling factor"
+    if info.latent_multiple > 1:
+        why = f"its VAE factor {info.vae_scale_factor} x {info.latent_multiple}x{info.latent_multiple} token patches"
+    lower, upper = value // unit * unit, (value // unit + 1) * unit
+    raise GigadiffError(f"{name} {value} is not a multiple of {unit} ({why}); use {lower or upper} or {upper}", field)
 
 
 def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSettings:
-    """Checks that need the model; returns the settings with every default filled in."""
+    """Checks that need the model's description; returns the settings with every default filled in."""
     check_generic(s)
+    name = info.name
     if (s.prompt or s.negative_prompt) and not info.takes_prompt:
-        raise GigadiffError(f"model {info.name!r} takes no prompt; remove the prompt and negative prompt")
+        raise GigadiffError(f"model {name!r} takes no prompt; remove the {{prompt}} and {{negative}}", "prompt",
+                            "negative")  # fmt: skip
     if s.guidance is not None and not info.uses_guidance:
-        raise GigadiffError(f"model {info.name!r} does not use classifier-free guidance; remove --guidance")
-    if s.scheduler != "default" and info.fixed_scheduler:
-        raise GigadiffError(f"model {info.name!r} has its own sampler; --scheduler must be 'default'")
+        raise GigadiffError(f"model {name!r} takes no guidance scale; remove {{guidance}}", "guidance")
+    if s.true_cfg is not None and s.true_cfg > 1 and not info.true_cfg:
+        what = "its guidance is classifier-free already: use {guidance}" if info.guidance_kind == "cfg" else "none"
+        raise GigadiffError(f"{{true_cfg}} is for models whose guidance is embedded (FLUX.1); model {name!r} has "
+                            f"{what}", "true_cfg", "guidance")  # fmt: skip
+    check_scheduler(s.scheduler, info.scheduler_kind, name)
     if s.init_image is not None and not info.can_encode:
-        raise GigadiffError(f"model {info.name!r} cannot encode images, so it cannot start from an init image")
+        raise GigadiffError(f"model {name!r} cannot encode images, so it cannot start from an {{init}} image", "init")
     if s.regions and not info.takes_prompt:
-        raise GigadiffError(f"model {info.name!r} takes no prompt, so it cannot take regional prompts")
+        raise GigadiffError(f"model {name!r} takes no prompt, so it cannot take {{regions}}", "regions")
+    if s.flow_shift != "tile" and info.scheduler_kind != "flow":
+        raise GigadiffError(f"{{flow_shift}} applies to flow-matching models; model {name!r} is not one",
+                            "flow_shift")  # fmt: skip
+    if s.positions == "global" and info.positions == "none":
+        raise GigadiffError(f"model {name!r} has no position ids (a convolutional UNet): {{positions}} global "
+                            "does not apply", "positions")  # fmt: skip
     unknown = sorted(set(s.extra) - set(info.options))
     if unknown:
         accepted = ", ".join(info.options) or "none"
-        raise GigadiffError(f"model {info.name!r} does not accept {', '.join(unknown)} (it accepts: {accepted})")
-    f = info.vae_scale_factor
+        raise GigadiffError(f"model {name!r} does not accept {', '.join(unknown)} (it accepts: {accepted})",
+                            *unknown)  # fmt: skip
+    f, unit = info.vae_scale_factor, info.size_multiple
     resolved = s.with_model_defaults(info)
     check_generic(resolved)
-    assert resolved.width is not None and resolved.height is not None
+    assert resolved.width is not None and resolved.height is not None and resolved.steps is not None
     assert resolved.tile is not None and resolved.overlap is not None
-    for name, value in (("width", resolved.width), ("height", resolved.height)):
-        if value % f:
-            lower, upper = value // f * f, (value // f + 1) * f
-            raise GigadiffError(
-                f"{name} {value} is not a multiple of {f} (this model's VAE downsampling factor); "
-                f"use {lower or upper} or {upper}"
-            )
-    if resolved.tile % f or resolved.overlap % f:
+    _multiple("width", resolved.width, unit, info, "size")
+    _multiple("height", resolved.height, unit, info, "size")
+    if resolved.tile % unit or resolved.overlap % unit:
         raise GigadiffError(
-            f"tile ({resolved.tile}px) and overlap ({resolved.overlap}px) must be multiples of {f} "
-            "(this model's VAE downsampling factor)"
-        )
-    if resolved.tile < 2 * f:
-        raise GigadiffError(f"tile ({resolved.tile}px) must be at least {2 * f}px")
+            f"{{tile}} ({resolved.tile}px) and {{overlap}} ({resolved.overlap}px) must be multiples of {unit} "
+            + ("(this model's VAE downsampling factor)" if unit == f else f"(model {name!r}'s token size in pixels)"),
+            "tile", "overlap",
+        )  # fmt: skip
+    if resolved.tile < 2 * unit:
+        raise GigadiffError(f"{{tile}} ({resolved.tile}px) must be at least {2 * unit}px", "tile")
     if resolved.overlap >= resolved.tile:
-        raise GigadiffError(f"overlap ({resolved.overlap}px) must be smaller than the tile ({resolved.tile}px)")
+        raise GigadiffError(f"{{overlap}} ({resolved.overlap}px) must be smaller than the {{tile}} ({resolved.tile}px)",
+                            "overlap", "tile")  # fmt: skip
     if info.fixed_tile:
         n = info.native_size
         if resolved.tile != n:
-            raise GigadiffError(f"model {info.name!r} only takes {n}x{n} tiles; remove --tile or set it to {n}")
+            raise GigadiffError(f"model {name!r} only takes {n}x{n} tiles; remove {{tile}} or set it to {n}", "tile")
         if min(resolved.width, resolved.height) < n:
             raise GigadiffError(
-                f"size {resolved.width}x{resolved.height} is smaller than model {info.name!r}'s {n}x{n} input"
+                f"{{size}} {resolved.width}x{resolved.height} is smaller than model {name!r}'s {n}x{n} input", "size"
             )
+    if (
+        resolved.positions == "global"
+        and info.max_global_px
+        and max(resolved.width, resolved.height) > info.max_global_px
+    ):
+        raise GigadiffError(
+            f"{{positions}} global: model {name!r}'s position table covers {info.max_global_px}px a side, the canvas "
+            f"is {resolved.width}x{resolved.height}; use {{positions}} local (any size) or a smaller {{size}}",
+            "positions", "size",
+        )  # fmt: skip
     if (
         resolved.init_image is not None
         and resolved.strength is not None
         and int(resolved.steps * resolved.strength) < 1
     ):
         raise GigadiffError(
-            f"strength {resolved.strength} of {resolved.steps} steps leaves no step to run "
-            f"(steps x strength must be at least 1); raise --strength or --steps"
+            f"{{strength}} {resolved.strength} of {resolved.steps} {{steps}} leaves no step to run "
+            "(steps x strength must be at least 1); raise {strength} or {steps}",
+            "strength",
+            "steps",
         )
-    resolved = replace(resolved, coherence=_coherence(resolved, info))
+    resolved = replace(resolved, coherence=_coherence(resolved, info), mu=_mu(resolved, info))
     if resolved.level_sync and resolved.regions:
         raise GigadiffError(
-            "--level-sync cannot be used with regional prompts yet (its probe measures the background prompt's "
-            "response alone); add --no-level-sync"
+            "{level_sync} cannot be used with regional prompts yet (its probe measures the background prompt's "
+            "response alone); add --no-level-sync",
+            "level_sync",
         )
     if resolved.regions:
         from gigadiff.regions import check_regions
@@ -255,10 +321,23 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
     rim = info.edge_margin * f
     if rim and resolved.overlap < 2 * rim and resolved.tile < max(resolved.width, resolved.height):
         raise GigadiffError(
-            f"overlap ({resolved.overlap}px) must be at least {2 * rim}px for model {info.name!r}: its output is "
-            f"unreliable within {rim}px of a tile edge, so neighbouring tiles must cover each other's rims"
+            f"{{overlap}} ({resolved.overlap}px) must be at least {2 * rim}px for model {name!r}: its output is "
+            f"unreliable within {rim}px of a tile edge, so neighbouring tiles must cover each other's rims",
+            "overlap",
         )
-    return resolved
+    from gigadiff.grids import tile_batch  # grids builds on these settings
+
+    return replace(resolved, tile_batch=tile_batch(resolved, info))
+
+
+def _mu(s: GenerationSettings, info: ModelInfo) -> float | None:
+    """The run's timestep shift, from the tokens of one tile (or as `flow_shift` says); None for other models."""
+    if info.scheduler_kind != "flow":
+        return None
+    assert s.width and s.height and s.tile and s.steps
+    token = info.size_multiple
+    tile_tokens = (min(s.tile, s.height) // token) * (min(s.tile, s.width) // token)
+    return run_mu(info.shift_rule, s.flow_shift, tile_tokens, (s.height // token) * (s.width // token), s.steps)
 
 
 def _coherence(s: GenerationSettings, info: ModelInfo) -> str:
@@ -267,20 +346,16 @@ def _coherence(s: GenerationSettings, info: ModelInfo) -> str:
     beyond = max(s.width, s.height) > 2 * info.native_size
     stages = min(s.width, s.height) > info.native_size
     if s.coherence == "auto":
-        usable = info.can_encode and s.init_image is None and not s.regions
+        usable = info.can_encode and s.init_image is None
         return "progressive" if beyond and stages and usable else "none"
     if s.coherence == "progressive":
         reason = None
         if not info.can_encode:
             reason = f"model {info.name!r} cannot encode images (stages are decoded, enlarged and encoded again)"
-        elif s.init_image is not None:
-            reason = "an img2img run follows its init image instead"
-        elif s.regions:
-            reason = "regional prompts are not supported with it yet; add --coherence none"
         elif not stages:
             reason = f"the shorter side must exceed the model's native size ({info.native_size}px) to have stages"
         if reason:
-            raise GigadiffError(f"--coherence progressive cannot be used here: {reason}")
+            raise GigadiffError(f"{{coherence}} progressive cannot be used here: {reason}", "coherence")
     return s.coherence
 
 

@@ -31,6 +31,15 @@ _UNET_COMMON: dict[str, Any] = {
 }
 
 
+def evaluating(pipe: Any) -> Any:
+    """The pipeline with every module in inference mode, as `from_pretrained` leaves it (a freshly built text
+    encoder is in training mode: its dropout would draw random numbers)."""
+    for component in pipe.components.values():
+        if hasattr(component, "eval"):
+            component.eval()
+    return pipe
+
+
 def tiny_tokenizer() -> Any:
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -98,15 +107,17 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> Any:
     unet = UNet2DConditionModel(
         **_UNET_COMMON, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4
     )
-    return StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=CLIPTextModel(_text_config()),
-        tokenizer=tiny_tokenizer(),
-        unet=unet,
-        scheduler=_scheduler(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return evaluating(
+        StableDiffusionPipeline(
+            vae=tiny_vae(),
+            text_encoder=CLIPTextModel(_text_config()),
+            tokenizer=tiny_tokenizer(),
+            unet=unet,
+            scheduler=_scheduler(prediction_type),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     )
 
 
@@ -127,14 +138,16 @@ def tiny_sdxl_pipeline(seed: int = 0) -> Any:
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=64,
     )
-    return StableDiffusionXLPipeline(
-        vae=tiny_vae(),
-        text_encoder=CLIPTextModel(_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config()),
-        tokenizer=tiny_tokenizer(),
-        tokenizer_2=tiny_tokenizer(),
-        unet=unet,
-        scheduler=_scheduler("epsilon"),
+    return evaluating(
+        StableDiffusionXLPipeline(
+            vae=tiny_vae(),
+            text_encoder=CLIPTextModel(_text_config()),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config()),
+            tokenizer=tiny_tokenizer(),
+            tokenizer_2=tiny_tokenizer(),
+            unet=unet,
+            scheduler=_scheduler("epsilon"),
+        )
     )
 
 
@@ -143,3 +156,197 @@ def save_tiny(pipe: Any, folder: str | Path) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_t5_tokenizer() -> Any:
+    """A character-level T5 tokenizer (unigram over printable characters), built offline."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    vocab += [(c, -2.0) for c in string.printable[:94]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{{ m['content'][0]['text'] }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""A Qwen-style chat template (roles between <|im_start|> and <|im_end|>; text or a list of text parts)."""
+
+
+def tiny_chat_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with no merges and a Qwen-style chat template, built offline (Qwen2/3 text
+    encoders; FLUX.2's Mistral prompt format works through the same template)."""
+    from transformers import Qwen2TokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_flux_vae(latent_channels: int = 16) -> Any:
+    """A FLUX-style AutoencoderKL: 16 latent channels, shift and scale factors, no quant convolutions."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 8, 8, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        sample_size=256,
+    )
+
+
+def _flow_scheduler(dynamic: bool = True, shift: float = 3.0) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:
+        return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any:
+    """A FLUX.1-shaped pipeline: CLIP pooled + T5 prompt encoding, a 2x2-packing MMDiT, the 16-channel VAE.
+    guidance_embeds=True is FLUX.1-dev's embedded guidance, False is schnell's."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(vocab_size=200, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))  # fmt: skip
+    return evaluating(
+        FluxPipeline(
+            scheduler=_flow_scheduler(),
+            vae=tiny_flux_vae(),
+            text_encoder=CLIPTextModel(_text_config()),
+            tokenizer=tiny_tokenizer(),
+            text_encoder_2=t5,
+            tokenizer_2=tiny_t5_tokenizer(),
+            transformer=transformer,
+        )
+    )
+
+
+def _qwen3_config(layers: int = 3, **kw: Any) -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=300, hidden_size=16, intermediate_size=37, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=1024,
+                       **kw)  # fmt: skip
+
+
+FLUX2_TEXT_LAYERS = 31
+"""FLUX.2 [dev] stacks its text encoder's hidden states 10, 20 and 30: the tiny encoder has that many layers."""
+KLEIN_TEXT_LAYERS = 28
+"""FLUX.2 [klein] stacks hidden states 9, 18 and 27."""
+
+
+def tiny_flux2_vae() -> Any:
+    """A FLUX.2-style AutoencoderKLFlux2: its latents are patchified 2x2 and normalised by BatchNorm statistics."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), latent_channels=8, norm_num_groups=4,
+                             layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+                             sample_size=256)  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.running_mean.shape, generator=generator))
+    vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=generator))
+    return vae
+
+
+def _flux2_transformer(in_channels: int, joint_dim: int, guidance_embeds: bool) -> Any:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_dim,
+                                   timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+                                   guidance_embeds=guidance_embeds)  # fmt: skip
+
+
+def tiny_flux2_pipeline(seed: int = 0) -> Any:
+    """A FLUX.2 [dev]-shaped pipeline: a Mistral3 text encoder's stacked hidden states, embedded guidance, the
+    patchified, BatchNorm-normalised latents of AutoencoderKLFlux2. Its tokenizer is a chat-template tokenizer
+    (the real model's Pixtral processor needs torchvision; the prompt format is the same)."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": 300, "hidden_size": 16, "intermediate_size": 37,
+                     "max_position_embeddings": 1024, "num_attention_heads": 4, "num_hidden_layers": FLUX2_TEXT_LAYERS,
+                     "num_key_value_heads": 2, "head_dim": 4, "rms_norm_eps": 1e-5, "sliding_window": None,
+                     "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 4},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        image_token_index=1,
+    )  # fmt: skip
+    return evaluating(
+        Flux2Pipeline(
+            scheduler=_flow_scheduler(),
+            vae=tiny_flux2_vae(),
+            text_encoder=Mistral3ForConditionalGeneration(config),
+            tokenizer=tiny_chat_tokenizer(),
+            transformer=_flux2_transformer(32, 3 * 16, guidance_embeds=True),
+        )
+    )
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, distilled: bool = False) -> Any:
+    """A FLUX.2 [klein]-shaped pipeline: a Qwen3 text encoder, classifier-free guidance with an empty negative
+    prompt (none when distilled), FLUX.2's patchified VAE latents."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return evaluating(
+        Flux2KleinPipeline(
+            scheduler=_flow_scheduler(),
+            vae=tiny_flux2_vae(),
+            text_encoder=Qwen3ForCausalLM(_qwen3_config(layers=KLEIN_TEXT_LAYERS)),
+            tokenizer=tiny_chat_tokenizer(),
+            transformer=_flux2_transformer(32, 3 * 16, guidance_embeds=False),
+            is_distilled=distilled,
+        )
+    )
+
+
+def tiny_z_image_pipeline(seed: int = 0) -> Any:
+    """A Z-Image-shaped pipeline: a Qwen3 text encoder's second-to-last hidden states, a single-stream DiT with
+    2x2 patches and 3-axis rotary positions, the 16-channel FLUX VAE."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                           cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])  # fmt: skip
+    return evaluating(
+        ZImagePipeline(
+            scheduler=_flow_scheduler(dynamic=False, shift=3.0),
+            vae=tiny_flux_vae(),
+            text_encoder=Qwen3Model(_qwen3_config()),
+            tokenizer=tiny_chat_tokenizer(),
+            transformer=transformer,
+        )
+    )

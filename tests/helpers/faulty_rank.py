@@ -11,13 +11,13 @@ import signal
 import sys
 import time
 
-from gigadiff.backends.diffusers_unet import DiffusersUNetBackend
+from gigadiff.backends.unet import UNetBackend
 from gigadiff.cli import main
 
 MODE = os.environ["GIGADIFF_TEST_FAULT"]
 TARGET = int(os.environ["GIGADIFF_TEST_FAULT_RANK"])
 AFTER = int(os.environ["GIGADIFF_TEST_FAULT_AFTER"])
-_predict = DiffusersUNetBackend.predict
+_predict = UNetBackend.predict
 _calls = [0]
 
 
@@ -30,7 +30,7 @@ def faulty_predict(self, *args, **kwargs):
     return _predict(self, *args, **kwargs)
 
 
-DiffusersUNetBackend.predict = faulty_predict
+UNetBackend.predict = faulty_predict
 if __name__ == "__main__":
     sys.argv = ["gigadiff", *sys.argv[1:]]
     main()

@@ -1,40 +1,64 @@
-"""Device and dtype choice, decided once before a model is loaded."""
+"""Device and dtype choice, decided once before a model is loaded.
+
+The names are checked without torch (`check_device_name`, DTYPE_NAMES); what the machine has (CUDA, MPS) is
+asked of torch when the model is about to load.
+"""
 
 from __future__ import annotations
 
-import torch
+import re
+from typing import TYPE_CHECKING
 
 from gigadiff.errors import GigadiffError
 
+if TYPE_CHECKING:
+    import torch
+
 DEVICES = ("auto", "cuda", "mps", "cpu")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+_CUDA_INDEX = re.compile(r"^cuda:\d+$")
+
+
+def check_device_name(name: str) -> None:
+    """Refuse a device name that can never work, before anything is loaded."""
+    if name not in DEVICES and not _CUDA_INDEX.match(name):
+        raise GigadiffError(f"unknown {{device}} {name!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)", "device")
+
+
+def check_dtype_name(name: str) -> None:
+    if name not in DTYPE_NAMES:
+        raise GigadiffError(f"unknown {{dtype}} {name!r}; choose one of: {', '.join(DTYPE_NAMES)}", "dtype")
+
+
+def mps_available() -> bool:
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA, then Apple MPS, then the CPU; an explicit device that is absent is an error."""
+    import torch
+
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if mps_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise GigadiffError(f"device {name!r} requested but CUDA is not available on this machine")
+            raise GigadiffError(f"{{device}} {name!r} requested but CUDA is not available on this machine", "device")
         return torch.device(name)
-    if name == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise GigadiffError("device 'mps' requested but Apple MPS is not available on this machine")
-        return torch.device("mps")
-    if name == "cpu":
-        return torch.device("cpu")
-    raise GigadiffError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}")
+    if name == "mps" and not mps_available():
+        raise GigadiffError("{device} 'mps' requested but Apple MPS is not available on this machine", "device")
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """fp16 is refused on the CPU, where many of its kernels are missing or slower than fp32."""
-    if name not in DTYPES:
-        raise GigadiffError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    import torch
+
+    check_dtype_name(name)
     if name == "fp16" and device.type == "cpu":
-        raise GigadiffError("dtype fp16 is not supported on the CPU; use fp32 or bf16")
-    return DTYPES[name]
+        raise GigadiffError("{dtype} fp16 is not supported on the CPU; use fp32 or bf16", "dtype")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]

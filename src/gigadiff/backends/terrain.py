@@ -25,21 +25,28 @@ evaluations in all (458 against 500) and less time.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from gigadiff.backends.base import ModelInfo
-from gigadiff.backends.onnx_runtime import check_io, onnx_session, run
-from gigadiff.consistency import ConsistencyScheduler
+from gigadiff.backends.family import Family
 from gigadiff.errors import GigadiffError
-from gigadiff.geometry import Tile
+from gigadiff.lazy import torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from gigadiff.backends.base import Backend
+    from gigadiff.backends.source import ModelSource
+    from gigadiff.geometry import Tile
+    from gigadiff.vae.engine import TileSink
+    from gigadiff.vae.tiling import VaeTiling
 
 PACKAGE = "terrain_diffusion"
 WEIGHTS = "weights/terrain_consistency_unet_difficulty100.onnx"
@@ -54,36 +61,40 @@ INSTALL_HINT = "pip install --no-deps adaptive-terrain-diffusion"
 
 
 def weights_path() -> Path:
-    """The ONNX file inside the installed package, or a clear error naming how to install it."""
-    try:
-        resource = importlib.resources.files(PACKAGE).joinpath(WEIGHTS)
-    except ModuleNotFoundError as e:
+    """The ONNX file inside the installed package (found without importing it), or a clear error naming how to
+    install it."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise GigadiffError(
             f"model 'terrain' ships in the package adaptive-terrain-diffusion, which is not installed; "
             f"install it with `{INSTALL_HINT}` (gigadiff already brings onnxruntime)"
-        ) from e
-    if not resource.is_file():
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS
+    if not path.is_file():
         raise GigadiffError(f"the terrain model file {WEIGHTS} is missing from {PACKAGE}; reinstall it: {INSTALL_HINT}")
-    return Path(str(resource))
+    return path
 
 
 def difficulty_label(difficulty: float) -> float:
     """1..100 on the command line -> the network's 0..1 conditioning."""
-    if not (isinstance(difficulty, int | float) and math.isfinite(difficulty)) or not (
-        1 <= difficulty <= DIFFICULTY_LEVELS
+    if (
+        isinstance(difficulty, bool)
+        or not (isinstance(difficulty, int | float) and math.isfinite(difficulty))
+        or not (1 <= difficulty <= DIFFICULTY_LEVELS)
     ):
-        raise GigadiffError(f"difficulty must be a number from 1 to {DIFFICULTY_LEVELS}, got {difficulty!r}")
+        raise GigadiffError(f"{{difficulty}} must be a number from 1 to {DIFFICULTY_LEVELS}, got {difficulty!r}",
+                            "difficulty")  # fmt: skip
     return (float(difficulty) - 1) / (DIFFICULTY_LEVELS - 1)
 
 
-def model_to_heights(values: torch.Tensor) -> torch.Tensor:
+def model_to_heights(values: torch_types.Tensor) -> torch_types.Tensor:
     """Model space [-1, 1] -> heights in metres (inverse of the asinh companding used in training)."""
     unit = ((values.double() + 1) * 0.5).clamp(0, 1)
     heights = ASINH_SCALE * torch.sinh(unit * math.asinh(HEIGHT_RANGE_M / ASINH_SCALE))
     return heights.clamp(0, HEIGHT_RANGE_M).float()
 
 
-def heights_to_model(heights: torch.Tensor) -> torch.Tensor:
+def heights_to_model(heights: torch_types.Tensor) -> torch_types.Tensor:
     """Heights in metres -> the model's [-1, 1] space (the asinh companding; inverse of model_to_heights)."""
     unit = torch.asinh(heights.double().clamp(0, HEIGHT_RANGE_M) / ASINH_SCALE) / math.asinh(
         HEIGHT_RANGE_M / ASINH_SCALE
@@ -106,19 +117,101 @@ class TerrainConditioning:
     label: float
 
 
+class HeightCodec:
+    """The terrain canvas is the heightmap itself (pixel space): decoding maps it to metres."""
+
+    can_encode = False
+    streams = False
+
+    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling) -> torch_types.Tensor:
+        return model_to_heights(latents)
+
+    def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling) -> None:
+        sink(0, 0, self.decode(latents, tiling))
+
+    def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling) -> torch_types.Tensor:
+        raise GigadiffError("model 'terrain' cannot encode images")
+
+    def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:
+        return ""
+
+    def preview(self, latents: torch_types.Tensor, max_side: int) -> np.ndarray:
+        """Grey levels of the model-space heights ([-1, 1]: the network's range)."""
+        from gigadiff.backends.codec import shrink, to_rgb8
+
+        return to_rgb8(shrink(latents[:1, :1].float().cpu(), max_side).expand(1, 3, -1, -1))
+
+
 class TerrainBackend:
     """Runs the terrain consistency UNet through ONNX Runtime on tiles of gigadiff's canvas."""
 
-    def __init__(self, device: str = "auto", path: Path | None = None):
+    def __init__(self, info: ModelInfo, device: str = "auto", path: Path | None = None):
+        from gigadiff.backends.onnx_runtime import check_io, onnx_session
+
         self.path = path or weights_path()
         self.session, self.runtime_device = onnx_session(self.path, device)
         check_io(self.session, {"noisy": 4, "sigma": 1, "difficulty": 1}, ("denoised",), self.path)
         self.device = torch.device("cpu")  # canvas and fusion live on the host; ONNX Runtime owns the model
-        self.base_scheduler = ConsistencyScheduler(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_floor=SIGMA_FLOOR)
-        self.info = ModelInfo(
-            fingerprint=file_fingerprint(self.path),
+        self.info = replace(info, fingerprint=file_fingerprint(self.path))
+        self.codec = HeightCodec()
+
+    def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
+        from gigadiff.consistency import ConsistencyScheduler
+
+        scheduler = ConsistencyScheduler(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_floor=SIGMA_FLOOR)
+        if sigmas:
+            scheduler.set_timesteps(sigmas=list(sigmas), device=self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> TerrainConditioning:  # fmt: skip
+        return TerrainConditioning(difficulty_label(options.get("difficulty", DEFAULT_DIFFICULTY)))
+
+    def branches(self, cond: TerrainConditioning) -> int:
+        return 1
+
+    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: TerrainConditioning,
+                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
+        from gigadiff.backends.onnx_runtime import run
+
+        n = latent_tiles.shape[0]
+        denoised = run(
+            self.session,
+            "denoised",
+            {
+                "noisy": latent_tiles.detach().cpu().numpy(),
+                "sigma": np.full(n, float(t), dtype=np.float32),
+                "difficulty": np.full(n, cond.label, dtype=np.float32),
+            },
+        )
+        return torch.from_numpy(denoised).float()
+
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: TerrainConditioning,
+                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
+        return self.predict(latent_tiles, t, cond, tiles)
+
+    def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
+                cond: TerrainConditioning) -> torch_types.Tensor:  # fmt: skip
+        return cond_out
+
+
+class Terrain(Family):
+    name = "terrain-consistency"
+    builtin = ("terrain",)
+    scheduler_kind = "consistency"
+    guidance_kind = "none"
+    can_encode = False
+    vae = "none"
+
+    def describe(self, source: ModelSource) -> ModelInfo:
+        weights_path()  # a missing package is reported before anything loads
+        return ModelInfo(
             name="terrain",
-            family="terrain-consistency",
+            family=self.name,
             latent_channels=1,
             vae_scale_factor=1,
             native_size=NATIVE,
@@ -130,41 +223,15 @@ class TerrainBackend:
             prediction_range=(-1.0, 1.0),  # the graph clamps its x0
             default_guidance=0.0,
             takes_prompt=False,
-            uses_guidance=False,
-            fixed_scheduler=True,
+            guidance_kind="none",
+            scheduler_kind="consistency",
             fixed_tile=True,
             edge_margin=EDGE_MARGIN,
             options=("difficulty",),
             output="heightmap",
         )
 
-    def condition(
-        self,
-        prompt: str,
-        negative_prompt: str,
-        guidance: float | None,
-        canvas_px: tuple[int, int],
-        difficulty: float = DEFAULT_DIFFICULTY,
-        **_: Any,
-    ) -> TerrainConditioning:
-        return TerrainConditioning(difficulty_label(difficulty))
-
-    def predict(
-        self, latent_tiles: torch.Tensor, t: Any, cond: TerrainConditioning, tiles: Sequence[Tile]
-    ) -> torch.Tensor:
-        n = latent_tiles.shape[0]
-        sigma = float(t)
-        denoised = run(
-            self.session,
-            "denoised",
-            {
-                "noisy": latent_tiles.detach().cpu().numpy(),
-                "sigma": np.full(n, sigma, dtype=np.float32),
-                "difficulty": np.full(n, cond.label, dtype=np.float32),
-            },
-        )
-        return torch.from_numpy(denoised).float()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The canvas is the heightmap itself (pixel space): return heights in metres [B, 1, H, W]."""
-        return model_to_heights(latents)
+    def load(self, source: ModelSource, info: ModelInfo, device: str, dtype: str) -> Backend:
+        if dtype != "fp32":
+            raise GigadiffError("model 'terrain' is an fp32 ONNX model; use {dtype} fp32", "dtype")
+        return TerrainBackend(info, device)

@@ -1,18 +1,18 @@
 """Tiles shared out over processes with torch.distributed (one process per GPU, launched by torchrun).
 
-Every rank holds the same canvas, scheduler and seeded tile grid. The grid's tiles are cut into the same
-batches a single process would use (`batch_size` tiles each, in canonical order); rank r runs an even,
-contiguous share of those batches; the predictions are exchanged with one all_gather, and every rank then
-fuses ALL tiles in canonical order, so every rank steps the same fused canvas.
+Every rank holds the same canvas, scheduler and seeded tile grid. Rank r takes an even, contiguous share of
+the step's tiles (shares differ by at most one tile, so every rank works whenever there are at least as many
+tiles as ranks) and runs them in calls of exactly `batch_size` tiles, the last one filled up with copies as on
+a single process (gigadiff.executors.local); the predictions are exchanged with one all_gather, and every rank
+then fuses ALL tiles in canonical order, so every rank steps the same fused canvas.
 
-Same image whatever the world size, and the same as a single-process run: every tile is computed in the same
-batch, with the same shape, on every layout, and fusion adds tiles in one fixed order. (Measured on CPU: a
-tile's prediction depends on its batch's shape, not on which process runs it.) Shares differ by at most one
-batch.
+Same image whatever the world size, and the same as a single-process run: a tile's prediction depends on the
+shape of its call, not on the other tiles in it (measured on CPU), every call has one shape on every layout,
+and fusion adds tiles in one fixed order.
 
-With `cfg_split`, the unconditional and conditional halves of classifier-free guidance are separate units of
-work (model calls of `batch_size` tiles each), so with two ranks one runs the unconditional passes and the other
-the conditional ones; guidance is combined after the exchange, on every rank, in canonical order.
+With `cfg_split`, the unconditional and conditional passes of classifier-free guidance are separate units of
+work (calls of `batch_size` tiles of one pass each), so with two ranks one runs the unconditional passes and
+the other the conditional ones; guidance is combined after the exchange, on every rank, in canonical order.
 
 Faults: before each exchange the ranks meet at a monitored barrier on a gloo side group (also under NCCL); a
 rank that died or hangs makes it fail within `timeout_s`, with an error naming the rank.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from gigadiff.backends.base import Backend
-from gigadiff.executors.local import gather_tiles
-from gigadiff.geometry import Tile, TileGrid
+from gigadiff.errors import GigadiffError
+from gigadiff.executors.local import Batch, run_batch
+from gigadiff.geometry import TileGrid
 
 
 class RankFailure(RuntimeError):
@@ -55,23 +56,26 @@ def share(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def batches(n: int, batch_size: int) -> list[range]:
-    """The canonical batches of tile indices: what a single process runs, in order."""
-    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
 @dataclass(frozen=True)
 class Unit:
-    """One model call: a canonical batch of tiles, and with CFG split, one guidance branch of it."""
+    """One tile's prediction, or with CFG split one guidance pass (branch) of it."""
 
-    tiles: range
+    tile: int
     branch: int | None = None
 
 
-def units(n: int, batch_size: int, cfg_split: bool) -> list[Unit]:
-    if not cfg_split:
-        return [Unit(b) for b in batches(n, batch_size)]
-    return [Unit(b, branch) for b in batches(n, batch_size) for branch in (0, 1)]
+def units(n: int, split: bool) -> list[Unit]:
+    """The work of a step in canonical order: every tile, or every (tile, pass) with CFG split."""
+    return [Unit(i, b) for i in range(n) for b in ((0, 1) if split else (None,))]
+
+
+def calls(share_units: list[Unit], batch_size: int) -> list[tuple[int | None, list[int]]]:
+    """A share's model calls: (branch, tile indices) of at most `batch_size` tiles of one pass each."""
+    out: list[tuple[int | None, list[int]]] = []
+    for branch in sorted({u.branch for u in share_units}, key=lambda b: -1 if b is None else b):
+        tiles = [u.tile for u in share_units if u.branch == branch]
+        out += [(branch, tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+    return out
 
 
 class DistributedExecutor:
@@ -96,29 +100,27 @@ class DistributedExecutor:
         except RuntimeError as e:
             raise RankFailure(describe_failure(e, self.rank, self.timeout.total_seconds())) from e
 
-    def predictions(
-        self, backend: Backend, canvas: torch.Tensor, t: Any, cond: Any, grid: TileGrid
-    ) -> Iterator[tuple[Sequence[Tile], torch.Tensor]]:
+    def predictions(self, backend: Backend, canvas: torch.Tensor, t: Any, cond: Any, grid: TileGrid) -> Iterator[Batch]:
         tiles = grid.tiles
-        n = len(tiles)
-        split = self.cfg_split and getattr(cond, "uses_cfg", False)
-        work = units(n, self.batch_size, split)
-        shares = [share(len(work), r, self.world) for r in range(self.world)]
+        if self.cfg_split and backend.branches(cond) != 2:
+            raise GigadiffError("{cfg_split} needs a model run with classifier-free guidance (guidance > 1)",
+                                "cfg_split")  # fmt: skip
+        split = self.cfg_split
+        work = units(len(tiles), split)
+        shares = [[work[i] for i in share(len(work), r, self.world)] for r in range(self.world)]
         started = time.perf_counter()
-        outputs = []
-        for unit in (work[i] for i in shares[self.rank]):
-            picked = [tiles[i] for i in unit.tiles]
-            x = gather_tiles(canvas, picked)
-            if unit.branch is None:
-                outputs.append(backend.predict(x, t, cond, picked))
-            else:
-                outputs.append(backend.predict_branch(x, t, cond, picked, unit.branch))  # type: ignore[attr-defined]
+        outputs: dict[Unit, torch.Tensor] = {}
         b = canvas.shape[0]
-        rows_of = [sum(len(work[i].tiles) for i in sh) * b for sh in shares]
+        for branch, picked in calls(shares[self.rank], self.batch_size):
+            out = run_batch(backend, canvas, t, cond, [tiles[i] for i in picked], self.batch_size, branch)
+            for k, i in enumerate(picked):
+                outputs[Unit(i, branch)] = out[k * b : (k + 1) * b]
+        mine = [outputs[u] for u in shares[self.rank]]
+        rows_of = [len(sh) * b for sh in shares]
         sendbuf = torch.zeros((max(rows_of), canvas.shape[1], tiles[0].h, tiles[0].w), dtype=torch.float32,
                               device=canvas.device)  # fmt: skip
-        if outputs:
-            local = torch.cat(outputs).to(canvas.device, torch.float32)
+        if mine:
+            local = torch.cat(mine).to(canvas.device, torch.float32)
             sendbuf[: local.shape[0]] = local
         computed = time.perf_counter()
         self._check_peers()
@@ -126,13 +128,13 @@ class DistributedExecutor:
         dist.all_gather(received, sendbuf, group=self.group)
         done = time.perf_counter()
         nbytes = sendbuf.numel() * 4 * (self.world - 1)
-        self._record(computed - started, done - computed, nbytes, rows_of[self.rank] // b)
+        self._record(computed - started, done - computed, nbytes, len(shares[self.rank]))
         ordered = torch.cat([received[r][: rows_of[r]] for r in range(self.world)])
-        if split:  # rows are [uncond batch 0, cond batch 0, uncond batch 1, ...]: guide each batch
-            parts = ordered.split([len(u.tiles) * b for u in work])
-            ordered = torch.cat([backend.combine(parts[i], parts[i + 1], cond)  # type: ignore[attr-defined]
-                                 for i in range(0, len(parts), 2)])  # fmt: skip
-        yield tiles, ordered
+        if split:  # rows are [tile 0 uncond, tile 0 cond, tile 1 uncond, ...]: guide every tile
+            per_tile = ordered.view(len(tiles), 2, b, *ordered.shape[1:])
+            ordered = backend.combine(per_tile[:, 0].flatten(0, 1), per_tile[:, 1].flatten(0, 1), cond)
+        total_calls = sum(len(calls(sh, self.batch_size)) for sh in shares)
+        yield Batch(tiles, ordered, total_calls)
 
     def _record(self, compute: float, comm: float, nbytes: int, tiles: int) -> None:
         p = self.profile

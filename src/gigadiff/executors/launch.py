@@ -3,6 +3,7 @@
 `torchrun --nproc-per-node N -m gigadiff generate ...` starts N copies of the same command; each calls
 `init_from_env`, which joins the group (NCCL when every rank has a GPU, gloo otherwise), pins the rank to
 cuda:LOCAL_RANK, and tells the rest of the program who it is. Multi-node torchrun works the same way.
+Torch is imported by the functions that need it, so a plain process checks its request without it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,9 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Ranks:
     """Join the process group described by the environment; a plain single process needs no group."""
     if not launched():
         return Ranks()
+    import torch
+    import torch.distributed as dist
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
@@ -49,6 +50,8 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> Ranks:
 
 def rank_device(device: str, ranks: Ranks) -> str:
     """The device string for this rank: each rank of a GPU run gets its own GPU."""
+    import torch
+
     if ranks.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{ranks.local_rank}"
     return device
@@ -58,6 +61,8 @@ def from_main(value: Any, ranks: Ranks) -> Any:
     """Rank 0's `value` on every rank (seeds drawn at random, verdicts of checks only rank 0 can make)."""
     if not ranks.distributed:
         return value
+    import torch.distributed as dist
+
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -65,5 +70,7 @@ def from_main(value: Any, ranks: Ranks) -> Any:
 
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -17,12 +17,22 @@ from pathlib import Path
 from gigadiff.errors import GigadiffError
 
 
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar next to an output (every writer leaves one)."""
+    return path.with_suffix(".json")
+
+
+def relief_path(path: Path) -> Path:
+    """The shaded relief written beside a heightmap."""
+    return path.with_name(f"{path.stem}.relief.png")
+
+
 def check_outputs(paths: Iterable[Path], overwrite: bool) -> None:
     for path in paths:
         if path.is_dir():
             raise GigadiffError(f"output {path} is a directory; give a file name")
         if path.exists() and not overwrite:
-            raise GigadiffError(f"output {path} already exists; pass --overwrite to replace it")
+            raise GigadiffError(f"output {path} already exists; pass {{overwrite}} to replace it", "overwrite")
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise GigadiffError(f"cannot write {path}: folder {folder} does not exist")

@@ -13,15 +13,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gigadiff.io.files import publish
+from gigadiff.io.files import publish, relief_path
 from gigadiff.io.relief import shaded_relief
 from gigadiff.io.writers import png_info, png_metadata, write_sidecar
 
 HEIGHTMAP_SUFFIXES = (".png", ".tif", ".tiff")
-
-
-def relief_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.relief.png")
 
 
 def height_metadata(heights: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:

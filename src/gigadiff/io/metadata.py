@@ -1,18 +1,28 @@
-"""The parameters a generated file carries, so that any output can be reproduced from itself."""
+"""The parameters a generated file carries, so that any output can be reproduced — and measured — from itself.
+
+Flat keys (prompt, seed, steps, size, tile, ...) are what image viewers and people read; beside them are the
+whole resolved settings (`settings`), the resolved run request when the run came through the run layer
+(`request`: `gigadiff resume` and the service rebuild a run from it), the model's description (`model_info`:
+its VAE factor, token size and tile rims) and which timesteps ran (`timesteps`): from these, `gigadiff metrics`
+rebuilds the tile grids of the run with the function the run used (gigadiff.grids).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
-from gigadiff.backends.base import ModelInfo
+from gigadiff.backends.base import ModelInfo, ShiftRule
+from gigadiff.grids import StepRange
 from gigadiff.settings import GenerationSettings
 
 
-def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[str, Any]:
+def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: StepRange | None = None,
+                        request: dict[str, Any] | None = None, vae_mode: str = "") -> dict[str, Any]:  # fmt: skip
     from gigadiff import __version__
 
-    return {
+    meta: dict[str, Any] = {
         "gigadiff_version": __version__,
         "model": info.name,
         "model_family": info.family,
@@ -22,7 +32,6 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "seed": settings.seed,
         "steps": settings.steps,
         "guidance": settings.guidance,
-        "guidance_rescale": settings.guidance_rescale,
         "scheduler": settings.scheduler,
         "width": settings.width,
         "height": settings.height,
@@ -31,20 +40,32 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo) -> dict[s
         "weights": settings.weights,
         "shift": settings.shift,
         "level_sync": settings.level_sync,
-        "tile_batch": settings.tile_batch,
-        "eta": settings.eta,
         "coherence": settings.coherence,
-        **(
-            {"skip_exponent": settings.skip_exponent, "dilation_exponent": settings.dilation_exponent}
-            if settings.coherence == "progressive"
-            else {}
-        ),
         **({"tileable": settings.tileable} if settings.tileable != "none" else {}),
-        **({"regions": list(settings.regions), "region_feather": settings.region_feather} if settings.regions else {}),
         **({"init_image": settings.init_image, "strength": settings.strength} if settings.init_image else {}),
-        **({"sigmas": list(settings.sigmas)} if settings.sigmas else {}),
+        **({"mu": settings.mu, "flow_shift": settings.flow_shift} if settings.mu is not None else {}),
         **settings.extra,
+        "settings": settings.to_dict(),
+        "model_info": asdict(info),
     }
+    if steps is not None:
+        meta["timesteps"] = {"first": steps.first, "count": steps.count}
+    if request is not None:
+        meta["request"] = request
+    if vae_mode:
+        meta["vae_mode"] = vae_mode
+    return meta
+
+
+def info_from_metadata(meta: dict[str, Any]) -> ModelInfo:
+    """The model description recorded by `generation_metadata`."""
+    raw = dict(meta["model_info"])
+    raw["shift_rule"] = ShiftRule(**raw.get("shift_rule", {}))
+    for key in ("prediction_range",):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    raw["options"] = tuple(raw.get("options", ()))
+    return ModelInfo(**raw)
 
 
 def parameters_text(meta: dict[str, Any]) -> str:

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from gigadiff.io.files import publish
+from gigadiff.io.files import publish, sidecar_path
 from gigadiff.io.metadata import parameters_text, to_json
 
-
-def sidecar_path(path: Path) -> Path:
-    """The JSON sidecar next to an output (used by every writer)."""
-    return path.with_suffix(".json")
+if TYPE_CHECKING:
+    import torch
 
 
 def png_info(meta: dict[str, Any]) -> PngInfo:
@@ -50,6 +47,7 @@ def read_png_metadata(path: Path) -> dict[str, Any]:
 
 def write_latent(latents: torch.Tensor, path: Path, meta: dict[str, Any], overwrite: bool = False) -> None:
     """The latent canvas as safetensors (tensor "latent"), with the generation metadata as JSON."""
+    import torch
     from safetensors.torch import save_file
 
     tensor = latents.detach().to("cpu", torch.float32).contiguous()

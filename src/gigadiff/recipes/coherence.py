@@ -18,6 +18,17 @@ is 2**k; the number of stages K = ceil(log2(shorter side / native side)), so the
 at most the native side (its longer side may be longer: panoramas are then tiled from the first stage on).
 Between stages the picture is decoded, enlarged (bicubic; circular for tileable output) and encoded again
 with the tiled VAE, as DemoFusion does.
+
+With the other recipes:
+- regional prompts act on every stage: each region's weights are brought down to the stage's canvas, the
+  local tiles fuse a layer per region, and the dilated views carry the same layers with their weights
+  deinterleaved like the canvas (a view pixel hears the regions of the canvas pixel it is);
+- an init image starts every stage (resized to the stage, noised to the strength's level: the stage runs the
+  last steps x strength steps), and the skip residual pulls the stage toward the earlier stage's result as
+  usual, so each stage keeps the picture's own detail at its scale and the layout decided below it;
+- checkpoints record the stage, its reference and its noise: a run resumes inside the stage it stopped in.
+Sizes of models that pack latents into tokens (FLUX: 2x2) are kept on whole tokens at every stage, and the
+views are padded to whole tokens.
 """
 
 from __future__ import annotations
@@ -30,14 +41,26 @@ import torch
 import torch.nn.functional as F
 
 from gigadiff.backends.base import Backend
+from gigadiff.checkpoint import Checkpoint, restore_scheduler
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan, Tile, TileGrid
-from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.recipes.setup import condition, prepared_scheduler
-from gigadiff.recipes.txt2img import CanvasRun, grid_plan, noised, text_to_image
-from gigadiff.sampler import CanvasDenoiser, Listeners, StepListener, sample
+from gigadiff.grids import StepRange, grid_plan
+from gigadiff.noise import seeded_generator
+from gigadiff.recipes.regional import region_weights
+from gigadiff.recipes.setup import condition, denoising_start, noised, prepared_scheduler, start_index
+from gigadiff.recipes.txt2img import (
+    CanvasRun,
+    CheckpointPolicy,
+    CheckpointWriter,
+    canvas_denoiser,
+    encode_init_image,
+    initial_noise,
+    text_to_image,
+)
+from gigadiff.sampler import CanvasDenoiser, Layer, Listeners, StepListener, sample
 from gigadiff.schedulers import step_kwargs
 from gigadiff.settings import GenerationSettings
+from gigadiff.vae.tiling import VaeTiling
 
 
 def stage_count(height: int, width: int, native: int) -> int:
@@ -45,10 +68,15 @@ def stage_count(height: int, width: int, native: int) -> int:
     return max(0, math.ceil(math.log2(min(height, width) / native) - 1e-9))
 
 
-def stage_sizes(height: int, width: int, native: int) -> list[tuple[int, int]]:
-    """(height, width) of every stage, the first at about native size and the last exactly (height, width)."""
+def stage_sizes(height: int, width: int, native: int, unit: int = 1) -> list[tuple[int, int]]:
+    """(height, width) of every stage, the first at about native size and the last exactly (height, width);
+    every size a whole number of `unit`s (a model's token)."""
     k = stage_count(height, width, native)
-    return [(math.ceil(height / 2 ** (k - i)), math.ceil(width / 2 ** (k - i))) for i in range(k + 1)]
+
+    def side(length: int, i: int) -> int:
+        return -(-math.ceil(length / 2 ** (k - i)) // unit) * unit
+
+    return [(side(height, i), side(width, i)) for i in range(k)] + [(height, width)]
 
 
 def cosine_fade(step: int, steps: int, exponent: float) -> float:
@@ -56,16 +84,22 @@ def cosine_fade(step: int, steps: int, exponent: float) -> float:
     return ((1 + math.cos(math.pi * step / steps)) / 2) ** exponent
 
 
-def deinterleave(x: torch.Tensor, stride: int) -> torch.Tensor:
+def deinterleave(x: torch.Tensor, stride: int, unit: int = 1) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, s*h, s*w] with view (dy, dx) = x[..., dy::s, dx::s] as block (dy, dx).
 
-    H and W are first padded (edge values repeated) up to multiples of the stride, h = ceil(H / s).
+    H and W are first padded (edge values repeated) so that every view is a whole number of `unit`s,
+    h = ceil(H / s) rounded up to the unit.
     """
     b, c, height, width = x.shape
-    h, w = -(-height // stride), -(-width // stride)
+    h, w = view_size(height, stride, unit), view_size(width, stride, unit)
     if (h * stride, w * stride) != (height, width):
         x = F.pad(x, (0, w * stride - width, 0, h * stride - height), mode="replicate")
     return x.reshape(b, c, h, stride, w, stride).permute(0, 1, 3, 2, 5, 4).reshape(b, c, stride * h, stride * w)
+
+
+def view_size(length: int, stride: int, unit: int = 1) -> int:
+    """A view's side: ceil(length / stride), rounded up to whole units."""
+    return math.ceil(math.ceil(length / stride) / unit) * unit
 
 
 def interleave(views: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
@@ -76,9 +110,9 @@ def interleave(views: torch.Tensor, stride: int, height: int, width: int) -> tor
     return x[..., :height, :width]
 
 
-def view_grid(height: int, width: int, stride: int) -> TileGrid:
+def view_grid(height: int, width: int, stride: int, unit: int = 1) -> TileGrid:
     """The stride x stride views of a deinterleaved height x width canvas, as non-overlapping tiles."""
-    h, w = -(-height // stride), -(-width // stride)
+    h, w = view_size(height, stride, unit), view_size(width, stride, unit)
     tiles = tuple(Tile(dy * h, dx * w, h, w) for dy in range(stride) for dx in range(stride))
     return TileGrid(stride * h, stride * w, tiles)
 
@@ -91,6 +125,7 @@ class CoherentDenoiser:
     stride: int
     exponent: float
     steps: int
+    unit: int = 1
 
     @property
     def plan(self) -> GridPlan:
@@ -101,11 +136,15 @@ class CoherentDenoiser:
         return self.local.model_calls + self.views.model_calls
 
     def __post_init__(self) -> None:
-        self.views = replace(self.local, weights="uniform", margin=0, model_calls=0, evaluated_pixels=0)
+        layers = [Layer(layer.cond, deinterleave(layer.weight[None, None], self.stride, self.unit)[0, 0],
+                        layer.skip_below) for layer in self.local.layers]  # fmt: skip
+        self.views = replace(self.local, weights="uniform", margin=0, model_calls=0, evaluated_pixels=0, layers=layers)
+
+    def _views(self, grid: TileGrid) -> TileGrid:
+        return view_grid(grid.height, grid.width, self.stride, self.unit)
 
     def passes(self, grid: TileGrid) -> list[tuple[Any, TileGrid, torch.Tensor | None]]:
-        h, w = grid.height, grid.width
-        return [*self.local.passes(grid), (self.local.cond, view_grid(h, w, self.stride), None)]
+        return [*self.local.passes(grid), *self.views.passes(self._views(grid))]
 
     def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
         local = self.local(x, t, step, grid, listener)
@@ -113,7 +152,7 @@ class CoherentDenoiser:
         if weight < 1e-4:
             return local
         height, width = x.shape[-2:]
-        views = self.views(deinterleave(x, self.stride), t, step, view_grid(height, width, self.stride), listener)
+        views = self.views(deinterleave(x, self.stride, self.unit), t, step, self._views(grid), listener)
         return weight * interleave(views, self.stride, height, width) + (1 - weight) * local
 
 
@@ -121,6 +160,7 @@ class CoherentDenoiser:
 class SkipResidual:
     """Before each step: blend in the previous stage, noised to this step's level, with a fading weight."""
 
+    backend: Backend
     reference: torch.Tensor
     noise: torch.Tensor
     scheduler: Any
@@ -129,7 +169,7 @@ class SkipResidual:
 
     def __call__(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         weight = cosine_fade(step, self.steps, self.exponent)
-        return weight * noised(self.scheduler, self.reference, self.noise, step) + (1 - weight) * latents
+        return weight * noised(self.backend, self.scheduler, self.reference, self.noise, step) + (1 - weight) * latents
 
 
 def enlarge(image: torch.Tensor, height: int, width: int, wrap: tuple[bool, bool]) -> torch.Tensor:
@@ -146,24 +186,46 @@ def enlarge(image: torch.Tensor, height: int, width: int, wrap: tuple[bool, bool
 
 @torch.no_grad()
 def progressive(
-    backend: Backend, settings: GenerationSettings, executor: TileExecutor, listener: StepListener | None = None
+    backend: Backend,
+    settings: GenerationSettings,
+    executor: TileExecutor,
+    listener: StepListener | None = None,
+    checkpoints: CheckpointPolicy | None = None,
+    resume: Checkpoint | None = None,
+    vae: VaeTiling | None = None,
 ) -> CanvasRun:
-    """The first stage by plain tiled text-to-image, then every x2 stage with skip residual and dilated views."""
+    """The first stage by plain tiled generation, then every x2 stage with skip residual and dilated views;
+    with `resume`, from the stage and step it records."""
     info = backend.info
     f = info.vae_scale_factor
+    vae = vae or VaeTiling(wrap=settings.wrap)
     assert settings.width and settings.height and settings.steps
-    sizes = stage_sizes(settings.height // f, settings.width // f, info.native_size // f)
-    h0, w0 = sizes[0]
-    first = text_to_image(backend, replace(settings, width=w0 * f, height=h0 * f), executor, listener)
-    latents, calls, pixels = first.latents, first.model_calls, first.evaluated_pixels
-    for k, (h, w) in enumerate(sizes[1:], start=1):
+    sizes = stage_sizes(settings.height // f, settings.width // f, info.native_size // f, info.latent_multiple)
+    calls = pixels = 0
+    latents: torch.Tensor | None = None
+    run: CanvasRun | None = None
+    for k, (h, w) in enumerate(sizes):
+        if resume is not None and k < resume.stage:
+            continue
         stage = replace(settings, width=w * f, height=h * f)
-        image = enlarge(backend.decode(latents), h * f, w * f, settings.wrap)
-        reference = backend.encode(image).to(backend.device, torch.float32)  # type: ignore[attr-defined]
-        latents, denoiser = _stage(backend, stage, executor, listener, reference, 2**k, k)
-        calls += denoiser.model_calls
-        pixels += denoiser.local.evaluated_pixels + denoiser.views.evaluated_pixels
-    return CanvasRun(latents, calls, pixels, grid_plan(settings, info).tiles_per_step)
+        weights = region_weights(settings, f, (h, w)) if settings.regions else []
+        own = resume if resume is not None and resume.stage == k else None
+        if k == 0:
+            run = text_to_image(backend, stage, executor, listener, checkpoints, own, vae, weights)
+        else:
+            if own is not None:
+                assert own.reference is not None
+                reference = own.reference.to(backend.device)
+            else:
+                assert latents is not None
+                image = enlarge(backend.codec.decode(latents, vae), h * f, w * f, settings.wrap)
+                reference = backend.codec.encode(image, None, vae).to(backend.device, torch.float32)
+            run = _stage(backend, stage, executor, listener, reference, k, weights, checkpoints, own, vae)
+        latents = run.latents
+        calls += run.model_calls
+        pixels += run.evaluated_pixels
+    assert run is not None
+    return CanvasRun(run.latents, calls, pixels, grid_plan(settings, info).tiles_per_step, run.steps)
 
 
 def _stage(
@@ -172,20 +234,39 @@ def _stage(
     executor: TileExecutor,
     listener: StepListener | None,
     reference: torch.Tensor,
-    stride: int,
     index: int,
-) -> tuple[torch.Tensor, CoherentDenoiser]:
-    assert settings.steps is not None and settings.height and settings.width
+    weights: list[torch.Tensor],
+    checkpoints: CheckpointPolicy | None,
+    resume: Checkpoint | None,
+    vae: VaeTiling,
+) -> CanvasRun:
+    """Stage `index` (stride 2**index): its own noise and schedule, pulled toward `reference`, views mixed in."""
+    assert settings.steps is not None
     info = backend.info
     cond = condition(backend, settings, settings.prompt, settings.negative_prompt, settings.guidance)
     scheduler = prepared_scheduler(backend, settings)
     generator = seeded_generator((settings.seed + index) % 2**64)  # each stage its own, reproducible noise
-    noise = canvas_noise(tuple(reference.shape), generator, backend.device)
+    first = denoising_start(scheduler, settings)
+    if resume is None:
+        init = encode_init_image(backend, settings, vae, generator) if settings.init_image else None
+        noise = initial_noise(tuple(reference.shape), generator, settings, weights, index).to(backend.device)
+        latents = noised(backend, scheduler, reference if init is None else init, noise, first)
+    else:
+        assert resume.noise is not None
+        noise = resume.noise.to(backend.device)
+        restore_scheduler(scheduler, resume.scheduler_state)
+        generator.set_state(resume.generator_state)
+        latents = resume.latents.to(backend.device)
+        first = resume.step
     steps = len(scheduler.timesteps)
-    local = CanvasDenoiser(backend, cond, executor, grid_plan(settings, info), settings.weights, info.edge_margin)
-    denoiser = CoherentDenoiser(local, stride, settings.dilation_exponent, steps)
-    guide = SkipResidual(reference, noise, scheduler, settings.skip_exponent, steps)
-    start = noised(scheduler, reference, noise, 0)
-    latents = sample(denoiser, scheduler, start, scheduler.timesteps, step_kwargs(scheduler, generator, settings.eta),
-                     Listeners(listener), guide=guide)  # fmt: skip
-    return latents, denoiser
+    local = canvas_denoiser(backend, settings, executor, cond, weights)
+    denoiser = CoherentDenoiser(local, 2**index, settings.dilation_exponent, steps, info.latent_multiple)
+    guide = SkipResidual(backend, reference, noise, scheduler, settings.skip_exponent, steps)
+    writer = None
+    if checkpoints is not None:
+        writer = CheckpointWriter(checkpoints, backend, scheduler, generator, steps, index, reference, noise)
+    latents = sample(denoiser, scheduler, latents, scheduler.timesteps, step_kwargs(scheduler, generator, settings.eta),
+                     Listeners(writer, listener), first_step=first, guide=guide)  # fmt: skip
+    pixels = local.evaluated_pixels + denoiser.views.evaluated_pixels
+    return CanvasRun(latents, denoiser.model_calls, pixels, local.plan.tiles_per_step,
+                     StepRange(start_index(scheduler, settings), steps))  # fmt: skip

@@ -1,6 +1,6 @@
 """Regional prompts as denoiser layers: one conditioning and one weight map per region, plus the background.
 
-The background's conditioning is the run's own prompt; see gigadiff.regions for the file format and weights.
+The background's conditioning is the run's own prompt; see gigadiff.regions for the format and the weights.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from gigadiff.backends.base import Backend
 from gigadiff.noise import canvas_noise, seeded_generator
@@ -17,12 +18,19 @@ from gigadiff.sampler import Layer
 from gigadiff.settings import GenerationSettings
 
 
-def region_weights(settings: GenerationSettings, factor: int) -> list[torch.Tensor]:
-    """Every region's feathered weight on the latent canvas (CPU), in the order of `settings.regions`."""
+def region_weights(
+    settings: GenerationSettings, factor: int, size: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
+    """Every region's feathered weight on the canvas (CPU), in the order of `settings.regions`; with `size`
+    (h, w: a progressive stage's canvas) area-averaged from the full canvas down to that size."""
     assert settings.width and settings.height
-    return [
+    weights = [
         region_weight(r, settings.width, settings.height, factor, settings.region_feather) for r in settings.regions
     ]
+    if size is None:
+        return weights
+    return [w if tuple(w.shape) == size else F.interpolate(w[None, None], size=size, mode="area")[0, 0]
+            for w in weights]  # fmt: skip
 
 
 def region_layers(
@@ -32,19 +40,18 @@ def region_layers(
     weights = [w.to(backend.device) for w in weights]
     layers = [Layer(background_cond, background_weight(weights), skip_below=1.5 * BACKGROUND_FLOOR)]
     for region, weight in zip(settings.regions, weights, strict=True):
-        guidance = region["guidance"] if region["guidance"] is not None else settings.guidance
-        layers.append(
-            Layer(condition(backend, settings, region["prompt"], region["negative_prompt"], guidance), weight)
-        )
+        guidance = region.guidance if region.guidance is not None else settings.guidance
+        layers.append(Layer(condition(backend, settings, region.prompt, region.negative_prompt, guidance), weight))
     return layers
 
 
-def with_region_seeds(noise: torch.Tensor, settings: GenerationSettings, weights: list[torch.Tensor]) -> torch.Tensor:
-    """The initial noise, redrawn from a region's own seed where that region (of `weights`) dominates (> 1/2)."""
+def with_region_seeds(noise: torch.Tensor, settings: GenerationSettings, weights: list[torch.Tensor],
+                      offset: int = 0) -> torch.Tensor:  # fmt: skip
+    """The initial noise, redrawn from a region's own seed (+ offset) where that region (of `weights`) dominates."""
     out = noise
     for region, weight in zip(settings.regions, weights, strict=True):
-        if region["seed"] is None:
+        if region.seed is None:
             continue
-        own = canvas_noise(tuple(noise.shape), seeded_generator(region["seed"]), noise.device)
+        own = canvas_noise(tuple(noise.shape), seeded_generator((region.seed + offset) % 2**64), noise.device)
         out = torch.where((weight > 0.5).to(noise.device), own, out)
     return out

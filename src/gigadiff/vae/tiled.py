@@ -24,7 +24,6 @@ import contextlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,9 +34,8 @@ from gigadiff.vae import budget
 from gigadiff.vae.blend import OverlapBlender, even_cuts, tile_span
 from gigadiff.vae.engine import Frozen, HostStore, LayerEngine, TileSink
 from gigadiff.vae.program import Program, decoder_program, encoder_program
+from gigadiff.vae.tiling import VaeTiling
 
-Mode = Literal["auto", "exact", "fast"]
-MODES = ("auto", "exact", "fast")
 CPU_TILE = 128
 """Fast mode on the CPU: tile cores of at most this many latent px, even when the budget allows more. Larger
 tiles' buffers miss the caches and are faulted in afresh: bench VAE at 4096², 2 GB, tile pass 8.3 s with
@@ -48,37 +46,6 @@ key count of one 64² tile (what diffusers' tiling attends to per query). Its er
 bench VAE, 2048²): 64.2 dB PSNR against the exact attention's decode, 74.4 dB at 16384 keys, 57.2 at 1024;
 sampled statistics leave far less (about 30 dB). 4096 instead of 16384 keys makes fast decodes 8-16% faster
 there, 5% on SD's full-width VAE at 1024², at no measurable cost in their PSNR against whole."""
-
-
-@dataclass(frozen=True)
-class VaeTiling:
-    """How to tile the VAE. memory_gb None means a default for the device (see budget.default_memory_gb)."""
-
-    mode: Mode = "auto"
-    memory_gb: float | None = None
-    wrap: tuple[bool, bool] = (False, False)
-    """(top/bottom, left/right) edges continue each other."""
-    halo: int = 8
-    """Fast mode: latent pixels of context on each side of a tile (the decoder's effective reach)."""
-    blend: int = 2
-    """Fast mode: latent pixels of its halo a tile keeps on each side of a cut, cross-faded with its neighbour's.
-
-    The zone's far end then has halo - blend px of context; on the tiny test VAE blend 2 halves the step
-    across cuts for 2 dB of PSNR, blend 4 costs 9 dB (the outer halo is the least accurate part of a tile)."""
-    downsample: int = 2
-    """Fast mode: the statistics pass runs the steps after its whole-image prefix on the image average-pooled by
-    this factor (raised when the budget needs it); 1 runs them at full resolution: exact statistics, at the
-    cost of a second pass.
-    SD's full-width VAE at 1024² (random weights): 45.7 dB PSNR against the whole decode at 2, 39.2 at 4."""
-    spill_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise GigadiffError(f"--vae-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.memory_gb is not None and not self.memory_gb > 0:
-            raise GigadiffError(f"--vae-memory must be a positive number of GB, got {self.memory_gb}")
-        if self.halo < 0 or self.downsample < 1 or not 0 <= self.blend <= self.halo:
-            raise GigadiffError("tiled VAE: halo must be >= 0, blend from 0 to halo, downsample at least 1")
 
 
 @dataclass(frozen=True)
@@ -342,13 +309,18 @@ def _clamped(sink: TileSink) -> TileSink:
 def unscale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Undo the diffusion-space normalisation (scaling factor, shift, per-channel mean/std) of a VAE latent."""
     mean, std, shift = _latent_norm(vae, latents)
-    return latents * std / vae.config.scaling_factor + mean + shift
+    return latents * std / _scaling(vae) + mean + shift
 
 
 def scale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """The inverse of `unscale_latents`: VAE latents -> the space the denoiser works in."""
     mean, std, shift = _latent_norm(vae, latents)
-    return (latents - mean - shift) * vae.config.scaling_factor / std
+    return (latents - mean - shift) * _scaling(vae) / std
+
+
+def _scaling(vae: Any) -> float:
+    """The VAE's scaling factor; 1 for VAEs whose family normalises latents otherwise (FLUX.2: BatchNorm)."""
+    return float(getattr(vae.config, "scaling_factor", None) or 1.0)
 
 
 def _latent_norm(vae: Any, latents: torch.Tensor) -> tuple[Any, Any, float]:

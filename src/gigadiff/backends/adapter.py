@@ -1,0 +1,81 @@
+"""What every diffusers-pipeline adapter shares: device and dtype, schedulers, the codec, guidance plumbing.
+
+A family adapter subclasses `DiffusersBackend`, encodes prompts in `condition`, runs its denoiser in
+`predict_branch` (one guidance pass) and, where it can batch both passes into one call, in `predict`; its
+`combine` is its pipeline's guidance formula. Torch-free at import (gigadiff.lazy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.base import ModelInfo
+from gigadiff.backends.codec import VaeCodec
+from gigadiff.backends.flow import set_flow_timesteps
+from gigadiff.backends.pipelines import weights_fingerprint
+from gigadiff.schedulers import make_scheduler
+
+if TYPE_CHECKING:
+    import torch
+
+    from gigadiff.geometry import Tile
+
+
+class DiffusersBackend:
+    """Base of the diffusers adapters (see the module docstring). `denoiser`: the pipeline's UNet/transformer."""
+
+    def __init__(self, pipe: Any, info: ModelInfo, denoiser: Any):
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.device = denoiser.device
+        self.dtype = denoiser.dtype
+        self.base_scheduler = pipe.scheduler
+        self.info = replace(info, fingerprint=weights_fingerprint(denoiser, pipe.vae))
+        self.codec = self.make_codec()
+
+    def make_codec(self) -> VaeCodec:
+        return VaeCodec(self.pipe.vae, self.device)
+
+    def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
+        scheduler = make_scheduler(name, self.base_scheduler, self.info.scheduler_kind, mu)
+        if self.info.scheduler_kind == "flow":
+            set_flow_timesteps(scheduler, steps, sigmas, mu, self.device, self.default_sigmas)
+        elif sigmas:
+            scheduler.set_timesteps(sigmas=list(sigmas), device=self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return scheduler
+
+    def default_sigmas(self, steps: int) -> list[float]:
+        """A flow family's default sigma schedule (the FLUX pipelines': 1 down to 1/steps)."""
+        from gigadiff.backends.flow import linspace_sigmas
+
+        return linspace_sigmas(steps)
+
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> Any:  # fmt: skip
+        raise NotImplementedError
+
+    def branches(self, cond: Any) -> int:
+        return 2 if cond.cfg else 1
+
+    def predict(self, latent_tiles: torch.Tensor, t: Any, cond: Any, tiles: Sequence[Tile]) -> torch.Tensor:
+        if self.branches(cond) == 1:
+            return self.predict_branch(latent_tiles, t, cond, tiles, 1)
+        uncond = self.predict_branch(latent_tiles, t, cond, tiles, 0)
+        return self.combine(uncond, self.predict_branch(latent_tiles, t, cond, tiles, 1), cond)
+
+    def predict_branch(
+        self, latent_tiles: torch.Tensor, t: Any, cond: Any, tiles: Sequence[Tile], branch: int
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, uncond: torch.Tensor, cond_out: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Classifier-free guidance: uncond + scale x (cond - uncond)."""
+        return uncond + cond.scale * (cond_out - uncond)

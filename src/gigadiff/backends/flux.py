@@ -1,0 +1,162 @@
+"""FLUX.1 (dev, schnell, Krea): a flow-matching MMDiT over 2x2-packed latents of the 16-channel AutoencoderKL.
+
+- **Prompts**: CLIP's pooled output and T5's hidden states, through the pipeline's own `encode_prompt`.
+- **Guidance**: guidance-distilled models (dev, Krea) embed the guidance scale in the transformer's
+  conditioning: one model call per tile, `--guidance` sets it; schnell has none. True classifier-free guidance
+  with a negative prompt (two passes, batched into one call) when `--true-cfg S` is above 1.
+- **Packing**: the canvas is the VAE's latent (noise drawn unpacked, as FluxPipeline draws it); each tile is
+  packed into 2x2 tokens for the transformer and its velocity unpacked again, so tiles, overlaps and shifts
+  are multiples of 2 latent pixels (16 image pixels) and the scheduler steps the canvas elementwise exactly
+  as it would step the packed sequence.
+- **Positions**: RoPE ids (0, row, col) per token. Tile-local by default: every tile is a crop the size the
+  model was trained on, with the ids of a whole image at that size. `--positions global` gives every tile its
+  canvas coordinates instead; FLUX's transformer takes one set of ids per call, so tiles then run one per call
+  (see gigadiff.backends.flow for the timestep shift).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
+from gigadiff.backends.flow import grid_ids, pack, unpack
+from gigadiff.lazy import no_grad, torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.source import ModelSource
+    from gigadiff.geometry import Tile
+
+
+Text = tuple["torch_types.Tensor", "torch_types.Tensor", "torch_types.Tensor"]
+"""A prompt's T5 embeddings, CLIP pooled embedding and text ids."""
+
+
+@dataclass(frozen=True)
+class FluxConditioning:
+    embeds: torch_types.Tensor
+    pooled: torch_types.Tensor
+    text_ids: torch_types.Tensor
+    negative: Text | None
+    """(embeds, pooled, text_ids) of the negative prompt, with true classifier-free guidance."""
+    guidance: float | None
+    """The embedded guidance scale (dev, Krea), None for models without it (schnell)."""
+    scale: float
+    """The true classifier-free guidance scale."""
+    global_positions: bool
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative is not None
+
+
+class FluxBackend(DiffusersBackend):
+    def __init__(self, pipe: Any, info: ModelInfo):
+        super().__init__(pipe, info, pipe.transformer)
+        self.transformer = pipe.transformer
+
+    @no_grad
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> FluxConditioning:  # fmt: skip
+        true_cfg = float(options.get("true_cfg") or 1.0)
+        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device)
+        negative = None
+        if true_cfg > 1:
+            negative = self.pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=self.device)
+        embedded = guidance if self.transformer.config.guidance_embeds else None
+        return FluxConditioning(embeds, pooled, text_ids, negative, embedded, true_cfg,
+                                options.get("positions") == "global")  # fmt: skip
+
+    def _call(self, x: torch_types.Tensor, t: Any, cond: FluxConditioning, tiles: Sequence[Tile],
+              text: Text) -> torch_types.Tensor:  # fmt: skip
+        """The transformer's velocity for tiles x [N, C, h, w] (packed, run, unpacked), one text per row."""
+        n, _, h, w = x.shape
+        embeds, pooled, text_ids = text
+        if cond.global_positions and len(tiles) > 1 and n == len(tiles):  # one set of ids per call
+            return torch.cat([self._call(x[i : i + 1], t, cond, tiles[i : i + 1], text) for i in range(n)])
+        top, left = (tiles[0].y // 2, tiles[0].x // 2) if cond.global_positions else (0, 0)
+        ids = grid_ids(h // 2, w // 2, top, left, dtype=embeds.dtype, device=self.device)
+        dtype = self.transformer.dtype
+        guidance = None
+        if cond.guidance is not None:
+            guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
+        timestep = torch.as_tensor(t, device=self.device).expand(n).to(embeds.dtype)
+        out = self.transformer(
+            hidden_states=pack(x.to(self.device, dtype)),
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled.expand(n, -1) if pooled.shape[0] == 1 else pooled,
+            encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
+            txt_ids=text_ids,
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        return unpack(out.float(), h, w)
+
+    @no_grad
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: FluxConditioning,
+                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
+        text = (cond.embeds, cond.pooled, cond.text_ids) if branch else cond.negative
+        assert text is not None
+        return self._call(latent_tiles, t, cond, tiles, text)
+
+    @no_grad
+    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: FluxConditioning,
+                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
+        """Both passes of true guidance in one call ([uncond..., cond...]; T5 embeddings share one length)."""
+        if cond.negative is None or cond.global_positions:
+            return super().predict(latent_tiles, t, cond, tiles)
+        n = latent_tiles.shape[0]
+        neg, pos = cond.negative, (cond.embeds, cond.pooled, cond.text_ids)
+        text = (torch.cat([neg[0].expand(n, -1, -1), pos[0].expand(n, -1, -1)]),
+                torch.cat([neg[1].expand(n, -1), pos[1].expand(n, -1)]), pos[2])  # fmt: skip
+        uncond, cond_out = self._call(torch.cat([latent_tiles, latent_tiles]), t, cond, tiles, text).chunk(2)
+        return self.combine(uncond, cond_out, cond)
+
+
+class Flux(Family):
+    name = "flux"
+    pipelines = ("FluxPipeline",)
+    single_file_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
+    single_file_pipeline = "FluxPipeline"
+    presets = (
+        Preset("flux-dev", "black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5),
+        Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", steps=4, guidance=0.0),
+        Preset("flux-krea", "black-forest-labs/FLUX.1-Krea-dev", steps=28, guidance=4.5),
+    )
+    scheduler_kind = "flow"
+    guidance_kind = "embedded"
+    positions = "rope"
+    latent_multiple = 2
+    default_native = 1024
+    default_steps = 28
+    default_guidance = 3.5
+
+    def matches(self, source: ModelSource) -> bool:
+        if source.kind == "file":  # FLUX.2's checkpoints share the block names; their modulation is their own
+            return super().matches(source) and not any("double_stream_modulation" in k for k in source.file_keys)
+        return super().matches(source)
+
+    def describe(self, source: ModelSource) -> ModelInfo:
+        transformer = source.config("transformer")
+        preset = self.preset(source.preset)
+        embedded = bool(transformer.get("guidance_embeds", preset is None or preset.guidance > 0))
+        return self.base_info(
+            source,
+            latent_channels=int(transformer.get("in_channels", 64)) // 4,
+            vae_scale_factor=vae_factor(source),
+            guidance_kind="embedded" if embedded else "none",
+            true_cfg=True,
+            shift_rule=flow_shift_rule(source),
+            default_steps=self.default_steps if embedded else 4,
+        )
+
+    def adapt(self, pipe: Any, info: ModelInfo) -> Backend:
+        return FluxBackend(pipe, info)

@@ -1,0 +1,177 @@
+"""FLUX.2 ([dev] and [klein]): a flow-matching MMDiT over patchified latents of AutoencoderKLFlux2.
+
+- **The canvas** is FLUX.2's diffusion space, as its pipelines draw the noise: the VAE's latents patchified
+  2x2 (4x the channels at 1/16 of the image size) and normalised by the VAE's BatchNorm running statistics.
+  Each canvas pixel is one token, so tiles are any whole number of canvas pixels (16 image pixels). The codec
+  maps the canvas to the VAE's latents (x std + mean, unpatchify) and back, exactly as the pipelines do.
+- **Prompts**: FLUX.2 [dev] stacks hidden states of a Mistral-3 text encoder, [klein] of a Qwen3 encoder,
+  through the pipelines' own `encode_prompt`.
+- **Guidance**: [dev] embeds the guidance scale (one call per tile); [klein] uses classifier-free guidance
+  against the empty prompt (its pipeline's rule) above 1, and none when it is step-distilled.
+- **Timestep shift**: FLUX.2's empirical rule, mu from tokens and steps (gigadiff.backends.flow).
+- **Positions**: 4-axis RoPE ids (0, row, col, 0), tile-local by default, canvas coordinates with
+  `--positions global` (one call per tile: the transformer takes one set of ids per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.base import ShiftRule
+from gigadiff.backends.codec import VaeCodec
+from gigadiff.backends.family import Family, Preset, vae_factor
+from gigadiff.backends.flow import grid_ids
+from gigadiff.lazy import no_grad, torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.source import ModelSource
+    from gigadiff.geometry import Tile
+
+
+@dataclass(frozen=True)
+class Flux2Conditioning:
+    embeds: torch_types.Tensor
+    text_ids: torch_types.Tensor
+    negative: tuple[torch_types.Tensor, torch_types.Tensor] | None
+    guidance: float | None
+    """The embedded guidance scale ([dev]); None where guidance is classifier-free or absent."""
+    scale: float
+    global_positions: bool
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative is not None
+
+
+def patchify(x: torch_types.Tensor) -> torch_types.Tensor:
+    """[B, C, H, W] -> [B, 4C, H/2, W/2], each channel's 2x2 patch in row-major order (FLUX.2's layout)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(x: torch_types.Tensor) -> torch_types.Tensor:
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+
+class Flux2Codec(VaeCodec):
+    """AutoencoderKLFlux2 with FLUX.2's map between the canvas and the VAE's latents (patchify, BatchNorm)."""
+
+    def __init__(self, vae: Any, device: Any):
+        super().__init__(vae, device, self._to_vae, self._from_vae, sample_posterior=False)
+
+    def _stats(self, like: torch_types.Tensor) -> tuple[torch_types.Tensor, torch_types.Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, like.dtype)
+        return mean, std
+
+    def _to_vae(self, latents: torch_types.Tensor) -> torch_types.Tensor:
+        mean, std = self._stats(latents)
+        return unpatchify(latents * std + mean)
+
+    def _from_vae(self, latents: torch_types.Tensor) -> torch_types.Tensor:
+        patched = patchify(latents)
+        mean, std = self._stats(patched)
+        return (patched - mean) / std
+
+
+class Flux2Backend(DiffusersBackend):
+    def __init__(self, pipe: Any, info: ModelInfo):
+        super().__init__(pipe, info, pipe.transformer)
+        self.transformer = pipe.transformer
+        self.distilled = bool(getattr(pipe.config, "is_distilled", False))
+
+    def make_codec(self) -> VaeCodec:
+        return Flux2Codec(self.pipe.vae, self.device)
+
+    @no_grad
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> Flux2Conditioning:  # fmt: skip
+        scale = 0.0 if guidance is None else guidance
+        embeds, text_ids = self.pipe.encode_prompt(prompt=prompt, device=self.device)
+        negative = None
+        if self.info.guidance_kind == "cfg" and scale > 1:  # [klein]: against the empty prompt, as its pipeline
+            negative = self.pipe.encode_prompt(prompt="", device=self.device)
+        embedded = guidance if self.transformer.config.guidance_embeds else None
+        return Flux2Conditioning(embeds, text_ids, negative, embedded, scale, options.get("positions") == "global")
+
+    def _call(self, x: torch_types.Tensor, t: Any, cond: Flux2Conditioning, tiles: Sequence[Tile],
+              embeds: torch_types.Tensor, text_ids: torch_types.Tensor) -> torch_types.Tensor:  # fmt: skip
+        n, c, h, w = x.shape
+        if cond.global_positions and len(tiles) > 1 and n == len(tiles):
+            return torch.cat([self._call(x[i : i + 1], t, cond, tiles[i : i + 1], embeds, text_ids) for i in range(n)])
+        top, left = (tiles[0].y, tiles[0].x) if cond.global_positions else (0, 0)
+        ids = grid_ids(h, w, top, left, axes=4, dtype=torch.int64, device=self.device)
+        tokens = x.to(self.device, self.transformer.dtype).reshape(n, c, h * w).permute(0, 2, 1)
+        guidance = None
+        if cond.guidance is not None:
+            guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
+        timestep = torch.as_tensor(t, device=self.device).expand(n).to(embeds.dtype)
+        out = self.transformer(
+            hidden_states=tokens,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
+            txt_ids=text_ids.expand(n, -1, -1) if text_ids.shape[0] == 1 else text_ids,
+            img_ids=ids.unsqueeze(0).expand(n, -1, -1),
+            return_dict=False,
+        )[0]
+        return out[:, : h * w].float().permute(0, 2, 1).reshape(n, c, h, w)
+
+    @no_grad
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: Flux2Conditioning,
+                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
+        embeds, text_ids = (cond.embeds, cond.text_ids) if branch else cond.negative  # type: ignore[misc]
+        return self._call(latent_tiles, t, cond, tiles, embeds, text_ids)
+
+
+class Flux2(Family):
+    name = "flux2"
+    pipelines = ("Flux2Pipeline",)
+    single_file_markers = ("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img.")
+    presets = (Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0),)
+    scheduler_kind = "flow"
+    guidance_kind = "embedded"
+    positions = "rope"
+    vae = "AutoencoderKLFlux2"
+    default_native = 1024
+    default_steps = 50
+    default_guidance = 4.0
+
+    def describe(self, source: ModelSource) -> ModelInfo:
+        transformer = source.config("transformer")
+        return self.base_info(
+            source,
+            latent_channels=int(transformer.get("in_channels", 128)),
+            vae_scale_factor=2 * vae_factor(source),
+            guidance_kind=self.guidance(source, transformer),
+            shift_rule=ShiftRule("empirical"),
+        )
+
+    def guidance(self, source: ModelSource, transformer: dict[str, Any]) -> str:
+        return "embedded" if transformer.get("guidance_embeds", True) else "none"
+
+    def adapt(self, pipe: Any, info: ModelInfo) -> Backend:
+        return Flux2Backend(pipe, info)
+
+
+class Flux2Klein(Flux2):
+    name = "flux2-klein"
+    pipelines = ("Flux2KleinPipeline",)
+    single_file_markers = ()
+    presets = (Preset("flux2-klein", "black-forest-labs/FLUX.2-klein-4B", steps=4, guidance=1.0),)
+    default_steps = 50
+    default_guidance = 4.0
+
+    def guidance(self, source: ModelSource, transformer: dict[str, Any]) -> str:
+        """Classifier-free against the empty prompt, none for the step-distilled models."""
+        return "none" if source.index.get("is_distilled") else "cfg"

@@ -1,0 +1,90 @@
+"""Loading diffusers pipelines for the families that run them, and what every diffusers adapter shares.
+
+A folder or a cached hub snapshot loads with `DiffusionPipeline.from_pretrained` (local files only: the
+config files were found before, see gigadiff.backends.source; a model not cached was downloaded then, and its
+weights download here); a single file loads with its family's pipeline class `from_single_file`, which needs
+the model's config from the hub cache. Any failure is a GigadiffError naming the model, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.device import resolve_device, resolve_dtype
+from gigadiff.backends.source import ModelSource, offline
+from gigadiff.errors import GigadiffError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def quiet_libraries() -> None:
+    """gigadiff's own progress is the one users read: silence diffusers' and transformers' bars and notices."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def load_pipeline(source: ModelSource, single_file_class: str, device: str, dtype: str) -> Any:
+    """The pipeline of `source` on `device` in `dtype` (names as on the command line)."""
+    quiet_libraries()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    pipe = (
+        _single_file(source, single_file_class, torch_dtype)
+        if source.kind == "file"
+        else _pretrained(source, torch_dtype)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch_device)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
+
+
+def _pretrained(source: ModelSource, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
+
+    assert source.root is not None
+    local = source.kind == "folder" or offline()
+    try:
+        return DiffusionPipeline.from_pretrained(
+            str(source.root) if source.kind == "folder" else source.location, dtype=dtype, local_files_only=local
+        )
+    except Exception as e:
+        raise GigadiffError(f"cannot load model {source.name!r}: {_first_line(e)}", "model") from e
+
+
+def _single_file(source: ModelSource, class_name: str, dtype: torch.dtype) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    try:
+        return cls.from_single_file(source.location, dtype=dtype)
+    except Exception as e:  # the config lookup needs the hub unless it is cached; a damaged file fails here too
+        raise GigadiffError(
+            f"cannot load checkpoint {source.location} as {class_name}: {_first_line(e, 200)}. Single-file "
+            "checkpoints need their model's config from the hub cache; convert it to a diffusers folder on a "
+            "connected machine, or pass that folder with {model}",
+            "model",
+        ) from e
+
+
+def weights_fingerprint(*modules: Any) -> str:
+    """A short hash of the modules' configs and of a slice of the first module's first and last weights, so
+    that a checkpoint is never resumed on other weights."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+    params = list(modules[0].parameters())
+    for p in (params[0], params[-1]):
+        h.update(p.detach().flatten()[:4096].to("cpu").float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""The model families gigadiff runs, and how a model is matched to one. Torch-free.
+
+To add a family, write its module (see gigadiff.backends.family) and add one line to FAMILIES. Order matters
+only for single-file checkpoints, whose tensor names are tried from the most specific family down.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.family import Family, Preset
+from gigadiff.backends.flux import Flux
+from gigadiff.backends.flux2 import Flux2, Flux2Klein
+from gigadiff.backends.sd import StableDiffusion
+from gigadiff.backends.sdxl import StableDiffusionXL
+from gigadiff.backends.source import ModelSource, locate, object_source
+from gigadiff.backends.terrain import Terrain
+from gigadiff.backends.z_image import ZImage
+from gigadiff.errors import GigadiffError
+
+if TYPE_CHECKING:
+    from gigadiff.backends.base import Backend, ModelInfo
+
+FAMILIES: tuple[Family, ...] = (
+    Terrain(),
+    StableDiffusionXL(),
+    Flux2Klein(),
+    Flux2(),
+    Flux(),
+    ZImage(),
+    StableDiffusion(),
+)
+
+
+def presets() -> dict[str, tuple[Family, Preset]]:
+    return {p.name: (family, p) for family in FAMILIES for p in family.presets}
+
+
+def builtin_names() -> tuple[str, ...]:
+    return tuple(name for family in FAMILIES for name in family.builtin)
+
+
+def family_of(source: ModelSource) -> Family:
+    """The family that runs `source`, or a clear error naming what it is and what gigadiff runs."""
+    if source.preset is not None:
+        return presets()[source.preset][0]
+    for family in FAMILIES:
+        if family.matches(source):
+            return family
+    known = ", ".join(p for f in FAMILIES for p in f.pipelines)
+    if source.kind == "file":
+        raise GigadiffError(
+            f"checkpoint {source.location} is not one gigadiff can run: its tensor names match no model family "
+            f"(single files of: {', '.join(f.name for f in FAMILIES if f.single_file_markers)})",
+            "model",
+        )
+    what = source.pipeline_class or "not a diffusers pipeline"
+    raise GigadiffError(
+        f"model {source.name!r} is a {what}; gigadiff has no model family for it (it runs: {known})", "model"
+    )
+
+
+def find_model(model: str) -> tuple[ModelSource, Family, ModelInfo]:
+    """Locate `model` and describe it from its config files: everything the checks need, without torch."""
+    source = locate(model, builtin_names(), {name: p.repo for name, (_, p) in presets().items()})
+    family = family_of(source)
+    return source, family, family.describe(source)
+
+
+def load_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
+    """A backend for `model`: a name or path (located, described, then loaded), or a loaded diffusers pipeline
+    (used where it is, on its own device and dtype)."""
+    if not isinstance(model, str):
+        source = object_source(model)
+        family = family_of(source)
+        return family.adapt(model, family.describe(source))
+    source, family, info = find_model(model)
+    return family.load(source, info, device, dtype)
+
+
+def described_backend(backend: Backend) -> tuple[ModelSource, Family, ModelInfo]:
+    """What the run layer needs to resolve a request for a backend that is already loaded."""
+    family = next((f for f in FAMILIES if f.name == backend.info.family), None)
+    if family is None:
+        raise GigadiffError(f"backend {backend.info.name!r} is of an unknown family {backend.info.family!r}")
+    name = backend.info.name
+    return ModelSource(name, "object", name), family, backend.info

@@ -1,0 +1,148 @@
+"""The adapter of the UNet families (Stable Diffusion 1.x/2.x, epsilon and v-prediction, and SDXL).
+
+Prompt encoding is the pipeline's own `encode_prompt` (so textual inversions, clip skip, LoRA scales and the
+SDXL zero-negative convention behave as in diffusers). Classifier-free guidance runs inside `predict` with the
+unconditional and conditional halves in one UNet batch, ordered [uncond..., cond...] as diffusers does.
+LCM-distilled UNets (time_cond_proj_dim) take the guidance scale as an embedding instead, in one pass.
+
+SDXL micro-conditioning: each tile is presented as a crop of the full canvas, i.e. original_size = canvas size,
+crops_coords_top_left = the tile's position, target_size = the tile size (all in image pixels). On a canvas
+that fits in one tile this is exactly diffusers' default conditioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.base import ModelInfo
+from gigadiff.lazy import no_grad, torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from gigadiff.geometry import Tile
+
+
+@dataclass(frozen=True)
+class UNetConditioning:
+    prompt_embeds: torch_types.Tensor
+    negative_embeds: torch_types.Tensor | None
+    pooled: torch_types.Tensor | None
+    negative_pooled: torch_types.Tensor | None
+    scale: float
+    guidance_rescale: float
+    canvas_px: tuple[int, int]
+    timestep_cond: torch_types.Tensor | None
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative_embeds is not None
+
+
+def rescale_guidance(guided: torch_types.Tensor, cond: torch_types.Tensor, factor: float) -> torch_types.Tensor:
+    """Guidance rescale (Lin et al. 2023, sec. 3.4), per tile: match the std of the conditional prediction."""
+    dims = list(range(1, guided.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    rescaled = guided * (std_cond / std_guided)
+    return factor * rescaled + (1 - factor) * guided
+
+
+class UNetBackend(DiffusersBackend):
+    """Wraps a loaded StableDiffusion(XL)Pipeline (or any pipeline with the same components)."""
+
+    def __init__(self, pipe: Any, info: ModelInfo, sdxl: bool):
+        super().__init__(pipe, info, pipe.unet)
+        self.unet = pipe.unet
+        self.sdxl = sdxl
+
+    @no_grad
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> UNetConditioning:  # fmt: skip
+        scale = 0.0 if guidance is None else guidance
+        guidance_embedded = self.unet.config.time_cond_proj_dim is not None
+        cfg = scale > 1.0 and not guidance_embedded
+        negative = negative_prompt or None
+        pooled = negative_pooled = None
+        if self.sdxl:
+            embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
+                prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                negative_prompt=negative,
+            )  # fmt: skip
+        else:
+            embeds, negative_embeds = self.pipe.encode_prompt(prompt, self.device, 1, cfg, negative_prompt=negative)
+        timestep_cond = None
+        if guidance_embedded:
+            w = torch.tensor([scale - 1.0])
+            timestep_cond = self.pipe.get_guidance_scale_embedding(
+                w, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(self.device, self.dtype)
+        return UNetConditioning(
+            prompt_embeds=embeds,
+            negative_embeds=negative_embeds if cfg else None,
+            pooled=pooled,
+            negative_pooled=negative_pooled if cfg else None,
+            scale=scale,
+            guidance_rescale=float(options.get("guidance_rescale", 0.0)),
+            canvas_px=canvas_px,
+            timestep_cond=timestep_cond,
+        )
+
+    def time_ids(self, tiles: Sequence[Tile], cond: UNetConditioning) -> torch_types.Tensor:
+        f = self.info.vae_scale_factor
+        rows = [[*cond.canvas_px, t.y * f, t.x * f, t.h * f, t.w * f] for t in tiles]
+        return torch.tensor(rows, dtype=cond.prompt_embeds.dtype, device=self.device)
+
+    def _inputs(
+        self, n: int, cond: UNetConditioning, tiles: Sequence[Tile], branch: int
+    ) -> tuple[torch_types.Tensor, dict[str, torch_types.Tensor] | None]:
+        """Text embeddings and SDXL added conditioning for n tiles of one branch (0: unconditional, 1: prompt)."""
+        embeds = cond.prompt_embeds if branch else cond.negative_embeds
+        assert embeds is not None
+        added = None
+        if self.sdxl:
+            pooled = cond.pooled if branch else cond.negative_pooled
+            assert pooled is not None
+            added = {"text_embeds": pooled.expand(n, -1), "time_ids": self.time_ids(tiles, cond)}
+        return embeds.expand(n, -1, -1), added
+
+    def _unet(self, x: torch_types.Tensor, t: Any, embeds: torch_types.Tensor, added: Any,
+              cond: UNetConditioning) -> torch_types.Tensor:  # fmt: skip
+        timestep_cond = None if cond.timestep_cond is None else cond.timestep_cond.expand(x.shape[0], -1)
+        return self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                         return_dict=False)[0].float()  # fmt: skip
+
+    @no_grad
+    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: UNetConditioning,
+                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
+        n = latent_tiles.shape[0]
+        x = latent_tiles.to(self.device, self.dtype)
+        if not cond.cfg:
+            return self._unet(x, t, *self._inputs(n, cond, tiles, 1), cond)
+        neg, neg_added = self._inputs(n, cond, tiles, 0)
+        pos, pos_added = self._inputs(n, cond, tiles, 1)
+        added = None
+        if pos_added is not None and neg_added is not None:
+            added = {k: torch.cat([neg_added[k], pos_added[k]]) for k in pos_added}
+        out = self._unet(torch.cat([x, x]), t, torch.cat([neg, pos]), added, cond)
+        uncond, text = out.chunk(2)
+        return self.combine(uncond, text, cond)
+
+    @no_grad
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: UNetConditioning,
+                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
+        x = latent_tiles.to(self.device, self.dtype)
+        return self._unet(x, t, *self._inputs(x.shape[0], cond, tiles, branch), cond)
+
+    def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
+                cond: UNetConditioning) -> torch_types.Tensor:  # fmt: skip
+        """Classifier-free guidance from the two halves (with guidance rescale when asked)."""
+        out = uncond + cond.scale * (cond_out - uncond)
+        if cond.guidance_rescale > 0:
+            out = rescale_guidance(out, cond_out, cond.guidance_rescale)
+        return out

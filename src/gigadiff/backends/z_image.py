@@ -1,0 +1,160 @@
+"""Z-Image (Turbo): a single-stream flow-matching DiT over 2x2 patches of the 16-channel FLUX VAE's latents.
+
+- **Prompts**: the second-to-last hidden states of a Qwen3 text encoder over the chat-formatted prompt (its
+  padding removed), through the pipeline's own `encode_prompt`.
+- **Guidance**: classifier-free with a negative prompt, in Z-Image's own form: cond + scale x (cond - uncond),
+  on whenever the scale is above 0 (Turbo runs without it). The transformer predicts the negated velocity.
+- **Schedule**: sigmas spaced linearly from 1 to 1/steps in float32 (as its pipeline), shifted by the
+  scheduler's fixed shift or by mu (gigadiff.backends.flow).
+- **Positions**: the transformer builds its 3-axis RoPE ids itself, (caption length + 1, row, col) for image
+  tokens. Tile-local by default. With `--positions global` every tile's rows and columns are offset by its
+  place on the canvas, up to the transformer's precomputed rotary table (axes_lens: 512 tokens, 8192 px, for
+  the released model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
+from gigadiff.lazy import no_grad, torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.source import ModelSource
+    from gigadiff.geometry import Tile
+
+
+@dataclass(frozen=True)
+class ZImageConditioning:
+    embeds: list[torch_types.Tensor]
+    negative: list[torch_types.Tensor] | None
+    scale: float
+    global_positions: bool
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative is not None
+
+
+@contextlib.contextmanager
+def offset_positions(transformer: Any, offsets: Sequence[tuple[int, int]], patch: int) -> Iterator[None]:
+    """While inside, the transformer's image position ids of batch item i are offset by offsets[i] (rows,
+    columns, in tokens): it builds them itself from the tile's shape, from 0."""
+    build = transformer.patchify_and_embed
+
+    def patched(images: list[Any], captions: list[Any], patch_size: int, f_patch_size: int) -> Any:
+        out = list(build(images, captions, patch_size, f_patch_size))
+        ids = out[3]
+        for i, (dy, dx) in enumerate(offsets):
+            _, _, h, w = images[i].shape
+            n = (h // patch) * (w // patch)  # the image's own tokens; padding ids follow
+            ids[i] = ids[i].clone()
+            ids[i][:n, 1] += dy
+            ids[i][:n, 2] += dx
+        return tuple(out)
+
+    transformer.patchify_and_embed = patched
+    try:
+        yield
+    finally:
+        del transformer.patchify_and_embed
+
+
+class ZImageBackend(DiffusersBackend):
+    def __init__(self, pipe: Any, info: ModelInfo):
+        super().__init__(pipe, info, pipe.transformer)
+        self.transformer = pipe.transformer
+        self.patch = info.latent_multiple
+
+    def default_sigmas(self, steps: int) -> list[float]:
+        return torch.linspace(1.0, 1 / steps, steps).tolist()
+
+    @no_grad
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> ZImageConditioning:  # fmt: skip
+        scale = 0.0 if guidance is None else guidance
+        embeds, negative = self.pipe.encode_prompt(prompt=prompt, device=self.device,
+                                                   do_classifier_free_guidance=scale > 0,
+                                                   negative_prompt=negative_prompt or None)  # fmt: skip
+        return ZImageConditioning(embeds, negative if scale > 0 else None, scale, options.get("positions") == "global")
+
+    def _call(self, x: torch_types.Tensor, t: Any, cond: ZImageConditioning, tiles: Sequence[Tile],
+              captions: list[torch_types.Tensor]) -> torch_types.Tensor:  # fmt: skip
+        """The velocity for tiles x [N, C, h, w] (the transformer's output, negated as its pipeline does)."""
+        n = x.shape[0]
+        timestep = (1000 - torch.as_tensor(t, device=self.device).expand(n)) / 1000
+        images = list(x.to(self.device, self.transformer.dtype).unsqueeze(2).unbind(dim=0))
+        reps = n // len(tiles)
+        offsets = [(t_.y // self.patch, t_.x // self.patch) if cond.global_positions else (0, 0)
+                   for _ in range(reps) for t_ in tiles]  # fmt: skip
+        with (
+            offset_positions(self.transformer, offsets, self.patch)
+            if cond.global_positions
+            else contextlib.nullcontext()
+        ):
+            out = self.transformer(images, timestep, captions, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)
+
+    @no_grad
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: ZImageConditioning,
+                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
+        captions = cond.embeds if branch else cond.negative
+        assert captions is not None
+        return self._call(latent_tiles, t, cond, tiles, captions * latent_tiles.shape[0])
+
+    @no_grad
+    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: ZImageConditioning,
+                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
+        """Both guidance passes in one call, [cond..., uncond...] as the pipeline batches them."""
+        n = latent_tiles.shape[0]
+        if cond.negative is None:
+            return self._call(latent_tiles, t, cond, tiles, cond.embeds * n)
+        both = self._call(torch.cat([latent_tiles, latent_tiles]), t, cond, tiles, cond.embeds * n + cond.negative * n)
+        cond_out, uncond = both.chunk(2)
+        return self.combine(uncond, cond_out, cond)
+
+    def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
+                cond: ZImageConditioning) -> torch_types.Tensor:  # fmt: skip
+        """Z-Image's guidance: cond + scale x (cond - uncond)."""
+        return cond_out + cond.scale * (cond_out - uncond)
+
+
+class ZImage(Family):
+    name = "z-image"
+    pipelines = ("ZImagePipeline",)
+    single_file_markers = ("noise_refiner.", "model.diffusion_model.noise_refiner.")
+    single_file_pipeline = "ZImagePipeline"
+    presets = (Preset("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo", steps=9, guidance=0.0),)
+    scheduler_kind = "flow"
+    guidance_kind = "cfg"
+    positions = "rope"
+    latent_multiple = 2
+    default_native = 1024
+    default_steps = 50
+    default_guidance = 5.0
+
+    def describe(self, source: ModelSource) -> ModelInfo:
+        transformer = source.config("transformer")
+        patch = int((transformer.get("all_patch_size") or [2])[0])
+        factor = vae_factor(source)
+        axes = transformer.get("axes_lens") or [1024, 512, 512]
+        return self.base_info(
+            source,
+            latent_channels=int(transformer.get("in_channels", 16)),
+            vae_scale_factor=factor,
+            latent_multiple=patch,
+            shift_rule=flow_shift_rule(source),
+            max_global_px=min(int(axes[1]), int(axes[2])) * patch * factor,
+        )
+
+    def adapt(self, pipe: Any, info: ModelInfo) -> Backend:
+        return ZImageBackend(pipe, info)

@@ -1,0 +1,46 @@
+"""Writing a finished run: the image (streamed from the tiled VAE, or a heightmap), its sidecar and latents.
+
+Every file goes through a temporary file renamed into place (gigadiff.io.files), so an interrupted run leaves
+nothing half-written, and an existing file is never replaced without `overwrite`. The run's checkpoint is
+removed once the outputs that supersede it are in place.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+from gigadiff.io.heightmap import write_heightmap
+from gigadiff.io.images import tensor_to_pil
+from gigadiff.io.streaming import write_streamed
+from gigadiff.io.writers import write_latent, write_png
+
+if TYPE_CHECKING:
+    from gigadiff.runs.execute import GenerationResult
+    from gigadiff.runs.resolve import Outputs
+
+
+def write_results(result: GenerationResult, outputs: Outputs, overwrite: bool, started: float) -> str:
+    """Write the outputs of `result`; returns the one-line summary the command line prints."""
+    meta = result.metadata
+    codec = result.backend.codec
+    if result.info.output == "heightmap":
+        meta = write_heightmap(result.decode()[0, 0].numpy(), outputs.image, meta, overwrite)
+    elif codec.streams:
+        h, w = result.latents.shape[2:]
+        f = result.info.vae_scale_factor
+        decode = partial(codec.stream_decode, result.latents, tiling=result.vae)
+        write_streamed(decode, outputs.image, w * f, h * f, meta, overwrite)
+    else:
+        write_png(tensor_to_pil(result.decode())[0], outputs.image, meta, overwrite)
+    if outputs.latent is not None:
+        write_latent(result.latents, outputs.latent, meta, overwrite)
+    if outputs.checkpoint is not None and outputs.checkpoint.exists():
+        outputs.checkpoint.unlink()  # the finished outputs supersede this run's checkpoint
+    s = result.settings
+    return (
+        f"wrote {outputs.image} ({s.width}x{s.height}, seed {s.seed}, {s.steps} steps, "
+        f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls) in "
+        f"{time.perf_counter() - started:.1f}s"
+    )

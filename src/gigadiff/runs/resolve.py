@@ -1,0 +1,223 @@
+"""A request resolved once into a `Run`: checked, every default filled in, before any weights (or torch) load.
+
+The checks run in the order of their cost: the request's own values (sizes, names, ranges), then the files it
+names (regions, init image, output folders), then the model's description from its config files (its sizes
+multiple, schedulers, guidance, positions), then the outputs that would be overwritten. What passes is a `Run`:
+the resolved settings that determine the image, the model's source and description, the tiled VAE's settings,
+the output paths and the run's options. `Run.record()` is the resolved request: metadata, checkpoints and
+sidecars keep it, and resolving it again gives the same run (`gigadiff resume`, the service after a restart).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.device import check_device_name, check_dtype_name
+from gigadiff.backends.registry import find_model
+from gigadiff.errors import GigadiffError
+from gigadiff.io.files import check_outputs, relief_path, sidecar_path
+from gigadiff.regions import RegionSet, load_region_file, parse_regions
+from gigadiff.runs.request import RunRequest
+from gigadiff.settings import GenerationSettings, check_for_model, new_seed, parse_sigmas, parse_size
+from gigadiff.vae.tiling import VaeTiling
+
+if TYPE_CHECKING:
+    from gigadiff.backends.base import ModelInfo
+    from gigadiff.backends.family import Family
+    from gigadiff.backends.source import ModelSource
+
+OUTPUT_SUFFIXES = (".png", ".tif", ".tiff")
+DEFAULT_OUTPUT = "gigadiff.png"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes. `image` always; the rest when asked for (relief: heightmap models)."""
+
+    image: Path
+    sidecar: Path
+    relief: Path | None = None
+    latent: Path | None = None
+    checkpoint: Path | None = None
+    preview: Path | None = None
+
+    def finished(self) -> list[Path]:
+        """The files a finished run writes (checked for existence before it starts)."""
+        return [p for p in (self.image, self.sidecar, self.relief, self.latent) if p is not None]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A resolved request: everything a generation needs, checked."""
+
+    request: RunRequest
+    """The request with every default filled in (seed, size, steps, tile, ...): what `record` returns."""
+    settings: GenerationSettings
+    source: ModelSource
+    family: Family
+    info: ModelInfo
+    vae: VaeTiling
+    outputs: Outputs
+
+    def record(self) -> dict[str, Any]:
+        """The resolved request as JSON-safe data (see the module docstring)."""
+        return self.request.to_dict()
+
+
+def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
+    """(width, height) of a run from the image at `path` times `scale`, rounded to `multiple` pixels."""
+    from gigadiff.io.images import image_size
+
+    if not (math.isfinite(scale) and scale > 0):
+        raise GigadiffError(f"{{scale}} must be positive, got {scale}", "scale")
+    width, height = image_size(path)
+    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))  # type: ignore[return-value]
+
+
+def _regions(request: RunRequest, allow_files: bool) -> RegionSet | None:
+    value = request.regions
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not allow_files:
+            raise GigadiffError("{regions} must be given as JSON data here, not as a file name", "regions")
+        return load_region_file(Path(value).expanduser())
+    return parse_regions(value, "regions", folder=Path.cwd() if allow_files else None)
+
+
+def _output(request: RunRequest, command: str) -> Path:
+    if request.output:
+        path = Path(request.output).expanduser()
+    elif command == "upscale" and request.init:
+        suffix = f"{1 if request.scale is None else request.scale:g}".replace(".", "_")
+        path = Path(request.init).with_name(f"{Path(request.init).stem}_x{suffix}.png")
+    else:
+        path = Path(DEFAULT_OUTPUT)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise GigadiffError(f"{{output}} {path} must end in .png, .tif or .tiff", "output")
+    return path
+
+
+def _check_options(r: RunRequest) -> None:
+    """The request's own values that no other check covers."""
+    check_device_name(r.device)
+    check_dtype_name(r.dtype)
+    if not (math.isfinite(r.rank_timeout) and r.rank_timeout > 0):
+        raise GigadiffError(f"{{rank_timeout}} must be positive, got {r.rank_timeout}", "rank_timeout")
+    if r.checkpoint_every < 0:
+        raise GigadiffError(f"{{checkpoint_every}} must be >= 0, got {r.checkpoint_every}", "checkpoint_every")
+    if r.processes < 1:
+        raise GigadiffError(f"{{processes}} must be at least 1, got {r.processes}", "processes")
+    if r.save_latent is not None and not r.save_latent.endswith(".safetensors"):
+        raise GigadiffError(f"{{save_latent}} {r.save_latent} must end in .safetensors", "save_latent")
+    if r.preview is not None and not r.preview.lower().endswith(".png"):
+        raise GigadiffError(f"{{preview}} {r.preview} must end in .png", "preview")
+    if r.scale is not None and r.init is None and r.size is None:
+        raise GigadiffError("{scale} sizes the output from an init image; give {init} IMAGE or a {size}",
+                            "scale", "init", "size")  # fmt: skip
+
+
+def resolve(request: RunRequest, command: str = "generate", allow_files: bool = True, check_files: bool = True,
+            described: tuple[ModelSource, Family, ModelInfo] | None = None, resuming: bool = False) -> Run:  # fmt: skip
+    """Check `request` and fill in every default (raises GigadiffError naming the field on the first problem).
+
+    command: "generate" or "upscale" (which sizes and names its output from the init image); allow_files: False
+    where the caller may not name files on this machine (the service: regions come as data); check_files:
+    False where another process checks the outputs (torchrun ranks other than 0); described: a model found
+    already (`find_model`), or one loaded by the caller; resuming: the run continues from its checkpoint file
+    (which therefore exists).
+    """
+    _check_options(request)
+    regions = _regions(request, allow_files)
+    prompt = request.prompt or (regions.background.get("prompt", "") if regions else "")
+    negative = request.negative or (regions.background.get("negative_prompt", "") if regions else "")
+    source, family, info = described or find_model(request.model)
+    size = request.size
+    if size is None and request.init is not None:
+        scale = 1.0 if request.scale is None else request.scale
+        width, height = init_size(request.init, scale, info.size_multiple)
+    else:
+        width, height = parse_size(size) if size is not None else (None, None)
+    if request.init is not None:
+        from gigadiff.io.images import image_size
+
+        image_size(request.init)  # a missing or unreadable init image is reported now
+    settings = GenerationSettings(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=request.steps,
+        guidance=request.guidance,
+        true_cfg=request.true_cfg,
+        seed=request.seed if request.seed is not None else new_seed(),
+        scheduler=request.scheduler,
+        tile=request.tile,
+        overlap=request.overlap,
+        weights=request.weights,
+        shift=request.shift,
+        level_sync=request.level_sync,
+        tile_batch=request.tile_batch,
+        guidance_rescale=request.guidance_rescale,
+        eta=request.eta,
+        sigmas=parse_sigmas(request.sigmas) if request.sigmas else None,
+        init_image=request.init,
+        strength=request.strength,
+        regions=regions.regions if regions else (),
+        region_feather=regions.feather if regions else 32,
+        coherence=request.coherence,
+        tileable=request.tileable,
+        flow_shift=request.flow_shift,
+        positions=request.positions,
+        extra={"difficulty": request.difficulty} if request.difficulty is not None else {},
+    )
+    settings = check_for_model(settings, info)
+    vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,  # type: ignore[arg-type]
+                    spill_dir=Path(request.vae_spill) if request.vae_spill else None)  # fmt: skip
+    image = _output(request, command)
+    checkpoint = None
+    if request.checkpoint_every:
+        checkpoint = (
+            Path(request.checkpoint) if request.checkpoint else image.with_name(f"{image.stem}.checkpoint.safetensors")
+        )
+    outputs = Outputs(
+        image=image,
+        sidecar=sidecar_path(image),
+        relief=relief_path(image) if info.output == "heightmap" else None,
+        latent=Path(request.save_latent) if request.save_latent else None,
+        checkpoint=checkpoint,
+        preview=Path(request.preview) if request.preview else None,
+    )
+    if check_files:
+        check_outputs(outputs.finished() + ([outputs.preview] if outputs.preview else []), request.overwrite)
+        if outputs.checkpoint is not None:
+            check_outputs([outputs.checkpoint], request.overwrite or resuming)
+    resolved = request.replace(
+        prompt=settings.prompt,
+        negative=settings.negative_prompt,
+        size=f"{settings.width}x{settings.height}",
+        output=str(image),
+        steps=settings.steps,
+        guidance=settings.guidance,
+        seed=settings.seed,
+        tile=settings.tile,
+        overlap=settings.overlap,
+        weights=settings.weights,
+        level_sync=settings.level_sync,
+        tile_batch=settings.tile_batch,
+        coherence=settings.coherence,
+        regions=_recorded_regions(regions),
+        checkpoint=str(checkpoint) if checkpoint else None,
+    )
+    return Run(resolved, settings, source, family, info, vae, outputs)
+
+
+def _recorded_regions(regions: RegionSet | None) -> Any:
+    """Regions as the record keeps them: the normalised data (masks as absolute paths or data URLs)."""
+    if regions is None:
+        return None
+    items = [{k: list(v) if k == "box" else v for k, v in asdict(r).items() if v is not None} for r in regions.regions]
+    return {"background": regions.background, "feather": regions.feather, "regions": items}
