@@ -101,8 +101,8 @@ def run_package(size: int, difficulty: int, seed: int, overlap: int):
 
 def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool, int], steps: int):
     from gigadiff.api import run_generation
-    from gigadiff.metrics import grid_borders
     from gigadiff.grids import grid_plan
+    from gigadiff.metrics import grid_borders
     from gigadiff.settings import GenerationSettings
 
     weights, shift, level_sync, overlap = config

@@ -32,11 +32,9 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 def load(folder):
-    from diffusers import DiffusionPipeline
+    from gigadiff.testing import load_saved
 
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_saved(folder)
 
 
 @pytest.fixture(scope="session")

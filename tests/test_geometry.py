@@ -226,3 +226,30 @@ def test_wrapped_pieces_reassemble_a_rolled_window():
     tile = Tile(3, 5, 4, 4)  # runs past the bottom and the right edge
     rolled = canvas.roll((-3, -5), dims=(2, 3))[..., :4, :4]
     assert torch.equal(gather_tile(canvas, tile), rolled)
+
+
+@given(
+    unit=st.sampled_from([2, 4]),
+    tokens=st.tuples(st.integers(1, 60), st.integers(1, 60)),
+    tile=st.integers(2, 24),
+    overlap_frac=st.floats(0, 0.8),
+    shift=st.tuples(st.floats(-1, 1), st.floats(-1, 1)),
+    wrap=st.tuples(st.booleans(), st.booleans()),
+)
+def test_packed_models_get_windows_on_whole_tokens_that_still_cover_the_canvas(unit, tokens, tile, overlap_frac, shift,
+                                                                               wrap):  # fmt: skip
+    """FLUX packs 2x2 latent pixels into a token: every window starts, ends and moves on whole tokens."""
+    height, width = tokens[0] * unit, tokens[1] * unit
+    overlap = int(overlap_frac * (tile - 1)) * unit
+    grid = tile_grid(height, width, tile * unit, overlap, shift, rim_overlap=0, wrap=wrap, unit=unit)
+    covered = np.zeros((height, width), dtype=bool)
+    for t in grid:
+        assert t.y % unit == 0 and t.x % unit == 0 and t.h % unit == 0 and t.w % unit == 0
+        rows = np.arange(t.y, t.y + t.h) % height
+        cols = np.arange(t.x, t.x + t.w) % width
+        covered[np.ix_(rows, cols)] = True
+        if not wrap[0]:
+            assert t.y + t.h <= height
+        if not wrap[1]:
+            assert t.x + t.w <= width
+    assert covered.all()

@@ -94,7 +94,7 @@ def test_flow_models_take_flow_schedulers_only_naming_the_ones_that_work():
     assert check_for_model(GenerationSettings("x", scheduler="unipc"), FLUX).scheduler == "unipc"
     with pytest.raises(GigadiffError) as e:
         check_for_model(GenerationSettings("x", scheduler="ddim"), FLUX)
-    assert "scheduler 'ddim' has no flow-matching form for model 'flux'" in str(e.value)
+    assert "scheduler 'ddim' has no flow-matching form, and model 'flux' is a flow-matching model" in str(e.value)
     assert "default, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, unipc, deis, lcm" in str(e.value)
     consistency = ModelInfo("t", "t", 1, 1, 128, takes_prompt=False, scheduler_kind="consistency")
     with pytest.raises(GigadiffError, match="has its own sampler"):

@@ -239,7 +239,7 @@ def test_exact_mode_that_does_not_fit_in_ram_is_refused_or_spilled(vae, latents,
     import gigadiff.vae.budget as budget
 
     monkeypatch.setattr(budget, "available_ram", lambda: 1024)
-    with pytest.raises(GigadiffError, match=r"only 0\.0 GB of RAM is free: use --vae-mode fast, or give --vae-spill"):
+    with pytest.raises(GigadiffError, match=r"only 0\.0 GB of RAM is free: use vae_mode fast, or give vae_spill"):
         TiledVAE(vae, VaeTiling(mode="exact")).decode(latents)
     auto = TiledVAE(vae, VaeTiling(mode="auto", memory_gb=0.05))
     auto.decode(latents)

@@ -76,8 +76,9 @@ def check_scheduler(name: str, kind: SchedulerKind | None = None, model: str = "
         return
     if kind == "consistency":
         raise GigadiffError(f"model {model!r} has its own sampler; {{scheduler}} must be 'default'", "scheduler")
+    what = {"flow": "flow-matching", "ddpm": "DDPM-family"}[kind]
     raise GigadiffError(
-        f"{{scheduler}} {name!r} has no {kind}-matching form for model {model!r}, a {kind} model; "
+        f"{{scheduler}} {name!r} has no {what} form, and model {model!r} is a {what} model; "
         f"choose one of: {', '.join(names_for(kind))}",
         "scheduler",
     )

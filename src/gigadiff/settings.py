@@ -228,7 +228,8 @@ def _multiple(name: str, value: int, unit: int, info: ModelInfo, field: str) -> 
     if info.latent_multiple > 1:
         why = f"its VAE factor {info.vae_scale_factor} x {info.latent_multiple}x{info.latent_multiple} token patches"
     lower, upper = value // unit * unit, (value // unit + 1) * unit
-    raise GigadiffError(f"{name} {value} is not a multiple of {unit} ({why}); use {lower or upper} or {upper}", field)
+    use = f"use {lower or upper} or {upper}"
+    raise GigadiffError(f"{{{field}}}: {name} {value} is not a multiple of {unit} ({why}); {use}", field)
 
 
 def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSettings:
@@ -311,7 +312,7 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
     if resolved.level_sync and resolved.regions:
         raise GigadiffError(
             "{level_sync} cannot be used with regional prompts yet (its probe measures the background prompt's "
-            "response alone); add --no-level-sync",
+            "response alone); turn {level_sync} off",
             "level_sync",
         )
     if resolved.regions:

@@ -237,7 +237,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> Any:
                                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))  # fmt: skip
     return evaluating(
         FluxPipeline(
-            scheduler=_flow_scheduler(),
+            scheduler=_flow_scheduler(dynamic=guidance_embeds, shift=1.0),  # schnell shifts nothing
             vae=tiny_flux_vae(),
             text_encoder=CLIPTextModel(_text_config()),
             tokenizer=tiny_tokenizer(),
@@ -350,3 +350,12 @@ def tiny_z_image_pipeline(seed: int = 0) -> Any:
             transformer=transformer,
         )
     )
+
+
+def load_saved(folder: str | Path) -> Any:
+    """A pipeline saved by `save_tiny`, loaded back as a hub model loads (local files only, quiet)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

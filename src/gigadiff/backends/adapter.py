@@ -41,7 +41,7 @@ class DiffusersBackend:
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
         scheduler = make_scheduler(name, self.base_scheduler, self.info.scheduler_kind, mu)
         if self.info.scheduler_kind == "flow":
-            set_flow_timesteps(scheduler, steps, sigmas, mu, self.device, self.default_sigmas)
+            set_flow_timesteps(scheduler, steps, sigmas, mu, self.device, self.default_sigmas, self.always_sigmas)
         elif sigmas:
             scheduler.set_timesteps(sigmas=list(sigmas), device=self.device)
         else:
@@ -49,6 +49,10 @@ class DiffusersBackend:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         return scheduler
+
+    always_sigmas = False
+    """Whether the family's pipeline gives its sigma schedule to every solver that accepts one (Z-Image), or
+    only to those without their own flow sigmas (FLUX)."""
 
     def default_sigmas(self, steps: int) -> list[float]:
         """A flow family's default sigma schedule (the FLUX pipelines': 1 down to 1/steps)."""

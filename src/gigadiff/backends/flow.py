@@ -96,24 +96,28 @@ def linspace_sigmas(steps: int) -> list[float]:
 
 def set_flow_timesteps(
     scheduler: Any, steps: int, sigmas: Sequence[float] | None, mu: float | None, device: Any,
-    default_sigmas: Any = linspace_sigmas,
+    default_sigmas: Any = linspace_sigmas, always_sigmas: bool = False,
 ) -> None:  # fmt: skip
-    """Set timesteps as diffusers' flow pipelines do: their default sigmas to solvers that take them (none to
-    solvers with their own flow sigmas), and mu to schedulers that shift dynamically."""
+    """Set timesteps as diffusers' flow pipelines do: mu to schedulers that shift dynamically, and the family's
+    default sigmas to solvers that take them (FLUX's pipelines give none to solvers with their own flow sigmas;
+    `always_sigmas`: Z-Image's give them to every solver that accepts a schedule)."""
+    import numpy as np
+
     kwargs: dict[str, Any] = {}
     if takes_mu(scheduler):
         kwargs["mu"] = mu
-    if sigmas is None and takes_sigmas(scheduler):
+    accepts = "sigmas" in inspect.signature(scheduler.set_timesteps).parameters
+    if sigmas is None and (takes_sigmas(scheduler) or (always_sigmas and accepts)):
         sigmas = default_sigmas(steps)
     if sigmas is not None:
-        if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        if not accepts:
             raise GigadiffError(
                 f"{{scheduler}} {type(scheduler).__name__} takes no explicit {{sigmas}}; remove them or choose "
-                "euler, euler_a, dpmpp_2m or unipc",
+                "euler, euler_a, unipc or lcm",
                 "scheduler",
                 "sigmas",
             )
-        scheduler.set_timesteps(sigmas=list(sigmas), device=device, **kwargs)
+        scheduler.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float64), device=device, **kwargs)
     else:
         scheduler.set_timesteps(steps, device=device, **kwargs)
 

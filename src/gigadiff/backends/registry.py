@@ -13,7 +13,7 @@ from gigadiff.backends.flux import Flux
 from gigadiff.backends.flux2 import Flux2, Flux2Klein
 from gigadiff.backends.sd import StableDiffusion
 from gigadiff.backends.sdxl import StableDiffusionXL
-from gigadiff.backends.source import ModelSource, locate, object_source
+from gigadiff.backends.source import ModelSource, locate, object_source, require_present
 from gigadiff.backends.terrain import Terrain
 from gigadiff.backends.z_image import ZImage
 from gigadiff.errors import GigadiffError
@@ -75,6 +75,7 @@ def load_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") ->
         family = family_of(source)
         return family.adapt(model, family.describe(source))
     source, family, info = find_model(model)
+    require_present(source)
     return family.load(source, info, device, dtype)
 
 

@@ -45,6 +45,9 @@ class ModelSource:
     preset: str | None = None
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Component configs given directly (a pipeline object passed to the Python API), read before the folder."""
+    missing: str = ""
+    """A preset not in the cache of an offline machine: why it cannot load (its family's declared defaults
+    describe it meanwhile, so that a request's own errors are still reported first)."""
 
     @property
     def pipeline_class(self) -> str:
@@ -103,6 +106,12 @@ def cached_snapshot(repo: str) -> Path | None:
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def require_present(source: ModelSource) -> None:
+    """Raise the missing-model error of a preset that could not be found."""
+    if source.missing:
+        raise GigadiffError(source.missing, "model")
 
 
 def missing_model_message(model: str, repo: str, cause: str) -> str:
@@ -195,6 +204,9 @@ def _hub(model: str, repo: str, kind: SourceKind) -> ModelSource:
     root = cached_snapshot(repo)
     if root is None:
         if offline():
-            raise GigadiffError(missing_model_message(model, repo, "HF_HUB_OFFLINE is set"), "model")
+            message = missing_model_message(model, repo, "HF_HUB_OFFLINE is set")
+            if kind == "preset":
+                return ModelSource(model, kind, repo, preset=model, missing=message)
+            raise GigadiffError(message, "model")
         root = fetch_configs(repo, model)
     return ModelSource(model, kind, repo, root, read_index(root, model), preset=model if kind == "preset" else None)

@@ -73,6 +73,8 @@ class ZImageBackend(DiffusersBackend):
         self.transformer = pipe.transformer
         self.patch = info.latent_multiple
 
+    always_sigmas = True
+
     def default_sigmas(self, steps: int) -> list[float]:
         return torch.linspace(1.0, 1 / steps, steps).tolist()
 

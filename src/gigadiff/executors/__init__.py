@@ -1,5 +1,3 @@
-"""Where tiles run: the local device in batches, or shared out over processes."""
+"""Where tiles run: the local device in batches (local.py), or shared out over processes (distributed.py).
 
-from gigadiff.executors.local import LocalExecutor, TileExecutor
-
-__all__ = ["LocalExecutor", "TileExecutor"]
+Nothing is imported here, so that `executors.launch` (who am I in a torchrun group?) costs no torch import."""

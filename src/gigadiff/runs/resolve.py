@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import check_device_name, check_dtype_name
 from gigadiff.backends.registry import find_model
+from gigadiff.backends.source import require_present
 from gigadiff.errors import GigadiffError
 from gigadiff.io.files import check_outputs, relief_path, sidecar_path
 from gigadiff.regions import RegionSet, load_region_file, parse_regions
@@ -191,6 +192,7 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
         checkpoint=checkpoint,
         preview=Path(request.preview) if request.preview else None,
     )
+    require_present(source)  # a missing model, after the request's own errors
     if check_files:
         check_outputs(outputs.finished() + ([outputs.preview] if outputs.preview else []), request.overwrite)
         if outputs.checkpoint is not None:

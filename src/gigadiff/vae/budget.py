@@ -87,8 +87,9 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
         side = int(math.sqrt(budget_bytes / bytes_per_output_px(step)))
         if side < MIN_TILE:
             raise GigadiffError(
-                f"--vae-memory {budget_bytes / GB:.2g} GB is too small for this VAE: one {MIN_TILE}x{MIN_TILE} "
-                f"tile of its widest layer needs {MIN_TILE**2 * bytes_per_output_px(step) / GB:.2g} GB"
+                f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for this VAE: one {MIN_TILE}x{MIN_TILE} "
+                f"tile of its widest layer needs {MIN_TILE**2 * bytes_per_output_px(step) / GB:.2g} GB",
+                "vae_memory",
             )
         sides.append(side)
     return sides
@@ -236,8 +237,9 @@ def fast_tile(
     if best == 0:
         need = fast_tile_bytes(program, batch, step + 2 * halo, kv_tokens) / GB
         raise GigadiffError(
-            f"--vae-memory {budget_bytes / GB:.2g} GB is too small for fast tiled VAE: the smallest tile "
-            f"({MIN_TILE} latent px + {halo} px halo) needs {need:.2g} GB"
+            f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for fast tiled VAE: the smallest tile "
+            f"({MIN_TILE} latent px + {halo} px halo) needs {need:.2g} GB",
+            "vae_memory",
         )
     return best
 
@@ -258,7 +260,9 @@ def plan_host(peak_bytes: int, spill_dir: Path | None) -> HostPlan:
     if spill_dir is None:
         raise GigadiffError(
             f"exact tiled VAE needs {peak_bytes / GB:.1f} GB of whole-image buffers but only {ram / GB:.1f} GB of "
-            "RAM is free: use --vae-mode fast, or give --vae-spill DIR for memory-mapped buffers"
+            "RAM is free: use {vae_mode} fast, or give {vae_spill} DIR for memory-mapped buffers",
+            "vae_mode",
+            "vae_spill",
         )
     spill_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(spill_dir).free

@@ -1,0 +1,236 @@
+"""The flow-matching DiT families (FLUX.1, FLUX.2, FLUX.2 klein, Z-Image): equal to diffusers on one tile, and
+tiled with their timestep shift, positions, packing and guidance done right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gigadiff.api import generate, generate_result, open_backend
+from gigadiff.backends.flow import unpack
+from gigadiff.schedulers import make_scheduler
+from tests.conftest import load
+
+PROMPT = "a red lighthouse"
+
+
+def reference(pipe, scheduler: str, mu: float | None, steps: int = 3, size: int = 256, **kw):
+    """diffusers' own pipeline, its scheduler swapped for gigadiff's `scheduler` (configured as gigadiff does)."""
+    base = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, base, "flow", mu)
+    try:
+        return pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(3), **kw).images  # fmt: skip
+    finally:
+        pipe.scheduler = base
+
+
+def ours(pipe, scheduler: str, steps: int = 3, size: int = 256, **kw):
+    return generate_result(PROMPT, model=pipe, size=f"{size}x{size}", steps=steps, seed=3, scheduler=scheduler, **kw)
+
+
+@pytest.mark.parametrize("scheduler", ["default", "dpmpp_2m"])
+def test_flux_matches_flux_pipeline_on_one_tile(flux_pipe, scheduler):
+    got = ours(flux_pipe, scheduler, guidance=3.5)
+    ref = reference(flux_pipe, scheduler, got.settings.mu, guidance_scale=3.5)
+    assert got.latents.shape == (1, 16, 32, 32)
+    assert (got.latents - unpack(ref, 32, 32)).abs().max() <= 1e-4
+
+
+def test_flux_true_cfg_and_schnell_match_flux_pipeline(flux_pipe, tiny_flux_schnell_dir):
+    got = ours(flux_pipe, "default", guidance=3.5, true_cfg=2.5, negative="fog")
+    ref = reference(flux_pipe, "default", None, guidance_scale=3.5, true_cfg_scale=2.5, negative_prompt="fog")
+    assert (got.latents - unpack(ref, 32, 32)).abs().max() <= 1e-4
+    schnell = load(tiny_flux_schnell_dir)
+    got = generate_result(PROMPT, model=schnell, size="256x256", seed=3)  # schnell's defaults: 4 steps, no guidance
+    assert (got.settings.steps, got.settings.guidance, got.settings.mu) == (4, None, None)
+    ref = reference(schnell, "default", None, steps=4)
+    assert (got.latents - unpack(ref, 32, 32)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler", ["default", "unipc"])
+def test_z_image_matches_z_image_pipeline(tiny_z_image_dir, scheduler):
+    """Its pipeline gives its linear sigmas to every solver (as a list, which UniPC cannot multiply: diffusers'
+    own bug, so the reference gets them as an array, the values gigadiff gives)."""
+    import numpy as np
+
+    pipe = load(tiny_z_image_dir)
+    got = ours(pipe, scheduler, guidance=3.0, negative="fog")
+    sigmas = np.array(torch.linspace(1.0, 1 / 3, 3).tolist())
+    ref = reference(pipe, scheduler, got.settings.mu, guidance_scale=3.0, negative_prompt="fog", sigmas=sigmas)
+    assert (got.latents - ref).abs().max() <= 1e-4
+
+
+def test_flux2_and_klein_match_their_pipelines(tiny_flux2_dir, tiny_klein_dir):
+    dev = load(tiny_flux2_dir)
+    got = ours(dev, "default", guidance=4.0)
+    assert got.latents.shape == (1, 32, 16, 16) and got.backend.info.vae_scale_factor == 16
+    ref = reference(dev, "default", None, guidance_scale=4.0)  # packed tokens of the patchified canvas
+    assert (got.latents - ref.permute(0, 2, 1).reshape(1, 32, 16, 16)).abs().max() <= 1e-4
+    klein = load(tiny_klein_dir)
+    for scheduler in ("default", "dpmpp_2m"):
+        got = ours(klein, scheduler, guidance=4.0)
+        ref = reference(klein, scheduler, got.settings.mu, guidance_scale=4.0)  # the VAE's own latents
+        assert (got.backend.codec.to_vae(got.latents) - ref).abs().max() <= 1e-4
+
+
+def test_flux2_codec_applies_the_vaes_batchnorm_statistics_as_the_pipeline_does(tiny_klein_dir):
+    """Canvas -> VAE latents and back (x std + mean, unpatchify) is exact, and not the identity."""
+    backend = open_backend(str(tiny_klein_dir), device="cpu")
+    canvas = torch.randn(1, 32, 6, 8, generator=torch.Generator().manual_seed(0))
+    raw = backend.codec.to_vae(canvas)
+    assert raw.shape == (1, 8, 12, 16) and not torch.allclose(raw[:, :, ::2, ::2], canvas[:, :8])
+    assert torch.allclose(backend.codec.from_vae(raw), canvas, atol=1e-6)
+
+
+def calls_of(backend, what: str):
+    """Record one keyword argument of every transformer call."""
+    seen = []
+    transformer = backend.denoiser
+    original = transformer.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs[what].clone() if torch.is_tensor(kwargs.get(what)) else kwargs.get(what))
+        return original(*args, **kwargs)
+
+    transformer.forward = spy
+    return seen, lambda: delattr(transformer, "forward")
+
+
+def test_the_timestep_shift_of_a_large_canvas_is_the_tiles(flux_backend):
+    """mu from one tile's tokens: a 512x1024 canvas of 256-px tiles steps through the timesteps of a 256-px image."""
+    timesteps, restore = calls_of(flux_backend, "timestep")
+    try:
+        big = generate_result(PROMPT, model=flux_backend, size="1024x512", steps=3, seed=1, tile=256, overlap=64,
+                              coherence="none")  # fmt: skip
+        big_steps = sorted({round(float(t[0]), 6) for t in timesteps}, reverse=True)
+        timesteps.clear()
+        generate_result(PROMPT, model=flux_backend, size="256x256", steps=3, seed=1)
+        tile_steps = sorted({round(float(t[0]), 6) for t in timesteps}, reverse=True)
+    finally:
+        restore()
+    assert big.settings.mu == pytest.approx(0.5) and big.metadata["mu"] == pytest.approx(0.5)
+    assert big_steps == tile_steps
+    canvas = generate_result(PROMPT, model=flux_backend, size="1024x512", steps=3, seed=1, tile=256, overlap=64,
+                             coherence="none", flow_shift="canvas")  # fmt: skip
+    assert canvas.settings.mu == pytest.approx(0.5 + (2048 - 256) * 0.65 / 3840)
+
+
+@pytest.mark.parametrize("positions", ["local", "global"])
+def test_position_ids_are_tile_local_or_canvas_coordinates(flux_backend, positions):
+    ids, restore = calls_of(flux_backend, "img_ids")
+    try:
+        result = generate_result(PROMPT, model=flux_backend, size="768x512", steps=1, seed=1, tile=256, overlap=64,
+                                 shift=False, positions=positions, coherence="none")  # fmt: skip
+    finally:
+        restore()
+    tiles = result.run.tiles_per_step
+    if positions == "local":  # every call (a batch of tiles) has the ids of one 256-px image: rows and cols 0..15
+        assert len(ids) == result.run.model_calls
+        for i in ids:
+            assert i.shape == (256, 3) and i[:, 1].max() == 15 and i[:, 2].max() == 15 and i[:, 0].abs().max() == 0
+    else:  # one call per tile, whose ids start at its place on the canvas (in 2x2 tokens)
+        assert len(ids) == tiles
+        from gigadiff.grids import grid_plan
+
+        grid = grid_plan(result.settings, flux_backend.info).grid(0)
+        for i, tile in zip(ids, grid.tiles, strict=True):
+            assert (int(i[:, 1].min()), int(i[:, 2].min())) == (tile.y // 2, tile.x // 2)
+            assert (int(i[:, 1].max()), int(i[:, 2].max())) == (tile.y // 2 + 15, tile.x // 2 + 15)
+
+
+def test_z_image_global_positions_offset_its_own_ids(tiny_z_image_dir):
+    backend = open_backend(str(tiny_z_image_dir), device="cpu")
+    local = generate(PROMPT, model=backend, size="768x512", steps=2, seed=1, tile=256, overlap=64,
+                     coherence="none", output_type="latent")  # fmt: skip
+    moved = generate(PROMPT, model=backend, size="768x512", steps=2, seed=1, tile=256, overlap=64,
+                     coherence="none", positions="global", output_type="latent")  # fmt: skip
+    assert not torch.equal(local, moved)
+    built = backend.transformer.patchify_and_embed  # restored after the call
+    assert built.__func__ is type(backend.transformer).patchify_and_embed
+
+
+def test_tiled_flux_does_not_depend_on_the_tile_batch(flux_backend):
+    results = [
+        generate(
+            PROMPT,
+            model=flux_backend,
+            size="768x512",
+            steps=2,
+            seed=4,
+            tile=256,
+            overlap=64,
+            tile_batch=n,
+            scheduler="dpmpp_2m",
+            output_type="latent",
+        )
+        for n in (1, 3, 6)
+    ]
+    scale = results[0].abs().max()
+    for other in results[1:]:
+        assert (other - results[0]).abs().max() <= 1e-5 * scale
+
+
+def test_every_flow_scheduler_runs_tiled_and_noising_follows_the_flow_rule(flux_backend):
+    from gigadiff.recipes.setup import noised
+
+    for name in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis", "lcm"):
+        out = generate(PROMPT, model=flux_backend, size="512x256", steps=3, seed=4, tile=256, overlap=64,
+                       scheduler=name, output_type="latent")  # fmt: skip
+        assert out.shape == (1, 16, 32, 64) and torch.isfinite(out).all(), name
+    scheduler = flux_backend.scheduler("default", 4, None, 0.5)
+    clean, noise = torch.ones(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)
+    sigma = float(scheduler.sigmas[1])
+    assert torch.allclose(noised(flux_backend, scheduler, clean, noise, 1), torch.full_like(clean, 1 - sigma))
+
+
+def test_flux_img2img_regions_tileable_and_progressive_run(flux_backend, tmp_path):
+    from PIL import Image
+
+    from gigadiff.regions import Region
+
+    photo = tmp_path / "p.png"
+    Image.effect_noise((512, 512), 40).convert("RGB").save(photo)
+    img2img = generate_result(PROMPT, model=flux_backend, init=str(photo), strength=0.5, steps=4, seed=2, tile=256,
+                              overlap=64)  # fmt: skip
+    assert img2img.run.steps.first == 2 and img2img.latents.shape == (1, 16, 64, 64)
+    regions = {"regions": [{"box": [0, 0, 0.5, 1], "prompt": "a barn"}]}
+    regional = generate_result(PROMPT, model=flux_backend, size="512x256", steps=2, seed=2, tile=256, overlap=64,
+                               regions=regions)  # fmt: skip
+    assert regional.settings.regions == (Region("a barn", box=(0.0, 0.0, 0.5, 1.0)),)
+    ring = generate_result(PROMPT, model=flux_backend, size="512x256", steps=2, seed=2, tile=256, overlap=64,
+                           tileable="x")  # fmt: skip
+    assert ring.settings.wrap == (False, True)
+    staged = generate_result(PROMPT, model=flux_backend, size="2304x1152", steps=2, seed=2, tile=512, overlap=128,
+                             coherence="progressive")  # fmt: skip
+    assert staged.latents.shape == (1, 16, 144, 288)
+    assert torch.isfinite(staged.latents).all()
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_their_vaes_decode_and_encode_tiled_as_whole(family, tiny_flux_dir, tiny_klein_dir):
+    """The 16-channel AutoencoderKL (shift and scale) and AutoencoderKLFlux2 (patchified, BatchNorm) through
+    gigadiff's tiled VAE: exact mode equals the VAE's own whole-image decode of the same canvas; a photo's
+    tiled encode equals its whole encode."""
+    from skimage import data
+
+    from gigadiff.vae.tiling import VaeTiling
+
+    backend = open_backend(str(tiny_flux_dir if family == "flux" else tiny_klein_dir), device="cpu")
+    codec, vae = backend.codec, backend.codec.vae
+    photo = torch.from_numpy(data.astronaut()[:256, :384]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    exact = VaeTiling(mode="exact", memory_gb=0.002)
+    latents = codec.encode(photo, None, exact)
+    with torch.no_grad():
+        whole_z = vae.encode(photo).latent_dist.mean
+        if family == "flux":
+            whole_z = (whole_z - vae.config.shift_factor) * vae.config.scaling_factor
+        else:
+            whole_z = codec.from_vae(whole_z)
+        whole_image = vae.decode(codec.to_vae(latents) / getattr(vae.config, "scaling_factor", 1)
+                                 + (getattr(vae.config, "shift_factor", 0) or 0)).sample.clamp(-1, 1)  # fmt: skip
+    assert latents.shape == whole_z.shape and (latents - whole_z).abs().max() <= 1e-3
+    tiled = codec.decode(latents, exact)
+    assert tiled.shape == (1, 3, 256, 384) and (tiled - whole_image).abs().max() <= 1e-3
+    fast = codec.decode(latents, VaeTiling(mode="fast", memory_gb=0.01))
+    assert (fast - whole_image).pow(2).mean().sqrt() < 0.05
