@@ -29,7 +29,7 @@ class StopAfter:
     def __init__(self, step: int, stage: int = 0):
         self.step, self.stage, self.seen = step, stage, -1
 
-    def on_step_start(self, step, total, tiles):
+    def on_step_start(self, step, total, tiles, first_step=0):
         if step == 0:
             self.seen += 1
 
@@ -101,6 +101,7 @@ def test_cli_resume_restores_every_recorded_setting_and_removes_the_checkpoint(s
     assert meta["request"]["vae_memory"] == 0.25 and meta["request"]["output"] == str(out)
 
 
+@pytest.mark.slow
 def test_a_progressive_run_interrupted_in_its_second_stage_resumes_inside_it(sd_backend, tiny_sd_dir, tmp_path):
     """1536x1024 on a 512-px model: stages 768x512 and 1536x1024; stopped after step 1 of the second stage."""
     out = tmp_path / "wide.png"

@@ -181,3 +181,41 @@ def test_impossible_vae_settings_fail_before_generation(tiny_sd_dir, tmp_path, e
     result = invoke(*tiny_args(tiny_sd_dir, tmp_path / "o.png", *extra))
     assert result.exit_code == 2 and message in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_small_things_a_new_user_meets(tiny_sd_dir, tmp_path):
+    """A folder given to metrics, edge continuity on an image not made to tile, the steps an upscale runs, a
+    VAE budget too small for a useful tile, and which VAE mode ran."""
+    folder = invoke("metrics", str(tmp_path))
+    assert folder.exit_code == 2 and f"image {tmp_path} is a folder, not a file" in folder.output
+    out = tmp_path / "plain.png"
+    result = subprocess.run([sys.executable, "-m", "gigadiff", *tiny_args(tiny_sd_dir, out)[:-1]],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and "VAE fast" in result.stderr, result.stderr
+    report = invoke("metrics", str(out))
+    assert "not made tileable: its opposite edges are not meant to meet" in report.output
+    assert "10+: a visible seam" not in report.output
+    tiny = invoke(*tiny_args(tiny_sd_dir, tmp_path / "tiny.png"), "--vae-memory", "0.0001")
+    assert tiny.exit_code == 2 and "too small for fast tiled VAE: a useful tile" in tiny.output
+    assert "give at least" in tiny.output
+
+
+def test_progress_shows_the_steps_a_late_start_runs_and_every_phase():
+    from rich.console import Console
+
+    from gigadiff.progress import RichProgress
+
+    progress = RichProgress(Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    progress.loading("sd15")
+    assert progress.progress.tasks[0].description == "loading sd15" and progress.progress.tasks[0].total is None
+    progress.loaded()
+    progress.on_step_start(7, 10, 4, first_step=7)  # an upscale: the last 3 of 10 steps
+    task = progress.progress.tasks[0]
+    assert task.description == "step 1/3" and task.total == 12
+    progress.on_phase("decoding (VAE fast)", 9)
+    progress.on_advance(3)
+    task = progress.progress.tasks[0]
+    assert (task.description, task.total, task.completed) == ("decoding (VAE fast)", 9, 3)
+    progress.on_phase("stage 2/3", None)
+    progress.on_step_start(0, 4, 6)
+    assert progress.progress.tasks[0].description == "stage 2/3 step 1/4"

@@ -99,6 +99,7 @@ def test_progressive_run_makes_its_stages_at_a_linear_cost(sd_backend):
     assert (plain.run.model_calls, result.run.model_calls) == (3, 3 * 1 + 3 * 2)
 
 
+@pytest.mark.slow
 def test_a_stage_follows_its_reference_more_the_slower_the_skip_residual_fades(sd_backend):
     from gigadiff.executors.local import LocalExecutor
     from gigadiff.recipes.coherence import _stage
@@ -124,6 +125,7 @@ def test_explicit_progressive_is_refused_where_it_cannot_work(sd_backend):
             check_for_model(s, sd_backend.info)
 
 
+@pytest.mark.slow
 def test_regions_act_on_every_stage_and_views(sd_backend):
     """A region over the whole canvas with its own prompt equals a plain progressive run with that prompt."""
     whole = Region("a red barn", box=(0.0, 0.0, 1.0, 1.0))

@@ -15,6 +15,7 @@ from gigadiff.executors.distributed import calls, share, units
 from gigadiff.io.writers import read_latent
 
 HELPER = Path(__file__).parent / "helpers" / "faulty_rank.py"
+pytestmark = pytest.mark.slow
 
 
 def torchrun(n: int, args: list[str], env: dict[str, str] | None = None, script: Path | None = None, timeout=240):

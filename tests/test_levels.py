@@ -119,12 +119,12 @@ def test_the_level_response_is_followed_where_the_model_saturates():
     assert linear.abs().max() > 1.05, "a linear response would have left the range"
 
 
-def test_piecewise_linear_interpolates_and_extends_the_end_segments():
+def test_piecewise_linear_interpolates_and_holds_the_end_values():
     knots = torch.tensor([[-2.0, -1.0, 0.0, 1.0, 2.0], [-1.0, -0.5, 0.0, 0.5, 1.0]])
     values = torch.tensor([[-1.0, -0.8, 0.0, 0.5, 0.6], [0.0, 0.0, 0.0, 0.0, 0.0]])
     x = torch.tensor([-3.0, -1.5, 0.5, 2.0, 4.0]).view(1, 1, 1, 5).repeat(1, 2, 1, 1)
     out = piecewise_linear(x, knots, values)
-    assert torch.allclose(out[0, 0, 0], torch.tensor([-1.2, -0.9, 0.25, 0.6, 0.8]))
+    assert torch.allclose(out[0, 0, 0], torch.tensor([-1.0, -0.9, 0.25, 0.6, 0.6]))
     assert torch.equal(out[0, 1], torch.zeros(1, 5))
 
 

@@ -218,6 +218,7 @@ def test_the_cli_answers_a_bad_size_in_well_under_a_second():
     assert elapsed < 5  # a loose bound for a loaded CI machine; bench/startup.py measures it properly
 
 
+@pytest.mark.slow
 def test_processes_starts_the_run_under_torchrun(tiny_sd_dir, tmp_path):
     out = tmp_path / "p.png"
     env_args = ["generate", "a harbour", "--model", str(tiny_sd_dir), "--size", "768x384", "--steps", "2",
@@ -235,3 +236,14 @@ def test_processes_starts_the_run_under_torchrun(tiny_sd_dir, tmp_path):
     assert two.returncode == 0, two.stderr
     assert torch.equal(read_latent(tmp_path / "p.safetensors")[0], single)
     assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".gigadiff-run")]
+
+
+def test_generate_args_are_the_command_line_of_request_fields():
+    from gigadiff.runs.request import generate_args
+
+    args = generate_args({"prompt": "a bay", "size": "512x256", "tile_batch": 2, "shift": False, "level_sync": True,
+                          "regions": "farm.json", "seed": None})  # fmt: skip
+    assert args == ["generate", "a bay", "--size", "512x256", "--tile-batch", "2", "--no-shift", "--level-sync",
+                    "--regions", "farm.json"]  # fmt: skip
+    with pytest.raises(ValueError, match="regions: the command line takes this as a file"):
+        generate_args({"regions": {"regions": []}})

@@ -31,19 +31,61 @@ def settings(**kw):
     return GenerationSettings(**{**base, **kw})
 
 
-def test_one_tile_one_step_is_the_network_on_seeded_noise(terrain):
-    result = run_generation(settings(width=128, height=128, steps=1, weights="uniform"), terrain)
-    noise = canvas_noise((1, 1, 128, 128), seeded_generator(4)) * 80.0
-    expected = terrain.predict(
-        noise, torch.tensor(80.0), terrain.condition("", "", None, (128, 128), {"difficulty": 60}), []
-    )
-    assert torch.allclose(result.latents, expected, rtol=1e-6, atol=1e-7)  # w * p / w rounding only
+def test_one_step_is_the_network_on_seeded_noise_with_the_border_padded(terrain):
+    """A 128² map is made on a 256² canvas (padded by the 64-px overlap on every side, so that its border is
+    covered like its middle): nine 128² windows of the seeded noise, fused with their rims damped, then cropped."""
+    from gigadiff.fusion import fuse
+    from gigadiff.geometry import Tile
+
+    result = run_generation(settings(width=128, height=128, steps=1, weights="uniform", level_sync=False,
+                                     shift=False), terrain)  # fmt: skip
+    assert result.run.tiles_per_step == 9
+    noise = canvas_noise((1, 1, 256, 256), seeded_generator(4)) * 80.0
+    cond = terrain.condition("", "", None, (128, 128), {"difficulty": 60})
+    tiles = [Tile(y, x, 128, 128) for y in (0, 64, 128) for x in (0, 64, 128)]
+    crops = torch.cat([noise[..., t.y : t.y + 128, t.x : t.x + 128] for t in tiles])
+    fused = fuse(tiles, terrain.predict(crops, torch.tensor(80.0), cond, tiles), (1, 1, 256, 256), "uniform", 8)
+    assert result.latents.shape == (1, 1, 128, 128)
+    assert torch.allclose(result.latents, fused[..., 64:192, 64:192], rtol=1e-6, atol=1e-6)
+
+
+def _bands(heights: np.ndarray, width: int = 8, rings: int = 8) -> tuple[float, np.ndarray]:
+    """Mean squared gradient in the outer `width` px of a map, and in each ring of that width further in."""
+    gy, gx = np.gradient(heights.astype(np.float64))
+    energy = gy**2 + gx**2
+    h, w = heights.shape
+    distance = np.minimum(np.minimum.outer(np.minimum(np.arange(h), np.arange(h)[::-1]),
+                                           np.minimum(np.arange(w), np.arange(w)[::-1])), 10**6)  # fmt: skip
+    values = [float(energy[(distance >= k * width) & (distance < (k + 1) * width)].mean()) for k in range(rings + 1)]
+    return values[0], np.array(values[1:])
+
+
+def test_the_border_is_painted_like_the_interior(terrain):
+    """The model's rim (gradient energy 1.5-3x the interior within ~6 px of a tile's edge) must not reach the map
+    border, and the border band must be averaged like the interior: its texture energy lies within the spread of
+    the rings inside, and no pixel sits at the network's clamps (its graph clamps x0 to [-1, 1])."""
+    for seed in (1, 2):
+        latents = run_generation(settings(width=384, height=384, seed=seed), terrain).latents
+        assert latents.min() > -1 and latents.max() < 1, "pixels at the network's clamp"
+        border, inner = _bands(latents[0, 0].numpy())
+        assert inner.min() * 0.8 <= border <= inner.max() * 1.25, (seed, border, inner)
+
+
+def test_without_the_padding_the_border_would_show_the_rim(terrain, monkeypatch):
+    """The measure above fails when the canvas is not padded: the rim's texture reaches the border."""
+    import gigadiff.recipes.txt2img as txt2img
+
+    monkeypatch.setattr(txt2img, "border_pad", lambda settings, info: (0, 0))
+    latents = run_generation(settings(width=384, height=384, seed=1), terrain).latents
+    border, inner = _bands(latents[0, 0].numpy())
+    assert border > inner.max() * 1.25, (border, inner)
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds(terrain):
-    a = run_generation(settings(steps=2), terrain).latents
-    b = run_generation(settings(steps=2), terrain).latents
-    c = run_generation(settings(steps=2, seed=5), terrain).latents
+    small = {"steps": 2, "width": 192, "height": 128}  # two steps: the re-noising draws from the seed too
+    a = run_generation(settings(**small), terrain).latents
+    b = run_generation(settings(**small), terrain).latents
+    c = run_generation(settings(**small, seed=5), terrain).latents
     assert torch.equal(a, b)
     assert (a - c).abs().mean() > 0.05
 
@@ -51,9 +93,9 @@ def test_deterministic_for_a_seed_and_different_across_seeds(terrain):
 def test_multistep_run_is_a_plausible_heightmap(terrain):
     result = run_generation(settings(steps=2, tile_batch=3), terrain)
     assert result.settings.overlap == 64  # the terrain default: half a tile
-    assert result.run.tiles_per_step == 9  # 256 px, 128 tiles, 64 overlap -> 3 x 3, as the package's at 64
-    # 2 steps, 9 tiles in batches of 3, and level consensus's 4 probe tiles in batches of 3
-    assert result.run.model_calls == 2 * (3 + 2)
+    assert result.run.tiles_per_step == 25  # 256 px padded by 64 on each side, 128 tiles, 64 overlap -> 5 x 5
+    # 2 steps, 25 tiles in batches of 3, and level consensus's 4 probe tiles in batches of 3
+    assert result.run.model_calls == 2 * (9 + 2)
     assert result.latents.min() >= -1 and result.latents.max() <= 1  # the model's own range
     heights = terrain.codec.decode(result.latents, VaeTiling())
     assert heights.shape == (1, 1, 256, 256)
@@ -63,10 +105,11 @@ def test_multistep_run_is_a_plausible_heightmap(terrain):
     assert (heights[..., 1:] - heights[..., :-1]).abs().mean() < 0.05 * HEIGHT_RANGE_M
 
 
-def test_defaults_are_wide_cross_fades_and_two_steps(terrain):
-    """Half-tile overlaps (32 px ones leave straight cliffs), 2 steps (sigma 80, 10), tent weights, level consensus."""
+def test_defaults_are_wide_cross_fades_and_one_step(terrain):
+    """Half-tile overlaps (32 px ones leave straight cliffs), one step as the network was distilled for (more add
+    relief), tent weights, level consensus."""
     s = check_for_model(GenerationSettings("", extra={"difficulty": 60}), terrain.info)
-    assert (s.width, s.tile, s.overlap, s.steps, s.weights, s.level_sync) == (1024, 128, 64, 2, "linear", True)
+    assert (s.width, s.tile, s.overlap, s.steps, s.weights, s.level_sync) == (1024, 128, 64, 1, "linear", True)
 
 
 def test_difficulty_conditions_the_model(terrain):
@@ -88,7 +131,7 @@ def test_difficulty_label_and_height_transform():
 def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
     out = tmp_path / "terrain.png"
     result = runner.invoke(app, ["generate", "--model", "terrain", "--size", "256x256", "--difficulty", "70",
-                                 "--steps", "2", "--seed", "9", "-o", str(out), "-q"])  # fmt: skip
+                                 "--seed", "9", "-o", str(out), "-q"])  # fmt: skip
     assert result.exit_code == 0, result.output
     heights, meta = read_heightmap(out)
     assert heights.shape == (256, 256)
@@ -105,7 +148,7 @@ def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
     # the same run as a float TIFF holds the exact heights the PNG quantised
     tif = tmp_path / "exact.tif"
     assert runner.invoke(app, ["generate", "--model", "terrain", "--size", "256x256", "--difficulty", "70",
-                               "--steps", "2", "--seed", "9", "-o", str(tif), "-q"]).exit_code == 0  # fmt: skip
+                               "--seed", "9", "-o", str(tif), "-q"]).exit_code == 0  # fmt: skip
     exact, tif_meta = read_heightmap(tif)
     assert exact.dtype == np.float32 and tif_meta["seed"] == 9
     step = (meta["height_max_m"] - meta["height_min_m"]) / 65535

@@ -58,6 +58,9 @@ def test_tileable_cli_run_records_it_and_its_image_continues_across_its_edges(ti
     assert with_implied_values(["generate", "--tileable"]) == ["generate", "--tileable", "both"]
     assert with_implied_values(["generate", "--tileable", "a wall"]) == ["generate", "--tileable", "both", "a wall"]
     assert with_implied_values(["generate", "--tileable", "x", "-q"]) == ["generate", "--tileable", "x", "-q"]
+    assert with_implied_values(["generate", "--tileable", "z"]) == ["generate", "--tileable", "z"]
+    typo = invoke(*with_implied_values(["generate", "x", "--model", str(tiny_sd_dir), "--tileable", "z"]))
+    assert typo.exit_code == 2 and "--tileable must be one of none, x, y, both, got 'z'" in typo.output
     out = tmp_path / "wall.png"
     result = invoke(*with_implied_values([*tiny_args(tiny_sd_dir, out), "--tileable"]))
     assert result.exit_code == 0, result.output

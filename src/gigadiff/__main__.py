@@ -1,3 +1,3 @@
-from gigadiff.cli import main
+from gigadiff.entry import main
 
 main()

@@ -19,6 +19,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.runs.request import FIELD_NAMES, RunRequest, check_types
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -61,13 +62,26 @@ def generate_result(prompt: str = "", *, model: str | Any = "sd15", listener: St
     return execute(run, backend, listener, write=request.output is not None).result
 
 
+OUTPUT_TYPES = ("pil", "latent", "heights")
+
+
 def generate(prompt: str = "", *, model: str | Any = "sd15", output_type: str = "pil",
-             listener: StepListener | None = None, **fields: Any) -> Image.Image | torch.Tensor:  # fmt: skip
+             listener: StepListener | None = None,
+             **fields: Any) -> Image.Image | torch.Tensor | np.ndarray:  # fmt: skip
     """Generate one image; returns a PIL image (a heightmap model's shaded relief) carrying the generation
-    metadata in `image.info` ("parameters", "gigadiff"), or with output_type="latent" the final canvas."""
-    if output_type not in ("pil", "latent"):
-        raise GigadiffError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    metadata in `image.info` ("parameters", "gigadiff"); with output_type="latent" the final canvas; with
+    "heights" (heightmap models) the heights in metres as a float32 array [H, W]."""
+    if output_type not in OUTPUT_TYPES:
+        raise GigadiffError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    if output_type == "heights":
+        from gigadiff.backends.registry import find_model
+
+        info = find_model(model)[2] if isinstance(model, str) else open_backend(model).info
+        if info.output != "heightmap":
+            raise GigadiffError(f"output_type 'heights' is for heightmap models; model {info.name!r} paints images")
     result = generate_result(prompt, model=model, listener=listener, **fields)
+    if output_type == "heights":
+        return result.decode()[0, 0].numpy()
     return result.latents if output_type == "latent" else result_image(result)
 
 

@@ -11,19 +11,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gigadiff.backends.base import ModelInfo
-from gigadiff.geometry import GridPlan, TileGrid
+from gigadiff.geometry import GridPlan, Tile, TileGrid
 from gigadiff.settings import DEFAULT_TILE_BATCH, GenerationSettings
+
+
+def border_pad(settings: GenerationSettings, info: ModelInfo) -> tuple[int, int]:
+    """Canvas pixels added beyond the image on each side (top and bottom, left and right) for a model whose
+    output is unreliable within `edge_margin` of a tile's edge (0 for other models).
+
+    Inside the canvas every pixel is covered by two or more tiles whose predictions fusion averages, and every
+    rim by a neighbour's interior; at the canvas border nothing covers the rim, and a band as deep as the
+    overlap is covered by the edge tile alone, unaveraged, so its values spread wider than anywhere inside
+    (terrain: the highest 0.5% of a map gathered in its outer 16 px, at the model's clamp). So the canvas is
+    made larger than the image by the overlap (at least the rim; whole tokens) on each side that is not
+    wrapped, and the run keeps only the image: its border is covered like its middle.
+    """
+    assert settings.overlap is not None, "resolve first"
+    if not info.edge_margin:
+        return (0, 0)
+    m = max(info.edge_margin, settings.overlap // info.vae_scale_factor)
+    m = -(-m // info.latent_multiple) * info.latent_multiple
+    return (0 if settings.wrap[0] else m, 0 if settings.wrap[1] else m)
 
 
 def grid_plan(settings: GenerationSettings, info: ModelInfo, height_px: int | None = None,
               width_px: int | None = None) -> GridPlan:  # fmt: skip
-    """The per-step tile grid, in canvas pixels, of resolved settings (of a canvas of height_px x width_px
-    instead of the settings' own size, for a progressive run's earlier stages)."""
+    """The per-step tile grid of resolved settings, in canvas pixels of the padded canvas (see border_pad), of
+    a canvas of height_px x width_px instead of the settings' own size for a progressive run's earlier stages."""
     assert settings.width and settings.height and settings.tile and settings.overlap is not None, "resolve first"
     f = info.vae_scale_factor
+    py, px = border_pad(settings, info)
     return GridPlan(
-        height=(height_px or settings.height) // f,
-        width=(width_px or settings.width) // f,
+        height=(height_px or settings.height) // f + 2 * py,
+        width=(width_px or settings.width) // f + 2 * px,
         tile=settings.tile // f,
         overlap=settings.overlap // f,
         shifted=settings.shift,
@@ -58,6 +78,10 @@ class StepRange:
 
 
 def run_grids(settings: GenerationSettings, info: ModelInfo, steps: StepRange) -> list[TileGrid]:
-    """The grids of the timesteps that ran on the final canvas."""
+    """The grids of the timesteps that ran on the final canvas, in the image's canvas pixels (tiles of the
+    padding moved by it, so that a border outside the image lies outside)."""
     plan = grid_plan(settings, info)
-    return [plan.grid(i) for i in range(steps.first, steps.count)]
+    py, px = border_pad(settings, info)
+    h, w = plan.height - 2 * py, plan.width - 2 * px
+    return [TileGrid(h, w, tuple(Tile(t.y - py, t.x - px, t.h, t.w) for t in plan.grid(i)), plan.wrap)
+            for i in range(steps.first, steps.count)]  # fmt: skip

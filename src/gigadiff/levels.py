@@ -52,11 +52,16 @@ reads. A narrower one lets blurred noise paint its own blobs (at T / 8: 5x the v
 peaks); a wider one leaves more of the tile-scale level to the windows (measured on the terrain model)."""
 
 
-def gaussian_lowpass(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+def gaussian_lowpass(
+    x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False), edges: str = "reflect"
+) -> torch.Tensor:
     """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px, truncated at 3 sigma.
 
-    Edges are mirrored (a constant stays constant); a wrapped axis is blurred round its ring. On an axis
-    shorter than the kernel, the kernel is truncated to fit and renormalised.
+    A wrapped axis is blurred round its ring. At an unwrapped edge, "reflect" mirrors the image (a constant
+    stays constant); "variance" averages only the pixels inside and divides by the square root of the kernel
+    mass they carry, so that the blur of white noise has the same variance at the edge as inside (mirroring
+    doubles it there, renormalising by the mass does too). On an axis shorter than the kernel, the kernel is
+    truncated to fit.
     """
     out = x
     for axis, wraps in ((2, wrap[0]), (3, wrap[1])):
@@ -72,9 +77,24 @@ def gaussian_lowpass(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (F
             pad, weight = (0, 0, radius, radius), kernel.view(1, 1, -1, 1)
         else:
             pad, weight = (radius, radius, 0, 0), kernel.view(1, 1, 1, -1)
-        padded = F.pad(out, pad, mode="circular" if wraps else "reflect")
-        out = F.conv2d(padded, weight.expand(channels, 1, *weight.shape[2:]), groups=channels)
+        mode = "circular" if wraps else ("constant" if edges == "variance" else "reflect")
+        out = F.conv2d(F.pad(out, pad, mode=mode), weight.expand(channels, 1, *weight.shape[2:]), groups=channels)
+        if edges == "variance" and not wraps:
+            ones = torch.ones((1, 1, *out.shape[2:]), dtype=x.dtype, device=x.device)
+            mass = F.conv2d(F.pad(ones, pad), weight)
+            out = out / mass.sqrt()
     return out
+
+
+def level_field(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """The canvas's smooth level around its mean: what a tile-sized window of `x` reads as its level.
+
+    Its spread must be the same at the canvas border as inside: the model responds to levels as it learned
+    them, and a mirrored blur doubles the spread of the noise's level along the border (terrain: the highest
+    0.5% of the map gathered in its outer 16 px, at the model's clamp). So the blur keeps the variance of
+    noise at the edges ("variance" edges), and the field is taken around the canvas mean."""
+    centred = x - x.mean(dim=(-2, -1), keepdim=True)
+    return gaussian_lowpass(centred, sigma, wrap, edges="variance")
 
 
 @dataclass
@@ -108,8 +128,7 @@ class LevelConsensus:
     def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
         if len(grid) < 2:  # one window sees the whole canvas: nothing to agree on
             return self.local(x, t, step, grid, listener)
-        smooth = gaussian_lowpass(x.float(), WIDTH_PER_TILE * self.plan.tile, grid.wrap).to(x.dtype)
-        field_ = smooth - smooth.mean(dim=(-2, -1), keepdim=True)
+        field_ = level_field(x.float(), WIDTH_PER_TILE * self.plan.tile, grid.wrap).to(x.dtype)
         detail = x - field_
         probe = probe_window(grid)
         executor = self.local.executor
@@ -163,14 +182,16 @@ def probe_grid(window: Tile) -> TileGrid:
 
 
 def piecewise_linear(x: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per channel, the polyline through (knots[c, k], values[c, k]) (knots increasing) at x [B, C, H, W],
-    extended beyond the end knots along the end segments."""
+    """Per channel, the polyline through (knots[c, k], values[c, k]) (knots increasing) at x [B, C, H, W], held
+    at the end values beyond the end knots: a response is never extrapolated past what was measured (extended
+    along its end segments it pushed the terrain's rare highest levels onto the model's clamp)."""
     out = torch.empty_like(x)
     for c in range(x.shape[1]):
         u, v = knots[c], values[c]
         slopes = (v[1:] - v[:-1]) / (u[1:] - u[:-1]).clamp_min(1e-12)
-        segment = torch.bucketize(x[:, c].contiguous(), u[1:-1])  # 0 .. K-2
-        out[:, c] = v[segment] + slopes[segment] * (x[:, c] - u[segment])
+        xc = x[:, c].clamp(float(u[0]), float(u[-1]))
+        segment = torch.bucketize(xc.contiguous(), u[1:-1])  # 0 .. K-2
+        out[:, c] = v[segment] + slopes[segment] * (xc - u[segment])
     return out
 
 

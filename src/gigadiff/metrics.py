@@ -60,13 +60,20 @@ NULL_DRAWS = 200
 
 
 def grid_borders(grids: Iterable[TileGrid], scale: int = 1) -> tuple[list[int], list[int]]:
-    """Rows and columns (in pixels, times `scale`) where some tile of some grid starts or ends inside the canvas."""
+    """Rows and columns (in pixels, times `scale`) where some tile of some grid starts or ends inside the canvas
+    (around a wrapped axis, its ring; tiles may reach beyond an unwrapped edge, into a run's border padding)."""
+
+    def inside(v: int, size: int, wraps: bool) -> int | None:
+        if wraps:
+            return v % size or None
+        return v if 0 < v < size else None
+
     rows: set[int] = set()
     cols: set[int] = set()
     for grid in grids:
         for t in grid:
-            rows.update(v % grid.height * scale for v in (t.y, t.y + t.h) if v % grid.height)
-            cols.update(v % grid.width * scale for v in (t.x, t.x + t.w) if v % grid.width)
+            rows.update(v * scale for e in (t.y, t.y + t.h) if (v := inside(e, grid.height, grid.wrap[0])))
+            cols.update(v * scale for e in (t.x, t.x + t.w) if (v := inside(e, grid.width, grid.wrap[1])))
     return sorted(rows), sorted(cols)
 
 

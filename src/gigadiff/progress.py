@@ -1,4 +1,10 @@
-"""A rich progress bar fed by the sampler's step events: step, tiles done, elapsed time and ETA."""
+"""A rich progress bar for every phase of a run: loading, denoising (each coherence stage), VAE, writing.
+
+It hears the run's events (gigadiff.sampler.StepListener): `on_phase` starts a phase with its unit count (None:
+a spinner, e.g. while a model loads), `on_advance` counts its units (VAE tiles, pyramid levels), and the
+denoising steps count tiles over the whole schedule so the ETA accounts for every model call still to come.
+A run that starts late (img2img: the last steps x strength of the schedule) shows the steps it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +13,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RichProgress:
-    """Counts tiles over the whole run, so the ETA accounts for every model call still to come."""
-
     def __init__(self, console: Console | None = None):
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("tiles"),
+            TextColumn("{task.fields[unit]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
             transient=False,
         )
-        self.task = self.progress.add_task("starting", total=None)
+        self.task = self.progress.add_task("starting", total=None, unit="")
+        self.phase = ""
+        self.denoising = False
         self.last_step = -1
 
     def __enter__(self) -> RichProgress:
@@ -32,19 +38,30 @@ class RichProgress:
         self.progress.stop()
 
     def loading(self, model: str) -> None:
-        self.progress.update(self.task, description=f"loading {model}")
+        self.on_phase(f"loading {model}", None)
 
     def loaded(self) -> None:
-        self.progress.update(self.task, description="starting")
+        self.on_phase("", None)
 
-    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
-        """A step numbered no higher than the last one starts a new sequence of steps (a coherence stage):
-        its tiles are added to the total then (the ETA covers the stages started so far)."""
-        task = self.progress.tasks[0]
-        if task.total is None or step <= self.last_step:
-            self.progress.update(self.task, total=(task.total or 0) + (total_steps - step) * tiles)
+    def on_phase(self, name: str, total: int | None) -> None:
+        """A new phase: a fresh bar of `total` units (a spinner without), or a label for the steps to come."""
+        self.phase, self.denoising = name, False
+        self.progress.reset(self.task, total=total, completed=0, description=name or "starting",
+                            unit="tiles" if total else "")  # fmt: skip
+
+    def on_advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
+        """The first step of a schedule (or a step numbered no higher than the last one: the next coherence
+        stage) starts a fresh bar of the tiles still to come in it."""
+        if not self.denoising or step <= self.last_step:
+            self.denoising = True
+            self.progress.reset(self.task, total=(total_steps - step) * tiles, completed=0, unit="tiles")
         self.last_step = step
-        self.progress.update(self.task, description=f"step {step + 1}/{total_steps}")
+        prefix = f"{self.phase} " if self.phase else ""
+        label = f"step {step - first_step + 1}/{total_steps - first_step}"
+        self.progress.update(self.task, description=prefix + label)
 
     def on_tiles_done(self, count: int) -> None:
         self.progress.advance(self.task, count)

@@ -46,6 +46,8 @@ class ImageReport:
     """"metadata", "options" or "none" (no tile grid known: no seam score)."""
     seams: SeamScore | None
     edges: EdgeContinuity
+    tileable: bool
+    """Whether the image was made to tile (its metadata says so), so that its edge continuity is a seam measure."""
     duplication: Duplication
     grid: GridAnisotropy
 
@@ -95,7 +97,7 @@ def image_report(path: Path, tile: int | None = None, overlap: int = 0, crops: i
     """Measure `path`. With `tile`, seams are scored on that (unshifted) grid instead of the recorded ones."""
     pixels = read_pixels(path)
     height, width = pixels.shape[:2]
-    meta = read_metadata(path) if tile is None else None
+    meta = read_metadata(path)
     if meta is not None and {"width", "height"} <= set(meta) and (meta["width"], meta["height"]) != (width, height):
         raise GigadiffError(f"{path} is {width}x{height} but its metadata says {meta['width']}x{meta['height']}")
     if tile is not None:
@@ -109,5 +111,6 @@ def image_report(path: Path, tile: int | None = None, overlap: int = 0, crops: i
     else:
         rows, cols, source = [], [], "none"
     seams = measure_seams(pixels, rows, cols) if rows or cols else None
+    tileable = meta is not None and meta.get("tileable", "none") != "none"
     return ImageReport(str(path), width, height, source if seams else "none", seams, edge_continuity(pixels),
-                       duplication(pixels, crops), grid_anisotropy(pixels))  # fmt: skip
+                       tileable, duplication(pixels, crops), grid_anisotropy(pixels))  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gigadiff import interrupts
 from gigadiff.backends.base import Backend
 from gigadiff.executors.local import TileExecutor
 from gigadiff.fusion import FusionAccumulator, gather_tile
@@ -23,15 +24,26 @@ from gigadiff.schedulers import model_input
 
 
 class StepListener(Protocol):
-    """Progress events; every method is optional in spirit (see `NullListener`)."""
+    """Progress events of a run (see `NullListener`, which hears them all and does nothing).
 
-    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None: ...
+    on_phase starts a phase of the run (a coherence stage, the VAE decode, writing) of `total` units (None: not
+    counted) and on_advance counts them; the denoising loop reports steps and tiles."""
+
+    def on_phase(self, name: str, total: int | None) -> None: ...
+    def on_advance(self, count: int) -> None: ...
+    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None: ...
     def on_tiles_done(self, count: int) -> None: ...
     def on_step_end(self, step: int, latents: torch.Tensor) -> None: ...
 
 
 class NullListener:
-    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
+    def on_phase(self, name: str, total: int | None) -> None:
+        pass
+
+    def on_advance(self, count: int) -> None:
+        pass
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
         pass
 
     def on_tiles_done(self, count: int) -> None:
@@ -41,15 +53,26 @@ class NullListener:
         pass
 
 
-class Listeners:
-    """Several listeners heard as one (e.g. a progress bar and a checkpoint writer)."""
+class Listeners(NullListener):
+    """Several listeners heard as one (e.g. a progress bar and a checkpoint writer); each may hear only some
+    of the events (a listener written before phases were reported hears what it knows)."""
 
     def __init__(self, *listeners: StepListener | None):
         self.listeners = [x for x in listeners if x is not None]
 
-    def on_step_start(self, step: int, total_steps: int, tiles: int) -> None:
+    def on_phase(self, name: str, total: int | None) -> None:
         for x in self.listeners:
-            x.on_step_start(step, total_steps, tiles)
+            if hasattr(x, "on_phase"):
+                x.on_phase(name, total)
+
+    def on_advance(self, count: int) -> None:
+        for x in self.listeners:
+            if hasattr(x, "on_advance"):
+                x.on_advance(count)
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
+        for x in self.listeners:
+            x.on_step_start(step, total_steps, tiles, first_step)
 
     def on_tiles_done(self, count: int) -> None:
         for x in self.listeners:
@@ -106,6 +129,7 @@ class CanvasDenoiser:
         acc = FusionAccumulator(x.shape, self.weights, x.device, self.margin)
         for cond, part, weight in self.passes(grid):
             for batch in self.executor.predictions(self.backend, x, t, cond, part):
+                interrupts.check()
                 acc.add_batch(batch.tiles, batch.predictions, weight)
                 self.model_calls += batch.calls
                 listener.on_tiles_done(len(batch.tiles))
@@ -139,11 +163,12 @@ def sample(
     """
     listener = listener or NullListener()
     for i in range(first_step, len(timesteps)):
+        interrupts.check()
         t = timesteps[i]
         if guide is not None:
             latents = guide(i, latents)
         grid = denoiser.plan.grid(i)
-        listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)))
+        listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)), first_step)
         x_in = model_input(scheduler, latents, t)
         prediction = denoiser(x_in, t, i, grid, listener)
         latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]

@@ -127,13 +127,15 @@ class Codec(Protocol):
     streams: bool
     """Whether `stream_decode` writes tiles as they are decoded (images far larger than memory)."""
 
-    def decode(self, latents: torch.Tensor, tiling: VaeTiling) -> torch.Tensor:
-        """Canvas [B, C, H, W] -> images [B, channels, H*f, W*f] (RGB in [-1, 1], or heights)."""
+    def decode(self, latents: torch.Tensor, tiling: VaeTiling, listener: Any = None) -> torch.Tensor:
+        """Canvas [B, C, H, W] -> images [B, channels, H*f, W*f] (RGB in [-1, 1], or heights). `listener`
+        hears the pass as a phase (on_phase / on_advance)."""
         ...
 
-    def stream_decode(self, latents: torch.Tensor, sink: TileSink, tiling: VaeTiling) -> None: ...
+    def stream_decode(self, latents: torch.Tensor, sink: TileSink, tiling: VaeTiling, listener: Any = None) -> None: ...
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None, tiling: VaeTiling) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None, tiling: VaeTiling,
+               listener: Any = None) -> torch.Tensor:  # fmt: skip
         """Images [B, 3, H, W] in [-1, 1] -> canvas latents (a posterior sample drawn with `generator`, as
         diffusers' img2img pipelines do, or the posterior mean without one)."""
         ...

@@ -54,20 +54,22 @@ class VaeCodec:
         (FLUX.2's pipelines take the mode)."""
         self._preview: tuple[torch_types.Tensor, torch_types.Tensor] | None = None
 
-    def _tiled(self, tiling: VaeTiling) -> Any:
+    def _tiled(self, tiling: VaeTiling, listener: Any) -> Any:
         from gigadiff.vae.tiled import TiledVAE
 
-        return TiledVAE(self.vae, tiling)
+        return TiledVAE(self.vae, tiling, listener)
 
-    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling) -> torch_types.Tensor:
-        return self._tiled(tiling).decode(self.to_vae(latents.float()))
+    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling, listener: Any = None) -> torch_types.Tensor:
+        return self._tiled(tiling, listener).decode(self.to_vae(latents.float()))
 
-    def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling) -> None:
-        self._tiled(tiling).decode(self.to_vae(latents.float()), sink)
+    def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling,
+                      listener: Any = None) -> None:  # fmt: skip
+        self._tiled(tiling, listener).decode(self.to_vae(latents.float()), sink)
 
-    def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling) -> torch_types.Tensor:
+    def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling,
+               listener: Any = None) -> torch_types.Tensor:  # fmt: skip
         sample = generator is not None and self.sample_posterior
-        latents = self._tiled(tiling).encode(images, sample, generator if sample else None)
+        latents = self._tiled(tiling, listener).encode(images, sample, generator if sample else None)
         return self.from_vae(latents).to(self.device, torch.float32)
 
     def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:

@@ -9,18 +9,26 @@ line, (d - 1) / 99 for the network), the height transform (asinh-companded heigh
 the package documents), its EDM noise range, and the rim of unreliable pixels along its tile edges (measured:
 gradient energy 1.5-3x the interior within ~6 px of the edges, so 8 px are damped in fusion).
 
-The network is endpoint-distilled for one step, and it denoises poorly at low noise: re-noised to sigma and
-denoised again, its output's high-frequency energy is 2x the one-step output's at sigma 20, 3x at 10 and 11x
-at 2.5 (measured). Its multistep schedule therefore stops at SIGMA_FLOOR = 10: low enough for deterministic
-(eta = 0) steps to let tiles agree on structures that span them, high enough to keep the texture moderate.
+The network is endpoint-distilled for one step, and one step is its default here as in the package (whose
+sampler takes no other): its maps then have the model's own relief. Measured at 1024² (difficulty 60, seeds
+0-2, bench/terrain_border.py for more): the mean height range of 128-px windows was 1.98, 2.52 and 2.06 m in
+one step, against the package's 1.97, 2.17 and 2.04 m, with grid anisotropy 1.04, 1.17 and 1.05 (chance
+factor about 1.15; the package at its 32 px overlap: 3.34, 1.97, ...). A second step (re-noised to sigma 20
+and denoised again) raised that relief to 2.9-3.2 m and the highest point from 5.8-8.1 m to 10.3-10.7 m, and at
+another seed pushed 192 pixels onto the network's ceiling (its graph clamps x0 to [-1, 1]: 22.17 m), because
+the network denoises poorly at low noise: re-noised to sigma and denoised again, its output's high-frequency
+energy is 2x the one-step output's at sigma 20, 3x at 10 and 11x at 2.5. More steps stay available
+(`--steps`, `--sigmas`); their schedule stops at SIGMA_FLOOR = 20, where on a 1024² map the grid anisotropy
+and seam score stayed within chance (0.94 at sigma 10, 1.12 at 20, 1.23 at 40, chance factor 1.15).
 
-Even at sigma 10 the network reads only structures wider than about 50 px from its noisy input, so
-neighbouring windows still paint different relief where they overlap, and every cross-fade decides where one
-tile's relief gives way to the other's. With the package's 32 px overlap that is a 16 px ramp between its two
-8 px rims: it reads as a straight cliff, and the first step's cliffs survive every later step. Its default
-overlap is therefore half a tile (48 px cross-fades), and 2 steps (sigma 80, 10) instead of 4: on a 1024² map
-(seed 0) that removes the visible cliffs (grid anisotropy 1.04 -> 0.93, chance x/ 1.14) for fewer tile
-evaluations in all (458 against 500) and less time.
+The network reads only structures wider than about 50 px from its noisy input, so neighbouring windows paint
+different relief where they overlap, and every cross-fade decides where one tile's relief gives way to the
+other's. With the package's 32 px overlap that is a 16 px ramp between its two 8 px rims: it reads as a
+straight cliff. Its default overlap is therefore half a tile (48 px cross-fades).
+
+The rim also runs along the canvas border, where nothing covers it: the canvas is padded by the overlap on
+every side (gigadiff.grids.border_pad) and cropped after, so the map's border comes from tile interiors, with
+as many tiles averaged there as anywhere else.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ WEIGHTS = "weights/terrain_consistency_unet_difficulty100.onnx"
 NATIVE = 128
 HEIGHT_RANGE_M = 22.16864013671875
 ASINH_SCALE = 0.1
-SIGMA_MIN, SIGMA_MAX, SIGMA_FLOOR = 0.002, 80.0, 10.0
+SIGMA_MIN, SIGMA_MAX, SIGMA_FLOOR = 0.002, 80.0, 20.0
 EDGE_MARGIN = 8
 DIFFICULTY_LEVELS = 100
 DEFAULT_DIFFICULTY = 50
@@ -123,13 +131,15 @@ class HeightCodec:
     can_encode = False
     streams = False
 
-    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling) -> torch_types.Tensor:
+    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling, listener: Any = None) -> torch_types.Tensor:
         return model_to_heights(latents)
 
-    def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling) -> None:
+    def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling,
+                      listener: Any = None) -> None:  # fmt: skip
         sink(0, 0, self.decode(latents, tiling))
 
-    def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling) -> torch_types.Tensor:
+    def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling,
+               listener: Any = None) -> torch_types.Tensor:  # fmt: skip
         raise GigadiffError("model 'terrain' cannot encode images")
 
     def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:
@@ -216,7 +226,7 @@ class Terrain(Family):
             vae_scale_factor=1,
             native_size=NATIVE,
             default_size=1024,
-            default_steps=2,
+            default_steps=1,
             default_overlap_share=0.5,
             default_weights="linear",
             default_level_sync=True,

@@ -2,8 +2,8 @@
 
 `check_outputs` runs before any model is loaded so that an unwritable or already-existing output is reported
 in the first second, not after an hour. `publish` writes through a temporary file in the destination folder
-and moves it into place at the end, so a crash never leaves a half-written file under the user's name, and
-(without `overwrite`) a file that appeared meanwhile is still not replaced.
+and moves it into place at the end, so a crash or an interrupt never leaves a half-written file under the user's
+name, and (without `overwrite`) a file that appeared meanwhile is still not replaced.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from gigadiff import interrupts
 from gigadiff.errors import GigadiffError
 
 
@@ -53,8 +54,10 @@ def publish(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    interrupts.temporary(tmp)
     try:
         write(tmp)
+        interrupts.check()  # an interrupted run never moves a file into place
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         if overwrite:
             os.replace(tmp, path)
@@ -70,3 +73,4 @@ def publish(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        interrupts.released(tmp)

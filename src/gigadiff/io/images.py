@@ -39,7 +39,9 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def require_file(path: Path, role: str, where: str = "") -> None:
-    """A clear error when `path` (the `role` of the file, e.g. "init image") does not exist."""
+    """A clear error when `path` (the `role` of the file, e.g. "init image") is not a file."""
+    if path.is_dir():
+        raise GigadiffError(f"{where}{role} {path} is a folder, not a file")
     if not path.is_file():
         raise GigadiffError(f"{where}{role} {path} does not exist")
 

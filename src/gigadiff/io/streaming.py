@@ -14,12 +14,16 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
-import torch
 
+from gigadiff import interrupts
 from gigadiff.io.metadata import parameters_text
+from gigadiff.lazy import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TIFF_TILE = 256
 PYRAMID_MIN = 512
@@ -57,6 +61,7 @@ class StripAssembler:
             self.strip = np.zeros((h, self.width, 3), dtype=np.uint8)
         self.strip[:, x0 : x0 + w] = pixels
         if x0 + w == self.width:
+            interrupts.check()
             self.writer.write_rows(self.strip)
             self.rows_done += h
             self.strip = None
@@ -107,6 +112,8 @@ class TiffPyramidWriter:
     def __init__(self, path: Path, width: int, height: int, meta: dict[str, Any]) -> None:
         self.path, self.width, self.height, self.meta = path, width, height, meta
         self.spool = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115 - closed in close()
+        self.on_level: Callable[[], None] = lambda: None
+        """Called after each pyramid level is written (progress)."""
 
     def write_rows(self, rows: np.ndarray) -> None:
         self.spool.write(np.ascontiguousarray(rows).tobytes())
@@ -135,6 +142,7 @@ class TiffPyramidWriter:
                 tif.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), photometric="rgb",
                           compression="zlib", metadata=None, **options)  # fmt: skip
                 spool.close()
+                self.on_level()
                 if nxt is not None:
                     spool, w, h = nxt, max(1, w // 2), max(1, h // 2)
 
@@ -170,14 +178,20 @@ def write_streamed(
     height: int,
     meta: dict[str, Any],
     overwrite: bool = False,
+    listener: Any = None,
 ) -> None:
-    """Write an image produced tile by tile by `decode(sink)` to `path` (PNG or BigTIFF), plus its sidecar."""
+    """Write an image produced tile by tile by `decode(sink)` to `path` (PNG or BigTIFF), plus its sidecar.
+    `listener` hears the BigTIFF's pyramid, written after the last tile, as a phase of its levels."""
     from gigadiff.io.files import publish
     from gigadiff.io.writers import write_sidecar
 
     def write(tmp: Path) -> None:
-        assembler = StripAssembler(width, height, row_writer(tmp, width, height, meta))
+        writer = row_writer(tmp, width, height, meta)
+        assembler = StripAssembler(width, height, writer)
         decode(assembler)
+        if listener is not None and isinstance(writer, TiffPyramidWriter):
+            listener.on_phase("writing BigTIFF pyramid", writer.levels() + 1)
+            writer.on_level = lambda: listener.on_advance(1)
         assembler.close()
 
     publish(path, write, overwrite)

@@ -44,7 +44,7 @@ from gigadiff.backends.base import Backend
 from gigadiff.checkpoint import Checkpoint, restore_scheduler
 from gigadiff.executors.local import TileExecutor
 from gigadiff.geometry import GridPlan, Tile, TileGrid
-from gigadiff.grids import StepRange, grid_plan
+from gigadiff.grids import StepRange, border_pad, grid_plan
 from gigadiff.noise import seeded_generator
 from gigadiff.recipes.regional import region_weights
 from gigadiff.recipes.setup import condition, denoising_start, noised, prepared_scheduler, start_index
@@ -200,13 +200,16 @@ def progressive(
     f = info.vae_scale_factor
     vae = vae or VaeTiling(wrap=settings.wrap)
     assert settings.width and settings.height and settings.steps
+    assert border_pad(settings, info) == (0, 0), "stages of models with untrusted tile rims are not padded yet"
     sizes = stage_sizes(settings.height // f, settings.width // f, info.native_size // f, info.latent_multiple)
     calls = pixels = 0
     latents: torch.Tensor | None = None
     run: CanvasRun | None = None
+    events = Listeners(listener)
     for k, (h, w) in enumerate(sizes):
         if resume is not None and k < resume.stage:
             continue
+        events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
         stage = replace(settings, width=w * f, height=h * f)
         weights = region_weights(settings, f, (h, w)) if settings.regions else []
         own = resume if resume is not None and resume.stage == k else None
@@ -218,8 +221,9 @@ def progressive(
                 reference = own.reference.to(backend.device)
             else:
                 assert latents is not None
-                image = enlarge(backend.codec.decode(latents, vae), h * f, w * f, settings.wrap)
-                reference = backend.codec.encode(image, None, vae).to(backend.device, torch.float32)
+                image = enlarge(backend.codec.decode(latents, vae, events), h * f, w * f, settings.wrap)
+                reference = backend.codec.encode(image, None, vae, events).to(backend.device, torch.float32)
+                events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
             run = _stage(backend, stage, executor, listener, reference, k, weights, checkpoints, own, vae)
         latents = run.latents
         calls += run.model_calls
@@ -248,7 +252,7 @@ def _stage(
     generator = seeded_generator((settings.seed + index) % 2**64)  # each stage its own, reproducible noise
     first = denoising_start(scheduler, settings)
     if resume is None:
-        init = encode_init_image(backend, settings, vae, generator) if settings.init_image else None
+        init = encode_init_image(backend, settings, vae, generator, listener) if settings.init_image else None
         noise = initial_noise(tuple(reference.shape), generator, settings, weights, index).to(backend.device)
         latents = noised(backend, scheduler, reference if init is None else init, noise, first)
     else:

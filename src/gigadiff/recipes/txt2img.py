@@ -17,7 +17,7 @@ import torch
 from gigadiff.backends.base import Backend
 from gigadiff.checkpoint import Checkpoint, restore_scheduler, save_checkpoint, scheduler_state
 from gigadiff.executors.local import TileExecutor
-from gigadiff.grids import StepRange, grid_plan
+from gigadiff.grids import StepRange, border_pad, grid_plan
 from gigadiff.io.images import load_resized
 from gigadiff.levels import LevelConsensus
 from gigadiff.noise import canvas_noise, seeded_generator
@@ -105,11 +105,12 @@ def initial_noise(
 
 
 def encode_init_image(backend: Backend, settings: GenerationSettings, vae: VaeTiling,
-                      generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+                      generator: torch.Generator | None = None,
+                      listener: StepListener | None = None) -> torch.Tensor:  # fmt: skip
     """The init image resized to the canvas and encoded (tiled) into latents [1, C, H/f, W/f]."""
     assert settings.init_image is not None and settings.width and settings.height
     image = load_resized(settings.init_image, settings.width, settings.height)
-    return backend.codec.encode(image, generator, vae).to(backend.device, torch.float32)
+    return backend.codec.encode(image, generator, vae, listener).to(backend.device, torch.float32)
 
 
 def canvas_denoiser(backend: Backend, settings: GenerationSettings, executor: TileExecutor, cond: Any,
@@ -142,8 +143,10 @@ def text_to_image(
     scheduler = prepared_scheduler(backend, settings)
     generator = seeded_generator(settings.seed)
     plan = grid_plan(settings, info)
+    pad = border_pad(settings, info)
     if weights is None:
         weights = region_weights(settings, info.vae_scale_factor)
+    weights = [padded(w[None, None], pad)[0, 0] for w in weights]
     if resume is None:
         shape = (1, info.latent_channels, plan.height, plan.width)
         first_step = 0
@@ -151,7 +154,7 @@ def text_to_image(
             latents = initial_noise(shape, generator, settings, weights).to(device) * start_noise_scale(scheduler)
         else:  # as diffusers: the posterior sample is drawn before the noise, from the same generator
             first_step = denoising_start(scheduler, settings)
-            init = encode_init_image(backend, settings, vae, generator)
+            init = padded(encode_init_image(backend, settings, vae, generator, listener), pad)
             noise = initial_noise(shape, generator, settings, weights).to(device)
             latents = noised(backend, scheduler, init, noise, first_step)
     else:
@@ -167,4 +170,12 @@ def text_to_image(
     latents = sample(denoiser, scheduler, latents, scheduler.timesteps, step_kwargs(scheduler, generator, settings.eta),
                      Listeners(writer, listener), first_step=first_step)  # fmt: skip
     steps = StepRange(start_index(scheduler, settings), len(scheduler.timesteps))
-    return CanvasRun(latents, denoiser.model_calls, denoiser.evaluated_pixels, plan.tiles_per_step, steps)
+    image = latents[..., pad[0] : latents.shape[-2] - pad[0], pad[1] : latents.shape[-1] - pad[1]]
+    return CanvasRun(image, denoiser.model_calls, denoiser.evaluated_pixels, plan.tiles_per_step, steps)
+
+
+def padded(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """[..., H, W] extended by pad = (rows, columns) on each side, edge values repeated (see grids.border_pad)."""
+    if not any(pad):
+        return x
+    return torch.nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]), mode="replicate")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gigadiff import interrupts
 from gigadiff.errors import GigadiffError
 from gigadiff.executors.launch import Ranks, init_from_env, rank_device
 from gigadiff.executors.local import LocalExecutor, TileExecutor
@@ -134,6 +135,7 @@ def execute(
     `on_loaded()` is called once the model is in memory (progress displays switch phase there).
     """
     request = run.request
+    interrupts.note_checkpoint(run.outputs.checkpoint)
     ranks = ranks or init_from_env(request.device, request.rank_timeout)
     started = time.perf_counter()
     backend = backend or load(run, ranks)
@@ -159,7 +161,7 @@ def execute(
     if write and ranks.is_main:
         from gigadiff.runs.outputs import write_results
 
-        summary = write_results(result, run.outputs, request.overwrite, started)
+        summary = write_results(result, run.outputs, request.overwrite, started, listener)
     return Executed(result, executor, summary)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gigadiff.io.heightmap import write_heightmap
 from gigadiff.io.images import tensor_to_pil
@@ -21,17 +21,20 @@ if TYPE_CHECKING:
     from gigadiff.runs.resolve import Outputs
 
 
-def write_results(result: GenerationResult, outputs: Outputs, overwrite: bool, started: float) -> str:
+def write_results(result: GenerationResult, outputs: Outputs, overwrite: bool, started: float,
+                  listener: Any = None) -> str:  # fmt: skip
     """Write the outputs of `result`; returns the one-line summary the command line prints."""
     meta = result.metadata
     codec = result.backend.codec
     if result.info.output == "heightmap":
+        if listener is not None:
+            listener.on_phase("writing heightmap and relief", None)
         meta = write_heightmap(result.decode()[0, 0].numpy(), outputs.image, meta, overwrite)
     elif codec.streams:
         h, w = result.latents.shape[2:]
         f = result.info.vae_scale_factor
-        decode = partial(codec.stream_decode, result.latents, tiling=result.vae)
-        write_streamed(decode, outputs.image, w * f, h * f, meta, overwrite)
+        decode = partial(codec.stream_decode, result.latents, tiling=result.vae, listener=listener)
+        write_streamed(decode, outputs.image, w * f, h * f, meta, overwrite, listener)
     else:
         write_png(tensor_to_pil(result.decode())[0], outputs.image, meta, overwrite)
     if outputs.latent is not None:
@@ -39,8 +42,9 @@ def write_results(result: GenerationResult, outputs: Outputs, overwrite: bool, s
     if outputs.checkpoint is not None and outputs.checkpoint.exists():
         outputs.checkpoint.unlink()  # the finished outputs supersede this run's checkpoint
     s = result.settings
+    vae = f", VAE {result.vae_mode}" if result.vae_mode else ""
     return (
         f"wrote {outputs.image} ({s.width}x{s.height}, seed {s.seed}, {s.steps} steps, "
-        f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls) in "
+        f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls{vae}) in "
         f"{time.perf_counter() - started:.1f}s"
     )

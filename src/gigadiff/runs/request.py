@@ -136,6 +136,22 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def generate_args(fields: dict[str, Any]) -> list[str]:
+    """`gigadiff generate`'s arguments for request fields (the prompt as its argument, the rest as flags): the
+    command line equivalent of an API call or a service job."""
+    args = ["generate", str(fields.get("prompt", ""))]
+    for name, value in fields.items():
+        if name == "prompt" or value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{name}: the command line takes this as a file, not as data")
+        if isinstance(value, bool):
+            args.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            args += [flag(name), str(value)]
+    return args
+
+
 def command_default(name: str, command: str) -> Any:
     f = FIELDS[name]
     return f.metadata["defaults"].get(command, f.default)

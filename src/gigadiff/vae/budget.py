@@ -21,7 +21,12 @@ from gigadiff.vae.program import AttentionStep, Program
 
 GB = 1024**3
 MIN_TILE = 8
-"""Smallest useful output tile side of a layer (px), and the granularity of fast-mode latent tiles."""
+"""The granularity of fast-mode latent tiles (px)."""
+USEFUL_TILE = 32
+"""The smallest tile side (a layer's output px in exact mode, latent px in fast mode) a budget must allow: below
+it the overhead of each tile (halos, kernel launches, Python) swamps the work, and a decode that takes seconds
+takes minutes (a 0.0001 GB budget made a 2 s decode take 101 s). Smaller budgets are refused, naming the
+smallest that works."""
 
 
 SDPA_QUERY_BLOCK = 4096
@@ -82,17 +87,21 @@ def host_peak_bytes(program: Program, batch: int, height: int, width: int) -> in
 
 def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
     """Exact mode: the output tile side of each step that keeps its device memory within the budget."""
-    sides = []
-    for step in program.steps:
-        side = int(math.sqrt(budget_bytes / bytes_per_output_px(step)))
-        if side < MIN_TILE:
-            raise GigadiffError(
-                f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for this VAE: one {MIN_TILE}x{MIN_TILE} "
-                f"tile of its widest layer needs {MIN_TILE**2 * bytes_per_output_px(step) / GB:.2g} GB",
-                "vae_memory",
-            )
-        sides.append(side)
+    sides = [int(math.sqrt(budget_bytes / bytes_per_output_px(step))) for step in program.steps]
+    if min(sides) < USEFUL_TILE:
+        need = max(USEFUL_TILE**2 * bytes_per_output_px(step) for step in program.steps) / GB
+        raise GigadiffError(
+            f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for this VAE: a {USEFUL_TILE}x{USEFUL_TILE} "
+            f"tile of its widest layer needs {need:.2g} GB; give at least {_up(need)}",
+            "vae_memory",
+        )
     return sides
+
+
+def _up(gb: float) -> str:
+    """A budget to suggest: `gb` rounded up to two significant figures."""
+    digits = max(0, 1 - math.floor(math.log10(gb)))
+    return f"{math.ceil(gb * 10**digits) / 10**digits:g}"
 
 
 def input_bytes(program: Program, batch: int, height: int, width: int) -> int:
@@ -234,11 +243,12 @@ def fast_tile(
             break
         best = core
         core += step
-    if best == 0:
-        need = fast_tile_bytes(program, batch, step + 2 * halo, kv_tokens) / GB
+    useful = min(USEFUL_TILE * unit, -(-largest // step) * step)
+    if best < useful:
+        need = fast_tile_bytes(program, batch, useful + 2 * halo, kv_tokens) / GB
         raise GigadiffError(
-            f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for fast tiled VAE: the smallest tile "
-            f"({MIN_TILE} latent px + {halo} px halo) needs {need:.2g} GB",
+            f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for fast tiled VAE: a useful tile "
+            f"({useful // unit} latent px + {halo // unit} px halo) needs {need:.2g} GB; give at least {_up(need)}",
             "vae_memory",
         )
     return best

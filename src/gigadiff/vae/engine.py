@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gigadiff import interrupts
 from gigadiff.vae.attention import KeyValues, attend, merge_heads, pooled, project_tokens, split_heads
 from gigadiff.vae.program import AttentionStep, ConvStep, Program, Step
 from gigadiff.vae.stats import ChannelMoments, GroupStats
@@ -217,6 +218,7 @@ class LayerEngine:
         last_use = self.program.last_use()
         steps = self.program.steps
         for i in range(start, stop):
+            interrupts.check()
             step = steps[i]
             src = buffers[step.src]
             shape = (src.shape[0], step.out_channels, *output_size(step, src.shape[2], src.shape[3]))
