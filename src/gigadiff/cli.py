@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from gigadiff import __version__
+from gigadiff import __version__, interrupts
 from gigadiff.errors import GigadiffError
 from gigadiff.heap import use_huge_pages
 from gigadiff.runs.request import (
@@ -67,18 +67,22 @@ def reported_errors(command: str = GENERATE) -> Iterator[None]:
     Torch is only touched here if a run already imported it, so that early errors stay fast."""
     try:
         yield
-    except GigadiffError as e:
-        raise fail(e.render(lambda f: cli_name(f, command))) from None
     except Exception as e:
+        if interrupts.requested():  # the error is the interrupt's doing (a library cut short while loading)
+            raise interrupts.Interrupted from None
+        if isinstance(e, GigadiffError):
+            raise fail(e.render(lambda f: cli_name(f, command))) from None
         if type(e).__name__ == "RankFailure":
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(RANK_FAILED) from None
         raise
     finally:
-        if "torch.distributed" in sys.modules:
+        dist = sys.modules.get("torch.distributed")
+        if getattr(dist, "is_initialized", None) is not None:  # a group may exist (an import may have been cut)
             from gigadiff.executors.launch import shutdown
 
-            shutdown()
+            with contextlib.suppress(Exception):
+                shutdown()
 
 
 def _version(value: bool) -> None:
@@ -286,7 +290,12 @@ def metrics(
                        f"(tile borders from {report.borders_from}; about 1: seamless, above 1.1: visible seams, "
                        "local below 0.9: smoothed bands)")  # fmt: skip
         e = report.edges
-        typer.echo(f"edge continuity: x {e.x:.2f}, y {e.y:.2f} (about 1: tiles with itself; 10+: a visible seam)")
+        if report.tileable:
+            typer.echo(f"edge continuity: x {e.x:.2f}, y {e.y:.2f} (a tileable image: about 1 where it tiles with "
+                       "itself; 10+: a visible seam)")  # fmt: skip
+        else:
+            typer.echo(f"edge continuity: x {e.x:.2f}, y {e.y:.2f} (not made tileable: its opposite edges are not "
+                       "meant to meet)")  # fmt: skip
         d = report.duplication
         typer.echo(f"duplication: {d.score:.2f} between crops {d.pair[0]} and {d.pair[1]} (mean {d.mean:.2f}; "
                    "above 0.6: repeated content)")  # fmt: skip
@@ -298,6 +307,47 @@ def metrics(
 
             text = json.dumps(report.to_dict(), indent=2)
             publish(json_out, lambda tmp: tmp.write_text(text + "\n"), overwrite)
+
+
+DATA_FOLDER = Path("gigadiff-data")
+
+
+@app.command()
+def serve(
+    data: Annotated[Path, typer.Option(help="Folder of the job queue and of every job's files.")] = DATA_FOLDER,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; other than this machine's, --token is required.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Token clients must send (Bearer header or the page's login); default: $GIGADIFF_TOKEN.",
+            show_default=False,
+        ),
+    ] = None,
+    models: Annotated[
+        Path | None, typer.Option(help="A folder of diffusers models jobs may name by folder name.")
+    ] = None,
+    devices: Annotated[
+        str, typer.Option(help="One worker per device, comma-separated (auto, cuda:0,cuda:1, cpu).")
+    ] = "auto",
+    max_side: Annotated[int, typer.Option(help="Largest canvas side (px) a job may ask for.")] = 16384,
+    max_steps: Annotated[int, typer.Option(help="Most steps a job may ask for.")] = 200,
+    max_processes: Annotated[int, typer.Option(help="Most processes (torchrun) a job may ask for.")] = 8,
+    max_request_mb: Annotated[float, typer.Option(help="Largest request body (MiB), init images included.")] = 8.0,
+    keep_models: Annotated[int, typer.Option(help="Models each worker keeps loaded between jobs.")] = 2,
+) -> None:
+    """Serve a job queue, its API (/docs) and a web page with a Deep Zoom viewer of the outputs."""
+    from gigadiff.serve.config import ServeConfig
+    from gigadiff.serve.server import serve as run_server
+
+    with reported_errors("serve"):
+        config = ServeConfig(data=data, host=host, port=port, token=ServeConfig.token_from_env(token), models=models,
+                             devices=tuple(d.strip() for d in devices.split(",") if d.strip()), max_side=max_side,
+                             max_steps=max_steps, max_processes=max_processes, max_request_mb=max_request_mb,
+                             keep_models=keep_models)  # fmt: skip
+        run_server(config, announce=lambda line: typer.echo(line))
 
 
 def report_profile(executor: TileExecutor, ranks: Ranks) -> None:
@@ -327,29 +377,30 @@ def _terminate_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-OPTIONAL_VALUES = {flag(name): (f.metadata["bare"], ("none", "x", "y", "both")) for name, f in FIELDS.items()
-                   if f.metadata["bare"] is not None}  # fmt: skip
-"""Options that may be given bare: the value they take then, and the values that may follow them."""
+BARE_VALUES = {flag(name): f.metadata["bare"] for name, f in FIELDS.items() if f.metadata["bare"] is not None}
+"""Options that may be given bare, and the value they take then."""
 
 
 def with_implied_values(args: list[str]) -> list[str]:
     """Insert the implied value after a bare optional-value option (`--tileable` means `--tileable both`).
 
-    click cannot parse an option whose value is optional; a word after it that is not one of its values (the
-    prompt, or the next option) is left alone, so `--tileable "a stone wall"` still reads the prompt.
+    click cannot parse an option whose value is optional. The option is bare when nothing follows it, or the
+    next option, or a prompt (words with spaces: `--tileable "a stone wall"`); a single word after it is taken
+    as its value, so that a mistyped one (`--tileable z`) is refused naming the values that work rather than
+    painted as the prompt.
     """
     out: list[str] = []
     for i, arg in enumerate(args):
         out.append(arg)
-        if arg in OPTIONAL_VALUES:
-            implied, values = OPTIONAL_VALUES[arg]
+        if arg in BARE_VALUES:
             following = args[i + 1] if i + 1 < len(args) else None
-            if following not in values:
-                out.append(implied)
+            if following is None or following.startswith("-") or " " in following.strip():
+                out.append(BARE_VALUES[arg])
     return out
 
 
 def main() -> None:
+    interrupts.install()
     signal.signal(signal.SIGTERM, _terminate_cleanly)
     use_huge_pages()
     code: int | str | None = 0
@@ -358,19 +409,24 @@ def main() -> None:
     except GigadiffError as e:  # raised outside a command (should not happen, but never show a traceback)
         typer.echo(f"error: {e.render(cli_name)}", err=True)
         code = USER_ERROR
+    except interrupts.Interrupted:
+        interrupts.report()
+        code = interrupts.EXIT_CODE
     except SystemExit as e:
         code = e.code
+    except Exception:
+        if not interrupts.requested():
+            raise
+        interrupts.report()  # an error in code the interrupt cut short (a half-done import): its consequence
+        code = interrupts.EXIT_CODE
     _exit(code)
 
 
 def _exit(code: int | str | None) -> None:
-    """Leave with `code`. A torchrun rank skips interpreter teardown: its outputs are written and its process
-    group destroyed by now, and C++ threads left in gloo or other native libraries can abort a finished rank
-    while static objects are destroyed ("terminate called without an active exception", seen in CI)."""
-    from gigadiff.executors.launch import launched
-
-    if not launched():
-        sys.exit(code)
+    """Leave with `code`, skipping interpreter teardown: the outputs are written (or removed) by now. A Ctrl-C
+    during a slow teardown would end the process by the signal, without a word; and in a torchrun rank, C++
+    threads left in gloo or other native libraries can abort a finished rank while static objects are
+    destroyed ("terminate called without an active exception", seen in CI)."""
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1

@@ -1,0 +1,126 @@
+"""A service job's request: the client's JSON checked and completed into the run layer's `RunRequest`.
+
+Clients use `generate`'s option names (underscores for dashes) but never name a file on the server: outputs,
+checkpoints and previews are the server's (in the job's folder), an init image or a region mask comes as a
+`data:image/...;base64,` URL, and a model is a preset, a hub id (owner/name) or the name of a folder in the
+server's allow-listed models folder. Limits (canvas side, steps, processes) are the server's. A request is
+checked as the command line checks it, before it is queued: a bad one gets the command line's message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from typing import Any
+
+from gigadiff.errors import GigadiffError
+from gigadiff.runs.request import FIELD_NAMES, RunRequest, check_types, flag
+from gigadiff.serve.config import ServeConfig
+
+SERVER_FIELDS = ("output", "save_latent", "checkpoint", "checkpoint_every", "preview", "vae_spill", "overwrite",
+                 "quiet", "profile", "device", "rank_timeout")  # fmt: skip
+"""Options the server sets: where files go, which device, how it reports."""
+CLIENT_FIELDS = tuple(name for name in FIELD_NAMES if name not in SERVER_FIELDS)
+IMAGE = "image.tif"
+"""A job's output: a BigTIFF pyramid (a heightmap's is float32 heights, with its relief beside it)."""
+RELIEF_VIEW = "image.relief.tif"
+"""The pyramid the worker makes of a heightmap's shaded relief, for the Deep Zoom view."""
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def view_name(outputs: list[str]) -> str:
+    """The output a job's Deep Zoom view reads."""
+    return RELIEF_VIEW if RELIEF_VIEW in outputs else IMAGE
+
+
+def message(error: GigadiffError) -> str:
+    """The command line's message for an error (fields written as its flags)."""
+    return error.render(flag)
+
+
+def _model(name: Any, config: ServeConfig) -> str:
+    from gigadiff.backends.registry import builtin_names, presets
+
+    if not isinstance(name, str):
+        raise GigadiffError("{model} must be a preset, a hub id or a model of the server's models folder", "model")
+    if name in presets() or name in builtin_names():
+        return name
+    if config.models is not None and _MODEL_NAME.match(name) and (config.models / name).is_dir():
+        return str(config.models / name)
+    if _HUB_ID.match(name) and ".." not in name:
+        return name
+    known = ", ".join([*builtin_names(), *sorted(presets())])
+    local = f", or a model in the server's models folder ({', '.join(local_models(config))})" if config.models else ""
+    raise GigadiffError(f"unknown {{model}} {name!r}: use a preset ({known}), a hub id owner/name{local}", "model")
+
+
+def local_models(config: ServeConfig) -> list[str]:
+    if config.models is None:
+        return []
+    return sorted(p.name for p in config.models.iterdir() if (p / "model_index.json").is_file())
+
+
+def _init_image(value: Any, folder: Path) -> str:
+    if not isinstance(value, str) or not value.startswith("data:image/") or ";base64," not in value:
+        raise GigadiffError("{init} must be an image as a data:image/...;base64 URL here", "init")
+    try:
+        data = base64.b64decode(value.split(",", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise GigadiffError("{init}: the data URL is not valid base64", "init") from None
+    path = folder / "init.png"
+    path.write_bytes(data)
+    return str(path)
+
+
+def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "auto") -> RunRequest:
+    """The run request of a job whose files go to `folder` (created if needed)."""
+    if not isinstance(data, dict):
+        raise GigadiffError("a job is a JSON object of generate's options, e.g. {\"prompt\": \"...\", \"size\": "
+                            "\"2048x1024\"}")  # fmt: skip
+    own = sorted(set(data) & set(SERVER_FIELDS))
+    if own:
+        raise GigadiffError(f"option(s) {', '.join(own)} are set by the server, not by a job")
+    fields = dict(check_types({k: v for k, v in data.items() if k in FIELD_NAMES}, "job"))
+    unknown = sorted(set(data) - set(FIELD_NAMES))
+    if unknown:
+        raise GigadiffError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(CLIENT_FIELDS)})")
+    fields["model"] = _model(fields.get("model", "sd15"), config)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fields.get("init") is not None:
+        fields["init"] = _init_image(fields["init"], folder)
+    if fields.get("steps") is not None and fields["steps"] > config.max_steps:
+        raise GigadiffError(f"{{steps}} {fields['steps']} is above this server's limit of {config.max_steps}",
+                            "steps")  # fmt: skip
+    if fields.get("processes", 1) > config.max_processes:
+        raise GigadiffError(f"{{processes}} {fields['processes']} is above this server's limit of "
+                            f"{config.max_processes}", "processes")  # fmt: skip
+    return RunRequest(**fields, output=str(folder / IMAGE), preview=str(folder / "preview.png"),
+                      checkpoint_every=config.checkpoint_every, checkpoint=str(folder / "checkpoint.safetensors"),
+                      quiet=True, device=device, overwrite=True)  # fmt: skip
+
+
+def check_limits(width: int, height: int, steps: int, config: ServeConfig) -> None:
+    """Limits that need the resolved run (a model's default size and steps)."""
+    if max(width, height) > config.max_side:
+        raise GigadiffError(f"{{size}} {width}x{height} is above this server's limit of {config.max_side} px a side",
+                            "size")  # fmt: skip
+    if steps > config.max_steps:
+        raise GigadiffError(f"{{steps}} {steps} is above this server's limit of {config.max_steps}", "steps")
+
+
+def validate(data: Any, config: ServeConfig) -> dict[str, Any]:
+    """Check a job as the command line would, before it is queued (raises GigadiffError; no torch); returns the
+    job with its seed drawn if it had none, so that the job, its page and a resumed run all know it."""
+    import tempfile
+
+    from gigadiff.runs.resolve import resolve
+
+    with tempfile.TemporaryDirectory() as folder:
+        request = job_request(data, config, Path(folder))
+        run = resolve(request, allow_files=False, check_files=False)
+        assert run.settings.width and run.settings.height and run.settings.steps
+        check_limits(run.settings.width, run.settings.height, run.settings.steps, config)
+        return {**data, "seed": run.settings.seed}

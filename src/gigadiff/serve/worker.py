@@ -1,0 +1,199 @@
+"""A service worker: one process per device, running queued jobs in order through the run layer.
+
+It keeps the models it used last loaded (a job of the same model starts without loading it), records each
+job's progress in the job store (step, tiles, phase, ETA) and a preview per step in the job's folder, and
+checkpoints every job, so that a job interrupted by a killed server resumes from its last checkpoint when the
+server starts again. A cancelled job stops at its next tile or VAE tile, through the same path as Ctrl-C
+(gigadiff.interrupts): its outputs are never moved into place, and its folder is emptied. A worker ends when
+its server does (it watches its parent process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from gigadiff import interrupts
+from gigadiff.errors import GigadiffError
+from gigadiff.sampler import NullListener
+from gigadiff.serve.config import ServeConfig
+from gigadiff.serve.deepzoom import write_pyramid
+from gigadiff.serve.jobs import IMAGE, RELIEF_VIEW, check_limits, job_request, message
+from gigadiff.serve.store import Job, JobStore
+
+IDLE_S = 0.2
+
+
+class ServerGone(BaseException):  # not the job's error: the process that owns the job is gone
+    """The server process died: stop at once, leaving the job to be resumed by the next server."""
+
+
+class JobListener(NullListener):
+    """Records a job's progress and stops it when it is cancelled (or its server is gone)."""
+
+    def __init__(self, store: JobStore, job_id: str, parent: int):
+        self.store, self.job_id, self.parent = store, job_id, parent
+        self.started = time.monotonic()
+        self.tiles_done = self.tiles_total = 0
+        self.step = self.steps = 0
+        self.last_write = 0.0
+        self.phase = ""
+
+    def _stop_if_asked(self) -> None:
+        if os.getppid() != self.parent:
+            raise ServerGone
+        if self.store.cancelled(self.job_id):
+            raise interrupts.Interrupted
+
+    def _write(self, force: bool = False, **values: Any) -> None:
+        now = time.monotonic()
+        if force or now - self.last_write > 0.2 or values:
+            done, total = self.tiles_done, self.tiles_total
+            eta = (now - self.started) * (total - done) / done if done and total > done else None
+            self.store.progress(self.job_id, step=self.step, steps=self.steps, tiles=done, eta=eta, **values)
+            self.last_write = now
+
+    def on_phase(self, name: str, total: int | None) -> None:
+        self._stop_if_asked()
+        self.phase = name
+        self._write(phase=name)
+
+    def on_advance(self, count: int) -> None:
+        self._stop_if_asked()
+
+    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
+        self._stop_if_asked()
+        if self.tiles_total == 0 or step == first_step:
+            self.tiles_total += (total_steps - step) * tiles
+        self.step, self.steps = step - first_step, total_steps - first_step
+        if self.phase != "denoising" and not self.phase.startswith("stage"):  # loading or encoding is over
+            self.phase = "denoising"
+            self._write(phase=self.phase)
+
+    def on_tiles_done(self, count: int) -> None:
+        self.tiles_done += count
+        self._stop_if_asked()
+        self._write()
+
+    def on_step_end(self, step: int, latents: Any) -> None:
+        self.step += 1
+        self._write(force=True)
+
+
+class ModelCache:
+    """The backends a worker keeps loaded, least recently used first out."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.backends: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+
+    def get(self, run: Any) -> Any:
+        from gigadiff.executors.launch import Ranks
+        from gigadiff.runs.execute import load
+
+        key = (run.request.model, run.request.device, run.request.dtype)
+        if key in self.backends:
+            self.backends.move_to_end(key)
+            return self.backends[key]
+        backend = load(run, Ranks())
+        self.backends[key] = backend
+        while len(self.backends) > self.size:
+            self.backends.popitem(last=False)
+        return backend
+
+
+def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: ModelCache, parent: int) -> None:
+    """Run one claimed job to its end: done, failed (with the command line's message) or cancelled."""
+    from gigadiff.checkpoint import load_checkpoint
+    from gigadiff.runs.execute import execute
+    from gigadiff.runs.resolve import resolve
+
+    folder = config.jobs / job.id
+    try:
+        request = job_request(job.request, config, folder, device)
+        run = resolve(request, check_files=False, resuming=True)
+        assert run.settings.width and run.settings.height and run.settings.steps
+        check_limits(run.settings.width, run.settings.height, run.settings.steps, config)
+        checkpoint = run.outputs.checkpoint
+        resume = load_checkpoint(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
+        listener = JobListener(store, job.id, parent)
+        store.progress(job.id, phase="loading " + job.request.get("model", "sd15"))
+        if run.request.processes > 1:
+            _run_processes(run, resume, store, job, parent)
+        else:
+            execute(run, cache.get(run), listener, resume=resume)
+        relief = folder / "image.relief.png"
+        if relief.is_file():
+            store.progress(job.id, phase="writing the relief's Deep Zoom pyramid")
+            write_pyramid(relief, folder / RELIEF_VIEW)
+        others = sorted(p.name for p in folder.iterdir() if p.name.startswith("image.") and p.name != IMAGE)
+        store.finish(job.id, "done", outputs=[IMAGE, *others])
+    except interrupts.Interrupted:
+        shutil.rmtree(folder, ignore_errors=True)
+        store.finish(job.id, "cancelled")
+    except GigadiffError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        store.finish(job.id, "failed", error=message(e))
+    except ServerGone:
+        raise
+    except Exception as e:  # a bug, or a model that fails: the job fails, the worker goes on
+        traceback.print_exc()
+        shutil.rmtree(folder, ignore_errors=True)
+        store.finish(job.id, "failed", error=f"internal error: {type(e).__name__}: {str(e)[:500]}")
+
+
+def _run_processes(run: Any, resume: Any, store: JobStore, job: Job, parent: int) -> None:
+    """A job asking for several processes: run under torchrun on this machine (gigadiff.runs.spawn), watched
+    for cancellation."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=run.outputs.image.parent, delete=False) as f:
+        json.dump(run.record(), f)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={run.request.processes}", "-m", "gigadiff", "_run", f.name]  # fmt: skip
+    if resume is not None:
+        command += ["--resume", str(run.outputs.checkpoint)]
+    store.progress(job.id, phase=f"running on {run.request.processes} processes")
+    proc = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None:
+            if os.getppid() != parent or store.cancelled(job.id):
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                raise ServerGone if os.getppid() != parent else interrupts.Interrupted
+            time.sleep(IDLE_S)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
+        raise GigadiffError(last[-1].removeprefix("error: ") if last else f"exit code {proc.returncode}")
+
+
+def main(config: ServeConfig, device: str, parent: int) -> None:
+    """The worker loop (the entry point of a worker process)."""
+    from gigadiff.backends.pipelines import quiet_libraries
+
+    with contextlib.suppress(Exception):
+        quiet_libraries()
+    store = JobStore(config.database)
+    cache = ModelCache(config.keep_models)
+    try:
+        while os.getppid() == parent:
+            job = store.claim()
+            if job is None:
+                time.sleep(IDLE_S)
+                continue
+            interrupts.reset()
+            run_job(job, store, config, device, cache, parent)
+    except (ServerGone, KeyboardInterrupt):
+        pass

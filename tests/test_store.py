@@ -1,0 +1,56 @@
+"""The service's job store: each job claimed once, oldest first, cancelled and recovered as its status says."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+from gigadiff.serve.store import JobStore
+
+
+def _claim_all(path: str, queue: multiprocessing.Queue) -> None:
+    store = JobStore(path)
+    got = []
+    while (job := store.claim()) is not None:
+        got.append(job.id)
+    queue.put(got)
+
+
+def test_concurrent_workers_claim_every_job_once_oldest_first(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    ids = [store.submit({"seed": i}).id for i in range(40)]
+    queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
+    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(str(tmp_path / "jobs.db"), queue))
+               for _ in range(4)]  # fmt: skip
+    for w in workers:
+        w.start()
+    claimed = [queue.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(30)
+    flat = [job_id for got in claimed for job_id in got]
+    assert sorted(flat) == sorted(ids), "a job was lost or claimed twice"
+    for got in claimed:  # each worker took its jobs in submission order
+        assert got == sorted(got, key=ids.index)
+    assert store.counts() == {"running": 40}
+    assert all(store.get(i).attempts == 1 for i in ids)
+
+
+def test_cancel_finish_and_recover(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    queued, running, asked, done = (store.submit({"n": i}).id for i in range(4))
+    assert store.request_cancel(queued) == "cancelled" and store.get(queued).status == "cancelled"
+    for job_id in (running, asked, done):
+        assert store.claim().id == job_id
+    assert store.claim() is None
+    assert store.request_cancel(asked) == "running" and store.cancelled(asked) and not store.cancelled(running)
+    store.progress(running, step=3, steps=10, tiles=12, phase="denoising", eta=4.5)
+    job = store.get(running)
+    assert (job.step, job.steps, job.tiles, job.phase, job.eta) == (3, 10, 12, "denoising", 4.5)
+    store.finish(done, "done", outputs=["image.tif", "image.json"])
+    assert store.get(done).outputs == ["image.tif", "image.json"] and store.get(done).finished is not None
+    assert store.request_cancel(done) == "done" and store.request_cancel("0" * 32) is None
+    # a killed server: its running job goes back to the queue, one it was asked to cancel is cancelled
+    assert store.recover() == 2
+    assert store.get(running).status == "queued" and store.get(asked).status == "cancelled"
+    again = store.claim()
+    assert again.id == running and again.attempts == 2 and again.started == job.started
+    assert "cancel" not in again.public()
