@@ -61,45 +61,31 @@ def sdxl_backend(tiny_sdxl_dir):
     return load_backend(str(tiny_sdxl_dir), "cpu")
 
 
-def saved(tmp_path_factory, name, build):
-    from gigadiff.testing import save_tiny
+def tiny_folder(name, builder, **options):
+    """A session fixture: the tiny pipeline `gigadiff.testing.<builder>(**options)` saved under `name`."""
 
-    return save_tiny(build(), tmp_path_factory.mktemp("models") / name)
+    @pytest.fixture(scope="session")
+    def folder(tmp_path_factory):
+        from gigadiff import testing
 
+        return testing.save_tiny(getattr(testing, builder)(**options), tmp_path_factory.mktemp("models") / name)
 
-@pytest.fixture(scope="session")
-def tiny_flux_dir(tmp_path_factory):
-    from gigadiff.testing import tiny_flux_pipeline
-
-    return saved(tmp_path_factory, "tiny-flux", tiny_flux_pipeline)
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_schnell_dir(tmp_path_factory):
-    from gigadiff.testing import tiny_flux_pipeline
-
-    return saved(tmp_path_factory, "tiny-flux-schnell", lambda: tiny_flux_pipeline(guidance_embeds=False))
+    return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_flux2_dir(tmp_path_factory):
-    from gigadiff.testing import tiny_flux2_pipeline
-
-    return saved(tmp_path_factory, "tiny-flux2", tiny_flux2_pipeline)
+tiny_flux_dir = tiny_folder("tiny-flux", "tiny_flux_pipeline")
 
 
-@pytest.fixture(scope="session")
-def tiny_klein_dir(tmp_path_factory):
-    from gigadiff.testing import tiny_flux2_klein_pipeline
-
-    return saved(tmp_path_factory, "tiny-klein", tiny_flux2_klein_pipeline)
+tiny_flux_schnell_dir = tiny_folder("tiny-flux-schnell", "tiny_flux_pipeline", guidance_embeds=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_z_image_dir(tmp_path_factory):
-    from gigadiff.testing import tiny_z_image_pipeline
+tiny_flux2_dir = tiny_folder("tiny-flux2", "tiny_flux2_pipeline")
 
-    return saved(tmp_path_factory, "tiny-z-image", tiny_z_image_pipeline)
+
+tiny_klein_dir = tiny_folder("tiny-klein", "tiny_flux2_klein_pipeline")
+
+
+tiny_z_image_dir = tiny_folder("tiny-z-image", "tiny_z_image_pipeline")
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +98,9 @@ def flux_backend(flux_pipe):
     from gigadiff.backends.registry import load_backend
 
     return load_backend(flux_pipe)
+
+
+tiny_sd3_dir = tiny_folder("tiny-sd3", "tiny_sd3_pipeline")
+
+
+tiny_pixart_dir = tiny_folder("tiny-pixart-sigma", "tiny_pixart_sigma_pipeline")

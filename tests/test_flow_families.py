@@ -184,6 +184,7 @@ def test_every_flow_scheduler_runs_tiled_and_noising_follows_the_flow_rule(flux_
     assert torch.allclose(noised(flux_backend, scheduler, clean, noise, 1), torch.full_like(clean, 1 - sigma))
 
 
+@pytest.mark.slow
 def test_flux_img2img_regions_tileable_and_progressive_run(flux_backend, tmp_path):
     from PIL import Image
 
@@ -232,5 +233,5 @@ def test_their_vaes_decode_and_encode_tiled_as_whole(family, tiny_flux_dir, tiny
     assert latents.shape == whole_z.shape and (latents - whole_z).abs().max() <= 1e-3
     tiled = codec.decode(latents, exact)
     assert tiled.shape == (1, 3, 256, 384) and (tiled - whole_image).abs().max() <= 1e-3
-    fast = codec.decode(latents, VaeTiling(mode="fast", memory_gb=0.01))
+    fast = codec.decode(latents, VaeTiling(mode="fast", memory_gb=0.03))
     assert (fast - whole_image).pow(2).mean().sqrt() < 0.05

@@ -12,6 +12,14 @@ any tiling strategy would look alike.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +360,65 @@ def tiny_z_image_pipeline(seed: int = 0) -> Any:
     )
 
 
+def _clip_with_projection(seed: int) -> Any:
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_text_config())
+
+
+def _t5(d_model: int = 32) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=200, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))  # fmt: skip
+
+
+def tiny_sd3_pipeline(seed: int = 0, pos_embed_max_size: int = 48) -> Any:
+    """An SD3-shaped pipeline: CLIP-L and CLIP-G (pooled and hidden states) and T5 prompt encoding, an MMDiT with
+    2x2 patches and a position table of `pos_embed_max_size` patches (768 px with the 8x VAE), the 16-channel
+    VAE, a fixed shift of 3."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=pos_embed_max_size)  # fmt: skip
+    return evaluating(
+        StableDiffusion3Pipeline(
+            scheduler=_flow_scheduler(dynamic=False, shift=3.0),
+            vae=tiny_flux_vae(),
+            text_encoder=_clip_with_projection(seed + 1),
+            tokenizer=tiny_tokenizer(),
+            text_encoder_2=_clip_with_projection(seed + 2),
+            tokenizer_2=tiny_tokenizer(),
+            text_encoder_3=_t5(64),
+            tokenizer_3=tiny_t5_tokenizer(),
+            transformer=transformer,
+        )
+    )
+
+
+def tiny_pixart_sigma_pipeline(seed: int = 0) -> Any:
+    """A PixArt-Σ-shaped pipeline: T5 prompt encoding, a DiT with 2x2 patches predicting noise and its variance
+    (8 output channels), SD's 4-channel VAE, DPM-Solver++."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                                           interpolation_scale=None)  # fmt: skip
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon", algorithm_type="dpmsolver++")  # fmt: skip
+    pipe = PixArtSigmaPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=_t5(32), vae=tiny_vae(),
+                               transformer=transformer, scheduler=scheduler)  # fmt: skip
+    return evaluating(pipe)
+
+
 def load_saved(folder: str | Path) -> Any:
     """A pipeline saved by `save_tiny`, loaded back as a hub model loads (local files only, quiet)."""
     from diffusers import DiffusionPipeline
@@ -359,3 +426,41 @@ def load_saved(folder: str | Path) -> Any:
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def served(data: Path, *args: str, start_timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A `gigadiff serve` process on a free port, in its own process group: yields (url, process); stopped (its
+    workers with it) on exit. Its output goes to `data`/../serve.log."""
+    log_path = data.parent / f"{data.name}.serve.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gigadiff", "serve", "--data", str(data), "--port", "0", *args],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            text = log_path.read_bytes()[start:].decode(errors="replace")
+            found = re.search(r"gigadiff serve: (http://\S+/)", text)
+            if found:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gigadiff serve did not start (exit {proc.poll()}):\n{text[-3000:]}")
+            time.sleep(0.1)
+        yield found[1].rstrip("/"), proc
+    finally:
+        stop_served(proc)
+
+
+def stop_served(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a served process group (SIGKILL: as a crash would)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # workers of a killed server
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -7,7 +7,8 @@ A family adapter subclasses `DiffusersBackend`, encodes prompts in `condition`, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +55,9 @@ class DiffusersBackend:
     """Whether the family's pipeline gives its sigma schedule to every solver that accepts one (Z-Image), or
     only to those without their own flow sigmas (FLUX)."""
 
-    def default_sigmas(self, steps: int) -> list[float]:
-        """A flow family's default sigma schedule (the FLUX pipelines': 1 down to 1/steps)."""
+    def default_sigmas(self, steps: int) -> list[float] | None:
+        """A flow family's default sigma schedule (the FLUX pipelines': 1 down to 1/steps; None: the scheduler's
+        own, for pipelines that give none)."""
         from gigadiff.backends.flow import linspace_sigmas
 
         return linspace_sigmas(steps)
@@ -83,3 +85,33 @@ class DiffusersBackend:
     def combine(self, uncond: torch.Tensor, cond_out: torch.Tensor, cond: Any) -> torch.Tensor:
         """Classifier-free guidance: uncond + scale x (cond - uncond)."""
         return uncond + cond.scale * (cond_out - uncond)
+
+
+class TransformerBackend(DiffusersBackend):
+    """Base of the DiT adapters: their denoiser is the pipeline's `transformer`."""
+
+    def __init__(self, pipe: Any, info: ModelInfo):
+        super().__init__(pipe, info, pipe.transformer)
+        self.transformer = pipe.transformer
+
+
+class NegativeGuided:
+    """Mixin of a conditioning whose `negative` text is present exactly when classifier-free guidance runs."""
+
+    negative: Any
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative is not None
+
+
+@contextlib.contextmanager
+def instance_override(module: Any, name: str, value: Any) -> Iterator[None]:
+    """While inside, `module.name` is `value` for this instance only (shadowing its class's method); the
+    class's own is back on exit, even on error. How an adapter changes one step of a diffusers model (its
+    position ids or table crop) without copying the model's forward."""
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        delattr(module, name)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.backends.flow import grid_ids, pack, unpack
 from gigadiff.lazy import no_grad, torch
@@ -38,7 +38,7 @@ Text = tuple["torch_types.Tensor", "torch_types.Tensor", "torch_types.Tensor"]
 
 
 @dataclass(frozen=True)
-class FluxConditioning:
+class FluxConditioning(NegativeGuided):
     embeds: torch_types.Tensor
     pooled: torch_types.Tensor
     text_ids: torch_types.Tensor
@@ -50,16 +50,8 @@ class FluxConditioning:
     """The true classifier-free guidance scale."""
     global_positions: bool
 
-    @property
-    def cfg(self) -> bool:
-        return self.negative is not None
 
-
-class FluxBackend(DiffusersBackend):
-    def __init__(self, pipe: Any, info: ModelInfo):
-        super().__init__(pipe, info, pipe.transformer)
-        self.transformer = pipe.transformer
-
+class FluxBackend(TransformerBackend):
     @no_grad
     def condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],

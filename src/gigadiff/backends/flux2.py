@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
 from gigadiff.backends.base import ShiftRule
 from gigadiff.backends.codec import VaeCodec
 from gigadiff.backends.family import Family, Preset, vae_factor
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Flux2Conditioning:
+class Flux2Conditioning(NegativeGuided):
     embeds: torch_types.Tensor
     text_ids: torch_types.Tensor
     negative: tuple[torch_types.Tensor, torch_types.Tensor] | None
@@ -43,10 +43,6 @@ class Flux2Conditioning:
     """The embedded guidance scale ([dev]); None where guidance is classifier-free or absent."""
     scale: float
     global_positions: bool
-
-    @property
-    def cfg(self) -> bool:
-        return self.negative is not None
 
 
 def patchify(x: torch_types.Tensor) -> torch_types.Tensor:
@@ -82,10 +78,9 @@ class Flux2Codec(VaeCodec):
         return (patched - mean) / std
 
 
-class Flux2Backend(DiffusersBackend):
+class Flux2Backend(TransformerBackend):
     def __init__(self, pipe: Any, info: ModelInfo):
-        super().__init__(pipe, info, pipe.transformer)
-        self.transformer = pipe.transformer
+        super().__init__(pipe, info)
         self.distilled = bool(getattr(pipe.config, "is_distilled", False))
 
     def make_codec(self) -> VaeCodec:

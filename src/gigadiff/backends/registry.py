@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from gigadiff.backends.family import Family, Preset
 from gigadiff.backends.flux import Flux
 from gigadiff.backends.flux2 import Flux2, Flux2Klein
+from gigadiff.backends.pixart import PixArtSigma
 from gigadiff.backends.sd import StableDiffusion
+from gigadiff.backends.sd3 import StableDiffusion3
 from gigadiff.backends.sdxl import StableDiffusionXL
 from gigadiff.backends.source import ModelSource, locate, object_source, require_present
 from gigadiff.backends.terrain import Terrain
@@ -28,6 +30,8 @@ FAMILIES: tuple[Family, ...] = (
     Flux2(),
     Flux(),
     ZImage(),
+    StableDiffusion3(),
+    PixArtSigma(),
     StableDiffusion(),
 )
 

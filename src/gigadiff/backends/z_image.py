@@ -15,11 +15,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.adapter import NegativeGuided, TransformerBackend, instance_override
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.lazy import no_grad, torch
 
@@ -32,19 +32,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ZImageConditioning:
+class ZImageConditioning(NegativeGuided):
     embeds: list[torch_types.Tensor]
     negative: list[torch_types.Tensor] | None
     scale: float
     global_positions: bool
 
-    @property
-    def cfg(self) -> bool:
-        return self.negative is not None
 
-
-@contextlib.contextmanager
-def offset_positions(transformer: Any, offsets: Sequence[tuple[int, int]], patch: int) -> Iterator[None]:
+def offset_positions(
+    transformer: Any, offsets: Sequence[tuple[int, int]], patch: int
+) -> contextlib.AbstractContextManager[None]:
     """While inside, the transformer's image position ids of batch item i are offset by offsets[i] (rows,
     columns, in tokens): it builds them itself from the tile's shape, from 0."""
     build = transformer.patchify_and_embed
@@ -60,17 +57,12 @@ def offset_positions(transformer: Any, offsets: Sequence[tuple[int, int]], patch
             ids[i][:n, 2] += dx
         return tuple(out)
 
-    transformer.patchify_and_embed = patched
-    try:
-        yield
-    finally:
-        del transformer.patchify_and_embed
+    return instance_override(transformer, "patchify_and_embed", patched)
 
 
-class ZImageBackend(DiffusersBackend):
+class ZImageBackend(TransformerBackend):
     def __init__(self, pipe: Any, info: ModelInfo):
-        super().__init__(pipe, info, pipe.transformer)
-        self.transformer = pipe.transformer
+        super().__init__(pipe, info)
         self.patch = info.latent_multiple
 
     always_sigmas = True

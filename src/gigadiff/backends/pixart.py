@@ -1,0 +1,120 @@
+"""PixArt-Σ: a DiT predicting noise (epsilon, with a learned variance) over 2x2 patches of SD's 4-channel VAE.
+
+- **Prompts**: T5's hidden states and attention mask, through the pipeline's own `encode_prompt` (captions are
+  not rewritten: the cleaning the pipeline can do needs optional packages, and it changes the prompt).
+- **Guidance**: classifier-free with a negative prompt (empty by default), both passes in one call.
+- **Schedule**: a DDPM-family scheduler, as the SD adapters (DPM-Solver++ for the released models).
+- **Output**: the transformer predicts noise and variance; the variance half is dropped, as the pipeline does.
+- **Sizes**: the pipeline's resolution binning (snapping a request to the aspect ratios it was trained on)
+  is for whole images: a tile is already the size it asks for, and the canvas is whatever size was asked.
+- **Positions**: sinusoidal, computed by the patch embedding for each tile's size (tile-local).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
+from gigadiff.backends.family import Family, Preset, vae_factor
+from gigadiff.lazy import no_grad, torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.source import ModelSource
+    from gigadiff.geometry import Tile
+
+Text = tuple["torch_types.Tensor", "torch_types.Tensor"]
+"""A prompt's T5 hidden states and attention mask."""
+
+
+@dataclass(frozen=True)
+class PixArtConditioning(NegativeGuided):
+    text: Text
+    negative: Text | None
+    scale: float
+
+
+class PixArtBackend(TransformerBackend):
+    @no_grad
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> PixArtConditioning:  # fmt: skip
+        scale = 0.0 if guidance is None else guidance
+        cfg = scale > 1.0
+        embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, device=self.device,
+            clean_caption=False,
+        )  # fmt: skip
+        return PixArtConditioning((embeds, mask), (negative, negative_mask) if cfg else None, scale)
+
+    def _call(self, x: torch_types.Tensor, t: Any, embeds: torch_types.Tensor,
+              mask: torch_types.Tensor) -> torch_types.Tensor:  # fmt: skip
+        n = x.shape[0]
+        timestep = torch.as_tensor(t, device=self.device)
+        timestep = (timestep[None] if timestep.ndim == 0 else timestep).expand(n)
+        out = self.transformer(
+            x.to(self.device, self.transformer.dtype),
+            encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
+            encoder_attention_mask=mask.expand(n, -1) if mask.shape[0] == 1 else mask,
+            timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+        channels = x.shape[1]
+        if out.shape[1] == 2 * channels:  # learned variance: the noise is the first half
+            out = out[:, :channels]
+        return out.float()
+
+    @no_grad
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: PixArtConditioning,
+                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
+        text = cond.text if branch else cond.negative
+        assert text is not None
+        return self._call(latent_tiles, t, *text)
+
+    @no_grad
+    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: PixArtConditioning,
+                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
+        """Both guidance passes in one call, [uncond..., cond...] as the pipeline batches them."""
+        if cond.negative is None:
+            return self._call(latent_tiles, t, *cond.text)
+        n = latent_tiles.shape[0]
+        (embeds, mask), (neg, neg_mask) = cond.text, cond.negative
+        both = self._call(torch.cat([latent_tiles, latent_tiles]), t,
+                          torch.cat([neg.expand(n, -1, -1), embeds.expand(n, -1, -1)]),
+                          torch.cat([neg_mask.expand(n, -1), mask.expand(n, -1)]))  # fmt: skip
+        uncond, cond_out = both.chunk(2)
+        return self.combine(uncond, cond_out, cond)
+
+
+class PixArtSigma(Family):
+    name = "pixart-sigma"
+    pipelines = ("PixArtSigmaPipeline",)
+    presets = (Preset("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", steps=20, guidance=4.5),)
+    scheduler_kind = "ddpm"
+    guidance_kind = "cfg"
+    positions = "none"
+    latent_multiple = 2
+    default_native = 1024
+    default_steps = 20
+    default_guidance = 4.5
+
+    def describe(self, source: ModelSource) -> ModelInfo:
+        transformer = source.config("transformer")
+        factor = vae_factor(source)
+        sample = transformer.get("sample_size")
+        return self.base_info(
+            source,
+            latent_channels=int(transformer.get("in_channels", 4)),
+            vae_scale_factor=factor,
+            latent_multiple=int(transformer.get("patch_size", 2)),
+            native_size=int(sample) * factor if sample else self.default_native,
+        )
+
+    def adapt(self, pipe: Any, info: ModelInfo) -> Backend:
+        return PixArtBackend(pipe, info)

@@ -1,0 +1,136 @@
+"""SD3/3.5 and PixArt-Σ: equal to their diffusers pipelines on one tile, tiled with their guidance and
+positions done right, and their refusals before any weights load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gigadiff.api import generate, generate_result, open_backend
+from gigadiff.cli import app
+from gigadiff.schedulers import make_scheduler
+from tests.conftest import load
+
+PROMPT = "a red lighthouse"
+
+
+def reference(pipe, kind: str, scheduler: str, steps: int = 3, **kw):
+    """diffusers' own pipeline, its scheduler swapped for gigadiff's `scheduler` (configured as gigadiff does)."""
+    base = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, base, kind, None)
+    try:
+        return pipe(prompt=PROMPT, height=256, width=256, num_inference_steps=steps, output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(3), **kw).images  # fmt: skip
+    finally:
+        pipe.scheduler = base
+
+
+def ours(pipe, scheduler: str, steps: int = 3, **kw):
+    return generate_result(PROMPT, model=pipe, size="256x256", steps=steps, seed=3, scheduler=scheduler, **kw)
+
+
+@pytest.mark.parametrize("scheduler", ["default", "dpmpp_2m"])
+def test_sd3_matches_its_pipeline_on_one_tile(tiny_sd3_dir, scheduler):
+    pipe = load(tiny_sd3_dir)
+    got = ours(pipe, scheduler, guidance=5.0, negative="fog")
+    ref = reference(pipe, "flow", scheduler, guidance_scale=5.0, negative_prompt="fog")
+    assert got.latents.shape == (1, 16, 32, 32) and got.settings.mu is None  # the model's fixed shift
+    assert (got.latents - ref).abs().max() <= 1e-4
+    turbo = ours(pipe, scheduler, guidance=0.0)  # no guidance: one pass, as SD3.5 Large Turbo runs
+    ref = reference(pipe, "flow", scheduler, guidance_scale=0.0)
+    assert (turbo.latents - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler", ["default", "ddim"])
+def test_pixart_sigma_matches_its_pipeline_on_one_tile(tiny_pixart_dir, scheduler):
+    """Resolution binning off (a tile is the size it asks for); captions not cleaned, as gigadiff encodes them.
+    The random tiny DiT's x0 estimates reach hundreds at high noise: equality is up to float32 rounding of those."""
+    pipe = load(tiny_pixart_dir)
+    got = ours(pipe, scheduler, guidance=4.5, negative="fog")
+    ref = reference(pipe, "ddpm", scheduler, guidance_scale=4.5, negative_prompt="fog", use_resolution_binning=False,
+                    clean_caption=False)  # fmt: skip
+    assert got.latents.shape == (1, 4, 32, 32)
+    assert (got.latents - ref).abs().max() <= max(1e-4, 1e-6 * float(ref.abs().max()))
+
+
+def test_sd3_global_positions_crop_the_table_at_each_tile(tiny_sd3_dir):
+    """The canvas is centred on the 48-patch position table; each tile's patch embedding adds the table's crop at
+    the tile's place on it (one tile per call); local positions add the centred crop every time."""
+    backend = open_backend(str(tiny_sd3_dir), device="cpu")
+    embedding = backend.transformer.pos_embed
+    table = embedding.pos_embed.reshape(48, 48, -1)
+    crops = []
+
+    def record(module, args, out):
+        height, width = args[0].shape[-2:]
+        crops.append(module.cropped_pos_embed(height, width).reshape(height // 2, width // 2, -1))
+
+    hook = embedding.register_forward_hook(record)
+    try:
+        result = generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=1, tile=256, overlap=64,
+                                 shift=False, positions="global", guidance=0.0, coherence="none")  # fmt: skip
+        assert result.run.tiles_per_step == 3 and len(crops) == 3  # one transformer call per tile
+        # canvas 16 x 32 patches on the table: top (48 - 16) / 2 = 16, left (48 - 32) / 2 = 8; tiles at x 0, 8, 16
+        for crop, left in zip(crops, (8, 16, 24), strict=True):
+            assert torch.equal(crop, table[16:32, left : left + 16])
+        crops.clear()
+        generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=1, tile=256, overlap=64, shift=False,
+                        guidance=0.0, coherence="none")  # fmt: skip
+        assert len(crops) == 1 and torch.equal(crops[0], table[16:32, 16:32])  # centred, both tiles in one call
+    finally:
+        hook.remove()
+    assert "cropped_pos_embed" not in vars(embedding)  # the patch embedding is restored
+    one = generate(PROMPT, model=backend, size="256x256", steps=2, seed=1, guidance=0.0, output_type="latent")
+    same = generate(PROMPT, model=backend, size="256x256", steps=2, seed=1, guidance=0.0, positions="global",
+                    output_type="latent")  # fmt: skip
+    assert torch.equal(one, same)  # a canvas of one tile: the centred crop either way
+
+
+def test_refusals_come_before_any_weights(tiny_sd3_dir, tiny_pixart_dir, tmp_path):
+    runner = CliRunner()
+    cases = [
+        (tiny_sd3_dir, ["--size", "1024x256", "--positions", "global"],
+         "tiny-sd3''s position table covers 768px a side, the canvas is 1024x256; use --positions local"),
+        (tiny_sd3_dir, ["--size", "264x256"], "--size: width 264 is not a multiple of 16"),
+        (tiny_pixart_dir, ["--positions", "global"], "--positions"),
+        (tiny_pixart_dir, ["--true-cfg", "2"], "--true-cfg"),
+    ]  # fmt: skip
+    for model, extra, words in cases:
+        result = runner.invoke(app, ["generate", PROMPT, "--model", str(model), "-o", str(tmp_path / "x.png"),
+                                     *extra])  # fmt: skip
+        assert result.exit_code == 2, (extra, result.output)
+        assert words in result.output, (extra, result.output)
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_tiled_runs_do_not_depend_on_the_tile_batch(family, tiny_sd3_dir, tiny_pixart_dir):
+    backend = open_backend(str(tiny_sd3_dir if family == "sd3" else tiny_pixart_dir), device="cpu")
+    runs = [generate(PROMPT, model=backend, size="768x512", steps=2, seed=4, tile=256, overlap=64, tile_batch=n,
+                     negative="fog", output_type="latent") for n in (1, 3)]  # fmt: skip
+    assert torch.isfinite(runs[0]).all()
+    assert (runs[1] - runs[0]).abs().max() <= 1e-5 * runs[0].abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_img2img_regions_tileable_and_progressive_run(family, tiny_sd3_dir, tiny_pixart_dir, tmp_path):
+    from PIL import Image
+
+    backend = open_backend(str(tiny_sd3_dir if family == "sd3" else tiny_pixart_dir), device="cpu")
+    channels = backend.info.latent_channels
+    photo = tmp_path / "p.png"
+    Image.effect_noise((512, 256), 40).convert("RGB").save(photo)
+    img2img = generate_result(PROMPT, model=backend, init=str(photo), strength=0.5, steps=4, seed=2, tile=256,
+                              overlap=64)  # fmt: skip
+    assert img2img.run.steps.first == 2 and img2img.latents.shape == (1, channels, 32, 64)
+    regional = generate_result(PROMPT, model=backend, size="512x256", steps=2, seed=2, tile=256, overlap=64,
+                               regions={"regions": [{"box": [0, 0, 0.5, 1], "prompt": "a barn"}]})  # fmt: skip
+    assert torch.isfinite(regional.latents).all()
+    ring = generate_result(PROMPT, model=backend, size="512x256", steps=2, seed=2, tile=256, overlap=64,
+                           tileable="x")  # fmt: skip
+    assert ring.settings.wrap == (False, True)
+    staged = generate_result(PROMPT, model=backend, size="1024x512", steps=2, seed=2, tile=256, overlap=64,
+                             coherence="progressive")  # fmt: skip
+    assert staged.latents.shape == (1, channels, 64, 128) and torch.isfinite(staged.latents).all()
