@@ -104,3 +104,7 @@ tiny_sd3_dir = tiny_folder("tiny-sd3", "tiny_sd3_pipeline")
 
 
 tiny_pixart_dir = tiny_folder("tiny-pixart-sigma", "tiny_pixart_sigma_pipeline")
+
+tiny_qwen_image_dir = tiny_folder("tiny-qwen-image", "tiny_qwen_image_pipeline")
+
+tiny_sana_dir = tiny_folder("tiny-sana", "tiny_sana_pipeline")

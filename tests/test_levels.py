@@ -12,7 +12,7 @@ import torch
 from gigadiff.backends.base import ModelInfo
 from gigadiff.executors.local import LocalExecutor
 from gigadiff.geometry import GridPlan
-from gigadiff.levels import LevelConsensus, gaussian_lowpass, piecewise_linear
+from gigadiff.levels import LevelConsensus, gaussian_lowpass, level_field, piecewise_linear
 from gigadiff.metrics import grid_anisotropy
 from gigadiff.sampler import CanvasDenoiser, NullListener
 
@@ -80,8 +80,7 @@ def test_consensus_adds_the_level_field_through_the_measured_gain():
     """Reference: the model's detail response to x minus the field, plus the level gain times the field."""
     synced, _, _ = _denoise(True)
     x = _canvas()
-    smooth = gaussian_lowpass(x, 64 / (2 * torch.pi**0.5))
-    field = smooth - smooth.mean()
+    field = level_field(x, 64 / (2 * torch.pi**0.5))
     detail = x - field
     assert torch.allclose(synced - 0.3 * field, _plain_on(detail), atol=1e-4)
 
@@ -134,3 +133,15 @@ def test_results_stay_inside_the_range_the_model_declares():
     synced = LevelConsensus(CanvasDenoiser(bounded, None, LocalExecutor(4), plan, "linear"))
     out = synced(_canvas(), 1.0, 0, plan.grid(0), NullListener())
     assert out.min() == -0.1 and out.max() == 0.1
+
+
+def test_the_level_field_spreads_as_much_at_the_border_as_inside():
+    """White noise blurred with variance edges has the interior's variance in its border rows; mirrored edges
+    give the border rows about twice as much (the level the model would read there)."""
+    noise = torch.randn(64, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+    sigma = 8.0
+    variance = level_field(noise, sigma).var(dim=(0, 1, 3))
+    mirrored = gaussian_lowpass(noise - noise.mean(dim=(-2, -1), keepdim=True), sigma).var(dim=(0, 1, 3))
+    inside = variance[40:56].mean()
+    assert variance[0] / inside == pytest.approx(1.0, abs=0.15)
+    assert mirrored[0] / mirrored[40:56].mean() > 1.6

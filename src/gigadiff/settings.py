@@ -287,6 +287,9 @@ def check_for_model(s: GenerationSettings, info: ModelInfo) -> GenerationSetting
             raise GigadiffError(
                 f"{{size}} {resolved.width}x{resolved.height} is smaller than model {name!r}'s {n}x{n} input", "size"
             )
+    if resolved.steps < info.min_steps:
+        raise GigadiffError(f"{{steps}} {resolved.steps}: model {name!r} needs at least {info.min_steps} steps (its "
+                            "scheduler stretches the schedule to a terminal noise level)", "steps")  # fmt: skip
     if (
         resolved.positions == "global"
         and info.max_global_px

@@ -419,6 +419,85 @@ def tiny_pixart_sigma_pipeline(seed: int = 0) -> Any:
     return evaluating(pipe)
 
 
+def tiny_qwen_image_vae(z_dim: int = 4) -> Any:
+    """A Qwen-Image-shaped VAE: causal 3D convolutions, per-pixel RMS norms, a single-head mid-block attention,
+    8x spatial compression, per-channel latent mean/std (not 0/1, so the normalisation is exercised)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=z_dim * 2, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True],
+                                  latents_mean=[0.1 * (i - z_dim / 2) for i in range(z_dim)],
+                                  latents_std=[1.0 + 0.25 * i for i in range(z_dim)])  # fmt: skip
+
+
+def tiny_qwen_image_pipeline(seed: int = 0) -> Any:
+    """A Qwen-Image-shaped pipeline: a Qwen2.5-VL text encoder's last hidden states (template tokens dropped), an
+    MMDiT over 2x2-packed latents with centred rotary positions, the Qwen-Image VAE, dynamic shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))  # fmt: skip
+    tokenizer = tiny_chat_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), vision_start_token_id=len(tokenizer) - 3,
+        vision_end_token_id=len(tokenizer) - 2, vision_token_id=len(tokenizer) - 1,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")  # fmt: skip
+    pipe = QwenImagePipeline(
+        scheduler=scheduler,
+        vae=tiny_qwen_image_vae(),
+        tokenizer=tokenizer,
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+        transformer=transformer,
+    )
+    return evaluating(pipe)
+
+
+def tiny_dc_ae() -> Any:
+    """A DC-AE-shaped autoencoder: 8x compression in 4 stages (pixel-unshuffle down, pixel-shuffle up, as the
+    released ones), ReLU linear attention in the two deepest stages of each direction, RMS norms."""
+    from diffusers import AutoencoderDC
+
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4,
+                         encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+                         decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+                         encoder_block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
+                         encoder_qkv_multiscales=((), (), (5,), (5,)), decoder_qkv_multiscales=((), (), (5,), (5,)),
+                         encoder_layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                         downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
+                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)  # fmt: skip
+
+
+def tiny_sana_pipeline(seed: int = 0) -> Any:
+    """A SANA-shaped pipeline: Gemma-2 prompts (with the pipeline's instruction prefix), a linear-attention DiT
+    over 1x1 patches, the DC-AE, DPM-Solver with flow sigmas and a fixed shift of 3."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                         num_attention_heads=2, attention_head_dim=8, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+                                         sample_size=32)  # fmt: skip
+    tokenizer = tiny_chat_tokenizer()
+    gemma = Gemma2Model(Gemma2Config(head_dim=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                     num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                     max_position_embeddings=4096, attn_implementation="eager"))  # fmt: skip
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=tiny_dc_ae(), transformer=transformer,
+                        scheduler=scheduler)  # fmt: skip
+    return evaluating(pipe)
+
+
 def load_saved(folder: str | Path) -> Any:
     """A pipeline saved by `save_tiny`, loaded back as a hub model loads (local files only, quiet)."""
     from diffusers import DiffusionPipeline

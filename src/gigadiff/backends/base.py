@@ -68,6 +68,9 @@ class ModelInfo:
     default_size: int | None = None
     """Image side used when the user gives no size; None means twice the native size."""
     default_steps: int = 30
+    min_steps: int = 1
+    """Fewest steps the model's scheduler can run (2 where it stretches its schedule to a terminal sigma, as
+    Qwen-Image's does: one step leaves nothing to stretch, and diffusers returns NaN)."""
     latent_multiple: int = 1
     """Canvas pixels per token side: tiles, overlaps, shifts and the canvas are multiples of it (FLUX packs 2x2
     latent pixels into one token, so 2: 16 image pixels)."""

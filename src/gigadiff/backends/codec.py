@@ -99,6 +99,24 @@ class VaeCodec:
         return self._preview
 
 
+class HaloCodec(VaeCodec):
+    """A VAE without image-wide statistics (Qwen-Image's, SANA's DC-AE), tiled by gigadiff.vae.halo. `networks`:
+    its (decoder, encoder) as gigadiff.vae.halo.Network. Their img2img pipelines take the posterior's mode (or
+    have none), so encoding never samples."""
+
+    def __init__(self, vae: Any, device: Any, networks: tuple[Any, Any]):
+        super().__init__(vae, device, sample_posterior=False)
+        self.networks = networks
+
+    def _tiled(self, tiling: VaeTiling, listener: Any) -> Any:
+        from gigadiff.vae.halo import HaloTiledVAE
+
+        return HaloTiledVAE(self.vae, *self.networks, tiling=tiling, listener=listener)
+
+    def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:
+        return "exact" if tiling.mode == "exact" else "fast"
+
+
 def shrink(x: torch_types.Tensor, max_side: int) -> torch_types.Tensor:
     """Average-pool [B, C, H, W] by the smallest whole factor that brings both sides to at most `max_side`."""
     factor = max(1, -(-max(x.shape[-2:]) // max_side))

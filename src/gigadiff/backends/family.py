@@ -93,6 +93,8 @@ class Family:
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,
         }
+        if source.scheduler_config().get("shift_terminal"):
+            defaults["min_steps"] = 2
         defaults.update(fields)
         if preset is not None:
             defaults.update(default_steps=preset.steps, default_guidance=preset.guidance)

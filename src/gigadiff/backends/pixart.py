@@ -39,6 +39,10 @@ class PixArtConditioning(NegativeGuided):
 
 
 class PixArtBackend(TransformerBackend):
+    def prompt_options(self) -> dict[str, Any]:
+        """Further `encode_prompt` arguments the family's pipeline passes by default."""
+        return {}
+
     @no_grad
     def condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
@@ -48,22 +52,29 @@ class PixArtBackend(TransformerBackend):
         cfg = scale > 1.0
         embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
             prompt, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, device=self.device,
-            clean_caption=False,
+            clean_caption=False, **self.prompt_options(),
         )  # fmt: skip
         return PixArtConditioning((embeds, mask), (negative, negative_mask) if cfg else None, scale)
+
+    extra_inputs: Mapping[str, Any] = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    """Transformer inputs beyond latents, text and timestep (PixArt's micro-conditions, unused by Σ)."""
+    timestep_scale = 1.0
+    """What the pipeline multiplies the scheduler's timestep by before the transformer sees it."""
 
     def _call(self, x: torch_types.Tensor, t: Any, embeds: torch_types.Tensor,
               mask: torch_types.Tensor) -> torch_types.Tensor:  # fmt: skip
         n = x.shape[0]
         timestep = torch.as_tensor(t, device=self.device)
         timestep = (timestep[None] if timestep.ndim == 0 else timestep).expand(n)
+        if self.timestep_scale != 1.0:
+            timestep = timestep * self.timestep_scale
         out = self.transformer(
             x.to(self.device, self.transformer.dtype),
             encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
             encoder_attention_mask=mask.expand(n, -1) if mask.shape[0] == 1 else mask,
             timestep=timestep,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             return_dict=False,
+            **self.extra_inputs,
         )[0]
         channels = x.shape[1]
         if out.shape[1] == 2 * channels:  # learned variance: the noise is the first half

@@ -12,6 +12,8 @@ from gigadiff.backends.family import Family, Preset
 from gigadiff.backends.flux import Flux
 from gigadiff.backends.flux2 import Flux2, Flux2Klein
 from gigadiff.backends.pixart import PixArtSigma
+from gigadiff.backends.qwen_image import QwenImage
+from gigadiff.backends.sana import Sana
 from gigadiff.backends.sd import StableDiffusion
 from gigadiff.backends.sd3 import StableDiffusion3
 from gigadiff.backends.sdxl import StableDiffusionXL
@@ -31,6 +33,8 @@ FAMILIES: tuple[Family, ...] = (
     Flux(),
     ZImage(),
     StableDiffusion3(),
+    QwenImage(),
+    Sana(),
     PixArtSigma(),
     StableDiffusion(),
 )

@@ -156,13 +156,7 @@ class TiledVAE:
             raise GigadiffError(f"tiled VAE encode: image size {w}x{h} must be a multiple of {self.factor}")
         collect = Collector()
         self._run(encoder_program(self.vae), image.float().cpu(), collect, "encoding")
-        moments = collect.image
-        mean, logvar = moments.chunk(2, dim=1)
-        latents = mean
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return scale_latents(self.vae, latents)
+        return scale_latents(self.vae, posterior_latents(collect.image, sample, generator))
 
     def _run(self, program: Program, x: torch.Tensor, sink: TileSink, what: str) -> None:
         """Plan (and check) the run of `program` on x, then stream its output to `sink` in the chosen mode."""
@@ -333,6 +327,16 @@ def _clamped(sink: TileSink) -> TileSink:
         sink(y0, x0, tile.float().clamp(-1, 1).cpu())
 
     return clamp
+
+
+def posterior_latents(moments: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """An encoder's moments [B, 2C, h, w] (mean, logvar) -> the mean, or a sample drawn for the whole latent at
+    once with `generator` (so tiling does not change it)."""
+    mean, logvar = moments.chunk(2, dim=1)
+    if not sample:
+        return mean
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
 def unscale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:

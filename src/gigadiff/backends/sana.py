@@ -1,0 +1,158 @@
+"""SANA (1600M at 1024 px, 2K, 4K): a linear-attention DiT predicting flow velocity over SANA's deep-compression
+autoencoder (DC-AE, 32x, 32 channels), Gemma-2 prompts.
+
+- **Prompts**: Gemma-2's hidden states and mask through the pipeline's own `encode_prompt`, with the pipeline's
+  default "complex human instruction" prefix and sequence length (read from its `__call__`, so a pipeline
+  version that changes them is followed).
+- **Guidance, outputs, sizes, positions**: as PixArt-Σ (gigadiff.backends.pixart), whose transformer interface
+  SANA shares: both passes in one call, resolution binning off for tiles and canvas, positions (when the model
+  has them) computed by the patch embedding for each tile's size. The timestep is scaled by the transformer's
+  `timestep_scale`, as the pipeline does.
+- **Schedule**: flow matching with the model's fixed shift, through its own DPM-Solver (flow sigmas), no sigma
+  schedule imposed (the pipeline passes none).
+- **VAE**: AutoencoderDC (convolutions, per-pixel RMS norms, ReLU linear attention in its deep stages), tiled by
+  gigadiff.vae.halo: each linear attention's whole-image summary (the sum of v kᵀ over positions, per head) is
+  gathered tile by tile, exactly, so tiled equals whole in both modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.codec import HaloCodec, VaeCodec
+from gigadiff.backends.family import Family, Preset, flow_shift_rule
+from gigadiff.backends.pixart import PixArtBackend
+
+if TYPE_CHECKING:
+    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.source import ModelSource
+    from gigadiff.vae.halo import Network
+
+
+class SanaBackend(PixArtBackend):
+    extra_inputs: Mapping[str, Any] = MappingProxyType({})
+
+    def __init__(self, pipe: Any, info: ModelInfo):
+        super().__init__(pipe, info)
+        self.timestep_scale = float(getattr(self.transformer.config, "timestep_scale", 1.0) or 1.0)
+
+    def make_codec(self) -> VaeCodec:
+        return HaloCodec(self.pipe.vae, self.device, dc_ae_networks(self.pipe.vae))
+
+    def default_sigmas(self, steps: int) -> list[float] | None:
+        """None: the pipeline gives no sigmas; its DPM-Solver spaces its own flow sigmas."""
+        return None
+
+    def prompt_options(self) -> dict[str, Any]:
+        defaults = inspect.signature(type(self.pipe).__call__).parameters
+        return {name: defaults[name].default for name in ("complex_human_instruction", "max_sequence_length")
+                if name in defaults}  # fmt: skip
+
+
+def _linear_attention_op(attn: Any) -> Any:
+    """A DC-AE SanaMultiscaleLinearAttention as a tiled-pass op: its processor's steps around the global sum."""
+    import torch
+
+    from gigadiff.vae.passes import LinearAttention
+
+    class DcAeAttention(LinearAttention):
+        def qkv(self, x: Any) -> tuple[Any, Any, Any]:
+            b, _, h, w = x.shape
+            hidden = x.movedim(1, -1)
+            qkv = torch.cat([attn.to_q(hidden), attn.to_k(hidden), attn.to_v(hidden)], dim=3).movedim(-1, 1)
+            scales = torch.cat([qkv, *(block(qkv) for block in attn.to_qkv_multiscale)], dim=1).float()
+            q, k, v = scales.reshape(b, -1, 3 * attn.attention_head_dim, h * w).chunk(3, dim=2)
+            return attn.nonlinearity(q), attn.nonlinearity(k), v
+
+        def finish(self, x: Any, attended: Any) -> Any:
+            b, _, h, w = x.shape
+            out = attn.to_out(attended.to(x.dtype).reshape(b, -1, h, w).movedim(1, -1)).movedim(-1, 1)
+            if attn.norm_type == "rms_norm":
+                out = attn.norm_out(out.movedim(1, -1)).movedim(-1, 1)
+            else:
+                out = attn.norm_out(out)
+            return out + x if attn.residual_connection else out
+
+    return DcAeAttention(eps=attn.eps)
+
+
+def dc_ae_networks(vae: Any) -> tuple[Network, Network]:
+    """AutoencoderDC as (decoder, encoder) networks: every linear attention is a whole-image op."""
+    from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
+
+    from gigadiff.vae.halo import Network, architecture
+
+    factor = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+
+    def network(part: Any) -> tuple[list[Any], Any]:
+        layers = [m for m in part.modules() if isinstance(m, SanaMultiscaleLinearAttention)]
+        ops = [_linear_attention_op(m) for m in layers]
+
+        @contextlib.contextmanager
+        def install() -> Iterator[None]:
+            saved = [m.processor for m in layers]
+            try:
+                for m, op, plain in zip(layers, ops, saved, strict=True):
+                    m.processor = _Hooked(op, plain)
+                yield
+            finally:
+                for m, plain in zip(layers, saved, strict=True):
+                    m.processor = plain
+
+        return ops, install
+
+    dec_ops, dec_hooks = network(vae.decoder)
+    enc_ops, enc_hooks = network(vae.encoder)
+    decoder = Network(vae.decoder, dec_ops, dec_hooks, int(vae.config.latent_channels), float(factor),
+                      architecture=architecture(vae, "decoder"))  # fmt: skip
+    encoder = Network(vae.encoder, enc_ops, enc_hooks, int(vae.config.in_channels), 1.0 / factor, align=factor,
+                      architecture=architecture(vae, "encoder"))  # fmt: skip
+    return decoder, encoder
+
+
+class _Hooked:
+    """An attention processor that runs the layer through its tiled-pass op."""
+
+    def __init__(self, op: Any, plain: Any):
+        self.op, self.plain = op, plain
+
+    def __call__(self, attn: Any, hidden_states: Any) -> Any:
+        return self.op(hidden_states, lambda x: self.plain(attn, x))
+
+
+class Sana(Family):
+    name = "sana"
+    pipelines = ("SanaPipeline",)
+    presets = (
+        Preset("sana-1600m-1024", "Efficient-Large-Model/Sana_1600M_1024px_diffusers", steps=20, guidance=4.5),
+        Preset("sana-1600m-4k", "Efficient-Large-Model/Sana_1600M_4Kpx_BF16_diffusers", steps=20, guidance=4.5),
+    )
+    scheduler_kind = "flow"
+    guidance_kind = "cfg"
+    positions = "none"
+    latent_multiple = 1
+    vae = "AutoencoderDC"
+    default_native = 1024
+    default_steps = 20
+    default_guidance = 4.5
+
+    def describe(self, source: ModelSource) -> ModelInfo:
+        transformer = source.config("transformer")
+        blocks = source.config("vae").get("encoder_block_out_channels") or [0] * 6
+        factor = 2 ** (len(blocks) - 1)
+        sample = transformer.get("sample_size")
+        return self.base_info(
+            source,
+            latent_channels=int(transformer.get("in_channels", 32)),
+            vae_scale_factor=factor,
+            latent_multiple=int(transformer.get("patch_size", 1)),
+            native_size=int(sample) * factor if sample else self.default_native,
+            shift_rule=flow_shift_rule(source),
+        )
+
+    def adapt(self, pipe: Any, info: ModelInfo) -> Backend:
+        return SanaBackend(pipe, info)

@@ -1,0 +1,352 @@
+"""Tiled passes through a VAE whose only whole-image operations are attention layers.
+
+Qwen-Image's VAE (causal convolutions, per-pixel RMS norms) and SANA's deep-compression autoencoder (convolutions,
+per-pixel RMS norms, ReLU linear attention) have no normalisation statistics over the image: apart from their
+attention layers, every output pixel depends only on the input within a bounded reach. So a tile taken with a
+halo of at least that reach gives exactly the whole pass's output over the tile's core — the reach is measured
+on the network itself (`reach`), not declared.
+
+The attention layers are the exception: each position attends over the whole image. Each one is a `GlobalOp`
+(installed by the family's backend) whose whole-image part is a small summary gathered tile by tile:
+
+- ReLU linear attention (DC-AE): the sum over positions of v kᵀ per head, d x d numbers. Exact.
+- softmax attention (Qwen-Image's mid-block): the keys and values of every position (exact mode), or pooled to
+  at most `tiled.MAX_KEYS` (fast mode), as the AutoencoderKL path pools its mid-block's keys.
+
+The driver runs one gathering pass per attention layer, in network order (layer l's input needs the summaries
+of the layers before it): every tile runs the network up to layer l, adds its core's part to the summary and
+stops there (`Stop`). A last pass runs every tile through the whole network with all summaries frozen and
+streams the cores to the sink. Memory is one tile plus the summaries; the gathering passes cost the network up
+to each attention layer (the low-resolution end of a decoder, the last stages of an encoder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from gigadiff import interrupts
+from gigadiff.vae.blend import even_cuts
+from gigadiff.vae.engine import TileSink
+
+Mode = Literal["plain", "collect", "apply", "probe"]
+
+
+class Stop(Exception):
+    """Raised by the layer being gathered once it has its tile's part: the rest of the network is not needed."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where the running crop sits, in the pass's input pixels: the crop's size, and its core's offset inside
+    the crop, size and place in the whole input."""
+
+    crop: tuple[int, int]
+    core: tuple[int, int, int, int]
+    """(top, left, height, width) of the core inside the crop."""
+    origin: tuple[int, int]
+    """(y, x) of the core's corner in the whole input."""
+    whole: tuple[int, int]
+
+    def at(self, x: torch.Tensor) -> tuple[slice, slice, tuple[int, int], tuple[int, int]]:
+        """The core's rows and columns in a layer's input x (at the layer's own resolution), its origin and the
+        whole input's size at that resolution."""
+        s = x.shape[-1] / self.crop[1]
+        top, left, h, w = (round(v * s) for v in self.core)
+        origin = (round(self.origin[0] * s), round(self.origin[1] * s))
+        return slice(top, top + h), slice(left, left + w), origin, (round(self.whole[0] * s), round(self.whole[1] * s))
+
+
+class GlobalOp:
+    """A whole-image layer of a tiled network. The backend hooks the layer so that its forward calls
+    `self(x, plain)`; the driver sets `mode` and `window`."""
+
+    mode: Mode = "plain"
+    window: Window | None = None
+
+    def __call__(self, x: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.mode == "plain":
+            return plain(x)
+        if self.mode == "collect":
+            assert self.window is not None
+            self.collect(x, self.window)
+            raise Stop
+        if self.mode == "probe":  # the summary of this very input, held fixed: gradients see only the local paths
+            _TRACE.append(self)
+            with torch.no_grad():
+                size = (int(x.shape[-2]), int(x.shape[-1]))
+                self.reset(None)
+                self.collect(x.detach(), Window(size, (0, 0, *size), (0, 0), size))
+                self.freeze()
+        return self.apply(x)
+
+    def alignment(self, whole: tuple[int, int]) -> int:
+        """Input pixels that tile cores must be multiples of (pooling cells); `whole` is the input's size."""
+        return 1
+
+    def reset(self, whole: tuple[int, int] | None = None) -> None:
+        """Start a new summary (`whole`: the input's size, when the pass knows it)."""
+        raise NotImplementedError
+
+    def collect(self, x: torch.Tensor, window: Window) -> None:
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """The summary is complete: make it ready for `apply`."""
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def modes(ops: Sequence[GlobalOp], mode: Mode, gather: GlobalOp | None = None) -> Iterator[None]:
+    """While inside, every op is in `mode`, except `gather` (collecting) and the ops after it (never reached)."""
+    try:
+        for op in ops:
+            op.mode = mode
+        if gather is not None:
+            gather.mode = "collect"
+        yield
+    finally:
+        for op in ops:
+            op.mode, op.window = "plain", None
+
+
+_TRACE: list[GlobalOp] = []
+"""The ops in the order a probe pass called them."""
+
+
+def execution_order(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int,
+                    align: int, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> list[GlobalOp]:  # fmt: skip
+    """`ops` in the order the network runs them (not always the order its modules are registered in: a decoder
+    may run its blocks in reverse). Every op must be on the network's path."""
+    _TRACE.clear()
+    side = 4 * align
+    with modes(ops, "probe"), torch.no_grad():
+        network(torch.zeros(1, channels, side, side, device=device, dtype=dtype))
+    order = list(dict.fromkeys(_TRACE))
+    _TRACE.clear()
+    if len(order) != len(ops):
+        raise RuntimeError(f"{len(ops) - len(order)} of the network's attention layers did not run in a probe pass")
+    return order
+
+
+def reach(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int, scale: float,
+          align: int, start: int = 32, limit: int = 2048, device: Any = "cpu",
+          dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+    """How far, in input pixels, the network's output over one input pixel depends on its input, with every
+    attention's summary held fixed (the support of the gradient). `scale`: output px per input px. Grows the
+    probe until the support stays inside it."""
+    size = start
+    while True:
+        size = -(-size // align) * align
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, channels, 2 * size + align, 2 * size + align, generator=generator)
+        x = x.to(device, dtype).requires_grad_(True)
+        with modes(ops, "probe"), torch.enable_grad():
+            out = network(x)
+            c0, c1 = round(size * scale), round((size + align) * scale)
+            out[..., c0:c1, c0:c1].abs().sum().backward()
+        assert x.grad is not None
+        support = (x.grad != 0).any(dim=1)[0]  # NaN (a half-precision overflow) counts as reached
+        rows = support.any(dim=1).nonzero().flatten()
+        cols = support.any(dim=0).nonzero().flatten()
+        last = size + align - 1  # the probed block is input rows/cols [size, size + align)
+        radius = int(max(size - rows.min(), rows.max() - last, size - cols.min(), cols.max() - last))
+        if radius < size - align or size >= limit:
+            return -(-radius // align) * align
+        size *= 2
+
+
+def _crop(x: torch.Tensor, y0: int, y1: int, x0: int, x1: int, halo: int, wrap: tuple[bool, bool]):
+    from gigadiff.vae.tiled import _crop as crop
+
+    return crop(x, y0, y1, x0, x1, halo, wrap)
+
+
+@dataclass(frozen=True)
+class TiledPass:
+    """One tiled pass of a network over an input [B, C, H, W]: cores of at most `tile` input px, `halo` px of
+    context (`reach`), cores and halos multiples of `align` input px; `scale` output px per input px."""
+
+    network: Callable[[torch.Tensor], torch.Tensor]
+    ops: Sequence[GlobalOp]
+    tile: int
+    halo: int
+    align: int
+    scale: float
+    wrap: tuple[bool, bool] = (False, False)
+
+    def cores(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        step = math.lcm(self.align, *(op.alignment((height, width)) for op in self.ops))
+
+        def cuts(size: int) -> list[tuple[int, int]]:
+            bounds = even_cuts(size, max(step, self.tile // step * step), step)
+            return list(itertools.pairwise(bounds))
+
+        return [(y0, y1, x0, x1) for y0, y1 in cuts(height) for x0, x1 in cuts(width)]
+
+    def run(self, x: torch.Tensor, sink: TileSink, device: Any, dtype: torch.dtype,
+            advance: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        """Gathering passes (one per op) and the output pass; the output cores go to `sink` in row-major order."""
+        height, width = x.shape[-2:]
+        cores = self.cores(height, width)
+        for i, op in enumerate(self.ops):
+            op.reset((height, width))
+            with modes(self.ops[:i], "apply", gather=op):
+                for core in cores:
+                    self._tile(x, core, device, dtype, expect_stop=True)
+                    advance()
+            op.freeze()
+        with modes(self.ops, "apply"):
+            for core in cores:
+                out = self._tile(x, core, device, dtype, expect_stop=False)
+                assert out is not None
+                y0, _, x0, _ = core
+                sink(round(y0 * self.scale), round(x0 * self.scale), out)
+                advance()
+
+    def _tile(self, x: torch.Tensor, core: tuple[int, int, int, int], device: Any, dtype: torch.dtype,
+              expect_stop: bool) -> torch.Tensor | None:  # fmt: skip
+        interrupts.check()
+        y0, y1, x0, x1 = core
+        crop, (top, left) = _crop(x, y0, y1, x0, x1, self.halo, self.wrap)
+        window = Window(tuple(crop.shape[-2:]), (top, left, y1 - y0, x1 - x0), (y0, x0), tuple(x.shape[-2:]))
+        for op in self.ops:
+            op.window = window
+        try:
+            out = self.network(crop.to(device, dtype))
+        except Stop:
+            return None
+        assert not expect_stop, "a gathering pass ran to the end: its op is not on the network's path"
+        s = self.scale
+        rows = slice(round(top * s), round((top + y1 - y0) * s))
+        cols = slice(round(left * s), round((left + x1 - x0) * s))
+        return out[..., rows, cols]
+
+
+class SoftmaxAttention(GlobalOp):
+    """Softmax self-attention over the whole image; the summary is every position's key and value (`max_keys`
+    None) or keys/values averaged over f x f cells of the whole image, at most `max_keys` of them, each logit
+    raised by log(members) (gigadiff.vae.attention.pooled). The family subclass says how its layer computes
+    queries, keys and values [B, heads, N, d] (row-major positions) and finishes from the attended values.
+    `scale`: the layer's pixels per pass input pixel."""
+
+    def __init__(self, scale: float, max_keys: int | None, chunk: int = 4096):
+        self.scale, self.max_keys, self.chunk = scale, max_keys, chunk
+        self.cell = 1
+        self.layer_hw = (0, 0)
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.frozen: Any = None
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _layer_size(self, whole: tuple[int, int]) -> tuple[int, int]:
+        return round(whole[0] * self.scale), round(whole[1] * self.scale)
+
+    def _cell(self, whole: tuple[int, int]) -> int:
+        h, w = self._layer_size(whole)
+        f = 1
+        while self.max_keys is not None and math.ceil(h / f) * math.ceil(w / f) > self.max_keys:
+            f += 1
+        return f
+
+    def alignment(self, whole: tuple[int, int]) -> int:
+        return max(1, round(self._cell(whole) / self.scale))
+
+    def reset(self, whole: tuple[int, int] | None = None) -> None:
+        self.cell = self._cell(whole) if whole is not None else 1
+        self.keys = self.values = self.frozen = None
+
+    def collect(self, x: torch.Tensor, window: Window) -> None:
+        _, k, v = self.qkv(x)
+        rows, cols, origin, whole = window.at(x)
+        f, self.layer_hw = self.cell, whole
+        grid = (math.ceil(whole[0] / f), math.ceil(whole[1] / f))
+        if self.keys is None:
+            b, heads, _, d = k.shape
+            self.keys = torch.zeros(b, heads, d, *grid)
+            self.values = torch.zeros(b, heads, d, *grid)
+        assert self.values is not None
+        for store, t in ((self.keys, k), (self.values, v)):
+            b, heads, _, d = t.shape
+            planes = t.transpose(2, 3).reshape(b * heads, d, x.shape[-2], x.shape[-1])[:, :, rows, cols].float()
+            if f > 1:
+                planes = torch.nn.functional.avg_pool2d(planes, f, ceil_mode=True, count_include_pad=False)
+            top, left = origin[0] // f, origin[1] // f
+            store[:, :, :, top : top + planes.shape[-2], left : left + planes.shape[-1]] = planes.view(
+                b, heads, d, *planes.shape[-2:]
+            ).cpu()
+
+    def freeze(self) -> None:
+        from gigadiff.vae.attention import KeyValues
+
+        assert self.keys is not None and self.values is not None
+        b, heads, d, gh, gw = self.keys.shape
+        log_weight = None
+        if self.cell > 1:  # a cell's weight is its member count (cells cut by the image's edge have fewer)
+            ones = torch.ones(1, 1, *self.layer_hw)
+            members = torch.nn.functional.avg_pool2d(ones, self.cell, ceil_mode=True, divisor_override=1)
+            log_weight = members.flatten().log()
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, heads, d, gh * gw).transpose(2, 3).contiguous()
+
+        self.frozen = KeyValues(flat(self.keys), flat(self.values), log_weight)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        from gigadiff.vae.attention import attend
+
+        q, _, _ = self.qkv(x)
+        kv = self.frozen
+        kv = type(kv)(kv.keys.to(q.device, q.dtype), kv.values.to(q.device, q.dtype),
+                      None if kv.log_weight is None else kv.log_weight.to(q.device, q.dtype))  # fmt: skip
+        return self.finish(x, attend(q, kv, q.shape[-1] ** -0.5, self.chunk))
+
+
+class LinearAttention(GlobalOp):
+    """ReLU linear attention over the whole image (EfficientViT, SANA's DC-AE): out_n = (S q_n)[:d] / (S q_n)[d]
+    with S = sum over positions of [v; 1] kᵀ per head. S is summed tile by tile: exact. The family subclass gives
+    the layer's (q, k, v) [B, heads, d, N] (after the kernel's ReLU) and finishes from the attended values."""
+
+    def __init__(self, eps: float = 1e-15):
+        self.eps = eps
+        self.sums: torch.Tensor | None = None
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self, whole: tuple[int, int] | None = None) -> None:
+        self.sums = None
+
+    def collect(self, x: torch.Tensor, window: Window) -> None:
+        _, k, v = self.qkv(x)
+        rows, cols, _, _ = window.at(x)
+        h, w = x.shape[-2:]
+
+        def core(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (h, w))[..., rows, cols].flatten(-2).float()
+
+        v_pad = torch.nn.functional.pad(core(v), (0, 0, 0, 1), value=1.0)
+        part = (v_pad @ core(k).transpose(-1, -2)).cpu()
+        self.sums = part if self.sums is None else self.sums + part
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        q, _, _ = self.qkv(x)
+        assert self.sums is not None
+        out = self.sums.to(q.device) @ q.float()
+        return self.finish(x, out[:, :, :-1] / (out[:, :, -1:] + self.eps))
