@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gigadiff.vae.halo import HaloTiledVAE, whole_decode
-from gigadiff.vae.passes import LinearAttention, SoftmaxAttention, TiledPass, reach
+from gigadiff.vae.passes import LinearAttention, SoftmaxAttention, TiledPass, reach, stage_reach
 from gigadiff.vae.tiled import Collector, scale_latents
 from gigadiff.vae.tiling import VaeTiling
 
@@ -42,10 +42,10 @@ class ToySoftmax(SoftmaxAttention):
         return x + attended[:, 0].transpose(1, 2).reshape(x.shape[0], 4, *x.shape[-2:]).sum(1, keepdim=True)
 
 
-def toy_network(op):
+def toy_network(op, convs=None):
     """conv 3x3 -> attention op -> conv 3x3 -> 2x nearest upsample -> conv 3x3: reach 3 input px."""
     torch.manual_seed(0)
-    convs = [torch.nn.Conv2d(2, 2, 3, padding=1) for _ in range(3)]
+    convs = convs if convs is not None else [torch.nn.Conv2d(2, 2, 3, padding=1) for _ in range(3)]
 
     def run(x):
         y = convs[1](op(convs[0](x), lambda t: t))
@@ -71,6 +71,31 @@ def test_tiles_with_the_measured_reach_equal_the_whole_pass(kind):
     short = Collector()  # one pixel of halo too few: the cuts show
     TiledPass(run, [op], tile=8, halo=2, align=1, scale=2.0).run(x, short, "cpu", torch.float32)
     assert (short.image - whole).abs().max() > 1e-3
+
+
+def test_stages_are_cut_to_what_the_rest_of_the_network_needs():
+    """After the second conv only the last one (at twice the resolution) still reads around the core: 1 input px.
+    Cutting there keeps the result and runs the fine stage on the core plus that px."""
+    torch.manual_seed(1)
+    op = ToyLinear(torch.randn(12, 2))
+    torch.manual_seed(0)
+    convs = [torch.nn.Conv2d(2, 2, 3, padding=1) for _ in range(3)]
+    run = toy_network(op, convs)
+    assert stage_reach(run, [op], 2, 2.0, 1, convs[1], size=8) == 1
+    x = torch.randn(1, 2, 37, 29)
+    op.mode = "probe"
+    whole = run(x).detach()
+    op.mode = "plain"
+    widths = []
+    hook = convs[2].register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[-1]))
+    out = Collector()
+    try:
+        TiledPass(run, [op], tile=8, halo=3, align=1, scale=2.0, stages=[(convs[1], 1)]).run(x, out, "cpu",
+                                                                                          torch.float32)  # fmt: skip
+    finally:
+        hook.remove()
+    assert (out.image - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert max(widths) <= 2 * (8 + 2)  # core 8 (or less) + 1 px each side, upsampled: not 8 + 2 * 3
 
 
 def test_pooled_keys_approach_the_exact_attention():

@@ -192,9 +192,11 @@ def qwen_vae_networks(vae: Any) -> tuple[Network, Network]:
     dec_ops = [_qwen_attention_op(b, 1.0) for b in dec_blocks]
     enc_ops = [_qwen_attention_op(b, 1.0 / factor) for b in enc_blocks]
     decoder = Network(decode, dec_ops, hooked(dec_blocks, dec_ops), int(vae.config.z_dim), float(factor),
-                      architecture=architecture(vae, "decoder"), fast_keys=limit(dec_ops))  # fmt: skip
+                      architecture=architecture(vae, "decoder"), fast_keys=limit(dec_ops),
+                      stages=[vae.decoder.mid_block, *vae.decoder.up_blocks])  # fmt: skip
     encoder = Network(encode, enc_ops, hooked(enc_blocks, enc_ops), 3, 1.0 / factor, align=factor, posterior=True,
-                      architecture=architecture(vae, "encoder"), fast_keys=limit(enc_ops))  # fmt: skip
+                      architecture=architecture(vae, "encoder"), fast_keys=limit(enc_ops),
+                      stages=list(vae.encoder.down_blocks))  # fmt: skip
     return decoder, encoder
 
 

@@ -108,9 +108,9 @@ def dc_ae_networks(vae: Any) -> tuple[Network, Network]:
     dec_ops, dec_hooks = network(vae.decoder)
     enc_ops, enc_hooks = network(vae.encoder)
     decoder = Network(vae.decoder, dec_ops, dec_hooks, int(vae.config.latent_channels), float(factor),
-                      architecture=architecture(vae, "decoder"))  # fmt: skip
+                      architecture=architecture(vae, "decoder"), stages=list(vae.decoder.up_blocks))  # fmt: skip
     encoder = Network(vae.encoder, enc_ops, enc_hooks, int(vae.config.in_channels), 1.0 / factor, align=factor,
-                      architecture=architecture(vae, "encoder"))  # fmt: skip
+                      architecture=architecture(vae, "encoder"), stages=list(vae.encoder.down_blocks))  # fmt: skip
     return decoder, encoder
 
 

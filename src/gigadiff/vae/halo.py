@@ -17,7 +17,7 @@ import torch
 
 from gigadiff.errors import GigadiffError
 from gigadiff.vae.engine import TileSink
-from gigadiff.vae.passes import GlobalOp, TiledPass, execution_order, reach
+from gigadiff.vae.passes import GlobalOp, TiledPass, execution_order, reach, stage_reach
 from gigadiff.vae.tiled import Collector, _clamped, posterior_latents, scale_latents, unscale_latents
 from gigadiff.vae.tiling import VaeTiling
 
@@ -46,23 +46,38 @@ class Network:
     """What determines the reach (the VAE's class and config, and the direction); empty: measured every time."""
     fast_keys: Callable[[int | None], None] = field(default=lambda keys: None)
     """Sets the softmax attentions' key limit (None: every key, exact mode)."""
-    _reach: int | None = None
+    stages: Sequence[Any] = ()
+    """Modules on the network's path after which a tile's tensor can be cut down to what the rest needs (its
+    resolution stages): the finer stages then run on little more than the core (gigadiff.vae.passes.TiledPass)."""
+    _reach: tuple[int, list[tuple[Any, int]]] | None = None
 
     def halo(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> int:
-        """The network's reach in input px, measured once per architecture (`architecture`), with its
-        summaries held fixed: a probe's gradient support does not depend on the weights' values."""
+        """The network's reach in input px (measured once per `architecture`, with its summaries held fixed:
+        whether a change arrives does not depend on the weights' values)."""
+        return self._measure(device, dtype)[0]
+
+    def stage_halos(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[Any, int]]:
+        """(stage, reach from its output on) for every stage."""
+        return self._measure(device, dtype)[1]
+
+    def _measure(self, device: Any, dtype: torch.dtype) -> tuple[int, list[tuple[Any, int]]]:
         if self._reach is None:
             key = (self.architecture, self.channels, self.scale)
             with self.hooks():
                 self.ops = execution_order(self.run, self.ops, self.channels, self.align, device, dtype)
                 if key not in _REACH or not self.architecture:
-                    _REACH[key] = reach(self.run, self.ops, self.channels, self.scale, self.align,
-                                        start=max(32, 16 * self.align), device=device, dtype=dtype)  # fmt: skip
-            self._reach = _REACH[key]
+                    whole = reach(self.run, self.ops, self.channels, self.scale, self.align,
+                                  start=max(32, 16 * self.align), device=device, dtype=dtype)  # fmt: skip
+                    size = -(-(whole + 2 * self.align) // self.align) * self.align
+                    stages = [stage_reach(self.run, self.ops, self.channels, self.scale, self.align, stage, size,
+                                          device, dtype) for stage in self.stages]  # fmt: skip
+                    _REACH[key] = (whole, stages)
+            whole, per_stage = _REACH[key]
+            self._reach = (whole, list(zip(self.stages, per_stage, strict=True)))
         return self._reach
 
 
-_REACH: dict[tuple[Any, ...], int] = {}
+_REACH: dict[tuple[Any, ...], tuple[int, list[int]]] = {}
 
 
 class HaloTiledVAE:
@@ -87,7 +102,7 @@ class HaloTiledVAE:
         network.fast_keys(self.max_keys)
         halo = network.halo(self.device, self.dtype)
         return TiledPass(network.run, network.ops, max(tile, 2 * halo), halo, network.align, network.scale,
-                         self.tiling.wrap)  # fmt: skip
+                         self.tiling.wrap, network.stage_halos(self.device, self.dtype))  # fmt: skip
 
     def _run(self, network: Network, x: torch.Tensor, tile: int, sink: TileSink, what: str) -> None:
         tiled = self._pass(network, tile)

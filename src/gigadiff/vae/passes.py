@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -42,25 +42,41 @@ class Stop(Exception):
     """Raised by the layer being gathered once it has its tile's part: the rest of the network is not needed."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Window:
-    """Where the running crop sits, in the pass's input pixels: the crop's size, and its core's offset inside
-    the crop, size and place in the whole input."""
+    """Where the running crop sits, in the pass's input pixels (whole-input coordinates, not wrapped): the extent
+    the network's current tensor covers (narrowed at stage crops as the network runs), the core, the whole."""
 
-    crop: tuple[int, int]
+    extent: list[int]
+    """[top, left, bottom, right] of what the current tensor holds."""
     core: tuple[int, int, int, int]
-    """(top, left, height, width) of the core inside the crop."""
-    origin: tuple[int, int]
-    """(y, x) of the core's corner in the whole input."""
+    """(top, left, height, width) of the core."""
     whole: tuple[int, int]
+
+    def scale_of(self, x: torch.Tensor) -> float:
+        """x's pixels per input pixel."""
+        return x.shape[-1] / (self.extent[3] - self.extent[1])
 
     def at(self, x: torch.Tensor) -> tuple[slice, slice, tuple[int, int], tuple[int, int]]:
         """The core's rows and columns in a layer's input x (at the layer's own resolution), its origin and the
         whole input's size at that resolution."""
-        s = x.shape[-1] / self.crop[1]
-        top, left, h, w = (round(v * s) for v in self.core)
-        origin = (round(self.origin[0] * s), round(self.origin[1] * s))
-        return slice(top, top + h), slice(left, left + w), origin, (round(self.whole[0] * s), round(self.whole[1] * s))
+        s = self.scale_of(x)
+        cy, cx, h, w = self.core
+        top, left = round((cy - self.extent[0]) * s), round((cx - self.extent[1]) * s)
+        rows, cols = slice(top, top + round(h * s)), slice(left, left + round(w * s))
+        return rows, cols, (round(cy * s), round(cx * s)), (round(self.whole[0] * s), round(self.whole[1] * s))
+
+    def narrow(self, x: torch.Tensor, reach: int) -> torch.Tensor:
+        """x cut to the core plus `reach` input px on each side (within what it holds): what the rest of the
+        network needs from here. The extent follows."""
+        s = self.scale_of(x)
+        cy, cx, h, w = self.core
+        e = self.extent
+        new = [max(e[0], cy - reach), max(e[1], cx - reach), min(e[2], cy + h + reach), min(e[3], cx + w + reach)]
+        rows = slice(round((new[0] - e[0]) * s), round((new[2] - e[0]) * s))
+        cols = slice(round((new[1] - e[1]) * s), round((new[3] - e[1]) * s))
+        self.extent = new
+        return x[..., rows, cols]
 
 
 class GlobalOp:
@@ -82,7 +98,7 @@ class GlobalOp:
             with torch.no_grad():
                 size = (int(x.shape[-2]), int(x.shape[-1]))
                 self.reset(None)
-                self.collect(x.detach(), Window(size, (0, 0, *size), (0, 0), size))
+                self.collect(x.detach(), Window([0, 0, *size], (0, 0, *size), size))
                 self.freeze()
         return self.apply(x)
 
@@ -140,28 +156,75 @@ def execution_order(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequen
 def reach(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int, scale: float,
           align: int, start: int = 32, limit: int = 2048, device: Any = "cpu",
           dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
-    """How far, in input pixels, the network's output over one input pixel depends on its input, with every
-    attention's summary held fixed (the support of the gradient). `scale`: output px per input px. Grows the
-    probe until the support stays inside it."""
+    """How far, in input pixels, a change of the input reaches in the network's output, with every attention's
+    summary held fixed: the output changed by bumping one band of the input (two passes without gradients;
+    outside the reach the output is bitwise the same). Convolutions reach as far forward as backward, so tiles
+    need this much halo. Each axis is probed on a strip a few blocks wide across it (a straight path along the
+    axis is the farthest a change travels), so a probe costs a sliver of an image. `scale`: output px per input
+    px. Grows the probe until the change stays inside it."""
     size = start
     while True:
         size = -(-size // align) * align
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(1, channels, 2 * size + align, 2 * size + align, generator=generator)
-        x = x.to(device, dtype).requires_grad_(True)
-        with modes(ops, "probe"), torch.enable_grad():
-            out = network(x)
-            c0, c1 = round(size * scale), round((size + align) * scale)
-            out[..., c0:c1, c0:c1].abs().sum().backward()
-        assert x.grad is not None
-        support = (x.grad != 0).any(dim=1)[0]  # NaN (a half-precision overflow) counts as reached
-        rows = support.any(dim=1).nonzero().flatten()
-        cols = support.any(dim=0).nonzero().flatten()
-        last = size + align - 1  # the probed block is input rows/cols [size, size + align)
-        radius = int(max(size - rows.min(), rows.max() - last, size - cols.min(), cols.max() - last))
+        radius = max(_strip_reach(network, ops, channels, scale, align, size, axis, device, dtype) for axis in (2, 3))
+        radius = max(radius, 0)
         if radius < size - align or size >= limit:
-            return -(-radius // align) * align
+            return -(-max(radius, 0) // align) * align
         size *= 2
+
+
+def stage_reach(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int,
+                scale: float, align: int, stage: Any, size: int, device: Any = "cpu",
+                dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+    """Like `reach`, from the output of `stage` (a module on the network's path) onward: how far around the core,
+    in input px (a multiple of `align`), the stage's output is still needed. `size` must exceed the network's
+    whole reach (a suffix of a network reaches no farther than all of it)."""
+    radius = max(_strip_reach(network, ops, channels, scale, align, size, axis, device, dtype, stage)
+                 for axis in (2, 3))  # fmt: skip
+    return -(-max(radius, 0) // align) * align
+
+
+def _strip_reach(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int,
+                 scale: float, align: int, size: int, axis: int, device: Any, dtype: torch.dtype,
+                 stage: Any = None) -> int:  # fmt: skip
+    """The reach along `axis` of a bump of input band [size, size + align) (or of the same band of `stage`'s
+    output), on a strip 4 blocks wide."""
+    long, across = 2 * size + align, 4 * align
+    shape = (1, channels, long, across) if axis == 2 else (1, channels, across, long)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    bumped = x.clone()
+    hook = None
+    if stage is None:
+        bumped.narrow(axis, size, align).add_(1.0)
+    else:
+
+        def bump(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+            s = out.shape[axis - 4] / long
+            lo, hi = round(size * s), max(round((size + align) * s), round(size * s) + 1)
+            out = out.clone()
+            out.narrow(out.dim() + axis - 4, lo, hi - lo).add_(1.0)
+            return out
+
+    with torch.no_grad(), modes(ops, "probe"):  # each attention summarises this input ...
+        base = network(x)
+        for op in ops:
+            op.mode = "apply"  # ... and keeps that summary for the bumped input
+        if stage is not None:
+            hook = stage.register_forward_hook(bump)
+        try:
+            changed = network(bumped)
+        finally:
+            if hook is not None:
+                hook.remove()
+    diff = (changed - base).float()
+    hit = (diff != 0) | diff.isnan()
+    along = hit.flatten(0, 1).any(dim=0).any(dim=1 if axis == 2 else 0).nonzero().flatten()
+    return _beyond(along, size, align, scale) if len(along) else 0
+
+
+def _beyond(changed: torch.Tensor, size: int, align: int, scale: float) -> int:
+    """Input px by which the changed output px (one axis) extend beyond the bumped input block [size, size+align)."""
+    lo, hi = int(changed.min()), int(changed.max())
+    return max(size - math.floor(lo / scale), math.ceil((hi + 1) / scale) - (size + align))
 
 
 def _crop(x: torch.Tensor, y0: int, y1: int, x0: int, x1: int, halo: int, wrap: tuple[bool, bool]):
@@ -182,6 +245,11 @@ class TiledPass:
     align: int
     scale: float
     wrap: tuple[bool, bool] = (False, False)
+    stages: Sequence[tuple[Any, int]] = ()
+    """(module, reach in input px): after each module, its output is cut to the core plus that reach (the halo
+    the rest of the network needs), so the later, finer stages run on little more than the core."""
+    _current: dict[str, Window | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """The window of the tile being run (for the stage cuts)."""
 
     def cores(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         step = math.lcm(self.align, *(op.alignment((height, width)) for op in self.ops))
@@ -197,6 +265,22 @@ class TiledPass:
         """Gathering passes (one per op) and the output pass; the output cores go to `sink` in row-major order."""
         height, width = x.shape[-2:]
         cores = self.cores(height, width)
+        with contextlib.ExitStack() as stack:
+            for module, stage_halo in self.stages:
+                hook = module.register_forward_hook(self._narrowing(stage_halo))
+                stack.callback(hook.remove)
+            self._passes(x, cores, sink, device, dtype, advance)
+
+    def _narrowing(self, stage_halo: int) -> Callable[..., torch.Tensor]:
+        def narrow(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+            window = self._current.get("window")
+            return out if window is None else window.narrow(out, stage_halo)
+
+        return narrow
+
+    def _passes(self, x: torch.Tensor, cores: list[tuple[int, int, int, int]], sink: TileSink, device: Any,
+                dtype: torch.dtype, advance: Callable[[], None]) -> None:  # fmt: skip
+        height, width = x.shape[-2:]
         for i, op in enumerate(self.ops):
             op.reset((height, width))
             with modes(self.ops[:i], "apply", gather=op):
@@ -217,17 +301,19 @@ class TiledPass:
         interrupts.check()
         y0, y1, x0, x1 = core
         crop, (top, left) = _crop(x, y0, y1, x0, x1, self.halo, self.wrap)
-        window = Window(tuple(crop.shape[-2:]), (top, left, y1 - y0, x1 - x0), (y0, x0), tuple(x.shape[-2:]))
+        extent = [y0 - top, x0 - left, y0 - top + crop.shape[-2], x0 - left + crop.shape[-1]]
+        window = Window(extent, (y0, x0, y1 - y0, x1 - x0), (int(x.shape[-2]), int(x.shape[-1])))
         for op in self.ops:
             op.window = window
+        self._current["window"] = window
         try:
             out = self.network(crop.to(device, dtype))
         except Stop:
             return None
+        finally:
+            self._current["window"] = None
         assert not expect_stop, "a gathering pass ran to the end: its op is not on the network's path"
-        s = self.scale
-        rows = slice(round(top * s), round((top + y1 - y0) * s))
-        cols = slice(round(left * s), round((left + x1 - x0) * s))
+        rows, cols, _, _ = window.at(out)
         return out[..., rows, cols]
 
 
