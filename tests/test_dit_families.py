@@ -203,3 +203,37 @@ def test_img2img_regions_tileable_and_progressive_run(family_dir, tmp_path):
     staged = generate_result(PROMPT, model=backend, size="1024x512", steps=2, seed=2, tile=256, overlap=64,
                              coherence="progressive")  # fmt: skip
     assert staged.latents.shape == (1, channels, 64, 128) and torch.isfinite(staged.latents).all()
+
+
+@pytest.mark.parametrize("family_dir", FAMILIES, indirect=True)
+def test_an_interrupted_run_resumes_to_the_same_latents(family_dir, tmp_path):
+    from gigadiff.api import run_generation
+    from gigadiff.checkpoint import load_checkpoint
+    from gigadiff.settings import GenerationSettings
+    from tests.test_checkpoint import interrupted
+
+    backend = open_backend(str(family_dir), device="cpu")
+    s = GenerationSettings(PROMPT, width=512, height=256, steps=4, seed=2, tile=256, overlap=64,
+                           negative_prompt="fog")  # fmt: skip
+    full = run_generation(s, backend).latents
+    path = tmp_path / "run.ckpt.safetensors"
+    interrupted(backend, s, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.step == 2
+    assert torch.equal(run_generation(ckpt.settings, backend, resume=ckpt).latents, full)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_dir", ["qwen-image", "sana"], indirect=True)
+def test_torchrun_world_sizes_give_the_same_latents(family_dir, tmp_path):
+    from gigadiff.io.writers import read_latent
+    from tests.test_distributed import gen_args, torchrun
+
+    latents = []
+    for n in (1, 2):
+        out = tmp_path / f"w{n}.png"
+        args = [a if a != "dpmpp_2m" else "default" for a in gen_args(family_dir, out)]
+        proc = torchrun(n, args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        latents.append(read_latent(out.with_suffix(".safetensors"))[0])
+    assert torch.equal(latents[0], latents[1])
