@@ -13,11 +13,14 @@ import base64
 import binascii
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gigadiff.errors import GigadiffError
 from gigadiff.runs.request import FIELD_NAMES, RunRequest, check_types, flag
 from gigadiff.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from gigadiff.runs.resolve import Run
 
 SERVER_FIELDS = ("output", "save_latent", "checkpoint", "checkpoint_every", "preview", "vae_spill", "overwrite",
                  "quiet", "profile", "device", "rank_timeout")  # fmt: skip
@@ -91,9 +94,6 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     folder.mkdir(parents=True, exist_ok=True)
     if fields.get("init") is not None:
         fields["init"] = _init_image(fields["init"], folder)
-    if fields.get("steps") is not None and fields["steps"] > config.max_steps:
-        raise GigadiffError(f"{{steps}} {fields['steps']} is above this server's limit of {config.max_steps}",
-                            "steps")  # fmt: skip
     if fields.get("processes", 1) > config.max_processes:
         raise GigadiffError(f"{{processes}} {fields['processes']} is above this server's limit of "
                             f"{config.max_processes}", "processes")  # fmt: skip
@@ -102,13 +102,20 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
                       quiet=True, device=device, overwrite=True)  # fmt: skip
 
 
-def check_limits(width: int, height: int, steps: int, config: ServeConfig) -> None:
-    """Limits that need the resolved run (a model's default size and steps)."""
+def resolve_job(data: Any, config: ServeConfig, folder: Path, device: str = "auto", **options: Any) -> Run:
+    """A job's request resolved as the command line resolves it (`options` go to `resolve`), then held to the
+    server's limits on what the run resolved to (a model's default size and steps count too)."""
+    from gigadiff.runs.resolve import resolve
+
+    run = resolve(job_request(data, config, folder, device), check_files=False, **options)
+    width, height, steps = run.settings.width, run.settings.height, run.settings.steps
+    assert width and height and steps
     if max(width, height) > config.max_side:
         raise GigadiffError(f"{{size}} {width}x{height} is above this server's limit of {config.max_side} px a side",
                             "size")  # fmt: skip
     if steps > config.max_steps:
         raise GigadiffError(f"{{steps}} {steps} is above this server's limit of {config.max_steps}", "steps")
+    return run
 
 
 def validate(data: Any, config: ServeConfig) -> dict[str, Any]:
@@ -116,11 +123,6 @@ def validate(data: Any, config: ServeConfig) -> dict[str, Any]:
     job with its seed drawn if it had none, so that the job, its page and a resumed run all know it."""
     import tempfile
 
-    from gigadiff.runs.resolve import resolve
-
     with tempfile.TemporaryDirectory() as folder:
-        request = job_request(data, config, Path(folder))
-        run = resolve(request, allow_files=False, check_files=False)
-        assert run.settings.width and run.settings.height and run.settings.steps
-        check_limits(run.settings.width, run.settings.height, run.settings.steps, config)
+        run = resolve_job(data, config, Path(folder), allow_files=False)
         return {**data, "seed": run.settings.seed}

@@ -24,7 +24,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.sampler import NullListener
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.deepzoom import write_pyramid
-from gigadiff.serve.jobs import IMAGE, RELIEF_VIEW, check_limits, job_request, message
+from gigadiff.serve.jobs import IMAGE, RELIEF_VIEW, message, resolve_job
 from gigadiff.serve.store import Job, JobStore
 
 IDLE_S = 0.2
@@ -112,14 +112,10 @@ def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: 
     """Run one claimed job to its end: done, failed (with the command line's message) or cancelled."""
     from gigadiff.checkpoint import load_checkpoint
     from gigadiff.runs.execute import execute
-    from gigadiff.runs.resolve import resolve
 
     folder = config.jobs / job.id
     try:
-        request = job_request(job.request, config, folder, device)
-        run = resolve(request, check_files=False, resuming=True)
-        assert run.settings.width and run.settings.height and run.settings.steps
-        check_limits(run.settings.width, run.settings.height, run.settings.steps, config)
+        run = resolve_job(job.request, config, folder, device, resuming=True)
         checkpoint = run.outputs.checkpoint
         resume = load_checkpoint(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
         listener = JobListener(store, job.id, parent)

@@ -18,7 +18,7 @@ import torch
 from gigadiff.errors import GigadiffError
 from gigadiff.vae.engine import TileSink
 from gigadiff.vae.passes import GlobalOp, TiledPass, execution_order, reach, stage_reach
-from gigadiff.vae.tiled import Collector, _clamped, posterior_latents, scale_latents, unscale_latents
+from gigadiff.vae.tiled import MAX_KEYS, Collector, _clamped, posterior_latents, scale_latents, unscale_latents
 from gigadiff.vae.tiling import VaeTiling
 
 TILE_PX = {"cpu": 512, "cuda": 1024}
@@ -86,8 +86,6 @@ class HaloTiledVAE:
 
     def __init__(self, vae: Any, decoder: Network, encoder: Network, tiling: VaeTiling | None = None,
                  listener: Any = None, max_keys: int | None = None, tile_px: int | None = None):  # fmt: skip
-        from gigadiff.vae.tiled import MAX_KEYS
-
         self.vae, self.decoder, self.encoder = vae, decoder, encoder
         self.tiling = tiling or VaeTiling()
         self.listener = listener

@@ -34,6 +34,7 @@ import torch
 from gigadiff import interrupts
 from gigadiff.vae.blend import even_cuts
 from gigadiff.vae.engine import TileSink
+from gigadiff.vae.tiled import _crop
 
 Mode = Literal["plain", "collect", "apply", "probe"]
 
@@ -93,7 +94,7 @@ class GlobalOp:
             assert self.window is not None
             self.collect(x, self.window)
             raise Stop
-        if self.mode == "probe":  # the summary of this very input, held fixed: gradients see only the local paths
+        if self.mode == "probe":  # the summary of this very input (`reach` then holds it fixed)
             _TRACE.append(self)
             with torch.no_grad():
                 size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -166,7 +167,6 @@ def reach(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalO
     while True:
         size = -(-size // align) * align
         radius = max(_strip_reach(network, ops, channels, scale, align, size, axis, device, dtype) for axis in (2, 3))
-        radius = max(radius, 0)
         if radius < size - align or size >= limit:
             return -(-max(radius, 0) // align) * align
         size *= 2
@@ -225,12 +225,6 @@ def _beyond(changed: torch.Tensor, size: int, align: int, scale: float) -> int:
     """Input px by which the changed output px (one axis) extend beyond the bumped input block [size, size+align)."""
     lo, hi = int(changed.min()), int(changed.max())
     return max(size - math.floor(lo / scale), math.ceil((hi + 1) / scale) - (size + align))
-
-
-def _crop(x: torch.Tensor, y0: int, y1: int, x0: int, x1: int, halo: int, wrap: tuple[bool, bool]):
-    from gigadiff.vae.tiled import _crop as crop
-
-    return crop(x, y0, y1, x0, x1, halo, wrap)
 
 
 @dataclass(frozen=True)
