@@ -19,8 +19,8 @@ def schedule(rule: str, tokens: int, steps: int) -> tuple[float, list[float]]:
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from gigadiff.backends.base import ShiftRule
-    from gigadiff.backends.flow import rule_mu
+    from gigadiff.facts import ShiftRule
+    from gigadiff.shift import rule_mu
 
     mu = rule_mu(ShiftRule("linear" if rule == "FLUX.1" else "empirical"), tokens, steps)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)

@@ -58,22 +58,20 @@ def run_panorama(folder: Path, repeats: int) -> dict[str, Any]:
 
 def run_gigadiff(folder: Path, repeats: int) -> dict[str, Any]:
     import gigadiff
-    from gigadiff.settings import GenerationSettings
 
     backend = gigadiff.open_backend(str(folder), device="cpu")
     counter = UNetCounter(backend.unet, cfg=True)
-    settings = GenerationSettings(PROMPT, width=WIDTH, height=HEIGHT, steps=STEPS, guidance=GUIDANCE, seed=SEED,
-                                  scheduler="ddim")  # fmt: skip
+    fields = {"size": f"{WIDTH}x{HEIGHT}", "steps": STEPS, "guidance": GUIDANCE, "seed": SEED, "scheduler": "ddim"}
 
     def once(output_type: str) -> None:
         from gigadiff.api import result_image
 
-        result = gigadiff.run_generation(settings, backend)
+        result = gigadiff.generate_result(PROMPT, model=backend, **fields)
         if output_type == "pil":
             result_image(result)
 
     result = measure(once, counter, repeats)
-    resolved = gigadiff.run_generation(settings, backend).settings
+    resolved = gigadiff.generate_result(PROMPT, model=backend, **fields).settings
     result["settings"] = {k: getattr(resolved, k) for k in ("tile", "overlap", "weights", "shift", "tile_batch")}
     return result
 

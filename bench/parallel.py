@@ -29,25 +29,25 @@ def worker(model: str, size: str, out: Path) -> None:
     """Runs under torchrun: one generation with the distributed executor; rank 0 writes every rank's profile."""
     import torch.distributed as dist
 
-    from gigadiff.api import open_backend, run_generation
-    from gigadiff.executors.distributed import DistributedExecutor
+    from gigadiff.api import open_backend
+    from gigadiff.backends.registry import described_backend
     from gigadiff.executors.launch import init_from_env, shutdown
-    from gigadiff.settings import GenerationSettings, check_for_model
+    from gigadiff.options import RunRequest
+    from gigadiff.runs.execute import execute
+    from gigadiff.runs.resolve import resolve
 
     ranks = init_from_env("cpu")
     backend = open_backend(model, "cpu")
-    width, height = (int(v) for v in size.split("x"))
-    wanted = GenerationSettings("a harbour at dusk", width=width, height=height, steps=STEPS, seed=1, tile=TILE,
-                                scheduler="ddim", coherence="none")  # fmt: skip
-    settings = check_for_model(wanted, backend.info)
-    assert settings.tile_batch is not None
-    executor = DistributedExecutor(settings.tile_batch)
+    request = RunRequest(prompt="a harbour at dusk", size=size, steps=STEPS, seed=1, tile=TILE, scheduler="ddim",
+                         coherence="none", device="cpu")  # fmt: skip
+    run = resolve(request, described=described_backend(backend), writes=False)
     start = time.perf_counter()
-    result = run_generation(settings, backend, executor)
+    done = execute(run, backend, ranks=ranks, write=False)
     wall = time.perf_counter() - start
+    result, profile = done.result, getattr(done.executor, "profile")  # noqa: B009 - the distributed executor's
     row = {"rank": ranks.rank, "wall_s": wall, "tiles_per_step": result.run.tiles_per_step,
-           "tile_batch": settings.tile_batch, "model_calls": result.run.model_calls,
-           "own_tiles": executor.profile.tiles, "per_step": executor.profile.per_step}  # fmt: skip
+           "tile_batch": result.settings.tile_batch, "model_calls": result.run.model_calls,
+           "own_tiles": profile.tiles, "per_step": profile.per_step}  # fmt: skip
     rows = [None] * ranks.world
     dist.all_gather_object(rows, row)
     if ranks.is_main:

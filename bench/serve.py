@@ -51,7 +51,7 @@ def cli_image(model: Path, request: dict, out: Path) -> np.ndarray:
     from typer.testing import CliRunner
 
     from gigadiff.cli import app
-    from gigadiff.runs.request import generate_args
+    from gigadiff.options import generate_args
 
     args = [*generate_args({**request, "model": str(model)}), "-o", str(out), "--quiet"]
     result = CliRunner().invoke(app, args, catch_exceptions=False)

@@ -100,16 +100,14 @@ def run_package(size: int, difficulty: int, seed: int, overlap: int):
 
 
 def run_gigadiff(backend: Any, size: int, difficulty: int, seed: int, config: tuple[str, bool, bool, int], steps: int):
-    from gigadiff.api import run_generation
+    from gigadiff.api import generate_result
     from gigadiff.grids import grid_plan
     from gigadiff.metrics import grid_borders
-    from gigadiff.settings import GenerationSettings
 
     weights, shift, level_sync, overlap = config
-    settings = GenerationSettings("", width=size, height=size, steps=steps, seed=seed, weights=weights, shift=shift,
-                                  level_sync=level_sync, overlap=overlap, extra={"difficulty": difficulty})  # fmt: skip
     start = time.perf_counter()
-    result = run_generation(settings, backend)
+    result = generate_result(model=backend, size=f"{size}x{size}", steps=steps, seed=seed, weights=weights,
+                             shift=shift, level_sync=level_sync, overlap=overlap, difficulty=difficulty)  # fmt: skip
     heights = result.decode()[0, 0].numpy()
     wall = time.perf_counter() - start
     plan = grid_plan(result.settings, backend.info)

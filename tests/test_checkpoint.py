@@ -9,16 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gigadiff.api import run_generation
+from gigadiff.api import generate_result, resume_result
 from gigadiff.checkpoint import load_checkpoint, save_checkpoint
 from gigadiff.cli import app
 from gigadiff.errors import GigadiffError
 from gigadiff.io.writers import read_latent
-from gigadiff.recipes.txt2img import CheckpointPolicy
+from gigadiff.options import RunRequest
 from gigadiff.runs.execute import execute
-from gigadiff.runs.request import RunRequest
 from gigadiff.runs.resolve import resolve
-from gigadiff.settings import GenerationSettings
 
 runner = CliRunner()
 
@@ -41,40 +39,35 @@ class StopAfter:
             raise KeyboardInterrupt
 
 
-def settings(scheduler: str) -> GenerationSettings:
-    return GenerationSettings("a barn", width=768, height=384, steps=5, seed=6, tile=256, overlap=64,
-                              scheduler=scheduler)  # fmt: skip
+BARN = {"prompt": "a barn", "size": "768x384", "steps": 5, "seed": 6, "tile": 256, "overlap": 64}
 
 
-def interrupted(backend, s: GenerationSettings, path: Path) -> None:
-    from gigadiff.settings import check_for_model
-
-    policy = CheckpointPolicy(path, 2, check_for_model(s, backend.info), {"model": backend.info.name})
+def interrupted(backend, path: Path, **fields) -> None:
+    """A run of `fields` on `backend` stopped after its step 2, with a checkpoint every 2 steps at `path`."""
     with pytest.raises(KeyboardInterrupt):
-        run_generation(s, backend, listener=StopAfter(2), checkpoints=policy)
+        generate_result(model=backend, listener=StopAfter(2), checkpoint_every=2, checkpoint=str(path), **fields)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m", "unipc", "euler_a"])
 def test_resumed_run_equals_the_uninterrupted_one(sd_backend, tmp_path, scheduler):
-    s = settings(scheduler)
-    full = run_generation(s, sd_backend).latents
+    full = generate_result(model=sd_backend, scheduler=scheduler, **BARN).latents
     path = tmp_path / "run.ckpt.safetensors"
-    interrupted(sd_backend, s, path)
+    interrupted(sd_backend, path, scheduler=scheduler, **BARN)
     ckpt = load_checkpoint(path)
-    assert (ckpt.step, ckpt.stage) == (2, 0) and ckpt.settings.scheduler == scheduler
-    resumed = run_generation(ckpt.settings, sd_backend, resume=ckpt).latents
-    assert torch.equal(resumed, full)
+    assert (ckpt.step, ckpt.stage) == (2, 0) and ckpt.record["scheduler"] == scheduler
+    assert torch.equal(resume_result(path, model=sd_backend).latents, full)
 
 
 @pytest.mark.parametrize("scheduler", ["default", "dpmpp_2m", "heun"])
 def test_a_flow_run_resumes_to_the_same_image(flux_backend, tmp_path, scheduler):
-    s = GenerationSettings("a barn", width=512, height=256, steps=4, seed=2, tile=256, overlap=64, scheduler=scheduler)
-    full = run_generation(s, flux_backend).latents
+    fields = {"prompt": "a barn", "size": "512x256", "steps": 4, "seed": 2, "tile": 256, "overlap": 64,
+              "scheduler": scheduler}  # fmt: skip
+    full = generate_result(model=flux_backend, **fields).latents
     path = tmp_path / "flow.ckpt.safetensors"
-    interrupted(flux_backend, s, path)
-    ckpt = load_checkpoint(path)
-    assert ckpt.settings.mu == pytest.approx(0.5)  # the tile's 256 tokens
-    assert torch.equal(run_generation(ckpt.settings, flux_backend, resume=ckpt).latents, full)
+    interrupted(flux_backend, path, **fields)
+    resumed = resume_result(path, model=flux_backend)
+    assert resumed.settings.mu == pytest.approx(0.5)  # the tile's 256 tokens
+    assert torch.equal(resumed.latents, full)
 
 
 def request(model, out: Path, **changes) -> RunRequest:
@@ -95,7 +88,7 @@ def test_cli_resume_restores_every_recorded_setting_and_removes_the_checkpoint(s
     result = runner.invoke(app, ["resume", str(path), "-q"])
     assert result.exit_code == 0, result.output
     latent, meta = read_latent(tmp_path / "barn.safetensors")
-    full = run_generation(settings("dpmpp_2m"), sd_backend).latents
+    full = generate_result(model=sd_backend, scheduler="dpmpp_2m", **BARN).latents
     assert torch.equal(latent, full)
     assert meta["scheduler"] == "dpmpp_2m" and meta["vae_mode"] == "fast" and out.is_file() and not path.exists()
     assert meta["request"]["vae_memory"] == 0.25 and meta["request"]["output"] == str(out)

@@ -38,7 +38,7 @@ def test_generate_writes_png_with_parameters_sidecar_and_latent(tiny_sd_dir, tmp
         assert im.size == (768, 512) and im.mode == "RGB"
         assert "Steps: 2, Sampler: euler" in im.text["parameters"]
     meta = read_png_metadata(out)
-    assert meta["prompt"] == "a small house" and meta["negative_prompt"] == "fog"
+    assert meta["prompt"] == "a small house" and meta["negative"] == "fog"
     assert (meta["seed"], meta["steps"], meta["scheduler"]) == (5, 2, "euler")
     assert (meta["width"], meta["height"], meta["tile"], meta["overlap"]) == (768, 512, 256, 64)
     assert meta["weights"] == "gaussian" and meta["shift"] is True
@@ -84,7 +84,7 @@ BAD_INPUTS = [
     (["--tile", "256", "--overlap", "256"], "--overlap (256px) must be smaller than the --tile (256px)"),
     (["--tile", "260"], "must be multiples of 8"),
     (["--scheduler", "warp"], "unknown --scheduler 'warp'"),
-    (["--weights", "triangle"], "unknown --weights 'triangle'"),
+    (["--weights", "triangle"], "--weights must be one of uniform, gaussian, cosine, linear, got 'triangle'"),
     (["--steps", "0"], "steps must be between 1 and 1000"),
     (["--tile-batch", "0"], "--tile-batch must be at least 1"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
@@ -172,7 +172,7 @@ def test_version_and_module_entry_point():
     ("extra", "message"),
     [
         (["--vae-mode", "quick"], "--vae-mode must be one of auto, exact, fast"),
-        (["--vae-memory", "0"], "--vae-memory must be a positive number of GB"),
+        (["--vae-memory", "0"], "--vae-memory must be positive, got 0"),
         (["--vae-mode", "fast", "--vae-memory", "0.000001"], "too small for fast tiled VAE"),
         (["--vae-mode", "exact", "--vae-memory", "0.000001"], "too small for this VAE"),
     ],

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gigadiff.api import run_generation
+from gigadiff.api import generate_result
 from gigadiff.errors import GigadiffError
+from gigadiff.options import RunRequest
 from gigadiff.recipes.coherence import (
     cosine_fade,
     deinterleave,
@@ -19,8 +18,7 @@ from gigadiff.recipes.coherence import (
     stage_sizes,
     view_grid,
 )
-from gigadiff.regions import Region
-from gigadiff.settings import GenerationSettings, check_for_model
+from gigadiff.runs.checks import settings_for
 from gigadiff.vae.tiling import VaeTiling
 
 
@@ -73,8 +71,16 @@ def test_enlarge_on_a_ring_continues_across_the_edges():
     assert torch.allclose(rolled, ring.roll(6, dims=3), atol=1e-5)
 
 
-BASE = GenerationSettings("a castle on a hill", width=1152, height=640, steps=3, guidance=7.5, seed=2,
-                          scheduler="ddim", tile_batch=8)  # fmt: skip
+BASE = {"prompt": "a castle on a hill", "size": "1152x640", "steps": 3, "guidance": 7.5, "seed": 2,
+        "scheduler": "ddim", "tile_batch": 8}  # fmt: skip
+
+
+def run(backend, **changes):
+    return generate_result(model=backend, **{**BASE, **changes})
+
+
+def resolved(info, **changes):
+    return settings_for(RunRequest(**{**BASE, **changes}), info)[1]
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,57 +90,58 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_auto_coherence_is_progressive_beyond_twice_the_native_size_only(sd_backend):
     info = sd_backend.info  # native 512 px
-    assert check_for_model(BASE, info).coherence == "progressive"
-    assert check_for_model(replace(BASE, width=1024, height=1024), info).coherence == "none"
-    assert check_for_model(replace(BASE, width=2048, height=512), info).coherence == "none"  # no stage to make
-    assert check_for_model(replace(BASE, coherence="none"), info).coherence == "none"
+    assert resolved(info).coherence == "progressive"
+    assert resolved(info, size="1024x1024").coherence == "none"
+    assert resolved(info, size="2048x512").coherence == "none"  # no stage to make
+    assert resolved(info, coherence="none").coherence == "none"
 
 
 def test_progressive_run_makes_its_stages_at_a_linear_cost(sd_backend):
-    result = run_generation(BASE, sd_backend)
+    result = run(sd_backend)
     assert result.settings.coherence == "progressive" and result.latents.shape == (1, 4, 80, 144)
     assert torch.isfinite(result.latents).all()
-    plain = run_generation(replace(BASE, coherence="none"), sd_backend)
+    plain = run(sd_backend, coherence="none")
     # first stage 72x40 latent: 2 tiles, 1 call per step; second: 6 local tiles and 4 views, 8 per call: 2 calls
     assert (plain.run.model_calls, result.run.model_calls) == (3, 3 * 1 + 3 * 2)
 
 
 @pytest.mark.slow
 def test_a_stage_follows_its_reference_more_the_slower_the_skip_residual_fades(sd_backend):
+    from gigadiff.events import NullListener
     from gigadiff.executors.local import LocalExecutor
     from gigadiff.recipes.coherence import _stage
+    from gigadiff.recipes.context import RunContext
 
-    stage = check_for_model(replace(BASE, width=1024, height=1024, steps=4, coherence="none"), sd_backend.info)
+    stage = resolved(sd_backend.info, size="1024x1024", steps=4, coherence="none")
+    ctx = RunContext(sd_backend, stage, LocalExecutor(8), NullListener(), VaeTiling())
     smooth = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     reference = torch.nn.functional.interpolate(smooth, size=(128, 128), mode="bicubic")
     follow = {}
     for exponent in (1.0, 3.0):
-        run = _stage(sd_backend, replace(stage, skip_exponent=exponent), LocalExecutor(8), None, reference, 1, [],
-                     None, None, VaeTiling())  # fmt: skip
-        follow[exponent] = corr(run.latents, reference)
-        assert run.model_calls == 4 * (2 + 1)  # 9 local tiles and 4 views per step, 8 per call
-    plain = run_generation(stage, sd_backend).latents
+        staged = _stage(ctx, reference, 1, [], skip_exponent=exponent)
+        follow[exponent] = corr(staged.latents, reference)
+        assert staged.model_calls == 4 * (2 + 1)  # 9 local tiles and 4 views per step, 8 per call
+    plain = run(sd_backend, size="1024x1024", steps=4, coherence="none").latents
     assert follow[1.0] > follow[3.0] > abs(corr(plain, reference)) + 0.2
 
 
 def test_explicit_progressive_is_refused_where_it_cannot_work(sd_backend):
-    cases = [(replace(BASE, coherence="progressive", width=2048, height=512), "shorter side must exceed"),
-             (replace(BASE, coherence="sideways"), "coherence must be one of")]  # fmt: skip
-    for s, message in cases:
+    cases = [({"coherence": "progressive", "size": "2048x512"}, "shorter side must exceed"),
+             ({"coherence": "sideways"}, "coherence must be one of")]  # fmt: skip
+    for changes, message in cases:
         with pytest.raises(GigadiffError, match=message):
-            check_for_model(s, sd_backend.info)
+            resolved(sd_backend.info, **changes)
 
 
 @pytest.mark.slow
 def test_regions_act_on_every_stage_and_views(sd_backend):
     """A region over the whole canvas with its own prompt equals a plain progressive run with that prompt."""
-    whole = Region("a red barn", box=(0.0, 0.0, 1.0, 1.0))
-    regional = run_generation(replace(BASE, regions=(whole,), region_feather=0), sd_backend)
-    plain = run_generation(replace(BASE, prompt="a red barn"), sd_backend)
+    whole = {"feather": 0, "regions": [{"prompt": "a red barn", "box": [0.0, 0.0, 1.0, 1.0]}]}
+    regional = run(sd_backend, regions=whole)
+    plain = run(sd_backend, prompt="a red barn")
     assert regional.settings.coherence == "progressive"
     assert (regional.latents - plain.latents).abs().max() <= 1e-3 * plain.latents.abs().max()
-    half = Region("a red barn", box=(0.0, 0.0, 0.5, 1.0))
-    mixed = run_generation(replace(BASE, regions=(half,)), sd_backend).latents
+    mixed = run(sd_backend, regions=[{"prompt": "a red barn", "box": [0.0, 0.0, 0.5, 1.0]}]).latents
     left, right = mixed[..., :60] - plain.latents[..., :60], mixed[..., 84:] - plain.latents[..., 84:]
     assert left.abs().mean() < 0.2 * right.abs().mean() + 1e-3  # the barn's side follows the barn's prompt
 
@@ -144,8 +151,7 @@ def test_an_init_image_starts_every_stage(sd_backend, tmp_path):
 
     photo = tmp_path / "p.png"
     Image.effect_noise((1152, 640), 40).convert("RGB").save(photo)
-    s = replace(BASE, coherence="progressive", init_image=str(photo), strength=0.5, steps=4)
-    result = run_generation(s, sd_backend)
+    result = run(sd_backend, coherence="progressive", init=str(photo), strength=0.5, steps=4)
     assert result.settings.coherence == "progressive" and result.latents.shape == (1, 4, 80, 144)
     # each stage runs the last 2 of its 4 steps: stage 0 (2 tiles, 1 call), stage 1 (6 local + 4 views, 2 calls)
     assert result.run.model_calls == 2 * 1 + 2 * 2 and result.run.steps.first == 2

@@ -207,20 +207,18 @@ def test_img2img_regions_tileable_and_progressive_run(family_dir, tmp_path):
 
 @pytest.mark.parametrize("family_dir", FAMILIES, indirect=True)
 def test_an_interrupted_run_resumes_to_the_same_latents(family_dir, tmp_path):
-    from gigadiff.api import run_generation
+    from gigadiff.api import resume_result
     from gigadiff.checkpoint import load_checkpoint
-    from gigadiff.settings import GenerationSettings
     from tests.test_checkpoint import interrupted
 
     backend = open_backend(str(family_dir), device="cpu")
-    s = GenerationSettings(PROMPT, width=512, height=256, steps=4, seed=2, tile=256, overlap=64,
-                           negative_prompt="fog")  # fmt: skip
-    full = run_generation(s, backend).latents
+    fields = {"prompt": PROMPT, "size": "512x256", "steps": 4, "seed": 2, "tile": 256, "overlap": 64,
+              "negative": "fog"}  # fmt: skip
+    full = generate_result(model=backend, **fields).latents
     path = tmp_path / "run.ckpt.safetensors"
-    interrupted(backend, s, path)
-    ckpt = load_checkpoint(path)
-    assert ckpt.step == 2
-    assert torch.equal(run_generation(ckpt.settings, backend, resume=ckpt).latents, full)
+    interrupted(backend, path, **fields)
+    assert load_checkpoint(path).step == 2
+    assert torch.equal(resume_result(path, model=backend).latents, full)
 
 
 @pytest.mark.slow

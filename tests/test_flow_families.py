@@ -172,7 +172,7 @@ def test_tiled_flux_does_not_depend_on_the_tile_batch(flux_backend):
 
 
 def test_every_flow_scheduler_runs_tiled_and_noising_follows_the_flow_rule(flux_backend):
-    from gigadiff.recipes.setup import noised
+    from gigadiff.recipes.steps import noised
 
     for name in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "deis", "lcm"):
         out = generate(PROMPT, model=flux_backend, size="512x256", steps=3, seed=4, tile=256, overlap=64,
@@ -181,7 +181,7 @@ def test_every_flow_scheduler_runs_tiled_and_noising_follows_the_flow_rule(flux_
     scheduler = flux_backend.scheduler("default", 4, None, 0.5)
     clean, noise = torch.ones(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)
     sigma = float(scheduler.sigmas[1])
-    assert torch.allclose(noised(flux_backend, scheduler, clean, noise, 1), torch.full_like(clean, 1 - sigma))
+    assert torch.allclose(noised("flow", scheduler, clean, noise, 1), torch.full_like(clean, 1 - sigma))
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from gigadiff.backends.base import ModelInfo
+from gigadiff.events import NullListener
 from gigadiff.executors.local import LocalExecutor
+from gigadiff.facts import ModelInfo
 from gigadiff.geometry import GridPlan
 from gigadiff.levels import LevelConsensus, gaussian_lowpass, level_field, piecewise_linear
 from gigadiff.metrics import grid_anisotropy
-from gigadiff.sampler import CanvasDenoiser, NullListener
+from gigadiff.sampler import CanvasDenoiser
 
 
 @pytest.mark.parametrize("wrap", [(False, False), (True, True), (False, True)])

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from gigadiff.api import run_generation
+from gigadiff.api import generate_result
 from gigadiff.errors import GigadiffError
+from gigadiff.facts import ModelInfo
+from gigadiff.options import RunRequest
 from gigadiff.regions import Region, background_weight, check_regions, load_region_file, region_weight
-from gigadiff.settings import GenerationSettings
+from gigadiff.runs.checks import settings_for
 
-BASE = GenerationSettings(prompt="a meadow", width=768, height=512, steps=2, guidance=7.5, seed=3, tile=256,
-                          overlap=64, scheduler="ddim")  # fmt: skip
+BASE = {"prompt": "a meadow", "size": "768x512", "steps": 2, "guidance": 7.5, "seed": 3, "tile": 256, "overlap": 64,
+        "scheduler": "ddim"}  # fmt: skip
+
+
+def run(backend, **changes):
+    return generate_result(model=backend, **{**BASE, **changes})
 
 
 def write(tmp_path, content, name="regions.json"):
@@ -85,17 +90,16 @@ def test_box_weights_are_one_inside_zero_outside_feathered_only_away_from_the_ca
 
 def test_a_region_over_the_whole_canvas_is_exactly_a_run_with_its_prompt(sd_backend):
     """The background is then left with its floor weight everywhere, so it is skipped: same calls, same result."""
-    plain = run_generation(replace(BASE, prompt="a lighthouse"), sd_backend)
-    region = Region("a lighthouse", box=(0, 0, 1, 1))
-    regional = run_generation(replace(BASE, regions=(region,)), sd_backend)
+    plain = run(sd_backend, prompt="a lighthouse")
+    regional = run(sd_backend, regions=[{"prompt": "a lighthouse", "box": [0, 0, 1, 1]}])
     assert torch.equal(regional.latents, plain.latents)
     assert regional.run.model_calls == plain.run.model_calls
 
 
 def test_a_region_costs_model_calls_only_on_the_tiles_it_touches_and_changes_only_its_part(sd_backend):
-    plain = run_generation(BASE, sd_backend)
-    region = Region("a red barn", guidance=9.0, box=(0, 0, 200, 200))
-    regional = run_generation(replace(BASE, regions=(region,), tile_batch=1), sd_backend)
+    plain = run(sd_backend)
+    regional = run(sd_backend, regions=[{"prompt": "a red barn", "guidance": 9.0, "box": [0, 0, 200, 200]}],
+                   tile_batch=1)  # fmt: skip
     tiles = plain.run.tiles_per_step
     assert tiles < regional.run.model_calls // 2 < 2 * tiles  # the barn touches few of the 6 tiles per step
     diff = (regional.latents - plain.latents).abs().amax(dim=(0, 1))
@@ -105,7 +109,9 @@ def test_a_region_costs_model_calls_only_on_the_tiles_it_touches_and_changes_onl
 def test_a_region_seed_redraws_the_noise_inside_it_only():
     from gigadiff.recipes.regional import region_weights, with_region_seeds
 
-    settings = replace(BASE, regions=(Region("x", seed=9, box=(0, 0, 384, 256)),))
+    sd = ModelInfo("sd", "sd", latent_channels=4, vae_scale_factor=8, native_size=512)
+    regions = [{"prompt": "x", "seed": 9, "box": [0, 0, 384, 256]}]
+    settings = settings_for(RunRequest(**BASE, regions=regions), sd)[1]
     noise = torch.zeros(1, 4, 64, 96)
     out = with_region_seeds(noise, settings, region_weights(settings, 8))
     assert (out[..., 32:, :] == 0).all() and (out[..., :, 48:] == 0).all()

@@ -15,7 +15,7 @@ from PIL import Image
 from gigadiff.api import generate, generate_result
 from gigadiff.errors import GigadiffError
 from gigadiff.io.writers import read_latent, read_png_metadata
-from gigadiff.runs.request import FIELD_NAMES, RunRequest
+from gigadiff.options import FIELD_NAMES, RunRequest
 from gigadiff.runs.resolve import resolve
 from tests.test_cli import invoke
 
@@ -247,7 +247,7 @@ def test_processes_starts_the_run_under_torchrun(tiny_sd_dir, tmp_path):
 
 
 def test_generate_args_are_the_command_line_of_request_fields():
-    from gigadiff.runs.request import generate_args
+    from gigadiff.options import generate_args
 
     args = generate_args({"prompt": "a bay", "size": "512x256", "tile_batch": 2, "shift": False, "level_sync": True,
                           "regions": "farm.json", "seed": None})  # fmt: skip

@@ -5,26 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gigadiff.api import run_generation
+from gigadiff.api import generate_result
 from gigadiff.executors.local import LocalExecutor
-from gigadiff.settings import GenerationSettings
 
-BASE = GenerationSettings(
-    prompt="a mountain panorama",
-    width=768,
-    height=384,
-    steps=3,
-    guidance=7.5,
-    seed=11,
-    tile=256,
-    overlap=64,
-)
+BASE = {"prompt": "a mountain panorama", "size": "768x384", "steps": 3, "guidance": 7.5, "seed": 11, "tile": 256,
+        "overlap": 64}  # fmt: skip
 
 
 def run(backend, **changes):
-    from dataclasses import replace
-
-    return run_generation(replace(BASE, **changes), backend)
+    return generate_result(model=backend, **{**BASE, **changes})
 
 
 EVALUATIONS = {"heun": 2 * 3 - 1, "pndm": 3 + 1}

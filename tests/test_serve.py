@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from gigadiff.cli import app as cli_app
 from gigadiff.errors import GigadiffError
-from gigadiff.runs.request import generate_args
+from gigadiff.options import generate_args
 from gigadiff.serve.app import create_app
 from gigadiff.serve.client import ApiError, Client
 from gigadiff.serve.config import ServeConfig

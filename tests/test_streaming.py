@@ -14,7 +14,7 @@ from gigadiff.io.images import tensor_to_pil
 from gigadiff.io.streaming import PYRAMID_MIN, StripAssembler, write_streamed
 from gigadiff.io.writers import read_png_metadata
 
-META = {"prompt": "p", "negative_prompt": "", "steps": 2, "scheduler": "ddim", "guidance": 7.5, "seed": 4,
+META = {"prompt": "p", "negative": "", "steps": 2, "scheduler": "ddim", "guidance": 7.5, "seed": 4,
         "width": 1, "height": 1, "model": "m", "tile": 512, "overlap": 64, "weights": "gaussian", "shift": True,
         "gigadiff_version": "0"}  # fmt: skip
 

@@ -9,13 +9,14 @@ from typer.testing import CliRunner
 
 pytest.importorskip("terrain_diffusion", reason="install with: pip install --no-deps adaptive-terrain-diffusion")
 
-from gigadiff.api import open_backend, run_generation
+from gigadiff.api import generate_result, open_backend
 from gigadiff.backends.terrain import HEIGHT_RANGE_M, difficulty_label, model_to_heights
 from gigadiff.cli import app
 from gigadiff.errors import GigadiffError
 from gigadiff.io.heightmap import read_heightmap
 from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.settings import GenerationSettings, check_for_model
+from gigadiff.options import RunRequest
+from gigadiff.runs.checks import settings_for
 from gigadiff.vae.tiling import VaeTiling
 
 runner = CliRunner()
@@ -26,9 +27,9 @@ def terrain():
     return open_backend("terrain", "cpu")
 
 
-def settings(**kw):
-    base = {"prompt": "", "width": 256, "height": 256, "seed": 4, "extra": {"difficulty": 60}}
-    return GenerationSettings(**{**base, **kw})
+def run(terrain, width=256, height=256, **fields):
+    """The terrain model's run of `fields` (width and height as its --size)."""
+    return generate_result(model=terrain, **{"size": f"{width}x{height}", "seed": 4, "difficulty": 60, **fields})
 
 
 def test_one_step_is_the_network_on_seeded_noise_with_the_border_padded(terrain):
@@ -37,8 +38,7 @@ def test_one_step_is_the_network_on_seeded_noise_with_the_border_padded(terrain)
     from gigadiff.fusion import fuse
     from gigadiff.geometry import Tile
 
-    result = run_generation(settings(width=128, height=128, steps=1, weights="uniform", level_sync=False,
-                                     shift=False), terrain)  # fmt: skip
+    result = run(terrain, width=128, height=128, steps=1, weights="uniform", level_sync=False, shift=False)
     assert result.run.tiles_per_step == 9
     noise = canvas_noise((1, 1, 256, 256), seeded_generator(4)) * 80.0
     cond = terrain.condition("", "", None, (128, 128), {"difficulty": 60})
@@ -65,7 +65,7 @@ def test_the_border_is_painted_like_the_interior(terrain):
     border, and the border band must be averaged like the interior: its texture energy lies within the spread of
     the rings inside, and no pixel sits at the network's clamps (its graph clamps x0 to [-1, 1])."""
     for seed in (1, 2):
-        latents = run_generation(settings(width=384, height=384, seed=seed), terrain).latents
+        latents = run(terrain, width=384, height=384, seed=seed).latents
         assert latents.min() > -1 and latents.max() < 1, "pixels at the network's clamp"
         border, inner = _bands(latents[0, 0].numpy())
         assert inner.min() * 0.8 <= border <= inner.max() * 1.25, (seed, border, inner)
@@ -76,22 +76,22 @@ def test_without_the_padding_the_border_would_show_the_rim(terrain, monkeypatch)
     import gigadiff.recipes.txt2img as txt2img
 
     monkeypatch.setattr(txt2img, "border_pad", lambda settings, info: (0, 0))
-    latents = run_generation(settings(width=384, height=384, seed=1), terrain).latents
+    latents = run(terrain, width=384, height=384, seed=1).latents
     border, inner = _bands(latents[0, 0].numpy())
     assert border > inner.max() * 1.25, (border, inner)
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds(terrain):
     small = {"steps": 2, "width": 192, "height": 128}  # two steps: the re-noising draws from the seed too
-    a = run_generation(settings(**small), terrain).latents
-    b = run_generation(settings(**small), terrain).latents
-    c = run_generation(settings(**small, seed=5), terrain).latents
+    a = run(terrain, **small).latents
+    b = run(terrain, **small).latents
+    c = run(terrain, **small, seed=5).latents
     assert torch.equal(a, b)
     assert (a - c).abs().mean() > 0.05
 
 
 def test_multistep_run_is_a_plausible_heightmap(terrain):
-    result = run_generation(settings(steps=2, tile_batch=3), terrain)
+    result = run(terrain, steps=2, tile_batch=3)
     assert result.settings.overlap == 64  # the terrain default: half a tile
     assert result.run.tiles_per_step == 25  # 256 px padded by 64 on each side, 128 tiles, 64 overlap -> 5 x 5
     # 2 steps, 25 tiles in batches of 3, and level consensus's 4 probe tiles in batches of 3
@@ -108,13 +108,13 @@ def test_multistep_run_is_a_plausible_heightmap(terrain):
 def test_defaults_are_wide_cross_fades_and_one_step(terrain):
     """Half-tile overlaps (32 px ones leave straight cliffs), one step as the network was distilled for (more add
     relief), tent weights, level consensus."""
-    s = check_for_model(GenerationSettings("", extra={"difficulty": 60}), terrain.info)
+    s = settings_for(RunRequest(model="terrain", difficulty=60), terrain.info)[1]
     assert (s.width, s.tile, s.overlap, s.steps, s.weights, s.level_sync) == (1024, 128, 64, 1, "linear", True)
 
 
 def test_difficulty_conditions_the_model(terrain):
-    gentle = run_generation(settings(steps=1, extra={"difficulty": 1}), terrain).latents
-    rugged = run_generation(settings(steps=1, extra={"difficulty": 100}), terrain).latents
+    gentle = run(terrain, steps=1, difficulty=1).latents
+    rugged = run(terrain, steps=1, difficulty=100).latents
     assert not torch.equal(gentle, rugged)
 
 
@@ -158,8 +158,8 @@ def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--difficulty", "0"], "difficulty must be a number from 1 to 100"),
-        (["--difficulty", "101"], "difficulty must be a number from 1 to 100"),
+        (["--difficulty", "0"], "--difficulty must lie in [1, 100], got 0"),
+        (["--difficulty", "101"], "--difficulty must lie in [1, 100], got 101"),
         (["mountains"], "takes no prompt"),
         (["--negative", "flat"], "takes no prompt"),
         (["--guidance", "3"], "takes no guidance scale; remove --guidance"),

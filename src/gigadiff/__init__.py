@@ -12,11 +12,11 @@ _PUBLIC = {
     "generate": "gigadiff.api",
     "generate_result": "gigadiff.api",
     "open_backend": "gigadiff.api",
-    "run_generation": "gigadiff.api",
-    "GenerationResult": "gigadiff.runs.execute",
+    "resume_result": "gigadiff.api",
+    "GenerationResult": "gigadiff.runs.result",
     "GenerationSettings": "gigadiff.settings",
     "GigadiffError": "gigadiff.errors",
-    "RunRequest": "gigadiff.runs.request",
+    "RunRequest": "gigadiff.options",
 }
 
 __all__ = ["__version__", *_PUBLIC]

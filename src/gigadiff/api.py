@@ -4,7 +4,7 @@
     image = gigadiff.generate("a lighthouse at dawn", model="sdxl", size="4096x2048", seed=7)
     image.save("lighthouse.png")
 
-Keyword arguments are the fields of `gigadiff.runs.request.RunRequest` (the command line's options with
+Keyword arguments are the fields of `gigadiff.options.RunRequest` (the command line's options with
 underscores: negative, tile_batch, vae_mode, regions, init, ...); the request is resolved and executed by the
 run layer like the command line's. `model` may also be a loaded diffusers pipeline or a backend from
 `open_backend` (used as it is, on its own device and dtype). With `output`, the files are written as the
@@ -13,10 +13,11 @@ command line writes them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.errors import GigadiffError
-from gigadiff.runs.request import FIELD_NAMES, RunRequest, check_types
+from gigadiff.options import FIELD_NAMES, RunRequest, check_types
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from gigadiff.backends.base import Backend
+    from gigadiff.checkpoint import Checkpoint
+    from gigadiff.events import Listener
     from gigadiff.runs.execute import GenerationResult
-    from gigadiff.sampler import StepListener
 
 
 def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
@@ -41,13 +43,9 @@ def _is_pipeline(model: Any) -> bool:
     return hasattr(model, "components") and hasattr(model, "scheduler")
 
 
-def generate_result(prompt: str = "", *, model: str | Any = "sd15", listener: StepListener | None = None,
+def generate_result(prompt: str = "", *, model: str | Any = "sd15", listener: Listener | None = None,
                     **fields: Any) -> GenerationResult:  # fmt: skip
     """Like `generate`, but returns the whole `GenerationResult` (latents, resolved settings, metadata)."""
-    from gigadiff.backends.registry import described_backend
-    from gigadiff.runs.execute import execute
-    from gigadiff.runs.resolve import resolve
-
     unknown = sorted(set(fields) - set(FIELD_NAMES))
     if unknown:
         raise GigadiffError(f"generate() got unknown option(s) {', '.join(unknown)}; options are the fields of "
@@ -55,18 +53,48 @@ def generate_result(prompt: str = "", *, model: str | Any = "sd15", listener: St
     if isinstance(fields.get("size"), tuple | list):  # (width, height), as Python callers like to pass it
         fields["size"] = "{}x{}".format(*fields["size"])
     backend = None if isinstance(model, str) else open_backend(model)
-    name = model if isinstance(model, str) else backend.info.name  # type: ignore[union-attr]
+    name = model if backend is None else backend.info.name
     request = RunRequest(**check_types({**fields, "prompt": prompt, "model": name}, "generate()"))
+    return _run(request, backend, listener)
+
+
+def resume_result(checkpoint: str | Path, *, model: str | Any | None = None, listener: Listener | None = None,
+                  **changes: Any) -> GenerationResult:  # fmt: skip
+    """Continue the run a checkpoint records (`gigadiff resume` in Python) to the same final image; `changes`
+    are the options resume may change (output, device, ...). `model`: the run's model, loaded (default: the
+    model the record names, loaded here)."""
+    from gigadiff.checkpoint import load_checkpoint
+    from gigadiff.options import RESUME_OPTIONS
+
+    refused = sorted(set(changes) - set(RESUME_OPTIONS))
+    if refused:
+        raise GigadiffError(f"resume_result() cannot change {', '.join(refused)}: a resumed run is the recorded "
+                            f"one (it may change {', '.join(RESUME_OPTIONS)})")  # fmt: skip
+    ckpt = load_checkpoint(Path(checkpoint))
+    request = RunRequest.from_dict(ckpt.record, f"checkpoint {checkpoint}")
+    backend = None if model is None or isinstance(model, str) else open_backend(model)
+    request = request.replace(checkpoint=str(checkpoint), **check_types(changes, "resume_result()"))
+    return _run(request, backend, listener, ckpt)
+
+
+def _run(request: RunRequest, backend: Backend | None, listener: Listener | None,
+         resume: Checkpoint | None = None) -> GenerationResult:  # fmt: skip
+    """Resolve and execute `request` (on `backend` when given); files are written only where an output is named."""
+    from gigadiff.backends.registry import described_backend
+    from gigadiff.runs.execute import execute
+    from gigadiff.runs.resolve import resolve
+
     described = described_backend(backend) if backend is not None else None
-    run = resolve(request, described=described, check_files=request.output is not None)
-    return execute(run, backend, listener, write=request.output is not None).result
+    write = request.output is not None
+    run = resolve(request, described=described, writes=write, resuming=resume is not None)
+    return execute(run, backend, listener, resume=resume, write=write).result
 
 
 OUTPUT_TYPES = ("pil", "latent", "heights")
 
 
 def generate(prompt: str = "", *, model: str | Any = "sd15", output_type: str = "pil",
-             listener: StepListener | None = None,
+             listener: Listener | None = None,
              **fields: Any) -> Image.Image | torch.Tensor | np.ndarray:  # fmt: skip
     """Generate one image; returns a PIL image (a heightmap model's shaded relief) carrying the generation
     metadata in `image.info` ("parameters", "gigadiff"); with output_type="latent" the final canvas; with
@@ -105,11 +133,4 @@ def result_image(result: GenerationResult) -> Image.Image:
     return image
 
 
-def run_generation(*args: Any, **kwargs: Any) -> GenerationResult:
-    """Generate from resolved-or-not `GenerationSettings` on a loaded backend, in memory (gigadiff.runs.execute)."""
-    from gigadiff.runs.execute import run_generation as run
-
-    return run(*args, **kwargs)
-
-
-__all__ = ["generate", "generate_result", "open_backend", "result_image", "run_generation"]
+__all__ = ["generate", "generate_result", "open_backend", "result_image", "resume_result"]

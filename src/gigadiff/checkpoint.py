@@ -3,7 +3,7 @@
 A checkpoint holds everything the loop needs to continue as if it had never stopped: the latent canvas, the
 progressive-coherence stage and the number of its finished steps, the stage's reference (the enlarged earlier
 stage it is pulled toward), the scheduler's state (multistep history included), the generator's RNG state (for
-stochastic schedulers and re-noising), the resolved settings, the model's fingerprint, and the record of the
+stochastic schedulers and re-noising), the model's fingerprint, and the record of the
 whole resolved run request (model, outputs, VAE settings, ...), from which `gigadiff resume` rebuilds the run.
 The shifted tile grids need no state: they are a function of (seed, step).
 
@@ -14,7 +14,7 @@ Written to a temporary file and renamed into place, so a crash mid-write leaves 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ import torch
 
 from gigadiff.errors import GigadiffError
 from gigadiff.io.files import publish
-from gigadiff.settings import GenerationSettings
 
 FORMAT = "gigadiff-checkpoint"
-VERSION = 2
+VERSION = 3
+READS = ("2", "3")
+"""Versions this gigadiff resumes (2 also held a copy of the settings, which are derived from the record)."""
 _SKIP = {"config", "_internal_dict"}
 _SCALARS = (int, float, bool, str, type(None))
 _ARRAYS = (torch.Tensor, np.ndarray)
@@ -34,7 +35,6 @@ _ARRAYS = (torch.Tensor, np.ndarray)
 
 @dataclass(frozen=True)
 class Checkpoint:
-    settings: GenerationSettings
     fingerprint: str
     step: int
     """Timesteps already taken in `stage`; the run continues with timestep index `step`."""
@@ -42,7 +42,8 @@ class Checkpoint:
     scheduler_state: dict[str, Any]
     generator_state: torch.Tensor
     record: dict[str, Any] = field(default_factory=dict)
-    """The resolved run request (gigadiff.runs), so `gigadiff resume` needs only the file."""
+    """The resolved run request (gigadiff.runs), so `gigadiff resume` needs only the file: the settings of the
+    run are derived from it again."""
     stage: int = 0
     """Progressive coherence: the stage the run was in (0 for every other run)."""
     reference: torch.Tensor | None = None
@@ -127,7 +128,6 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     header = {
         "format": FORMAT,
         "version": str(VERSION),
-        "settings": json.dumps(asdict(ckpt.settings)),
         "fingerprint": ckpt.fingerprint,
         "stage": str(ckpt.stage),
         "step": str(ckpt.step),
@@ -151,12 +151,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise GigadiffError(f"{path} is not a readable checkpoint (corrupt or not safetensors): {e}") from None
     if header.get("format") != FORMAT:
         raise GigadiffError(f"{path} is not a gigadiff checkpoint")
-    if header.get("version") != str(VERSION):
-        raise GigadiffError(f"{path} is a version {header.get('version')} checkpoint; this gigadiff reads {VERSION} "
+    if header.get("version") not in READS:
+        raise GigadiffError(f"{path} is a version {header.get('version')} checkpoint; this gigadiff reads "
+                            f"{' and '.join(READS)} "
                             "(finish it with the gigadiff that wrote it)")  # fmt: skip
     try:
         return Checkpoint(
-            settings=GenerationSettings.from_dict(json.loads(header["settings"])),
             fingerprint=header["fingerprint"],
             step=int(header["step"]),
             latents=tensors["latents"],

@@ -22,9 +22,12 @@ import typer
 from gigadiff import __version__, interrupts
 from gigadiff.errors import GigadiffError
 from gigadiff.heap import use_huge_pages
-from gigadiff.runs.request import (
+from gigadiff.options import (
     FIELDS,
     GENERATE,
+    GROUPS,
+    OPTIONS,
+    RESUME_OPTIONS,
     UPSCALE,
     RunRequest,
     command_default,
@@ -112,27 +115,47 @@ def _python_type(annotation: str, override: Any) -> Any:
 
 
 def command_parameters(command: str) -> list[inspect.Parameter]:
-    """Typer parameters for `command`, one per request field the command takes, in the request's order."""
+    """Typer parameters for `command`, one per request field the command takes, in the request's order, each
+    under its option group in `--help`."""
     params = []
-    for name, f in FIELDS.items():
-        meta = f.metadata
-        if command not in meta["commands"] and command not in meta["argument"]:
+    for name in sorted(FIELDS, key=lambda n: (command not in OPTIONS[n].argument, GROUPS.index(OPTIONS[n].group))):
+        f, o = FIELDS[name], OPTIONS[name]
+        if command not in o.commands and command not in o.argument:
             continue
-        kind = _python_type(str(f.type), meta["cli_type"])
-        if command in meta["argument"]:
-            info: Any = typer.Argument(help=meta["help"], metavar=ARGUMENT_NAMES.get((name, command)),
-                                       show_default=False)  # fmt: skip
+        kind = _python_type(str(f.type), o.cli_type)
+        if command in o.argument:
+            info: Any = typer.Argument(help=o.help, metavar=ARGUMENT_NAMES.get((name, command)), show_default=False)
         else:
-            decls = [flag(name), *meta["flags"]]
-            if str(f.type).startswith("bool") and f.default is not False:  # on by default, or the model's
-                decls = [f"{flag(name)}/--no-{name.replace('_', '-')}"]
-            info = typer.Option(*decls, help=meta["help"], min=meta["minimum"])
+            info = _option(
+                name,
+                o.help,
+                o.group,
+                *o.flags,
+                boolean=str(f.type).startswith("bool"),
+                on_by_default=f.default is not False,
+            )
         default = command_default(name, command)
-        kind = Annotated[kind, info]
-        params.append(
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
-        )
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=Annotated[kind, info]))  # fmt: skip
     return params
+
+
+def _option(name: str, help: str, group: str, *flags: str, on_by_default: bool = False,
+            boolean: bool = False) -> Any:  # fmt: skip
+    """A typer option for request field `name` (a boolean that may be on by default gets its --no- form). Values
+    are checked by the run layer (gigadiff.options.check_values), not by the parser: one message for every
+    front end."""
+    decls = [flag(name), *flags]
+    if boolean and on_by_default:
+        decls = [f"{flag(name)}/--no-{name.replace('_', '-')}"]
+    return typer.Option(*decls, help=help, rich_help_panel=group.capitalize())
+
+
+def _register(handler: Any, name: str, params: list[inspect.Parameter], **options: Any) -> None:
+    """Register `handler` as command `name` with typer parameters `params` (built from the request's fields)."""
+    handler.__signature__ = inspect.Signature(params)
+    handler.__annotations__ = {p.name: p.annotation for p in params}
+    app.command(name=name, **options)(handler)
 
 
 def request_command(command: str, help_text: str) -> None:
@@ -142,12 +165,8 @@ def request_command(command: str, help_text: str) -> None:
         with reported_errors(command):
             run_request(RunRequest(**values), command)
 
-    params = command_parameters(command)
-    handler.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    handler.__annotations__ = {p.name: p.annotation for p in params}
     handler.__doc__ = help_text
-    handler.__name__ = command
-    app.command(name=command)(handler)
+    _register(handler, command, command_parameters(command))
 
 
 request_command(GENERATE, "Generate an image of any size.")
@@ -217,32 +236,34 @@ def _execute(run: Run, ranks: Ranks, resume: Checkpoint | None) -> None:
         dist.barrier()  # leave the group together: a rank that left while rank 0 still wrote could abort
 
 
-@app.command()
-def resume(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written with --checkpoint-every.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu (default: the run's).")] = None,
-    checkpoint_every: Annotated[
-        int | None, typer.Option(help="Keep checkpointing every K steps (default: the run's).", min=0)
-    ] = None,
-    profile: Annotated[bool, typer.Option(help="Report per-rank compute and communication.")] = False,
-    rank_timeout: Annotated[float | None, typer.Option(help="Seconds a rank may go silent.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-) -> None:
+def resume_parameters() -> list[inspect.Parameter]:
+    """`gigadiff resume`'s options: the request fields marked `resume`. Switches (quiet, overwrite, ...) are this
+    invocation's own; every other option left out keeps the run's value."""
+    params = [inspect.Parameter("checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Path, typer.Argument(help="A checkpoint written with --checkpoint-every.", show_default=False)])]  # fmt: skip
+    for name in RESUME_OPTIONS:
+        f, o = FIELDS[name], OPTIONS[name]
+        boolean = str(f.type).startswith("bool")
+        kind = bool if boolean else _python_type(str(f.type).replace(" | None", "") + " | None", None)
+        info = _option(name, o.help if boolean else f"{o.help} Default: the run's.", o.group, *o.flags)
+        default = False if boolean else None
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=Annotated[kind, info]))  # fmt: skip
+    return params
+
+
+def resume(checkpoint: Path, **changes: Any) -> None:
     """Continue an interrupted generation from its checkpoint: the run it records, to the same final image."""
     from gigadiff.checkpoint import load_checkpoint
 
     with reported_errors():
         ckpt = load_checkpoint(checkpoint)
         request = RunRequest.from_dict(ckpt.record, f"checkpoint {checkpoint}")
-        changes: dict[str, Any] = {"checkpoint": str(checkpoint), "overwrite": overwrite, "quiet": quiet,
-                                   "profile": profile}  # fmt: skip
-        for name, value in (("output", output), ("device", device), ("checkpoint_every", checkpoint_every),
-                            ("rank_timeout", rank_timeout)):  # fmt: skip
-            if value is not None:
-                changes[name] = str(value) if isinstance(value, Path) else value
-        run_request(request.replace(**changes), GENERATE, ckpt)
+        given = {name: value for name, value in changes.items() if value is not None}
+        run_request(request.replace(checkpoint=str(checkpoint), **given), GENERATE, ckpt)
+
+
+_register(resume, "resume", resume_parameters())
 
 
 @app.command(name="_run", hidden=True)
@@ -377,7 +398,7 @@ def _terminate_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-BARE_VALUES = {flag(name): f.metadata["bare"] for name, f in FIELDS.items() if f.metadata["bare"] is not None}
+BARE_VALUES = {flag(name): o.bare for name, o in OPTIONS.items() if o.bare is not None}
 """Options that may be given bare, and the value they take then."""
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gigadiff.backends.base import ModelInfo
+from gigadiff.facts import ModelInfo
 from gigadiff.geometry import GridPlan, Tile, TileGrid
-from gigadiff.settings import DEFAULT_TILE_BATCH, GenerationSettings
+from gigadiff.settings import GenerationSettings
+
+DEFAULT_TILE_BATCH = 4
+"""Tiles per model call unless asked otherwise (fewer when a step has fewer tiles)."""
 
 
 def border_pad(settings: GenerationSettings, info: ModelInfo) -> tuple[int, int]:
@@ -26,45 +29,54 @@ def border_pad(settings: GenerationSettings, info: ModelInfo) -> tuple[int, int]
     made larger than the image by the overlap (at least the rim; whole tokens) on each side that is not
     wrapped, and the run keeps only the image: its border is covered like its middle.
     """
-    assert settings.overlap is not None, "resolve first"
+    return rim_pad(settings.overlap, settings.wrap, info)
+
+
+def rim_pad(overlap_px: int, wrap: tuple[bool, bool], info: ModelInfo) -> tuple[int, int]:
+    """`border_pad` of a canvas overlapping its tiles by overlap_px, wrapped on the `wrap` axes."""
     if not info.edge_margin:
         return (0, 0)
-    m = max(info.edge_margin, settings.overlap // info.vae_scale_factor)
+    m = max(info.edge_margin, overlap_px // info.vae_scale_factor)
     m = -(-m // info.latent_multiple) * info.latent_multiple
-    return (0 if settings.wrap[0] else m, 0 if settings.wrap[1] else m)
+    return (0 if wrap[0] else m, 0 if wrap[1] else m)
 
 
 def grid_plan(settings: GenerationSettings, info: ModelInfo, height_px: int | None = None,
               width_px: int | None = None) -> GridPlan:  # fmt: skip
     """The per-step tile grid of resolved settings, in canvas pixels of the padded canvas (see border_pad), of
     a canvas of height_px x width_px instead of the settings' own size for a progressive run's earlier stages."""
-    assert settings.width and settings.height and settings.tile and settings.overlap is not None, "resolve first"
+    s = settings
+    return plan_for(height_px or s.height, width_px or s.width, s.tile, s.overlap, s.shift, s.seed, s.wrap, info)
+
+
+def plan_for(height_px: int, width_px: int, tile_px: int, overlap_px: int, shifted: bool, seed: int,
+             wrap: tuple[bool, bool], info: ModelInfo) -> GridPlan:  # fmt: skip
+    """The per-step tile grid of an image of height_px x width_px tiled by `tile_px` with `overlap_px` (what
+    `grid_plan` reads from settings, given one by one while a request is being resolved)."""
     f = info.vae_scale_factor
-    py, px = border_pad(settings, info)
+    py, px = rim_pad(overlap_px, wrap, info)
     return GridPlan(
-        height=(height_px or settings.height) // f + 2 * py,
-        width=(width_px or settings.width) // f + 2 * px,
-        tile=settings.tile // f,
-        overlap=settings.overlap // f,
-        shifted=settings.shift,
-        seed=settings.seed,
+        height=height_px // f + 2 * py,
+        width=width_px // f + 2 * px,
+        tile=tile_px // f,
+        overlap=overlap_px // f,
+        shifted=shifted,
+        seed=seed,
         rim_overlap=2 * info.edge_margin,
-        wrap=settings.wrap,
+        wrap=wrap,
         unit=info.latent_multiple,
     )
 
 
-def tile_batch(settings: GenerationSettings, info: ModelInfo) -> int:
-    """Tiles per model call: the requested batch, else the largest of DEFAULT_TILE_BATCH, 3, 2 that divides a
-    step's tiles (no call filled up with copies, gigadiff.executors.local), DEFAULT_TILE_BATCH if none does,
-    and never more than the step's tiles.
+def default_tile_batch(tiles_per_step: int) -> int:
+    """Tiles per model call unless asked: the largest of DEFAULT_TILE_BATCH, 3, 2 that divides a step's tiles
+    (no call filled up with copies, gigadiff.executors.local), DEFAULT_TILE_BATCH if none does, and never more
+    than the step's tiles.
 
     It depends on the canvas, never on the number of processes, so that every layout computes every tile in a
     batch of the same shape.
     """
-    if settings.tile_batch is not None:
-        return settings.tile_batch
-    n = grid_plan(settings, info).tiles_per_step
+    n = tiles_per_step
     even = next((b for b in range(DEFAULT_TILE_BATCH, 1, -1) if n % b == 0), DEFAULT_TILE_BATCH)
     return max(1, min(even, n))
 

@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from gigadiff.backends.base import Backend
+from gigadiff.events import Listener
 from gigadiff.executors.local import Batch, TileExecutor
 from gigadiff.fusion import gather_tile
 from gigadiff.geometry import GridPlan, Tile, TileGrid
-from gigadiff.sampler import CanvasDenoiser, StepListener
+from gigadiff.sampler import CanvasDenoiser
 
 PROBE_SHIFTS = (-3.0, -1.0, 1.0, 3.0)
 """Where the response curve is measured: input levels this many field spreads from the canvas level."""
@@ -125,7 +126,7 @@ class LevelConsensus:
             return passes
         return [*passes, (self.local.cond, probe_grid(probe_window(grid)), None)]
 
-    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: Listener) -> torch.Tensor:
         if len(grid) < 2:  # one window sees the whole canvas: nothing to agree on
             return self.local(x, t, step, grid, listener)
         field_ = level_field(x.float(), WIDTH_PER_TILE * self.plan.tile, grid.wrap).to(x.dtype)
@@ -146,7 +147,7 @@ class LevelConsensus:
         return out if bounds is None else out.clamp(*bounds)
 
     def _response(
-        self, crop: torch.Tensor, base: torch.Tensor, field_: torch.Tensor, t: Any, listener: StepListener
+        self, crop: torch.Tensor, base: torch.Tensor, field_: torch.Tensor, t: Any, listener: Listener
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The probe window's mean prediction as its input level moves by PROBE_SHIFTS field spreads, less its
         prediction in the fused pass: ([C, K] shifts, [C, K] responses), K = len(PROBE_SHIFTS) + 1, sorted.

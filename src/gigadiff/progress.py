@@ -1,6 +1,6 @@
 """A rich progress bar for every phase of a run: loading, denoising (each coherence stage), VAE, writing.
 
-It hears the run's events (gigadiff.sampler.StepListener): `on_phase` starts a phase with its unit count (None:
+It hears the run's events (gigadiff.sampler.Listener): `on_phase` starts a phase with its unit count (None:
 a spinner, e.g. while a model loads), `on_advance` counts its units (VAE tiles, pyramid levels), and the
 denoising steps count tiles over the whole schedule so the ETA accounts for every model call still to come.
 A run that starts late (img2img: the last steps x strength of the schedule) shows the steps it runs.

@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 from gigadiff.errors import GigadiffError
+from gigadiff.facts import ModelInfo
 from gigadiff.geometry import tile_grid
 from gigadiff.grids import StepRange, run_grids
 from gigadiff.io.images import open_image, require_file
-from gigadiff.io.metadata import info_from_metadata
 from gigadiff.metrics import (
     Duplication,
     EdgeContinuity,
@@ -88,7 +88,7 @@ RECORDED = ("settings", "model_info", "timesteps")
 def borders_from_metadata(meta: dict[str, Any]) -> tuple[list[int], list[int]]:
     """Every tile border of every step that ran in the generation `meta` describes, in image pixels."""
     settings = GenerationSettings.from_dict(meta["settings"])
-    info = info_from_metadata(meta)
+    info = ModelInfo.from_dict(meta["model_info"])
     steps = StepRange(int(meta["timesteps"]["first"]), int(meta["timesteps"]["count"]))
     return grid_borders(run_grids(settings, info, steps), scale=info.vae_scale_factor)
 

@@ -17,70 +17,11 @@ import torch
 
 from gigadiff import interrupts
 from gigadiff.backends.base import Backend
+from gigadiff.events import Listener, NullListener
 from gigadiff.executors.local import TileExecutor
 from gigadiff.fusion import FusionAccumulator, gather_tile
 from gigadiff.geometry import GridPlan, TileGrid
 from gigadiff.schedulers import model_input
-
-
-class StepListener(Protocol):
-    """Progress events of a run (see `NullListener`, which hears them all and does nothing).
-
-    on_phase starts a phase of the run (a coherence stage, the VAE decode, writing) of `total` units (None: not
-    counted) and on_advance counts them; the denoising loop reports steps and tiles."""
-
-    def on_phase(self, name: str, total: int | None) -> None: ...
-    def on_advance(self, count: int) -> None: ...
-    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None: ...
-    def on_tiles_done(self, count: int) -> None: ...
-    def on_step_end(self, step: int, latents: torch.Tensor) -> None: ...
-
-
-class NullListener:
-    def on_phase(self, name: str, total: int | None) -> None:
-        pass
-
-    def on_advance(self, count: int) -> None:
-        pass
-
-    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
-        pass
-
-    def on_tiles_done(self, count: int) -> None:
-        pass
-
-    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
-        pass
-
-
-class Listeners(NullListener):
-    """Several listeners heard as one (e.g. a progress bar and a checkpoint writer); each may hear only some
-    of the events (a listener written before phases were reported hears what it knows)."""
-
-    def __init__(self, *listeners: StepListener | None):
-        self.listeners = [x for x in listeners if x is not None]
-
-    def on_phase(self, name: str, total: int | None) -> None:
-        for x in self.listeners:
-            if hasattr(x, "on_phase"):
-                x.on_phase(name, total)
-
-    def on_advance(self, count: int) -> None:
-        for x in self.listeners:
-            if hasattr(x, "on_advance"):
-                x.on_advance(count)
-
-    def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
-        for x in self.listeners:
-            x.on_step_start(step, total_steps, tiles, first_step)
-
-    def on_tiles_done(self, count: int) -> None:
-        for x in self.listeners:
-            x.on_tiles_done(count)
-
-    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
-        for x in self.listeners:
-            x.on_step_end(step, latents)
 
 
 @dataclass(frozen=True)
@@ -125,7 +66,7 @@ class CanvasDenoiser:
             return [(self.cond, grid, None)]
         return [(layer.cond, part, layer.weight) for layer in self.layers if len(part := touched(grid, layer))]
 
-    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: Listener) -> torch.Tensor:
         acc = FusionAccumulator(x.shape, self.weights, x.device, self.margin)
         for cond, part, weight in self.passes(grid):
             for batch in self.executor.predictions(self.backend, x, t, cond, part):
@@ -143,7 +84,7 @@ class Denoiser(Protocol):
     @property
     def plan(self) -> GridPlan: ...
     def passes(self, grid: TileGrid) -> list[tuple[Any, TileGrid, torch.Tensor | None]]: ...
-    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: Listener) -> torch.Tensor: ...
 
 
 def sample(
@@ -152,7 +93,7 @@ def sample(
     latents: torch.Tensor,
     timesteps: Sequence[Any],
     step_kwargs: dict[str, Any],
-    listener: StepListener | None = None,
+    listener: Listener | None = None,
     first_step: int = 0,
     guide: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:

@@ -23,7 +23,7 @@ from gigadiff.errors import GigadiffError
 if TYPE_CHECKING:
     import torch
 
-    from gigadiff.backends.base import SchedulerKind
+    from gigadiff.facts import SchedulerKind
 
 # name -> (diffusers class name, config overrides)
 DDPM_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

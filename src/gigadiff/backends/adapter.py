@@ -12,10 +12,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.base import ModelInfo
 from gigadiff.backends.codec import VaeCodec
 from gigadiff.backends.flow import set_flow_timesteps
 from gigadiff.backends.pipelines import weights_fingerprint
+from gigadiff.facts import ModelInfo
 from gigadiff.schedulers import make_scheduler
 
 if TYPE_CHECKING:

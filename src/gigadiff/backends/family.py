@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from gigadiff.backends.base import GuidanceKind, ModelInfo, PositionKind, SchedulerKind, ShiftRule
 from gigadiff.errors import GigadiffError
+from gigadiff.facts import GuidanceKind, ModelInfo, PositionKind, SchedulerKind, ShiftRule
 
 if TYPE_CHECKING:
     from gigadiff.backends.base import Backend

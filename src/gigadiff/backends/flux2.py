@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
-from gigadiff.backends.base import ShiftRule
 from gigadiff.backends.codec import VaeCodec
 from gigadiff.backends.family import Family, Preset, vae_factor
 from gigadiff.backends.flow import grid_ids
+from gigadiff.facts import ShiftRule
 from gigadiff.lazy import no_grad, torch
 
 if TYPE_CHECKING:
     import torch as torch_types
 
-    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
+    from gigadiff.facts import ModelInfo
     from gigadiff.geometry import Tile
 
 

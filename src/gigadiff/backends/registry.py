@@ -23,7 +23,8 @@ from gigadiff.backends.z_image import ZImage
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
-    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.base import Backend
+    from gigadiff.facts import ModelInfo
 
 FAMILIES: tuple[Family, ...] = (
     Terrain(),

@@ -28,8 +28,9 @@ from gigadiff.backends.family import Family, Preset, flow_shift_rule
 from gigadiff.backends.pixart import PixArtBackend
 
 if TYPE_CHECKING:
-    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
+    from gigadiff.facts import ModelInfo
     from gigadiff.vae.halo import Network
 
 

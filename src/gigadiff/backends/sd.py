@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from gigadiff.backends.family import Family, Preset, vae_factor
 
 if TYPE_CHECKING:
-    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
+    from gigadiff.facts import ModelInfo
 
 
 def unet_native(source: ModelSource, factor: int, default: int) -> int:

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gigadiff.backends.base import ModelInfo
 from gigadiff.backends.family import Family
 from gigadiff.errors import GigadiffError
+from gigadiff.facts import ModelInfo
 from gigadiff.lazy import torch
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import DiffusersBackend
-from gigadiff.backends.base import ModelInfo
+from gigadiff.facts import ModelInfo
 from gigadiff.lazy import no_grad, torch
 
 if TYPE_CHECKING:

@@ -26,8 +26,9 @@ from gigadiff.lazy import no_grad, torch
 if TYPE_CHECKING:
     import torch as torch_types
 
-    from gigadiff.backends.base import Backend, ModelInfo
+    from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
+    from gigadiff.facts import ModelInfo
     from gigadiff.geometry import Tile
 
 

@@ -40,27 +40,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gigadiff.backends.base import Backend
-from gigadiff.checkpoint import Checkpoint, restore_scheduler
-from gigadiff.executors.local import TileExecutor
+from gigadiff.events import Listener
 from gigadiff.geometry import GridPlan, Tile, TileGrid
 from gigadiff.grids import StepRange, border_pad, grid_plan
 from gigadiff.noise import seeded_generator
+from gigadiff.recipes.context import CanvasRun, RunContext
 from gigadiff.recipes.regional import region_weights
-from gigadiff.recipes.setup import condition, denoising_start, noised, prepared_scheduler, start_index
-from gigadiff.recipes.txt2img import (
-    CanvasRun,
-    CheckpointPolicy,
+from gigadiff.recipes.steps import (
     CheckpointWriter,
     canvas_denoiser,
-    encode_init_image,
+    denoising_start,
+    encoded_init,
     initial_noise,
-    text_to_image,
+    noised,
+    prepared_scheduler,
+    resumed,
+    run_steps,
+    start_index,
 )
-from gigadiff.sampler import CanvasDenoiser, Layer, Listeners, StepListener, sample
-from gigadiff.schedulers import step_kwargs
-from gigadiff.settings import GenerationSettings
-from gigadiff.vae.tiling import VaeTiling
+from gigadiff.recipes.txt2img import text_to_image
+from gigadiff.sampler import CanvasDenoiser, Layer
+
+SKIP_EXPONENT = 3.0
+"""Exponent of the skip residual's cosine fade (higher: the earlier stage lets go sooner)."""
+DILATION_EXPONENT = 1.0
+"""Exponent of the dilated global views' cosine fade."""
 
 
 def stage_count(height: int, width: int, native: int) -> int:
@@ -146,7 +150,7 @@ class CoherentDenoiser:
     def passes(self, grid: TileGrid) -> list[tuple[Any, TileGrid, torch.Tensor | None]]:
         return [*self.local.passes(grid), *self.views.passes(self._views(grid))]
 
-    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: StepListener) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: Listener) -> torch.Tensor:
         local = self.local(x, t, step, grid, listener)
         weight = cosine_fade(step, self.steps, self.exponent)
         if weight < 1e-4:
@@ -160,7 +164,7 @@ class CoherentDenoiser:
 class SkipResidual:
     """Before each step: blend in the previous stage, noised to this step's level, with a fading weight."""
 
-    backend: Backend
+    ctx: RunContext
     reference: torch.Tensor
     noise: torch.Tensor
     scheduler: Any
@@ -169,7 +173,8 @@ class SkipResidual:
 
     def __call__(self, step: int, latents: torch.Tensor) -> torch.Tensor:
         weight = cosine_fade(step, self.steps, self.exponent)
-        return weight * noised(self.backend, self.scheduler, self.reference, self.noise, step) + (1 - weight) * latents
+        reference = noised(self.ctx.backend.info.scheduler_kind, self.scheduler, self.reference, self.noise, step)
+        return weight * reference + (1 - weight) * latents
 
 
 def enlarge(image: torch.Tensor, height: int, width: int, wrap: tuple[bool, bool]) -> torch.Tensor:
@@ -185,92 +190,68 @@ def enlarge(image: torch.Tensor, height: int, width: int, wrap: tuple[bool, bool
 
 
 @torch.no_grad()
-def progressive(
-    backend: Backend,
-    settings: GenerationSettings,
-    executor: TileExecutor,
-    listener: StepListener | None = None,
-    checkpoints: CheckpointPolicy | None = None,
-    resume: Checkpoint | None = None,
-    vae: VaeTiling | None = None,
-) -> CanvasRun:
+def progressive(ctx: RunContext) -> CanvasRun:
     """The first stage by plain tiled generation, then every x2 stage with skip residual and dilated views;
-    with `resume`, from the stage and step it records."""
-    info = backend.info
+    resumed from the stage and step `ctx.resume` records."""
+    s, info, resume = ctx.settings, ctx.backend.info, ctx.resume
     f = info.vae_scale_factor
-    vae = vae or VaeTiling(wrap=settings.wrap)
-    assert settings.width and settings.height and settings.steps
-    assert border_pad(settings, info) == (0, 0), "stages of models with untrusted tile rims are not padded yet"
-    sizes = stage_sizes(settings.height // f, settings.width // f, info.native_size // f, info.latent_multiple)
+    assert border_pad(s, info) == (0, 0), "stages of models with untrusted tile rims are not padded yet"
+    sizes = stage_sizes(s.height // f, s.width // f, info.native_size // f, info.latent_multiple)
     calls = pixels = 0
-    latents: torch.Tensor | None = None
     run: CanvasRun | None = None
-    events = Listeners(listener)
     for k, (h, w) in enumerate(sizes):
         if resume is not None and k < resume.stage:
             continue
-        events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
-        stage = replace(settings, width=w * f, height=h * f)
-        weights = region_weights(settings, f, (h, w)) if settings.regions else []
+        ctx.events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
         own = resume if resume is not None and resume.stage == k else None
+        stage = ctx.replace(settings=replace(s, width=w * f, height=h * f), resume=own)
+        weights = region_weights(s, f, (h, w)) if s.regions else []
         if k == 0:
-            run = text_to_image(backend, stage, executor, listener, checkpoints, own, vae, weights)
+            run = text_to_image(stage, weights)
         else:
-            if own is not None:
-                assert own.reference is not None
-                reference = own.reference.to(backend.device)
-            else:
-                assert latents is not None
-                image = enlarge(backend.codec.decode(latents, vae, events), h * f, w * f, settings.wrap)
-                reference = backend.codec.encode(image, None, vae, events).to(backend.device, torch.float32)
-                events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
-            run = _stage(backend, stage, executor, listener, reference, k, weights, checkpoints, own, vae)
-        latents = run.latents
+            reference = own.reference.to(ctx.backend.device) if own is not None and own.reference is not None else None
+            if reference is None:
+                assert run is not None
+                reference = enlarged(stage, run.latents)
+                ctx.events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
+            run = _stage(stage, reference, k, weights)
         calls += run.model_calls
         pixels += run.evaluated_pixels
     assert run is not None
-    return CanvasRun(run.latents, calls, pixels, grid_plan(settings, info).tiles_per_step, run.steps)
+    return CanvasRun(run.latents, calls, pixels, grid_plan(s, info).tiles_per_step, run.steps)
 
 
-def _stage(
-    backend: Backend,
-    settings: GenerationSettings,
-    executor: TileExecutor,
-    listener: StepListener | None,
-    reference: torch.Tensor,
-    index: int,
-    weights: list[torch.Tensor],
-    checkpoints: CheckpointPolicy | None,
-    resume: Checkpoint | None,
-    vae: VaeTiling,
-) -> CanvasRun:
+def enlarged(stage: RunContext, latents: torch.Tensor) -> torch.Tensor:
+    """The previous stage's latents decoded, enlarged to this stage's size and encoded: its reference."""
+    s, codec = stage.settings, stage.backend.codec
+    image = enlarge(codec.decode(latents, stage.vae, stage.events), s.height, s.width, s.wrap)
+    return codec.encode(image, None, stage.vae, stage.events).to(stage.backend.device, torch.float32)
+
+
+def _stage(ctx: RunContext, reference: torch.Tensor, index: int, weights: list[torch.Tensor],
+           skip_exponent: float = SKIP_EXPONENT) -> CanvasRun:  # fmt: skip
     """Stage `index` (stride 2**index): its own noise and schedule, pulled toward `reference`, views mixed in."""
-    assert settings.steps is not None
-    info = backend.info
-    cond = condition(backend, settings, settings.prompt, settings.negative_prompt, settings.guidance)
-    scheduler = prepared_scheduler(backend, settings)
-    generator = seeded_generator((settings.seed + index) % 2**64)  # each stage its own, reproducible noise
-    first = denoising_start(scheduler, settings)
-    if resume is None:
-        init = encode_init_image(backend, settings, vae, generator, listener) if settings.init_image else None
-        noise = initial_noise(tuple(reference.shape), generator, settings, weights, index).to(backend.device)
-        latents = noised(backend, scheduler, reference if init is None else init, noise, first)
+    s, info = ctx.settings, ctx.backend.info
+    cond = ctx.condition(s.prompt, s.negative, s.guidance)
+    scheduler = prepared_scheduler(ctx)
+    generator = seeded_generator((s.seed + index) % 2**64)  # each stage its own, reproducible noise
+    first = denoising_start(scheduler, s)
+    if ctx.resume is None:
+        init = encoded_init(ctx, generator) if s.init else None
+        noise = initial_noise(tuple(reference.shape), generator, s, weights, index).to(ctx.backend.device)
+        latents = noised(info.scheduler_kind, scheduler, reference if init is None else init, noise, first)
     else:
-        assert resume.noise is not None
-        noise = resume.noise.to(backend.device)
-        restore_scheduler(scheduler, resume.scheduler_state)
-        generator.set_state(resume.generator_state)
-        latents = resume.latents.to(backend.device)
-        first = resume.step
+        assert ctx.resume.noise is not None
+        noise = ctx.resume.noise.to(ctx.backend.device)
+        latents, first = resumed(ctx, scheduler, generator)
     steps = len(scheduler.timesteps)
-    local = canvas_denoiser(backend, settings, executor, cond, weights)
-    denoiser = CoherentDenoiser(local, 2**index, settings.dilation_exponent, steps, info.latent_multiple)
-    guide = SkipResidual(backend, reference, noise, scheduler, settings.skip_exponent, steps)
+    local = canvas_denoiser(ctx, cond, weights)
+    denoiser = CoherentDenoiser(local, 2**index, DILATION_EXPONENT, steps, info.latent_multiple)
+    guide = SkipResidual(ctx, reference, noise, scheduler, skip_exponent, steps)
     writer = None
-    if checkpoints is not None:
-        writer = CheckpointWriter(checkpoints, backend, scheduler, generator, steps, index, reference, noise)
-    latents = sample(denoiser, scheduler, latents, scheduler.timesteps, step_kwargs(scheduler, generator, settings.eta),
-                     Listeners(writer, listener), first_step=first, guide=guide)  # fmt: skip
+    if ctx.checkpoints is not None:
+        writer = CheckpointWriter(ctx, scheduler, generator, index, reference, noise)
+    latents = run_steps(ctx, denoiser, scheduler, generator, latents, first, writer, guide)
     pixels = local.evaluated_pixels + denoiser.views.evaluated_pixels
     return CanvasRun(latents, denoiser.model_calls, pixels, local.plan.tiles_per_step,
-                     StepRange(start_index(scheduler, settings), steps))  # fmt: skip
+                     StepRange(start_index(scheduler, s), steps))  # fmt: skip

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gigadiff.backends.base import Backend
 from gigadiff.noise import canvas_noise, seeded_generator
-from gigadiff.recipes.setup import condition
+from gigadiff.recipes.context import RunContext
 from gigadiff.regions import BACKGROUND_FLOOR, background_weight, region_weight
 from gigadiff.sampler import Layer
 from gigadiff.settings import GenerationSettings
@@ -23,7 +22,6 @@ def region_weights(
 ) -> list[torch.Tensor]:
     """Every region's feathered weight on the canvas (CPU), in the order of `settings.regions`; with `size`
     (h, w: a progressive stage's canvas) area-averaged from the full canvas down to that size."""
-    assert settings.width and settings.height
     weights = [
         region_weight(r, settings.width, settings.height, factor, settings.region_feather) for r in settings.regions
     ]
@@ -33,15 +31,13 @@ def region_weights(
             for w in weights]  # fmt: skip
 
 
-def region_layers(
-    backend: Backend, settings: GenerationSettings, background_cond: Any, weights: list[torch.Tensor]
-) -> list[Layer]:
+def region_layers(ctx: RunContext, background_cond: Any, weights: list[torch.Tensor]) -> list[Layer]:
     """The background layer (weights: what the regions leave) followed by one layer per region."""
-    weights = [w.to(backend.device) for w in weights]
+    weights = [w.to(ctx.backend.device) for w in weights]
     layers = [Layer(background_cond, background_weight(weights), skip_below=1.5 * BACKGROUND_FLOOR)]
-    for region, weight in zip(settings.regions, weights, strict=True):
-        guidance = region.guidance if region.guidance is not None else settings.guidance
-        layers.append(Layer(condition(backend, settings, region.prompt, region.negative_prompt, guidance), weight))
+    for region, weight in zip(ctx.settings.regions, weights, strict=True):
+        guidance = region.guidance if region.guidance is not None else ctx.settings.guidance
+        layers.append(Layer(ctx.condition(region.prompt, region.negative_prompt, guidance), weight))
     return layers
 
 

@@ -1,2 +1,3 @@
-"""The run layer under every front end: a request (request.py) resolved once (resolve.py) and executed
-(execute.py). Importing it imports no torch."""
+"""The run layer under every front end: a request (gigadiff.options) checked and resolved once (checks.py,
+resolve.py) and executed (execute.py) into outputs with their metadata (outputs.py, metadata.py). Importing it
+imports no torch."""

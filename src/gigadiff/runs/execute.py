@@ -11,18 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from gigadiff import interrupts
 from gigadiff.errors import GigadiffError
+from gigadiff.events import Listeners
 from gigadiff.executors.launch import Ranks, init_from_env, rank_device
 from gigadiff.executors.local import LocalExecutor, TileExecutor
-from gigadiff.io.metadata import generation_metadata
-from gigadiff.recipes.txt2img import CanvasRun, CheckpointPolicy, text_to_image
+from gigadiff.recipes.context import CanvasRun, CheckpointPolicy, RunContext
+from gigadiff.runs.outputs import write_results
 from gigadiff.runs.preview import PreviewWriter
-from gigadiff.sampler import Listeners, StepListener
-from gigadiff.settings import GenerationSettings, check_for_model
-from gigadiff.vae.tiling import VaeTiling
+from gigadiff.runs.result import GenerationResult
 
 if TYPE_CHECKING:
     from gigadiff.backends.base import Backend
@@ -30,72 +27,24 @@ if TYPE_CHECKING:
     from gigadiff.runs.resolve import Run
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    """A finished generation: its latent canvas, the settings that made it, and what it cost."""
+def denoise(ctx: RunContext) -> CanvasRun:
+    """Run the recipe the settings call for (plain, img2img, regional: txt2img; progressive: coherence).
 
-    latents: torch.Tensor
-    settings: GenerationSettings
-    backend: Backend
-    run: CanvasRun
-    vae: VaeTiling
-    request: dict[str, Any] | None = None
-    """The resolved run request, when the generation came through the run layer."""
-    vae_mode: str = ""
-
-    @property
-    def info(self) -> Any:
-        return self.backend.info
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return generation_metadata(self.settings, self.info, self.run.steps, self.request, self.vae_mode)
-
-    def decode(self) -> torch.Tensor:
-        return self.backend.codec.decode(self.latents, self.vae)
-
-
-def denoise(
-    settings: GenerationSettings,
-    backend: Backend,
-    executor: TileExecutor | None = None,
-    listener: StepListener | None = None,
-    checkpoints: CheckpointPolicy | None = None,
-    resume: Checkpoint | None = None,
-    vae: VaeTiling | None = None,
-) -> CanvasRun:
-    """Run the recipe `settings` call for (plain, img2img, regional, progressive) and return the canvas.
-
-    With `resume`, the run continues from the checkpoint, after checking that it was made by this model.
+    With `ctx.resume`, the run continues from the checkpoint, after checking that it was made by this model.
     """
-    if resume is not None and resume.fingerprint != backend.info.fingerprint:
+    resume, info = ctx.resume, ctx.backend.info
+    if resume is not None and resume.fingerprint != info.fingerprint:
         raise GigadiffError(
             f"checkpoint was made with model {resume.model!r} (fingerprint {resume.fingerprint}); the loaded model "
-            f"{backend.info.name!r} has fingerprint {backend.info.fingerprint}: refusing to resume on another model"
+            f"{info.name!r} has fingerprint {info.fingerprint}: refusing to resume on another model"
         )
-    vae = vae or VaeTiling(wrap=settings.wrap)
-    assert settings.tile_batch is not None, "resolve first"
-    executor = executor or LocalExecutor(settings.tile_batch)
-    if settings.coherence == "progressive":
+    if ctx.settings.coherence == "progressive":
         from gigadiff.recipes.coherence import progressive
 
-        return progressive(backend, settings, executor, listener, checkpoints, resume, vae)
-    return text_to_image(backend, settings, executor, listener, checkpoints, resume, vae)
+        return progressive(ctx)
+    from gigadiff.recipes.txt2img import text_to_image
 
-
-def run_generation(
-    settings: GenerationSettings,
-    backend: Backend,
-    executor: TileExecutor | None = None,
-    listener: StepListener | None = None,
-    checkpoints: CheckpointPolicy | None = None,
-    resume: Checkpoint | None = None,
-) -> GenerationResult:
-    """Check `settings` against the loaded model, then generate in memory (the API below the run layer)."""
-    resolved = check_for_model(settings, backend.info)
-    vae = VaeTiling(wrap=resolved.wrap)
-    canvas = denoise(resolved, backend, executor, listener, checkpoints, resume, vae)
-    return GenerationResult(canvas.latents, resolved, backend, canvas, vae)
+    return text_to_image(ctx)
 
 
 def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float, cfg_split: bool = False) -> TileExecutor:
@@ -121,10 +70,26 @@ class Executed:
     summary: str = ""
 
 
+def context(run: Run, backend: Backend, listener: Any, ranks: Ranks, resume: Checkpoint | None) -> RunContext:
+    """The run as its recipe receives it: executor, listeners (the caller's, the preview), checkpoint policy."""
+    request, settings = run.request, run.settings
+    if request.cfg_split and not ranks.distributed:
+        raise GigadiffError("{cfg_split} shares guidance passes between processes: launch with torchrun or give "
+                            "{processes}", "cfg_split", "processes")  # fmt: skip
+    executor = make_executor(settings.tile_batch, ranks, request.rank_timeout, request.cfg_split)
+    policy = None
+    if run.outputs.checkpoint is not None:
+        policy = CheckpointPolicy(run.outputs.checkpoint, request.checkpoint_every, run.record(), write=ranks.is_main)
+    preview = None
+    if run.outputs.preview is not None and ranks.is_main:
+        preview = PreviewWriter(backend.codec, run.outputs.preview)
+    return RunContext(backend, settings, executor, Listeners(listener, preview), run.vae, policy, resume)
+
+
 def execute(
     run: Run,
     backend: Backend | None = None,
-    listener: StepListener | None = None,
+    listener: Any = None,
     ranks: Ranks | None = None,
     resume: Checkpoint | None = None,
     write: bool = True,
@@ -132,7 +97,8 @@ def execute(
 ) -> Executed:
     """Load (unless `backend` is given), check, denoise and, with `write`, write the run's outputs on rank 0.
 
-    `on_loaded()` is called once the model is in memory (progress displays switch phase there).
+    `listener` hears the run's events (any of gigadiff.events.EVENTS it implements); `on_loaded()` is called
+    once the model is in memory (progress displays switch phase there).
     """
     request = run.request
     interrupts.note_checkpoint(run.outputs.checkpoint)
@@ -142,27 +108,14 @@ def execute(
     if on_loaded is not None:
         on_loaded()
     settings = run.settings
-    assert settings.height and settings.width and settings.tile_batch
     vae_mode = backend.codec.check(1, settings.height, settings.width, run.vae)  # fails now, not after hours
-    if request.cfg_split and not ranks.distributed:
-        raise GigadiffError("{cfg_split} shares guidance passes between processes: launch with torchrun or give "
-                            "{processes}", "cfg_split", "processes")  # fmt: skip
-    executor = make_executor(settings.tile_batch, ranks, request.rank_timeout, request.cfg_split)
-    policy = None
-    if run.outputs.checkpoint is not None:
-        policy = CheckpointPolicy(run.outputs.checkpoint, request.checkpoint_every, settings, run.record(),
-                                  write=ranks.is_main)  # fmt: skip
-    preview = None
-    if run.outputs.preview is not None and ranks.is_main:
-        preview = PreviewWriter(backend.codec, run.outputs.preview)
-    canvas = denoise(settings, backend, executor, Listeners(listener, preview), policy, resume, run.vae)
+    ctx = context(run, backend, listener, ranks, resume)
+    canvas = denoise(ctx)
     result = GenerationResult(canvas.latents, settings, backend, canvas, run.vae, run.record(), vae_mode)
     summary = ""
     if write and ranks.is_main:
-        from gigadiff.runs.outputs import write_results
-
-        summary = write_results(result, run.outputs, request.overwrite, started, listener)
-    return Executed(result, executor, summary)
+        summary = write_results(result, run.outputs, request.overwrite, started, ctx.events)
+    return Executed(result, ctx.executor, summary)
 
 
-__all__ = ["Executed", "GenerationResult", "denoise", "execute", "run_generation"]
+__all__ = ["Executed", "GenerationResult", "denoise", "execute"]

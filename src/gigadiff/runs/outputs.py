@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gigadiff.io.heightmap import write_heightmap
 from gigadiff.io.images import tensor_to_pil
@@ -17,18 +17,18 @@ from gigadiff.io.streaming import write_streamed
 from gigadiff.io.writers import write_latent, write_png
 
 if TYPE_CHECKING:
-    from gigadiff.runs.execute import GenerationResult
+    from gigadiff.events import Listener
     from gigadiff.runs.resolve import Outputs
+    from gigadiff.runs.result import GenerationResult
 
 
 def write_results(result: GenerationResult, outputs: Outputs, overwrite: bool, started: float,
-                  listener: Any = None) -> str:  # fmt: skip
+                  listener: Listener) -> str:  # fmt: skip
     """Write the outputs of `result`; returns the one-line summary the command line prints."""
     meta = result.metadata
     codec = result.backend.codec
     if result.info.output == "heightmap":
-        if listener is not None:
-            listener.on_phase("writing heightmap and relief", None)
+        listener.on_phase("writing heightmap and relief", None)
         meta = write_heightmap(result.decode()[0, 0].numpy(), outputs.image, meta, overwrite)
     elif codec.streams:
         h, w = result.latents.shape[2:]

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from gigadiff.events import NullListener
 from gigadiff.io.files import publish
-from gigadiff.sampler import NullListener
 
 PREVIEW_SIDE = 512
 

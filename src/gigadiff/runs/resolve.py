@@ -10,25 +10,25 @@ sidecars keep it, and resolving it again gives the same run (`gigadiff resume`, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.device import check_device_name, check_dtype_name
+from gigadiff.backends.device import check_device_name
 from gigadiff.backends.registry import find_model
 from gigadiff.backends.source import require_present
 from gigadiff.errors import GigadiffError
 from gigadiff.io.files import check_outputs, relief_path, sidecar_path
+from gigadiff.options import RunRequest
 from gigadiff.regions import RegionSet, load_region_file, parse_regions
-from gigadiff.runs.request import RunRequest
-from gigadiff.settings import GenerationSettings, check_for_model, new_seed, parse_sigmas, parse_size
+from gigadiff.runs.checks import check_relations, settings_for
+from gigadiff.settings import GenerationSettings
 from gigadiff.vae.tiling import VaeTiling
 
 if TYPE_CHECKING:
-    from gigadiff.backends.base import ModelInfo
     from gigadiff.backends.family import Family
     from gigadiff.backends.source import ModelSource
+    from gigadiff.facts import ModelInfo
 
 OUTPUT_SUFFIXES = (".png", ".tif", ".tiff")
 DEFAULT_OUTPUT = "gigadiff.png"
@@ -72,8 +72,6 @@ def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
     """(width, height) of a run from the image at `path` times `scale`, rounded to `multiple` pixels."""
     from gigadiff.io.images import image_size
 
-    if not (math.isfinite(scale) and scale > 0):
-        raise GigadiffError(f"{{scale}} must be positive, got {scale}", "scale")
     width, height = image_size(path)
     return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))  # type: ignore[return-value]
 
@@ -103,15 +101,9 @@ def _output(request: RunRequest, command: str) -> Path:
 
 
 def _check_options(r: RunRequest) -> None:
-    """The request's own values that no other check covers."""
+    """The request's own values: each option against its declaration, then those no other check covers."""
+    check_relations(r)
     check_device_name(r.device)
-    check_dtype_name(r.dtype)
-    if not (math.isfinite(r.rank_timeout) and r.rank_timeout > 0):
-        raise GigadiffError(f"{{rank_timeout}} must be positive, got {r.rank_timeout}", "rank_timeout")
-    if r.checkpoint_every < 0:
-        raise GigadiffError(f"{{checkpoint_every}} must be >= 0, got {r.checkpoint_every}", "checkpoint_every")
-    if r.processes < 1:
-        raise GigadiffError(f"{{processes}} must be at least 1, got {r.processes}", "processes")
     if r.save_latent is not None and not r.save_latent.endswith(".safetensors"):
         raise GigadiffError(f"{{save_latent}} {r.save_latent} must end in .safetensors", "save_latent")
     if r.preview is not None and not r.preview.lower().endswith(".png"):
@@ -121,70 +113,26 @@ def _check_options(r: RunRequest) -> None:
                             "scale", "init", "size")  # fmt: skip
 
 
-def resolve(request: RunRequest, command: str = "generate", allow_files: bool = True, check_files: bool = True,
-            described: tuple[ModelSource, Family, ModelInfo] | None = None, resuming: bool = False) -> Run:  # fmt: skip
-    """Check `request` and fill in every default (raises GigadiffError naming the field on the first problem).
+def _init_size(request: RunRequest, info: ModelInfo) -> tuple[int, int] | None:
+    """The run's size from its init image when it gives none (and a missing or unreadable image reported now)."""
+    if request.init is None:
+        return None
+    from gigadiff.io.images import image_size
 
-    command: "generate" or "upscale" (which sizes and names its output from the init image); allow_files: False
-    where the caller may not name files on this machine (the service: regions come as data); check_files:
-    False where another process checks the outputs (torchrun ranks other than 0); described: a model found
-    already (`find_model`), or one loaded by the caller; resuming: the run continues from its checkpoint file
-    (which therefore exists).
-    """
-    _check_options(request)
-    regions = _regions(request, allow_files)
-    prompt = request.prompt or (regions.background.get("prompt", "") if regions else "")
-    negative = request.negative or (regions.background.get("negative_prompt", "") if regions else "")
-    source, family, info = described or find_model(request.model)
-    size = request.size
-    if size is None and request.init is not None:
-        scale = 1.0 if request.scale is None else request.scale
-        width, height = init_size(request.init, scale, info.size_multiple)
-    else:
-        width, height = parse_size(size) if size is not None else (None, None)
-    if request.init is not None:
-        from gigadiff.io.images import image_size
+    image_size(request.init)
+    if request.size is not None:
+        return None
+    return init_size(request.init, 1.0 if request.scale is None else request.scale, info.size_multiple)
 
-        image_size(request.init)  # a missing or unreadable init image is reported now
-    settings = GenerationSettings(
-        prompt=prompt,
-        negative_prompt=negative,
-        width=width,
-        height=height,
-        steps=request.steps,
-        guidance=request.guidance,
-        true_cfg=request.true_cfg,
-        seed=request.seed if request.seed is not None else new_seed(),
-        scheduler=request.scheduler,
-        tile=request.tile,
-        overlap=request.overlap,
-        weights=request.weights,
-        shift=request.shift,
-        level_sync=request.level_sync,
-        tile_batch=request.tile_batch,
-        guidance_rescale=request.guidance_rescale,
-        eta=request.eta,
-        sigmas=parse_sigmas(request.sigmas) if request.sigmas else None,
-        init_image=request.init,
-        strength=request.strength,
-        regions=regions.regions if regions else (),
-        region_feather=regions.feather if regions else 32,
-        coherence=request.coherence,
-        tileable=request.tileable,
-        flow_shift=request.flow_shift,
-        positions=request.positions,
-        extra={"difficulty": request.difficulty} if request.difficulty is not None else {},
-    )
-    settings = check_for_model(settings, info)
-    vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,  # type: ignore[arg-type]
-                    spill_dir=Path(request.vae_spill) if request.vae_spill else None)  # fmt: skip
+
+def _outputs(request: RunRequest, command: str, info: ModelInfo) -> Outputs:
     image = _output(request, command)
     checkpoint = None
     if request.checkpoint_every:
         checkpoint = (
             Path(request.checkpoint) if request.checkpoint else image.with_name(f"{image.stem}.checkpoint.safetensors")
         )
-    outputs = Outputs(
+    return Outputs(
         image=image,
         sidecar=sidecar_path(image),
         relief=relief_path(image) if info.output == "heightmap" else None,
@@ -192,28 +140,35 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
         checkpoint=checkpoint,
         preview=Path(request.preview) if request.preview else None,
     )
+
+
+def resolve(request: RunRequest, command: str = "generate", allow_files: bool = True, check_files: bool = True,
+            described: tuple[ModelSource, Family, ModelInfo] | None = None, resuming: bool = False,
+            writes: bool = True) -> Run:  # fmt: skip
+    """Check `request` and fill in every default (raises GigadiffError naming the field on the first problem).
+
+    command: "generate" or "upscale" (which sizes and names its output from the init image); allow_files: False
+    where the caller may not name files on this machine (the service: regions come as data); check_files:
+    False where another process checks the outputs (torchrun ranks other than 0); described: a model found
+    already (`find_model`), or one loaded by the caller; resuming: the run continues from its checkpoint file
+    (which therefore exists); writes: False where the caller keeps the result in memory (the Python API without
+    an output): the record then names no output, and no output is checked.
+    """
+    _check_options(request)
+    regions = _regions(request, allow_files)
+    source, family, info = described or find_model(request.model)
+    resolved, settings = settings_for(request, info, regions, _init_size(request, info))
+    vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,  # type: ignore[arg-type]
+                    spill_dir=Path(request.vae_spill) if request.vae_spill else None)  # fmt: skip
+    outputs = _outputs(request, command, info)
     require_present(source)  # a missing model, after the request's own errors
     if check_files:
-        check_outputs(outputs.finished() + ([outputs.preview] if outputs.preview else []), request.overwrite)
+        if writes:
+            check_outputs(outputs.finished() + ([outputs.preview] if outputs.preview else []), request.overwrite)
         if outputs.checkpoint is not None:
             check_outputs([outputs.checkpoint], request.overwrite or resuming)
-    resolved = request.replace(
-        prompt=settings.prompt,
-        negative=settings.negative_prompt,
-        size=f"{settings.width}x{settings.height}",
-        output=str(image),
-        steps=settings.steps,
-        guidance=settings.guidance,
-        seed=settings.seed,
-        tile=settings.tile,
-        overlap=settings.overlap,
-        weights=settings.weights,
-        level_sync=settings.level_sync,
-        tile_batch=settings.tile_batch,
-        coherence=settings.coherence,
-        regions=_recorded_regions(regions),
-        checkpoint=str(checkpoint) if checkpoint else None,
-    )
+    resolved = resolved.replace(output=str(outputs.image) if writes else None, regions=_recorded_regions(regions),
+                                checkpoint=str(outputs.checkpoint) if outputs.checkpoint else None)  # fmt: skip
     return Run(resolved, settings, source, family, info, vae, outputs)
 
 

@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.errors import GigadiffError
-from gigadiff.runs.request import FIELD_NAMES, RunRequest, check_types, flag
+from gigadiff.options import CLIENT_OPTIONS, FIELD_NAMES, SERVER_OPTIONS, RunRequest, check_types, flag
 from gigadiff.serve.config import ServeConfig
 
 if TYPE_CHECKING:
     from gigadiff.runs.resolve import Run
 
-SERVER_FIELDS = ("output", "save_latent", "checkpoint", "checkpoint_every", "preview", "vae_spill", "overwrite",
-                 "quiet", "profile", "device", "rank_timeout")  # fmt: skip
-"""Options the server sets: where files go, which device, how it reports."""
-CLIENT_FIELDS = tuple(name for name in FIELD_NAMES if name not in SERVER_FIELDS)
 IMAGE = "image.tif"
 """A job's output: a BigTIFF pyramid (a heightmap's is float32 heights, with its relief beside it)."""
 RELIEF_VIEW = "image.relief.tif"
@@ -83,13 +79,13 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     if not isinstance(data, dict):
         raise GigadiffError("a job is a JSON object of generate's options, e.g. {\"prompt\": \"...\", \"size\": "
                             "\"2048x1024\"}")  # fmt: skip
-    own = sorted(set(data) & set(SERVER_FIELDS))
+    own = sorted(set(data) & set(SERVER_OPTIONS))
     if own:
         raise GigadiffError(f"option(s) {', '.join(own)} are set by the server, not by a job")
     fields = dict(check_types({k: v for k, v in data.items() if k in FIELD_NAMES}, "job"))
     unknown = sorted(set(data) - set(FIELD_NAMES))
     if unknown:
-        raise GigadiffError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(CLIENT_FIELDS)})")
+        raise GigadiffError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(CLIENT_OPTIONS)})")
     fields["model"] = _model(fields.get("model", "sd15"), config)
     folder.mkdir(parents=True, exist_ok=True)
     if fields.get("init") is not None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from gigadiff import interrupts
 from gigadiff.errors import GigadiffError
-from gigadiff.sampler import NullListener
+from gigadiff.events import NullListener
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.deepzoom import write_pyramid
 from gigadiff.serve.jobs import IMAGE, RELIEF_VIEW, message, resolve_job

@@ -127,7 +127,7 @@ class TiledVAE:
         self.factor = latent_factor(vae)
         self.last_plan: DecodePlan | None = None
         self.listener = listener
-        """Hears the pass as a phase (gigadiff.sampler.StepListener's on_phase / on_advance): exact mode's
+        """Hears the pass as a phase (gigadiff.sampler.Listener's on_phase / on_advance): exact mode's
         steps, or fast mode's statistics pass and tiles."""
 
     @torch.no_grad()
