@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models: tests/helpers/tiny.py
+
 STEPS, PROMPT, SEED, TILE = 4, "a mountain village at dawn", 7, 1024
 
 
@@ -29,7 +31,7 @@ def build(folder: Path) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from gigadiff.testing import evaluating, save_tiny, tiny_flux_pipeline
+    from tests.helpers.tiny import evaluating, save_tiny, tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
     torch.manual_seed(1)
@@ -44,7 +46,7 @@ def row(method: str, folder: str, size: int, out: str) -> None:
     """One measurement, in this (fresh) process."""
     import torch
 
-    from gigadiff.testing import load_saved
+    from tests.helpers.tiny import load_saved
 
     pipe = load_saved(folder)
     calls = [0]

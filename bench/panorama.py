@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models: tests/helpers/tiny.py
 
 PROMPT = "a wide mountain valley at sunrise"
 HEIGHT, WIDTH, STEPS, GUIDANCE, SEED = 512, 2048, 4, 7.5, 0
@@ -102,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    from gigadiff.testing import save_tiny, tiny_sd_pipeline
+    from tests.helpers.tiny import save_tiny, tiny_sd_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny(tiny_sd_pipeline(seed=0), Path(tmp) / "tiny-sd")

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models: tests/helpers/tiny.py
+
 STEPS, TILE = 4, 512
 
 
@@ -78,7 +80,7 @@ def main() -> None:
         worker(args.worker, args.size, args.out)
         return
 
-    from gigadiff.testing import save_tiny, tiny_sd_pipeline
+    from tests.helpers.tiny import save_tiny, tiny_sd_pipeline
 
     report: dict = {"benchmark": "parallel", "steps": STEPS, "tile": TILE, "runs": {}}
     print(f"{'canvas':>9} {'world':>5} {'rank':>4} {'tiles':>5} {'own tiles/step':>14} {'busy s/step':>11} "

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models: tests/helpers/tiny.py
 
 JOB = {"prompt": "a quiet bay", "model": "tiny-sd", "size": "256x256", "steps": 2, "tile": 256,
        "scheduler": "ddim"}  # fmt: skip
@@ -69,7 +72,8 @@ def main() -> None:
 
     from gigadiff.serve.client import Client
     from gigadiff.serve.store import JobStore
-    from gigadiff.testing import save_tiny, served, tiny_sd_pipeline
+    from tests.helpers.served import served
+    from tests.helpers.tiny import save_tiny, tiny_sd_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"

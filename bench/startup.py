@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny models: tests/helpers/tiny.py
+
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     start = time.perf_counter()
@@ -34,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        from gigadiff.testing import save_tiny, tiny_flux_pipeline
+        from tests.helpers.tiny import save_tiny, tiny_flux_pipeline
 
         flux = save_tiny(tiny_flux_pipeline(), Path(tmp) / "tiny-flux")
         gigadiff = [sys.executable, "-m", "gigadiff"]

@@ -11,14 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
-    from gigadiff.testing import save_tiny, tiny_sd_pipeline
+    from tests.helpers.tiny import save_tiny, tiny_sd_pipeline
 
     return save_tiny(tiny_sd_pipeline(seed=0), tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v_dir(tmp_path_factory):
-    from gigadiff.testing import save_tiny, tiny_sd_pipeline
+    from tests.helpers.tiny import save_tiny, tiny_sd_pipeline
 
     path = tmp_path_factory.mktemp("models") / "tiny-sd-v"
     return save_tiny(tiny_sd_pipeline(seed=1, prediction_type="v_prediction"), path)
@@ -26,13 +26,13 @@ def tiny_sd_v_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
-    from gigadiff.testing import save_tiny, tiny_sdxl_pipeline
+    from tests.helpers.tiny import save_tiny, tiny_sdxl_pipeline
 
     return save_tiny(tiny_sdxl_pipeline(seed=0), tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def load(folder):
-    from gigadiff.testing import load_saved
+    from tests.helpers.tiny import load_saved
 
     return load_saved(folder)
 
@@ -62,13 +62,13 @@ def sdxl_backend(tiny_sdxl_dir):
 
 
 def tiny_folder(name, builder, **options):
-    """A session fixture: the tiny pipeline `gigadiff.testing.<builder>(**options)` saved under `name`."""
+    """A session fixture: the tiny pipeline `tests.helpers.tiny.<builder>(**options)` saved under `name`."""
 
     @pytest.fixture(scope="session")
     def folder(tmp_path_factory):
-        from gigadiff import testing
+        from tests.helpers import tiny
 
-        return testing.save_tiny(getattr(testing, builder)(**options), tmp_path_factory.mktemp("models") / name)
+        return tiny.save_tiny(getattr(tiny, builder)(**options), tmp_path_factory.mktemp("models") / name)
 
     return folder
 

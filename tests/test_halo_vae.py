@@ -130,7 +130,7 @@ def photo():
 
 @pytest.fixture(scope="module")
 def qwen_vae():
-    from gigadiff.testing import tiny_qwen_image_vae
+    from tests.helpers.tiny import tiny_qwen_image_vae
 
     torch.manual_seed(0)
     return tiny_qwen_image_vae().eval()
@@ -138,7 +138,7 @@ def qwen_vae():
 
 @pytest.fixture(scope="module")
 def dc_ae():
-    from gigadiff.testing import tiny_dc_ae
+    from tests.helpers.tiny import tiny_dc_ae
 
     torch.manual_seed(0)
     return tiny_dc_ae().eval()

@@ -23,7 +23,7 @@ from gigadiff.serve.app import create_app
 from gigadiff.serve.client import ApiError, Client
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.store import JobStore
-from gigadiff.testing import served, stop_served
+from tests.helpers.served import served, stop_served
 
 JOB = {"prompt": "a lighthouse", "model": "tiny-sd", "size": "384x256", "steps": 3, "seed": 4, "tile": 256,
        "overlap": 64, "scheduler": "ddim"}  # fmt: skip

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from gigadiff.serve.app import VIEWER_SETUP, viewer_installed
-from gigadiff.testing import served
+from tests.helpers.served import served
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

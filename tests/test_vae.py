@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import gigadiff.vae.tiled as tiled_module
 from gigadiff.errors import GigadiffError
-from gigadiff.testing import tiny_vae
+from tests.helpers.tiny import tiny_vae
 from gigadiff.vae import budget
 from gigadiff.vae.program import AttentionStep, decoder_program
 from gigadiff.vae.tiled import Collector, Prefix, TiledVAE, VaeTiling, scale_latents, unscale_latents
