@@ -84,7 +84,7 @@ def latent_for(vae, size: int, kind: str = "bench"):
     import torch.nn.functional as F
     from skimage import data
 
-    from gigadiff.vae.tiled import scale_latents
+    from gigadiff.vae.latents import scale_latents
 
     img = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
@@ -122,7 +122,7 @@ def one(method: str, size: int, ref: Path | None, out: Path, kind: str, huge_pag
     import torch
 
     from gigadiff.io.streaming import write_streamed
-    from gigadiff.vae.tiled import unscale_latents
+    from gigadiff.vae.latents import unscale_latents
 
     torch.set_num_threads(2)
     vae = bench_vae(kind)

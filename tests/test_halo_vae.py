@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from gigadiff.vae.halo import HaloTiledVAE, whole_decode
+from gigadiff.vae.latents import scale_latents
 from gigadiff.vae.passes import LinearAttention, SoftmaxAttention, TiledPass, reach, stage_reach
-from gigadiff.vae.tiled import Collector, scale_latents
+from gigadiff.vae.tiles import Collector
 from gigadiff.vae.tiling import VaeTiling
 
 
@@ -147,10 +148,10 @@ def dc_ae():
 def test_qwen_image_vae_tiled_equals_its_whole_decode_and_encode(qwen_vae, photo):
     """No image-wide statistics: tiles with the measured halo are exact (exact mode: the attention over every
     key). Fast mode pools the attention's keys; its error is stated, here with few keys so that it pools."""
-    from gigadiff.backends.codec import HaloCodec
+    from gigadiff.backends.codec import VaeCodec
     from gigadiff.backends.qwen_image import qwen_vae_networks
 
-    codec = HaloCodec(qwen_vae, torch.device("cpu"), qwen_vae_networks(qwen_vae))
+    codec = VaeCodec(qwen_vae, torch.device("cpu"), "halo", qwen_vae_networks(qwen_vae), sample_posterior=False)
     with torch.no_grad():
         moments = qwen_vae.encode(photo[:, :, None]).latent_dist.mode()[:, :, 0]
         whole = qwen_vae.decode(moments[:, :, None]).sample[:, :, 0]
@@ -172,10 +173,10 @@ def test_qwen_image_vae_tiled_equals_its_whole_decode_and_encode(qwen_vae, photo
 
 def test_dc_ae_tiled_equals_its_whole_decode_and_encode(dc_ae, photo):
     """Linear attention's whole-image summary (the sum of v kᵀ) is gathered exactly: every mode is exact."""
-    from gigadiff.backends.codec import HaloCodec
+    from gigadiff.backends.codec import VaeCodec
     from gigadiff.backends.sana import dc_ae_networks
 
-    codec = HaloCodec(dc_ae, torch.device("cpu"), dc_ae_networks(dc_ae))
+    codec = VaeCodec(dc_ae, torch.device("cpu"), "halo", dc_ae_networks(dc_ae), sample_posterior=False)
     decoder, encoder = codec.networks
     assert len(decoder.ops) == 2 and len(encoder.ops) == 2
     with torch.no_grad():
@@ -187,3 +188,41 @@ def test_dc_ae_tiled_equals_its_whole_decode_and_encode(dc_ae, photo):
         assert (tiled.decode(latents) - whole).abs().max() <= 1e-3
         assert (tiled.encode(photo) - latents).abs().max() <= 1e-3
     assert (codec.decode(latents, VaeTiling()) - whole).abs().max() <= 1e-3
+
+
+def test_the_halo_engine_sizes_its_tiles_from_the_memory_budget(qwen_vae, photo):
+    """--vae-memory means what it means for the GroupNorm engine: the device bytes a tile may use. A smaller budget
+    gives smaller tiles (more of them) and the same image; a budget with no useful tile is refused when planned."""
+    from gigadiff.backends.qwen_image import qwen_vae_networks
+    from gigadiff.errors import GigadiffError
+
+    decoder, encoder = qwen_vae_networks(qwen_vae)
+    with torch.no_grad():
+        latents = scale_latents(qwen_vae, qwen_vae.encode(photo[:, :, None]).latent_dist.mode()[:, :, 0])
+    roomy = HaloTiledVAE(qwen_vae, decoder, encoder, VaeTiling(mode="exact", memory_gb=2.0), tile_px=512)
+    big = roomy.plan(1, 48, 64)
+    tight_gb = 0.45 * big.device_bytes / 2**30  # under half of the roomy tile's memory
+    tight = HaloTiledVAE(qwen_vae, decoder, encoder, VaeTiling(mode="exact", memory_gb=tight_gb), tile_px=512)
+    small = tight.plan(1, 48, 64)
+    assert small.tile < big.tile and small.device_bytes <= small.budget_bytes < big.device_bytes
+    assert (tight.decode(latents) - roomy.decode(latents)).abs().max() <= 1e-5  # exact either way
+    assert tight.last_plan == small
+    starved = HaloTiledVAE(qwen_vae, decoder, encoder, VaeTiling(mode="fast", memory_gb=1e-7), tile_px=512)
+    with pytest.raises(GigadiffError, match=r"vae_memory 1e-07 GB is too small for this VAE: a useful tile"):
+        starved.plan(1, 48, 64)
+
+
+def test_halo_models_refuse_an_impossible_budget_and_spill_before_generation(tiny_sana_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from gigadiff.cli import app
+
+    base = ["generate", "x", "--model", str(tiny_sana_dir), "--size", "256x256", "--steps", "1", "-q",
+            "-o", str(tmp_path / "o.png")]  # fmt: skip
+    result = CliRunner().invoke(app, [*base, "--vae-memory", "0.0000001"])
+    assert result.exit_code == 2 and "--vae-memory 1e-07 GB is too small for this VAE" in result.output
+    assert not (tmp_path / "o.png").exists()
+    result = CliRunner().invoke(app, [*base, "--vae-spill", str(tmp_path)])
+    assert result.exit_code == 2 and "--vae-spill: model" in result.output and "keeps no whole-image buffers" in (
+        result.output
+    )

@@ -5,8 +5,8 @@ between subpackages."""
 from __future__ import annotations
 
 import ast
-import sys
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 import gigadiff.vae.tiled as tiled_module
 from gigadiff.errors import GigadiffError
-from tests.helpers.tiny import tiny_vae
 from gigadiff.vae import budget
+from gigadiff.vae.latents import scale_latents, unscale_latents
 from gigadiff.vae.program import AttentionStep, decoder_program
-from gigadiff.vae.tiled import Collector, Prefix, TiledVAE, VaeTiling, scale_latents, unscale_latents
+from gigadiff.vae.tiled import Prefix, TiledVAE, VaeTiling
+from gigadiff.vae.tiles import Collector
+from tests.helpers.tiny import tiny_vae
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -251,17 +253,18 @@ def test_exact_mode_that_does_not_fit_in_ram_is_refused_or_spilled(vae, latents,
 
 
 def test_unscale_handles_shift_and_per_channel_statistics():
-    class Cfg:
-        scaling_factor, shift_factor, latents_mean, latents_std = 0.5, 0.1, None, None
+    from diffusers.configuration_utils import FrozenDict
 
     class Vae:
-        config = Cfg()
+        def __init__(self, **config):
+            self.config = FrozenDict(config)  # what a diffusers model's `config` is
 
     x = torch.ones(1, 2, 1, 1)
-    assert torch.allclose(unscale_latents(Vae(), x), torch.full_like(x, 2.1))
-    assert torch.allclose(scale_latents(Vae(), unscale_latents(Vae(), x)), x)
-    Cfg.latents_mean, Cfg.latents_std = [1.0, 2.0], [2.0, 4.0]
-    assert unscale_latents(Vae(), x).flatten().tolist() == [1.0 * 2 / 0.5 + 1, 1.0 * 4 / 0.5 + 2]
+    shifted = Vae(scaling_factor=0.5, shift_factor=0.1)
+    assert torch.allclose(unscale_latents(shifted, x), torch.full_like(x, 2.1))
+    assert torch.allclose(scale_latents(shifted, unscale_latents(shifted, x)), x)
+    normalised = Vae(scaling_factor=0.5, shift_factor=0.1, latents_mean=[1.0, 2.0], latents_std=[2.0, 4.0])
+    assert unscale_latents(normalised, x).flatten().tolist() == [1.0 * 2 / 0.5 + 1, 1.0 * 4 / 0.5 + 2]
 
 
 @pytest.mark.parametrize("side", [6, 5])
@@ -299,8 +302,8 @@ def test_moments_merged_tile_by_tile_give_the_whole_buffer_group_norm():
 
 
 def test_fast_tiles_on_the_cpu_stay_cache_sized_whatever_the_budget(vae):
-    from gigadiff.vae.tiled import CPU_TILE, plan_decode
+    from gigadiff.vae.tiled import CPU_TILE
 
-    plan = plan_decode(vae, VaeTiling(mode="fast", memory_gb=64), 1, 1024, 1024)
+    plan = TiledVAE(vae, VaeTiling(mode="fast", memory_gb=64)).plan(1, 1024, 1024)
     assert plan.mode == "fast" and plan.tile == CPU_TILE
-    assert plan_decode(vae, VaeTiling(mode="fast", memory_gb=0.05), 1, 1024, 1024).tile < CPU_TILE
+    assert TiledVAE(vae, VaeTiling(mode="fast", memory_gb=0.05)).plan(1, 1024, 1024).tile < CPU_TILE

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gigadiff.vae.blend import OverlapBlender, even_cuts, ramp, tile_span
-from gigadiff.vae.tiled import Collector
+from gigadiff.vae.tiles import Collector
 
 
 def test_a_rising_ramp_and_the_neighbours_falling_ramp_sum_to_one():

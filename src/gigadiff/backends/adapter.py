@@ -37,7 +37,16 @@ class DiffusersBackend:
         self.codec = self.make_codec()
 
     def make_codec(self) -> VaeCodec:
-        return VaeCodec(self.pipe.vae, self.device)
+        return VaeCodec(self.pipe.vae, self.device, self.info.vae_engine, self.vae_networks(),
+                        sample_posterior=self.samples_posterior)  # fmt: skip
+
+    samples_posterior = True
+    """Whether the family's img2img pipeline draws the init image's latents from the VAE's posterior (SD, FLUX.1)
+    or takes its mode."""
+
+    def vae_networks(self) -> Any:
+        """What the VAE's engine needs beside the VAE (the halo engine: its decoder and encoder networks)."""
+        return None
 
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
         scheduler = make_scheduler(name, self.base_scheduler, self.info.scheduler_kind, mu)

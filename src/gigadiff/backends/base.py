@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from gigadiff.geometry import Tile
-    from gigadiff.vae.engine import TileSink
+    from gigadiff.vae.tiles import TileSink
     from gigadiff.vae.tiling import VaeTiling
 
 

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch as torch_types
 
-    from gigadiff.vae.engine import TileSink
+    from gigadiff.events import Listener
+    from gigadiff.vae.plan import Engine
+    from gigadiff.vae.tiles import TileSink
 
     Transform = Callable[[torch_types.Tensor], torch_types.Tensor]
 
@@ -37,46 +39,53 @@ def _identity(x: Any) -> Any:
 
 
 class VaeCodec:
-    """Tiled decode/encode of a family's canvas through its AutoencoderKL-family VAE."""
+    """Tiled decode/encode of a family's canvas through its VAE, by the engine the family names
+    (gigadiff.vae.engines: "groupnorm" for AutoencoderKLs, "halo" with its `networks` for the others)."""
 
     can_encode = True
     streams = True
 
-    def __init__(self, vae: Any, device: Any, to_vae: Transform = _identity, from_vae: Transform = _identity,
+    def __init__(self, vae: Any, device: Any, engine: str = "groupnorm", networks: Any = None,
+                 to_vae: Transform = _identity, from_vae: Transform = _identity,
                  sample_posterior: bool = True):  # fmt: skip
         self.vae = vae
         self.device = device
+        self.engine = engine
+        self.networks = networks
+        """What the halo engine needs of the VAE: its (decoder, encoder) as gigadiff.vae.halo.Network."""
         self.to_vae = to_vae
         """Diffusion-space canvas -> the latents the tiled VAE decodes (before its own scaling)."""
         self.from_vae = from_vae
         self.sample_posterior = sample_posterior
         """Whether an encode with a generator draws from the posterior (SD, FLUX.1) or takes its mean
-        (FLUX.2's pipelines take the mode)."""
+        (FLUX.2's, Qwen-Image's and SANA's pipelines take the mode)."""
         self._preview: tuple[torch_types.Tensor, torch_types.Tensor] | None = None
 
-    def _tiled(self, tiling: VaeTiling, listener: Any) -> Any:
-        from gigadiff.vae.tiled import TiledVAE
+    def _tiled(self, tiling: VaeTiling, listener: Listener | None) -> Engine:
+        from gigadiff.vae.engines import ENGINES
 
-        return TiledVAE(self.vae, tiling, listener)
+        return ENGINES[self.engine](self.vae, tiling, listener, self.networks)
 
-    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling, listener: Any = None) -> torch_types.Tensor:
-        return self._tiled(tiling, listener).decode(self.to_vae(latents.float()))
+    def decode(
+        self, latents: torch_types.Tensor, tiling: VaeTiling, listener: Listener | None = None
+    ) -> torch_types.Tensor:
+        image = self._tiled(tiling, listener).decode(self.to_vae(latents.float()))
+        assert image is not None
+        return image
 
     def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling,
-                      listener: Any = None) -> None:  # fmt: skip
+                      listener: Listener | None = None) -> None:  # fmt: skip
         self._tiled(tiling, listener).decode(self.to_vae(latents.float()), sink)
 
     def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling,
-               listener: Any = None) -> torch_types.Tensor:  # fmt: skip
+               listener: Listener | None = None) -> torch_types.Tensor:  # fmt: skip
         sample = generator is not None and self.sample_posterior
         latents = self._tiled(tiling, listener).encode(images, sample, generator if sample else None)
         return self.from_vae(latents).to(self.device, torch.float32)
 
     def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:
-        from gigadiff.vae.tiled import latent_factor, plan_decode
-
-        f = latent_factor(self.vae)
-        return plan_decode(self.vae, tiling, batch, height_px // f, width_px // f).mode
+        engine = self._tiled(tiling, None)
+        return engine.plan(batch, height_px // engine.factor, width_px // engine.factor).mode
 
     def preview(self, latents: torch_types.Tensor, max_side: int) -> np.ndarray:
         weights, bias = self.projection(latents.shape[1])
@@ -97,24 +106,6 @@ class VaeCodec:
             centre = rgb[..., q:-q, q:-q].mean(dim=(2, 3))  # [C + 1, 3]; the borders see zero padding
             self._preview = (centre[1:] - centre[0]).float(), centre[0].float()
         return self._preview
-
-
-class HaloCodec(VaeCodec):
-    """A VAE without image-wide statistics (Qwen-Image's, SANA's DC-AE), tiled by gigadiff.vae.halo. `networks`:
-    its (decoder, encoder) as gigadiff.vae.halo.Network. Their img2img pipelines take the posterior's mode (or
-    have none), so encoding never samples."""
-
-    def __init__(self, vae: Any, device: Any, networks: tuple[Any, Any]):
-        super().__init__(vae, device, sample_posterior=False)
-        self.networks = networks
-
-    def _tiled(self, tiling: VaeTiling, listener: Any) -> Any:
-        from gigadiff.vae.halo import HaloTiledVAE
-
-        return HaloTiledVAE(self.vae, *self.networks, tiling=tiling, listener=listener)
-
-    def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:
-        return "exact" if tiling.mode == "exact" else "fast"
 
 
 def shrink(x: torch_types.Tensor, max_side: int) -> torch_types.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gigadiff.errors import GigadiffError
-from gigadiff.facts import GuidanceKind, ModelInfo, PositionKind, SchedulerKind, ShiftRule
+from gigadiff.facts import GuidanceKind, ModelInfo, PositionKind, SchedulerKind, ShiftRule, VaeEngine
 
 if TYPE_CHECKING:
     from gigadiff.backends.base import Backend
@@ -57,6 +57,8 @@ class Family:
     can_encode: ClassVar[bool] = True
     vae: ClassVar[str] = "AutoencoderKL"
     """The codec's VAE class (documentation, and the tiled VAE's check of what it handles)."""
+    vae_engine: ClassVar[VaeEngine] = "groupnorm"
+    """The tiled VAE engine its codec runs (gigadiff.vae.engines)."""
     default_native: ClassVar[int] = 512
     default_steps: ClassVar[int] = 30
     default_guidance: ClassVar[float] = 7.5
@@ -89,6 +91,7 @@ class Family:
             "positions": self.positions,
             "latent_multiple": self.latent_multiple,
             "can_encode": self.can_encode,
+            "vae_engine": self.vae_engine,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,

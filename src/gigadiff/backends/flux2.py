@@ -61,7 +61,7 @@ class Flux2Codec(VaeCodec):
     """AutoencoderKLFlux2 with FLUX.2's map between the canvas and the VAE's latents (patchify, BatchNorm)."""
 
     def __init__(self, vae: Any, device: Any):
-        super().__init__(vae, device, self._to_vae, self._from_vae, sample_posterior=False)
+        super().__init__(vae, device, to_vae=self._to_vae, from_vae=self._from_vae, sample_posterior=False)
 
     def _stats(self, like: torch_types.Tensor) -> tuple[torch_types.Tensor, torch_types.Tensor]:
         bn = self.vae.bn

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend, instance_override
-from gigadiff.backends.codec import HaloCodec, VaeCodec
 from gigadiff.backends.family import Family, Preset, flow_shift_rule
 from gigadiff.backends.flow import pack, unpack
 from gigadiff.lazy import no_grad, torch
@@ -77,8 +76,10 @@ def centred_rope(embed: Any, canvas: tuple[int, int], corner: tuple[int, int], s
 
 
 class QwenImageBackend(TransformerBackend):
-    def make_codec(self) -> VaeCodec:
-        return HaloCodec(self.pipe.vae, self.device, qwen_vae_networks(self.pipe.vae))
+    samples_posterior = False
+
+    def vae_networks(self) -> tuple[Network, Network]:
+        return qwen_vae_networks(self.pipe.vae)
 
     @no_grad
     def condition(
@@ -194,10 +195,10 @@ def qwen_vae_networks(vae: Any) -> tuple[Network, Network]:
     enc_ops = [_qwen_attention_op(b, 1.0 / factor) for b in enc_blocks]
     decoder = Network(decode, dec_ops, hooked(dec_blocks, dec_ops), int(vae.config.z_dim), float(factor),
                       architecture=architecture(vae, "decoder"), fast_keys=limit(dec_ops),
-                      stages=[vae.decoder.mid_block, *vae.decoder.up_blocks])  # fmt: skip
+                      stages=[vae.decoder.mid_block, *vae.decoder.up_blocks], module=vae.decoder)  # fmt: skip
     encoder = Network(encode, enc_ops, hooked(enc_blocks, enc_ops), 3, 1.0 / factor, align=factor, posterior=True,
                       architecture=architecture(vae, "encoder"), fast_keys=limit(enc_ops),
-                      stages=list(vae.encoder.down_blocks))  # fmt: skip
+                      stages=list(vae.encoder.down_blocks), module=vae.encoder)  # fmt: skip
     return decoder, encoder
 
 
@@ -210,6 +211,7 @@ class QwenImage(Family):
     positions = "rope"
     latent_multiple = 2
     vae = "AutoencoderKLQwenImage"
+    vae_engine = "halo"
     default_native = 1328
     default_steps = 50
     default_guidance = 4.0

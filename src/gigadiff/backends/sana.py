@@ -23,7 +23,6 @@ from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.codec import HaloCodec, VaeCodec
 from gigadiff.backends.family import Family, Preset, flow_shift_rule
 from gigadiff.backends.pixart import PixArtBackend
 
@@ -41,8 +40,10 @@ class SanaBackend(PixArtBackend):
         super().__init__(pipe, info)
         self.timestep_scale = float(getattr(self.transformer.config, "timestep_scale", 1.0) or 1.0)
 
-    def make_codec(self) -> VaeCodec:
-        return HaloCodec(self.pipe.vae, self.device, dc_ae_networks(self.pipe.vae))
+    samples_posterior = False
+
+    def vae_networks(self) -> tuple[Network, Network]:
+        return dc_ae_networks(self.pipe.vae)
 
     def default_sigmas(self, steps: int) -> list[float] | None:
         """None: the pipeline gives no sigmas; its DPM-Solver spaces its own flow sigmas."""
@@ -109,9 +110,11 @@ def dc_ae_networks(vae: Any) -> tuple[Network, Network]:
     dec_ops, dec_hooks = network(vae.decoder)
     enc_ops, enc_hooks = network(vae.encoder)
     decoder = Network(vae.decoder, dec_ops, dec_hooks, int(vae.config.latent_channels), float(factor),
-                      architecture=architecture(vae, "decoder"), stages=list(vae.decoder.up_blocks))  # fmt: skip
+                      architecture=architecture(vae, "decoder"), stages=list(vae.decoder.up_blocks),
+                      module=vae.decoder)  # fmt: skip
     encoder = Network(vae.encoder, enc_ops, enc_hooks, int(vae.config.in_channels), 1.0 / factor, align=factor,
-                      architecture=architecture(vae, "encoder"), stages=list(vae.encoder.down_blocks))  # fmt: skip
+                      architecture=architecture(vae, "encoder"), stages=list(vae.encoder.down_blocks),
+                      module=vae.encoder)  # fmt: skip
     return decoder, encoder
 
 
@@ -137,6 +140,7 @@ class Sana(Family):
     positions = "none"
     latent_multiple = 1
     vae = "AutoencoderDC"
+    vae_engine = "halo"
     default_native = 1024
     default_steps = 20
     default_guidance = 4.5

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
     from gigadiff.geometry import Tile
-    from gigadiff.vae.engine import TileSink
+    from gigadiff.vae.tiles import TileSink
     from gigadiff.vae.tiling import VaeTiling
 
 PACKAGE = "terrain_diffusion"
@@ -239,6 +239,7 @@ class Terrain(Family):
             edge_margin=EDGE_MARGIN,
             options=("difficulty",),
             output="heightmap",
+            vae_engine="none",
         )
 
     def load(self, source: ModelSource, info: ModelInfo, device: str, dtype: str) -> Backend:

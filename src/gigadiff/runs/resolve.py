@@ -23,7 +23,7 @@ from gigadiff.options import RunRequest
 from gigadiff.regions import RegionSet, load_region_file, parse_regions
 from gigadiff.runs.checks import check_relations, settings_for
 from gigadiff.settings import GenerationSettings
-from gigadiff.vae.tiling import VaeTiling
+from gigadiff.vae.tiling import SPILLING_ENGINES, VaeTiling
 
 if TYPE_CHECKING:
     from gigadiff.backends.family import Family
@@ -157,6 +157,9 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
     _check_options(request)
     regions = _regions(request, allow_files)
     source, family, info = described or find_model(request.model)
+    if request.vae_spill is not None and info.vae_engine not in SPILLING_ENGINES:
+        raise GigadiffError(f"{{vae_spill}}: model {info.name!r}'s VAE keeps no whole-image buffers to spill (its "
+                            f"tiled VAE engine is {info.vae_engine!r}); remove {{vae_spill}}", "vae_spill")  # fmt: skip
     resolved, settings = settings_for(request, info, regions, _init_size(request, info))
     vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,  # type: ignore[arg-type]
                     spill_dir=Path(request.vae_spill) if request.vae_spill else None)  # fmt: skip

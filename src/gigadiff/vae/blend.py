@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gigadiff.vae.engine import TileSink
+from gigadiff.vae.tiles import TileSink
 
 
 def ramp(lead: int, length: int, trail: int, device: torch.device | str = "cpu") -> torch.Tensor:

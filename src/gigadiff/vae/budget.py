@@ -40,6 +40,11 @@ RETAIN_SHARE = 0.5
 share of the memory budget."""
 
 
+def memory_budget(memory_gb: float | None, device: torch.device) -> float:
+    """The device bytes a tile may use: `--vae-memory` GB, or the device's default."""
+    return (memory_gb or default_memory_gb(device)) * GB
+
+
 def default_memory_gb(device: torch.device) -> float:
     """Half of what the device has free (CUDA), else 2 GB (CPU/MPS: the tiles share memory with everything else)."""
     if device.type == "cuda" and torch.cuda.is_available():
@@ -92,13 +97,13 @@ def layer_tiles(program: Program, budget_bytes: float) -> list[int]:
         need = max(USEFUL_TILE**2 * bytes_per_output_px(step) for step in program.steps) / GB
         raise GigadiffError(
             f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for this VAE: a {USEFUL_TILE}x{USEFUL_TILE} "
-            f"tile of its widest layer needs {need:.2g} GB; give at least {_up(need)}",
+            f"tile of its widest layer needs {need:.2g} GB; give at least {round_up(need)}",
             "vae_memory",
         )
     return sides
 
 
-def _up(gb: float) -> str:
+def round_up(gb: float) -> str:
     """A budget to suggest: `gb` rounded up to two significant figures."""
     digits = max(0, 1 - math.floor(math.log10(gb)))
     return f"{math.ceil(gb * 10**digits) / 10**digits:g}"
@@ -248,7 +253,8 @@ def fast_tile(
         need = fast_tile_bytes(program, batch, useful + 2 * halo, kv_tokens) / GB
         raise GigadiffError(
             f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for fast tiled VAE: a useful tile "
-            f"({useful // unit} latent px + {halo // unit} px halo) needs {need:.2g} GB; give at least {_up(need)}",
+            f"({useful // unit} latent px + {halo // unit} px halo) needs {need:.2g} GB; give at least "
+            f"{round_up(need)}",
             "vae_memory",
         )
     return best

@@ -29,9 +29,7 @@ from gigadiff import interrupts
 from gigadiff.vae.attention import KeyValues, attend, merge_heads, pooled, project_tokens, split_heads
 from gigadiff.vae.program import AttentionStep, ConvStep, Program, Step
 from gigadiff.vae.stats import ChannelMoments, GroupStats
-
-TileSink = Callable[[int, int, torch.Tensor], None]
-"""Receives (y0, x0, tile [B, C, h, w]) for each tile of the program's output, in row-major tile order."""
+from gigadiff.vae.tiles import TileSink
 
 
 @dataclass

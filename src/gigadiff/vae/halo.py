@@ -16,14 +16,23 @@ from typing import Any
 import torch
 
 from gigadiff.errors import GigadiffError
-from gigadiff.vae.engine import TileSink
+from gigadiff.events import Listener, NullListener
+from gigadiff.vae.budget import GB, MIN_TILE, USEFUL_TILE, memory_budget, round_up
+from gigadiff.vae.latents import posterior_latents, scale_latents, unscale_latents
 from gigadiff.vae.passes import GlobalOp, TiledPass, execution_order, reach, stage_reach
-from gigadiff.vae.tiled import MAX_KEYS, Collector, _clamped, posterior_latents, scale_latents, unscale_latents
+from gigadiff.vae.plan import Plan
+from gigadiff.vae.tiled import MAX_KEYS
+from gigadiff.vae.tiles import Collector, TileSink, clamped
 from gigadiff.vae.tiling import VaeTiling
 
+ENGINE = "halo"
 TILE_PX = {"cpu": 512, "cuda": 1024}
-"""Tile cores in image px by device type (at least twice the halo): on the CPU a tile's buffers should stay
-cache-sized, a GPU wants the larger call (the halo's share of the work falls as the core grows)."""
+"""Largest tile cores in image px by device type (where the budget allows, and at least twice the halo): on the
+CPU a tile's buffers should stay cache-sized, a GPU wants the larger call (the halo's share of the work falls as
+the core grows)."""
+HEADROOM = 1.5
+"""A tile's device memory is estimated as this times its largest layer's input and output (measured on a probe,
+per pixel): the input of the residual block around that layer stays alive beside them."""
 
 
 @dataclass
@@ -49,7 +58,10 @@ class Network:
     stages: Sequence[Any] = ()
     """Modules on the network's path after which a tile's tensor can be cut down to what the rest needs (its
     resolution stages): the finer stages then run on little more than the core (gigadiff.vae.passes.TiledPass)."""
+    module: Any = None
+    """The torch module whose layers `run` runs (their activations are measured for the memory plan)."""
     _reach: tuple[int, list[tuple[Any, int]]] | None = None
+    _bytes_per_px: float | None = None
 
     def halo(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> int:
         """The network's reach in input px (measured once per `architecture`, with its summaries held fixed:
@@ -76,51 +88,104 @@ class Network:
             self._reach = (whole, list(zip(self.stages, per_stage, strict=True)))
         return self._reach
 
+    def bytes_per_px(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> float:
+        """Device bytes per input px² of a tile's crop: the largest input plus output of one of the network's
+        layers on a probe input (measured once per `architecture`; activations grow with the crop's area)."""
+        if self._bytes_per_px is None:
+            key = (self.architecture, self.channels, self.scale, str(dtype))
+            if key not in _MEMORY or not self.architecture:
+                side = 32 * self.align
+                largest = [0]
+
+                def record(module: Any, args: Any, out: Any) -> None:
+                    tensors = [*args, out]
+                    size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+                    largest[0] = max(largest[0], size)
+
+                leaves = [m for m in self.module.modules() if not any(m.children())]
+                handles = [m.register_forward_hook(record) for m in leaves]
+                try:
+                    with self.hooks(), torch.no_grad():
+                        self.run(torch.zeros(1, self.channels, side, side, device=device, dtype=dtype))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                _MEMORY[key] = largest[0] / side**2
+            self._bytes_per_px = _MEMORY[key]
+        return self._bytes_per_px
+
 
 _REACH: dict[tuple[Any, ...], tuple[int, list[int]]] = {}
+_MEMORY: dict[tuple[Any, ...], float] = {}
 
 
 class HaloTiledVAE:
-    """Decode/encode of a VAE given as two `Network`s (the TiledVAE interface: decode with an optional sink,
-    encode with an optional posterior sample)."""
+    """The "halo" engine (gigadiff.vae.engines): decode/encode of a VAE given as two `Network`s."""
 
     def __init__(self, vae: Any, decoder: Network, encoder: Network, tiling: VaeTiling | None = None,
-                 listener: Any = None, max_keys: int | None = None, tile_px: int | None = None):  # fmt: skip
+                 listener: Listener | None = None, max_keys: int | None = None,
+                 tile_px: int | None = None):  # fmt: skip
         self.vae, self.decoder, self.encoder = vae, decoder, encoder
         self.tiling = tiling or VaeTiling()
-        self.listener = listener
+        self.listener = listener or NullListener()
         self.max_keys = None if self.tiling.mode == "exact" else (max_keys or MAX_KEYS)
         self.device = next(vae.parameters()).device
         self.dtype = next(vae.parameters()).dtype
         self.factor = round(decoder.scale)
         self.tile_px = tile_px or TILE_PX.get(self.device.type, TILE_PX["cuda"])
-        """Tile cores in image px (rounded to whole latent px, and raised to twice the halo)."""
+        """The largest tile cores in image px (the budget may make them smaller)."""
+        self.last_plan: Plan | None = None
 
-    def _pass(self, network: Network, tile: int) -> TiledPass:
+    def plan(self, batch: int, height: int, width: int, encoding: bool = False) -> Plan:
+        """The largest core (whole MIN_TILE latent px, up to `tile_px`, or twice the halo) whose crop fits the
+        budget with the attention layers' summaries; a budget that leaves no useful tile is refused."""
+        network = self.encoder if encoding else self.decoder
         network.fast_keys(self.max_keys)
         halo = network.halo(self.device, self.dtype)
-        return TiledPass(network.run, network.ops, max(tile, 2 * halo), halo, network.align, network.scale,
-                         self.tiling.wrap, network.stage_halos(self.device, self.dtype))  # fmt: skip
+        per_px = batch * network.bytes_per_px(self.device, self.dtype)
+        budget_bytes = memory_budget(self.tiling.memory_gb, self.device)
+        step = MIN_TILE * network.align
+        cap = max(self.tile_px if encoding else self.tile_px // self.factor, 2 * halo)
+        largest = min(-(-cap // step) * step, -(-max(height, width) // step) * step)
 
-    def _run(self, network: Network, x: torch.Tensor, tile: int, sink: TileSink, what: str) -> None:
-        tiled = self._pass(network, tile)
+        def need(core: int) -> float:
+            crop = core + 2 * halo
+            return HEADROOM * per_px * crop**2 + sum(op.device_bytes((height, width), crop) for op in network.ops)
+
+        fitting = [core for core in range(step, largest + 1, step) if need(core) <= budget_bytes]
+        useful = min(largest, -(-USEFUL_TILE * network.align // step) * step)
+        if not fitting or fitting[-1] < useful:
+            gb = need(useful) / GB
+            raise GigadiffError(
+                f"{{vae_memory}} {budget_bytes / GB:.2g} GB is too small for this VAE: a useful tile "
+                f"({useful // network.align} latent px + {halo // network.align} px halo) needs {gb:.2g} GB; give at "
+                f"least {round_up(gb)}",
+                "vae_memory",
+            )
+        mode = "exact" if self.max_keys is None else "fast"
+        return Plan(ENGINE, mode, budget_bytes, fitting[-1], need(fitting[-1]))
+
+    def _run(self, network: Network, x: torch.Tensor, sink: TileSink, what: str) -> None:
+        plan = self.plan(x.shape[0], x.shape[-2], x.shape[-1], encoding=network is self.encoder)
+        self.last_plan = plan
+        halo = network.halo(self.device, self.dtype)
+        tiled = TiledPass(network.run, network.ops, plan.tile, halo, network.align, network.scale, self.tiling.wrap,
+                          network.stage_halos(self.device, self.dtype))  # fmt: skip
         cores = len(tiled.cores(x.shape[-2], x.shape[-1]))
-        if self.listener is not None:
-            mode, passes = "exact" if self.max_keys is None else "fast", len(network.ops) + 1
-            self.listener.on_phase(f"{what} (VAE {mode}, {passes} passes)", cores * passes)
+        passes = len(network.ops) + 1
+        self.listener.on_phase(f"{what} (VAE {plan.mode}, {passes} passes)", cores * passes)
         with network.hooks():
             tiled.run(x, sink, self.device, self.dtype, self._advance)
 
     def _advance(self) -> None:
-        if self.listener is not None:
-            self.listener.on_advance(1)
+        self.listener.on_advance(1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, sink: TileSink | None = None) -> torch.Tensor | None:
         """Diffusion-space latents [B, C, h, w] -> image [B, 3, h*f, w*f] in [-1, 1]; streamed to `sink` if given."""
         z = unscale_latents(self.vae, latents.float().cpu())
         collect = Collector() if sink is None else None
-        self._run(self.decoder, z, max(1, self.tile_px // self.factor), _clamped(sink or collect), "decoding")  # type: ignore[arg-type]
+        self._run(self.decoder, z, clamped(sink or collect), "decoding")  # type: ignore[arg-type]
         return collect.image if collect is not None else None
 
     @torch.no_grad()
@@ -130,7 +195,7 @@ class HaloTiledVAE:
         if h % self.factor or w % self.factor:
             raise GigadiffError(f"tiled VAE encode: image size {w}x{h} must be a multiple of {self.factor}")
         collect = Collector()
-        self._run(self.encoder, image.float().cpu(), self.tile_px, collect, "encoding")
+        self._run(self.encoder, image.float().cpu(), collect, "encoding")
         out = collect.image
         latents = posterior_latents(out, sample, generator) if self.encoder.posterior else out
         return scale_latents(self.vae, latents)

@@ -33,8 +33,7 @@ import torch
 
 from gigadiff import interrupts
 from gigadiff.vae.blend import even_cuts
-from gigadiff.vae.engine import TileSink
-from gigadiff.vae.tiled import _crop
+from gigadiff.vae.tiles import TileSink, crop_with_halo
 
 Mode = Literal["plain", "collect", "apply", "probe"]
 
@@ -119,6 +118,11 @@ class GlobalOp:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def device_bytes(self, whole: tuple[int, int], crop: int) -> float:
+        """Device bytes this layer holds beyond the network's own activations while it applies its summary to a
+        crop of side `crop` (input px) of an input of size `whole` (known once a probe pass has run it)."""
+        return 0.0
 
 
 @contextlib.contextmanager
@@ -294,7 +298,7 @@ class TiledPass:
               expect_stop: bool) -> torch.Tensor | None:  # fmt: skip
         interrupts.check()
         y0, y1, x0, x1 = core
-        crop, (top, left) = _crop(x, y0, y1, x0, x1, self.halo, self.wrap)
+        crop, (top, left) = crop_with_halo(x, y0, y1, x0, x1, self.halo, self.wrap)
         extent = [y0 - top, x0 - left, y0 - top + crop.shape[-2], x0 - left + crop.shape[-1]]
         window = Window(extent, (y0, x0, y1 - y0, x1 - x0), (int(x.shape[-2]), int(x.shape[-1])))
         for op in self.ops:
@@ -325,6 +329,8 @@ class SoftmaxAttention(GlobalOp):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.frozen: Any = None
+        self.heads = self.width = 0
+        """Heads and their total width (heads x head dim), seen when the layer first collected."""
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -356,6 +362,7 @@ class SoftmaxAttention(GlobalOp):
         grid = (math.ceil(whole[0] / f), math.ceil(whole[1] / f))
         if self.keys is None:
             b, heads, _, d = k.shape
+            self.heads, self.width = heads, heads * d
             self.keys = torch.zeros(b, heads, d, *grid)
             self.values = torch.zeros(b, heads, d, *grid)
         assert self.values is not None
@@ -393,6 +400,15 @@ class SoftmaxAttention(GlobalOp):
         kv = type(kv)(kv.keys.to(q.device, q.dtype), kv.values.to(q.device, q.dtype),
                       None if kv.log_weight is None else kv.log_weight.to(q.device, q.dtype))  # fmt: skip
         return self.finish(x, attend(q, kv, q.shape[-1] ** -0.5, self.chunk))
+
+    def device_bytes(self, whole: tuple[int, int], crop: int) -> float:
+        """Every key and value moved to the device (float32), and one block of logits: the crop's queries
+        against `chunk` keys at a time (gigadiff.vae.attention.attend), with their exponentials."""
+        h, w = self._layer_size(whole)
+        f = self._cell(whole)
+        keys = math.ceil(h / f) * math.ceil(w / f)
+        queries = round(crop * self.scale) ** 2
+        return 4.0 * (2 * keys * self.width + 2 * self.heads * queries * min(self.chunk, keys))
 
 
 class LinearAttention(GlobalOp):

@@ -24,19 +24,24 @@ import contextlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gigadiff import interrupts
 from gigadiff.errors import GigadiffError
+from gigadiff.events import Listener, NullListener
 from gigadiff.vae import budget
 from gigadiff.vae.blend import OverlapBlender, even_cuts, tile_span
-from gigadiff.vae.engine import Frozen, HostStore, LayerEngine, TileSink
+from gigadiff.vae.engine import Frozen, HostStore, LayerEngine, bytes_per_output_px
+from gigadiff.vae.latents import posterior_latents, scale_latents, unscale_latents
+from gigadiff.vae.plan import Plan
 from gigadiff.vae.program import Program, decoder_program, encoder_program
+from gigadiff.vae.tiles import Collector, TileSink, clamped, crop_with_halo
 from gigadiff.vae.tiling import VaeTiling
 
+ENGINE = "groupnorm"
 CPU_TILE = 128
 """Fast mode on the CPU: tile cores of at most this many latent px, even when the budget allows more. Larger
 tiles' buffers miss the caches and are faulted in afresh: bench VAE at 4096², 2 GB, tile pass 8.3 s with
@@ -56,19 +61,6 @@ sampled statistics leave far less (about 30 dB). 4096 instead of 16384 keys make
 there, 5% on SD's full-width VAE at 1024², at no measurable cost in their PSNR against whole."""
 
 
-@dataclass(frozen=True)
-class DecodePlan:
-    """What a decode will do, decided (and checked) before any generation starts."""
-
-    mode: Literal["exact", "fast"]
-    budget_bytes: float
-    tile: int
-    """exact: smallest per-layer tile side; fast: tile core side in the program's input pixels."""
-    host: budget.HostPlan | None
-    layer_tiles: tuple[int, ...] = ()
-    """exact: the output tile side of every step."""
-
-
 def latent_factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -78,25 +70,23 @@ def fast_keys(program: Program, height: int, width: int) -> int:
     return min(MAX_KEYS, (height // program.input_unit) * (width // program.input_unit))
 
 
-def plan_decode(vae: Any, tiling: VaeTiling, batch: int, height: int, width: int) -> DecodePlan:
-    """Choose mode and tile sizes for decoding a [batch, C, height, width] latent; raise if it cannot fit."""
-    program = decoder_program(vae)
-    return _plan(program, vae, tiling, batch, height, width)
-
-
-def _plan(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int, width: int) -> DecodePlan:
+def plan_program(program: Program, vae: Any, tiling: VaeTiling, batch: int, height: int, width: int) -> Plan:
+    """Choose mode and tile sizes for running `program` over a [batch, C, height, width] input; raise if it
+    cannot fit the budget."""
     device = next(vae.parameters()).device
-    budget_bytes = (tiling.memory_gb or budget.default_memory_gb(device)) * budget.GB
+    budget_bytes = budget.memory_budget(tiling.memory_gb, device)
     mode = AUTO if tiling.mode == "auto" else tiling.mode
     if mode == "exact":
         host = budget.plan_host(budget.host_peak_bytes(program, batch, height, width), tiling.spill_dir)
         sides = tuple(budget.layer_tiles(program, budget_bytes))
-        return DecodePlan("exact", budget_bytes, min(sides), host, sides)
+        peak = max(bytes_per_output_px(s) * side**2 for s, side in zip(program.steps, sides, strict=True))
+        return Plan(ENGINE, "exact", budget_bytes, min(sides), peak, host, sides)
     unit = program.input_unit
     kv_tokens = fast_keys(program, height, width)
     largest = max(height, width) if device.type != "cpu" else min(max(height, width), CPU_TILE * unit)
     tile = budget.fast_tile(program, batch, budget_bytes, tiling.halo * unit, kv_tokens, largest, unit)
-    return DecodePlan("fast", budget_bytes, tile, None)
+    peak = budget.fast_tile_bytes(program, batch, tile + 2 * tiling.halo * unit, kv_tokens)
+    return Plan(ENGINE, "fast", budget_bytes, tile, peak)
 
 
 @dataclass(frozen=True)
@@ -119,16 +109,20 @@ class Prefix:
 
 
 class TiledVAE:
-    """Tiled decode/encode for an AutoencoderKL-family VAE (SD 1.x/2.x, SDXL, SD3/FLUX 16-channel)."""
+    """The "groupnorm" engine (gigadiff.vae.engines): tiled decode/encode for an AutoencoderKL-family VAE (SD
+    1.x/2.x, SDXL, SD3/FLUX 16-channel)."""
 
-    def __init__(self, vae: Any, tiling: VaeTiling | None = None, listener: Any = None) -> None:
+    def __init__(self, vae: Any, tiling: VaeTiling | None = None, listener: Listener | None = None) -> None:
         self.vae = vae
         self.tiling = tiling or VaeTiling()
         self.factor = latent_factor(vae)
-        self.last_plan: DecodePlan | None = None
-        self.listener = listener
-        """Hears the pass as a phase (gigadiff.sampler.Listener's on_phase / on_advance): exact mode's
-        steps, or fast mode's statistics pass and tiles."""
+        self.last_plan: Plan | None = None
+        self.listener = listener or NullListener()
+        """Hears the pass as a phase: exact mode's steps, or fast mode's statistics pass and tiles."""
+
+    def plan(self, batch: int, height: int, width: int, encoding: bool = False) -> Plan:
+        program = encoder_program(self.vae) if encoding else decoder_program(self.vae)
+        return plan_program(program, self.vae, self.tiling, batch, height, width)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, sink: TileSink | None = None) -> torch.Tensor | None:
@@ -139,7 +133,7 @@ class TiledVAE:
         """
         z = unscale_latents(self.vae, latents.float().cpu())
         collect = Collector() if sink is None else None
-        self._run(decoder_program(self.vae), z, _clamped(sink or collect), "decoding")  # type: ignore[arg-type]
+        self._run(decoder_program(self.vae), z, clamped(sink or collect), "decoding")  # type: ignore[arg-type]
         return collect.image if collect is not None else None
 
     @torch.no_grad()
@@ -160,17 +154,16 @@ class TiledVAE:
 
     def _run(self, program: Program, x: torch.Tensor, sink: TileSink, what: str) -> None:
         """Plan (and check) the run of `program` on x, then stream its output to `sink` in the chosen mode."""
-        plan = _plan(program, self.vae, self.tiling, x.shape[0], x.shape[2], x.shape[3])
+        plan = plan_program(program, self.vae, self.tiling, x.shape[0], x.shape[2], x.shape[3])
         self.last_plan = plan
-        if self.listener is not None:
-            self.listener.on_phase(f"{what} (VAE {plan.mode})", self._units(program, plan, x.shape[2], x.shape[3]))
+        self.listener.on_phase(f"{what} (VAE {plan.mode})", self._units(program, plan, x.shape[2], x.shape[3]))
         with self._compute_dtype() as dtype:
             if plan.mode == "exact":
                 self._exact(program, x, dtype, plan, sink)
             else:
                 self._fast(program, x, dtype, plan, sink)
 
-    def _exact(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
+    def _exact(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: Plan, sink: TileSink) -> None:
         device = next(self.vae.parameters()).device
         sides = plan.layer_tiles
         store = HostStore(plan.host.ram_bytes, plan.host.spill_dir) if plan.host else HostStore()
@@ -182,7 +175,7 @@ class TiledVAE:
             engine.advance(state, i, i + 1, sink)
             self._advance()
 
-    def _fast(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: DecodePlan, sink: TileSink) -> None:
+    def _fast(self, program: Program, x: torch.Tensor, dtype: torch.dtype, plan: Plan, sink: TileSink) -> None:
         frozen, prefix = self.statistics(program, x, dtype, plan.budget_bytes)
         self._advance()
         if prefix.stop == len(program.steps):  # the whole program ran over the whole input: that is the output
@@ -212,7 +205,7 @@ class TiledVAE:
             for x0, x1 in itertools.pairwise(cols):
                 interrupts.check()
                 box = [round(v * scale) for v in (y0, y1, x0, x1)]
-                crops = {n: _crop(t, *box, halo, self.tiling.wrap) for n, t in prefix.buffers.items()}
+                crops = {n: crop_with_halo(t, *box, halo, self.tiling.wrap) for n, t in prefix.buffers.items()}
                 top, left = next(iter(crops.values()))[1]
                 state = engine.begin({n: crop.to(device) for n, (crop, _) in crops.items()})
                 engine.advance(state, prefix.stop, len(program.steps))
@@ -224,11 +217,10 @@ class TiledVAE:
                 self._advance()
 
     def _advance(self) -> None:
-        if self.listener is not None:
-            self.listener.on_advance(1)
+        self.listener.on_advance(1)
 
     @staticmethod
-    def _units(program: Program, plan: DecodePlan, height: int, width: int) -> int:
+    def _units(program: Program, plan: Plan, height: int, width: int) -> int:
         """Progress units of a pass: exact mode's steps; fast mode's statistics pass and tiles (at most: a pass
         whose prefix is the whole program has no tiles, and then it ends at one)."""
         if plan.mode == "exact":
@@ -274,7 +266,7 @@ class TiledVAE:
     def _compute_dtype(self) -> Iterator[torch.dtype]:
         """The VAE's dtype, except fp16 VAEs marked force_upcast (SDXL's) which run in float32 meanwhile."""
         dtype = next(self.vae.parameters()).dtype
-        upcast = dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        upcast = dtype == torch.float16 and bool(self.vae.config.get("force_upcast", False))
         if upcast:
             self.vae.to(torch.float32)
         try:
@@ -282,86 +274,3 @@ class TiledVAE:
         finally:
             if upcast:
                 self.vae.to(torch.float16)
-
-
-def _crop(x: torch.Tensor, y0: int, y1: int, x0: int, x1: int, halo: int, wrap: tuple[bool, bool]):
-    """x[..., y0-halo:y1+halo, x0-halo:x1+halo]: clipped at the image edge, or taken around it in wrap mode.
-
-    Returns the crop and the offset (top, left) of [y0, x0] inside it.
-    """
-    h, w = x.shape[2:]
-
-    def axis(a: int, b: int, size: int, wraps: bool) -> tuple[torch.Tensor, int]:
-        if wraps:
-            return torch.arange(a - halo, b + halo).remainder(size), halo
-        lo, hi = max(0, a - halo), min(size, b + halo)
-        return torch.arange(lo, hi), a - lo
-
-    rows, top = axis(y0, y1, h, wrap[0])
-    cols, left = axis(x0, x1, w, wrap[1])
-    return x.index_select(2, rows).index_select(3, cols), (top, left)
-
-
-class Collector:
-    """A sink that assembles streamed tiles into one tensor (for images that fit in memory)."""
-
-    def __init__(self) -> None:
-        self.parts: list[tuple[int, int, torch.Tensor]] = []
-
-    def __call__(self, y0: int, x0: int, tile: torch.Tensor) -> None:
-        self.parts.append((y0, x0, tile.float().cpu()))
-
-    @property
-    def image(self) -> torch.Tensor:
-        h = max(y0 + t.shape[2] for y0, _, t in self.parts)
-        w = max(x0 + t.shape[3] for _, x0, t in self.parts)
-        b, c = self.parts[0][2].shape[:2]
-        out = torch.empty(b, c, h, w)
-        for y0, x0, t in self.parts:
-            out[:, :, y0 : y0 + t.shape[2], x0 : x0 + t.shape[3]] = t
-        return out
-
-
-def _clamped(sink: TileSink) -> TileSink:
-    def clamp(y0: int, x0: int, tile: torch.Tensor) -> None:
-        sink(y0, x0, tile.float().clamp(-1, 1).cpu())
-
-    return clamp
-
-
-def posterior_latents(moments: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """An encoder's moments [B, 2C, h, w] (mean, logvar) -> the mean, or a sample drawn for the whole latent at
-    once with `generator` (so tiling does not change it)."""
-    mean, logvar = moments.chunk(2, dim=1)
-    if not sample:
-        return mean
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-
-
-def unscale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Undo the diffusion-space normalisation (scaling factor, shift, per-channel mean/std) of a VAE latent."""
-    mean, std, shift = _latent_norm(vae, latents)
-    return latents * std / _scaling(vae) + mean + shift
-
-
-def scale_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """The inverse of `unscale_latents`: VAE latents -> the space the denoiser works in."""
-    mean, std, shift = _latent_norm(vae, latents)
-    return (latents - mean - shift) * _scaling(vae) / std
-
-
-def _scaling(vae: Any) -> float:
-    """The VAE's scaling factor; 1 for VAEs whose family normalises latents otherwise (FLUX.2: BatchNorm)."""
-    return float(getattr(vae.config, "scaling_factor", None) or 1.0)
-
-
-def _latent_norm(vae: Any, latents: torch.Tensor) -> tuple[Any, Any, float]:
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        mean_t = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(shape)
-        std_t = torch.tensor(std, dtype=latents.dtype, device=latents.device).view(shape)
-        return mean_t, std_t, 0.0
-    return 0.0, 1.0, float(getattr(cfg, "shift_factor", None) or 0.0)

@@ -14,6 +14,8 @@ from gigadiff.errors import GigadiffError
 
 Mode = Literal["auto", "exact", "fast"]
 MODES = ("auto", "exact", "fast")
+SPILLING_ENGINES = ("groupnorm",)
+"""The engines (gigadiff.vae.engines) that keep whole-image buffers, which `--vae-spill` moves to files."""
 
 
 @dataclass(frozen=True)
