@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.codec import VaeCodec
 from gigadiff.backends.flow import set_flow_timesteps
 from gigadiff.backends.pipelines import weights_fingerprint
 from gigadiff.facts import ModelInfo
+from gigadiff.lazy import no_grad, torch
 from gigadiff.schedulers import make_scheduler
 
 if TYPE_CHECKING:
-    import torch
+    import torch as torch_types
 
     from gigadiff.geometry import Tile
 
@@ -80,20 +81,108 @@ class DiffusersBackend:
     def branches(self, cond: Any) -> int:
         return 2 if cond.cfg else 1
 
-    def predict(self, latent_tiles: torch.Tensor, t: Any, cond: Any, tiles: Sequence[Tile]) -> torch.Tensor:
-        if self.branches(cond) == 1:
-            return self.predict_branch(latent_tiles, t, cond, tiles, 1)
-        uncond = self.predict_branch(latent_tiles, t, cond, tiles, 0)
-        return self.combine(uncond, self.predict_branch(latent_tiles, t, cond, tiles, 1), cond)
+    # A family adapter says how to run its denoiser on tiles with one pass's inputs (`run`) and what those inputs
+    # are (`branch_inputs`); guidance is written once, here: one call per pass, or both passes in one call of
+    # twice the tiles where the family's pipeline batches them (`batches`), in its order (`guidance_order`).
 
-    def predict_branch(
-        self, latent_tiles: torch.Tensor, t: Any, cond: Any, tiles: Sequence[Tile], branch: int
-    ) -> torch.Tensor:
+    def branch_inputs(self, cond: Any, branch: int, tiles: Sequence[Tile]) -> Any:
+        """The denoiser's inputs for one guidance pass (0: unconditional, 1: conditional) over `tiles`, batched
+        per tile: tensors (first axis per tile), lists, dicts and tuples of them, and `Shared` values (the same
+        for every tile, such as FLUX's text ids)."""
         raise NotImplementedError
 
-    def combine(self, uncond: torch.Tensor, cond_out: torch.Tensor, cond: Any) -> torch.Tensor:
+    def run(self, x: torch_types.Tensor, t: Any, cond: Any, tiles: Sequence[Tile], inputs: Any) -> torch_types.Tensor:
+        """The denoiser's float32 prediction for tiles x [N, C, h, w] with `inputs` (`branch_inputs`, or two
+        passes' joined)."""
+        raise NotImplementedError
+
+    guidance_order: tuple[int, int] = (0, 1)
+    """The order of the two passes in a batched call (diffusers' pipelines: unconditional first; Z-Image's:
+    conditional first)."""
+
+    def batches(self, cond: Any) -> bool:
+        """Whether both guidance passes run in one call, as the family's pipeline runs them."""
+        return True
+
+    def one_call_per_tile(self, cond: Any) -> bool:
+        """Whether every tile needs a call of its own (a denoiser that takes one set of canvas positions per call,
+        with `--positions global`)."""
+        return False
+
+    def _calls(self, x: torch_types.Tensor, t: Any, cond: Any, tiles: Sequence[Tile],
+               inputs: Any) -> torch_types.Tensor:  # fmt: skip
+        """`run` on the tiles, in one call or (`one_call_per_tile`) one call per tile."""
+        if self.one_call_per_tile(cond) and len(tiles) > 1:
+            return torch.cat([self.run(x[i : i + 1], t, cond, tiles[i : i + 1], unshared(row(inputs, i)))
+                              for i in range(len(tiles))])  # fmt: skip
+        return self.run(x, t, cond, tiles, unshared(inputs))
+
+    @no_grad
+    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: Any, tiles: Sequence[Tile],
+                       branch: int) -> torch_types.Tensor:  # fmt: skip
+        return self._calls(latent_tiles, t, cond, tiles, self.branch_inputs(cond, branch, tiles))
+
+    @no_grad
+    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: Any, tiles: Sequence[Tile]) -> torch_types.Tensor:
+        if self.branches(cond) == 1:
+            return self.predict_branch(latent_tiles, t, cond, tiles, 1)
+        if not self.batches(cond):
+            uncond = self.predict_branch(latent_tiles, t, cond, tiles, 0)
+            return self.combine(uncond, self.predict_branch(latent_tiles, t, cond, tiles, 1), cond)
+        first, second = self.guidance_order
+        inputs = joined(self.branch_inputs(cond, first, tiles), self.branch_inputs(cond, second, tiles))
+        both = self._calls(torch.cat([latent_tiles, latent_tiles]), t, cond, [*tiles, *tiles], inputs)
+        out = dict(zip(self.guidance_order, both.chunk(2), strict=True))
+        return self.combine(out[0], out[1], cond)
+
+    def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor, cond: Any) -> torch_types.Tensor:
         """Classifier-free guidance: uncond + scale x (cond - uncond)."""
         return uncond + cond.scale * (cond_out - uncond)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A denoiser input that is the same for every tile of a call (not batched, not joined)."""
+
+    value: Any
+
+
+def joined(first: Any, second: Any) -> Any:
+    """Two passes' inputs as one call's: tensors concatenated along their first axis, lists concatenated, dicts
+    and tuples joined item by item, `Shared` values kept once, None kept."""
+    if first is None or isinstance(first, Shared):
+        return first
+    if isinstance(first, dict):
+        return {k: joined(v, second[k]) for k, v in first.items()}
+    if isinstance(first, tuple):
+        return tuple(joined(a, b) for a, b in zip(first, second, strict=True))
+    if isinstance(first, list):
+        return first + second
+    return torch.cat([first, second])
+
+
+def row(value: Any, i: int) -> Any:
+    """Tile i's inputs of a call's (`Shared` values and None as they are)."""
+    if value is None or isinstance(value, Shared):
+        return value
+    if isinstance(value, dict):
+        return {k: row(v, i) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(row(v, i) for v in value)
+    if isinstance(value, list):
+        return value[i : i + 1]
+    return value[i : i + 1]
+
+
+def unshared(value: Any) -> Any:
+    """One pass's inputs as a call takes them (`Shared` values unwrapped)."""
+    if isinstance(value, Shared):
+        return value.value
+    if isinstance(value, dict):
+        return {k: unshared(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(unshared(v) for v in value)
+    return value
 
 
 class TransformerBackend(DiffusersBackend):

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
+from gigadiff.backends.adapter import NegativeGuided, Shared, TransformerBackend
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.backends.flow import grid_ids, pack, unpack
 from gigadiff.lazy import no_grad, torch
@@ -67,51 +67,44 @@ class FluxBackend(TransformerBackend):
         return FluxConditioning(embeds, pooled, text_ids, negative, embedded, true_cfg,
                                 options.get("positions") == "global")  # fmt: skip
 
-    def _call(self, x: torch_types.Tensor, t: Any, cond: FluxConditioning, tiles: Sequence[Tile],
-              text: Text) -> torch_types.Tensor:  # fmt: skip
+    def branch_inputs(self, cond: FluxConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """A pass's T5 embeddings and CLIP pooled embedding per tile, and its text ids (shared)."""
+        text = (cond.embeds, cond.pooled, cond.text_ids) if branch else cond.negative
+        assert text is not None
+        embeds, pooled, text_ids = text
+        n = len(tiles)
+        return embeds.expand(n, -1, -1), pooled.expand(n, -1), Shared(text_ids)
+
+    def batches(self, cond: FluxConditioning) -> bool:
+        """True guidance's two passes in one call ([uncond..., cond...]; T5 embeddings share one length), except
+        with global positions, where every tile is a call of its own."""
+        return not cond.global_positions
+
+    def one_call_per_tile(self, cond: FluxConditioning) -> bool:
+        return cond.global_positions  # the transformer takes one set of position ids per call
+
+    def run(self, x: torch_types.Tensor, t: Any, cond: FluxConditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
         """The transformer's velocity for tiles x [N, C, h, w] (packed, run, unpacked), one text per row."""
         n, _, h, w = x.shape
-        embeds, pooled, text_ids = text
-        if cond.global_positions and len(tiles) > 1 and n == len(tiles):  # one set of ids per call
-            return torch.cat([self._call(x[i : i + 1], t, cond, tiles[i : i + 1], text) for i in range(n)])
+        embeds, pooled, text_ids = inputs
         top, left = (tiles[0].y // 2, tiles[0].x // 2) if cond.global_positions else (0, 0)
         ids = grid_ids(h // 2, w // 2, top, left, dtype=embeds.dtype, device=self.device)
-        dtype = self.transformer.dtype
         guidance = None
         if cond.guidance is not None:
             guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
         timestep = torch.as_tensor(t, device=self.device).expand(n).to(embeds.dtype)
         out = self.transformer(
-            hidden_states=pack(x.to(self.device, dtype)),
+            hidden_states=pack(x.to(self.device, self.transformer.dtype)),
             timestep=timestep / 1000,
             guidance=guidance,
-            pooled_projections=pooled.expand(n, -1) if pooled.shape[0] == 1 else pooled,
-            encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
             txt_ids=text_ids,
             img_ids=ids,
             return_dict=False,
         )[0]
         return unpack(out.float(), h, w)
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: FluxConditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        text = (cond.embeds, cond.pooled, cond.text_ids) if branch else cond.negative
-        assert text is not None
-        return self._call(latent_tiles, t, cond, tiles, text)
-
-    @no_grad
-    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: FluxConditioning,
-                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
-        """Both passes of true guidance in one call ([uncond..., cond...]; T5 embeddings share one length)."""
-        if cond.negative is None or cond.global_positions:
-            return super().predict(latent_tiles, t, cond, tiles)
-        n = latent_tiles.shape[0]
-        neg, pos = cond.negative, (cond.embeds, cond.pooled, cond.text_ids)
-        text = (torch.cat([neg[0].expand(n, -1, -1), pos[0].expand(n, -1, -1)]),
-                torch.cat([neg[1].expand(n, -1), pos[1].expand(n, -1)]), pos[2])  # fmt: skip
-        uncond, cond_out = self._call(torch.cat([latent_tiles, latent_tiles]), t, cond, tiles, text).chunk(2)
-        return self.combine(uncond, cond_out, cond)
 
 
 class Flux(Family):

@@ -100,11 +100,21 @@ class Flux2Backend(TransformerBackend):
         embedded = guidance if self.transformer.config.guidance_embeds else None
         return Flux2Conditioning(embeds, text_ids, negative, embedded, scale, options.get("positions") == "global")
 
-    def _call(self, x: torch_types.Tensor, t: Any, cond: Flux2Conditioning, tiles: Sequence[Tile],
-              embeds: torch_types.Tensor, text_ids: torch_types.Tensor) -> torch_types.Tensor:  # fmt: skip
+    def branch_inputs(self, cond: Flux2Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """A pass's text embeddings and text ids, per tile."""
+        embeds, text_ids = (cond.embeds, cond.text_ids) if branch else cond.negative  # type: ignore[misc]
+        return embeds.expand(len(tiles), -1, -1), text_ids.expand(len(tiles), -1, -1)
+
+    def batches(self, cond: Flux2Conditioning) -> bool:
+        return False  # [klein]'s pipeline runs its two passes as calls of their own
+
+    def one_call_per_tile(self, cond: Flux2Conditioning) -> bool:
+        return cond.global_positions  # the transformer takes one set of position ids per call
+
+    def run(self, x: torch_types.Tensor, t: Any, cond: Flux2Conditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
+        embeds, text_ids = inputs
         n, c, h, w = x.shape
-        if cond.global_positions and len(tiles) > 1 and n == len(tiles):
-            return torch.cat([self._call(x[i : i + 1], t, cond, tiles[i : i + 1], embeds, text_ids) for i in range(n)])
         top, left = (tiles[0].y, tiles[0].x) if cond.global_positions else (0, 0)
         ids = grid_ids(h, w, top, left, axes=4, dtype=torch.int64, device=self.device)
         tokens = x.to(self.device, self.transformer.dtype).reshape(n, c, h * w).permute(0, 2, 1)
@@ -116,18 +126,12 @@ class Flux2Backend(TransformerBackend):
             hidden_states=tokens,
             timestep=timestep / 1000,
             guidance=guidance,
-            encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
-            txt_ids=text_ids.expand(n, -1, -1) if text_ids.shape[0] == 1 else text_ids,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
             img_ids=ids.unsqueeze(0).expand(n, -1, -1),
             return_dict=False,
         )[0]
         return out[:, : h * w].float().permute(0, 2, 1).reshape(n, c, h, w)
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: Flux2Conditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        embeds, text_ids = (cond.embeds, cond.text_ids) if branch else cond.negative  # type: ignore[misc]
-        return self._call(latent_tiles, t, cond, tiles, embeds, text_ids)
 
 
 class Flux2(Family):

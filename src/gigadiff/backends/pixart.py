@@ -62,8 +62,16 @@ class PixArtBackend(TransformerBackend):
     timestep_scale = 1.0
     """What the pipeline multiplies the scheduler's timestep by before the transformer sees it."""
 
-    def _call(self, x: torch_types.Tensor, t: Any, embeds: torch_types.Tensor,
-              mask: torch_types.Tensor) -> torch_types.Tensor:  # fmt: skip
+    def branch_inputs(self, cond: PixArtConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """A pass's T5 hidden states and attention mask, per tile."""
+        text = cond.text if branch else cond.negative
+        assert text is not None
+        embeds, mask = text
+        return embeds.expand(len(tiles), -1, -1), mask.expand(len(tiles), -1)
+
+    def run(self, x: torch_types.Tensor, t: Any, cond: PixArtConditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
+        embeds, mask = inputs
         n = x.shape[0]
         timestep = torch.as_tensor(t, device=self.device)
         timestep = (timestep[None] if timestep.ndim == 0 else timestep).expand(n)
@@ -71,8 +79,8 @@ class PixArtBackend(TransformerBackend):
             timestep = timestep * self.timestep_scale
         out = self.transformer(
             x.to(self.device, self.transformer.dtype),
-            encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
-            encoder_attention_mask=mask.expand(n, -1) if mask.shape[0] == 1 else mask,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
             timestep=timestep,
             return_dict=False,
             **self.extra_inputs,
@@ -81,27 +89,6 @@ class PixArtBackend(TransformerBackend):
         if out.shape[1] == 2 * channels:  # learned variance: the noise is the first half
             out = out[:, :channels]
         return out.float()
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: PixArtConditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        text = cond.text if branch else cond.negative
-        assert text is not None
-        return self._call(latent_tiles, t, *text)
-
-    @no_grad
-    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: PixArtConditioning,
-                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
-        """Both guidance passes in one call, [uncond..., cond...] as the pipeline batches them."""
-        if cond.negative is None:
-            return self._call(latent_tiles, t, *cond.text)
-        n = latent_tiles.shape[0]
-        (embeds, mask), (neg, neg_mask) = cond.text, cond.negative
-        both = self._call(torch.cat([latent_tiles, latent_tiles]), t,
-                          torch.cat([neg.expand(n, -1, -1), embeds.expand(n, -1, -1)]),
-                          torch.cat([neg_mask.expand(n, -1), mask.expand(n, -1)]))  # fmt: skip
-        uncond, cond_out = both.chunk(2)
-        return self.combine(uncond, cond_out, cond)
 
 
 class PixArtSigma(Family):

@@ -95,13 +95,25 @@ class QwenImageBackend(TransformerBackend):
             canvas = (canvas_px[1] // token_px, canvas_px[0] // token_px)
         return QwenImageConditioning(tuple(text), None if negative is None else tuple(negative), scale, canvas)
 
-    def _call(self, x: torch_types.Tensor, t: Any, cond: QwenImageConditioning, tiles: Sequence[Tile],
-              text: Text) -> torch_types.Tensor:  # fmt: skip
+    def branch_inputs(self, cond: QwenImageConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """A pass's hidden states and attention mask (None: every token counts), per tile."""
+        text = cond.text if branch else cond.negative
+        assert text is not None
+        embeds, mask = text
+        n = len(tiles)
+        return embeds.expand(n, -1, -1), None if mask is None else mask.expand(n, -1)
+
+    def batches(self, cond: QwenImageConditioning) -> bool:
+        return False  # its pipeline runs the two passes as calls of their own
+
+    def one_call_per_tile(self, cond: QwenImageConditioning) -> bool:
+        return cond.canvas_tokens is not None  # the transformer takes one set of positions per call
+
+    def run(self, x: torch_types.Tensor, t: Any, cond: QwenImageConditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
         """The transformer's velocity for tiles x [N, C, h, w] (packed, run, unpacked)."""
         n, _, h, w = x.shape
-        if cond.canvas_tokens is not None and n > 1:  # one set of positions per call
-            return torch.cat([self._call(x[i : i + 1], t, cond, tiles[i : i + 1], text) for i in range(n)])
-        embeds, mask = text
+        embeds, mask = inputs
         timestep = torch.as_tensor(t, device=self.device, dtype=torch.float32).expand(n)
         context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if cond.canvas_tokens is not None:
@@ -116,19 +128,12 @@ class QwenImageBackend(TransformerBackend):
             out = self.transformer(
                 hidden_states=pack(x.to(self.device, self.transformer.dtype)),
                 timestep=timestep / 1000,
-                encoder_hidden_states=embeds.expand(n, -1, -1),
-                encoder_hidden_states_mask=None if mask is None else mask.expand(n, -1),
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=mask,
                 img_shapes=[[(1, h // 2, w // 2)]] * n,
                 return_dict=False,
             )[0]
         return unpack(out.float(), h, w)
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: QwenImageConditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        text = cond.text if branch else cond.negative
-        assert text is not None
-        return self._call(latent_tiles, t, cond, tiles, text)
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
                 cond: QwenImageConditioning) -> torch_types.Tensor:  # fmt: skip

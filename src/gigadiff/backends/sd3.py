@@ -90,53 +90,33 @@ class SD3Backend(TransformerBackend):
         return SD3Conditioning(embeds, pooled, (negative, negative_pooled) if cfg else None, scale,
                                options.get("positions") == "global", canvas)  # fmt: skip
 
-    def _call(self, x: torch_types.Tensor, t: Any, cond: SD3Conditioning, tiles: Sequence[Tile],
-              embeds: torch_types.Tensor, pooled: torch_types.Tensor) -> torch_types.Tensor:  # fmt: skip
-        """The transformer's velocity for tiles x [N, C, h, w], one text per row (or one for all)."""
-        n = x.shape[0]
-        if cond.global_positions and n > 1:  # one crop of the table per call: one tile per call
-            assert len(tiles) == n, "global positions: one tile per row"
+    def branch_inputs(self, cond: SD3Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """A pass's joint text embeddings and pooled CLIP embedding, per tile."""
+        embeds, pooled = (cond.embeds, cond.pooled) if branch else cond.negative  # type: ignore[misc]
+        return embeds.expand(len(tiles), -1, -1), pooled.expand(len(tiles), -1)
 
-            def row(values: torch_types.Tensor, i: int) -> torch_types.Tensor:
-                return values[i : i + 1] if values.shape[0] == n else values
+    def one_call_per_tile(self, cond: SD3Conditioning) -> bool:
+        return cond.global_positions  # the patch embedding takes one crop of its table per call
 
-            return torch.cat([self._call(x[i : i + 1], t, cond, tiles[i : i + 1], row(embeds, i), row(pooled, i))
-                              for i in range(n)])  # fmt: skip
-        context = contextlib.nullcontext()
+    def run(self, x: torch_types.Tensor, t: Any, cond: SD3Conditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
+        """The transformer's velocity for tiles x [N, C, h, w]."""
+        embeds, pooled = inputs
+        context: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if cond.global_positions:
             corner = table_crop(self.transformer.pos_embed.pos_embed_max_size, cond.canvas_patches, tiles[0],
                                 self.patch)  # fmt: skip
             context = crop_at(self.transformer.pos_embed, corner)
-        timestep = torch.as_tensor(t, device=self.device).expand(n)
+        timestep = torch.as_tensor(t, device=self.device).expand(x.shape[0])
         with context:
             out = self.transformer(
                 hidden_states=x.to(self.device, self.transformer.dtype),
                 timestep=timestep,
-                encoder_hidden_states=embeds.expand(n, -1, -1) if embeds.shape[0] == 1 else embeds,
-                pooled_projections=pooled.expand(n, -1) if pooled.shape[0] == 1 else pooled,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
                 return_dict=False,
             )[0]
         return out.float()
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: SD3Conditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        embeds, pooled = (cond.embeds, cond.pooled) if branch else cond.negative  # type: ignore[misc]
-        return self._call(latent_tiles, t, cond, tiles, embeds, pooled)
-
-    @no_grad
-    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: SD3Conditioning,
-                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
-        """Both guidance passes in one call, [uncond..., cond...] as the pipeline batches them."""
-        if cond.negative is None:
-            return self._call(latent_tiles, t, cond, tiles, cond.embeds, cond.pooled)
-        n = latent_tiles.shape[0]
-        neg, neg_pooled = cond.negative
-        embeds = torch.cat([neg.expand(n, -1, -1), cond.embeds.expand(n, -1, -1)])
-        pooled = torch.cat([neg_pooled.expand(n, -1), cond.pooled.expand(n, -1)])
-        uncond, cond_out = self._call(torch.cat([latent_tiles, latent_tiles]), t, cond, [*tiles, *tiles], embeds,
-                                      pooled).chunk(2)  # fmt: skip
-        return self.combine(uncond, cond_out, cond)
 
 
 class StableDiffusion3(Family):

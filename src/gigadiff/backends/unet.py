@@ -98,10 +98,9 @@ class UNetBackend(DiffusersBackend):
         rows = [[*cond.canvas_px, t.y * f, t.x * f, t.h * f, t.w * f] for t in tiles]
         return torch.tensor(rows, dtype=cond.prompt_embeds.dtype, device=self.device)
 
-    def _inputs(
-        self, n: int, cond: UNetConditioning, tiles: Sequence[Tile], branch: int
-    ) -> tuple[torch_types.Tensor, dict[str, torch_types.Tensor] | None]:
-        """Text embeddings and SDXL added conditioning for n tiles of one branch (0: unconditional, 1: prompt)."""
+    def branch_inputs(self, cond: UNetConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """Text embeddings and SDXL's added conditioning (pooled text, each tile's crop time ids) of one pass."""
+        n = len(tiles)
         embeds = cond.prompt_embeds if branch else cond.negative_embeds
         assert embeds is not None
         added = None
@@ -109,35 +108,14 @@ class UNetBackend(DiffusersBackend):
             pooled = cond.pooled if branch else cond.negative_pooled
             assert pooled is not None
             added = {"text_embeds": pooled.expand(n, -1), "time_ids": self.time_ids(tiles, cond)}
-        return embeds.expand(n, -1, -1), added
+        timestep_cond = None if cond.timestep_cond is None else cond.timestep_cond.expand(n, -1)
+        return embeds.expand(n, -1, -1), added, timestep_cond
 
-    def _unet(self, x: torch_types.Tensor, t: Any, embeds: torch_types.Tensor, added: Any,
-              cond: UNetConditioning) -> torch_types.Tensor:  # fmt: skip
-        timestep_cond = None if cond.timestep_cond is None else cond.timestep_cond.expand(x.shape[0], -1)
-        return self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
-                         return_dict=False)[0].float()  # fmt: skip
-
-    @no_grad
-    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: UNetConditioning,
-                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
-        n = latent_tiles.shape[0]
-        x = latent_tiles.to(self.device, self.dtype)
-        if not cond.cfg:
-            return self._unet(x, t, *self._inputs(n, cond, tiles, 1), cond)
-        neg, neg_added = self._inputs(n, cond, tiles, 0)
-        pos, pos_added = self._inputs(n, cond, tiles, 1)
-        added = None
-        if pos_added is not None and neg_added is not None:
-            added = {k: torch.cat([neg_added[k], pos_added[k]]) for k in pos_added}
-        out = self._unet(torch.cat([x, x]), t, torch.cat([neg, pos]), added, cond)
-        uncond, text = out.chunk(2)
-        return self.combine(uncond, text, cond)
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: UNetConditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        x = latent_tiles.to(self.device, self.dtype)
-        return self._unet(x, t, *self._inputs(x.shape[0], cond, tiles, branch), cond)
+    def run(self, x: torch_types.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
+        embeds, added, timestep_cond = inputs
+        return self.unet(x.to(self.device, self.dtype), t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
+                         added_cond_kwargs=added, return_dict=False)[0].float()  # fmt: skip
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
                 cond: UNetConditioning) -> torch_types.Tensor:  # fmt: skip

@@ -82,40 +82,28 @@ class ZImageBackend(TransformerBackend):
                                                    negative_prompt=negative_prompt or None)  # fmt: skip
         return ZImageConditioning(embeds, negative if scale > 0 else None, scale, options.get("positions") == "global")
 
-    def _call(self, x: torch_types.Tensor, t: Any, cond: ZImageConditioning, tiles: Sequence[Tile],
-              captions: list[torch_types.Tensor]) -> torch_types.Tensor:  # fmt: skip
+    guidance_order = (1, 0)  # its pipeline batches [cond..., uncond...]
+
+    def branch_inputs(self, cond: ZImageConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
+        """A pass's caption embeddings, one per tile (the transformer takes a list)."""
+        captions = cond.embeds if branch else cond.negative
+        assert captions is not None
+        return captions * len(tiles)
+
+    def run(self, x: torch_types.Tensor, t: Any, cond: ZImageConditioning, tiles: Sequence[Tile],
+            inputs: Any) -> torch_types.Tensor:  # fmt: skip
         """The velocity for tiles x [N, C, h, w] (the transformer's output, negated as its pipeline does)."""
         n = x.shape[0]
         timestep = (1000 - torch.as_tensor(t, device=self.device).expand(n)) / 1000
         images = list(x.to(self.device, self.transformer.dtype).unsqueeze(2).unbind(dim=0))
-        reps = n // len(tiles)
-        offsets = [(t_.y // self.patch, t_.x // self.patch) if cond.global_positions else (0, 0)
-                   for _ in range(reps) for t_ in tiles]  # fmt: skip
+        offsets = [(t_.y // self.patch, t_.x // self.patch) for t_ in tiles]
         with (
             offset_positions(self.transformer, offsets, self.patch)
             if cond.global_positions
             else contextlib.nullcontext()
         ):
-            out = self.transformer(images, timestep, captions, return_dict=False)[0]
+            out = self.transformer(images, timestep, inputs, return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
-
-    @no_grad
-    def predict_branch(self, latent_tiles: torch_types.Tensor, t: Any, cond: ZImageConditioning,
-                       tiles: Sequence[Tile], branch: int) -> torch_types.Tensor:  # fmt: skip
-        captions = cond.embeds if branch else cond.negative
-        assert captions is not None
-        return self._call(latent_tiles, t, cond, tiles, captions * latent_tiles.shape[0])
-
-    @no_grad
-    def predict(self, latent_tiles: torch_types.Tensor, t: Any, cond: ZImageConditioning,
-                tiles: Sequence[Tile]) -> torch_types.Tensor:  # fmt: skip
-        """Both guidance passes in one call, [cond..., uncond...] as the pipeline batches them."""
-        n = latent_tiles.shape[0]
-        if cond.negative is None:
-            return self._call(latent_tiles, t, cond, tiles, cond.embeds * n)
-        both = self._call(torch.cat([latent_tiles, latent_tiles]), t, cond, tiles, cond.embeds * n + cond.negative * n)
-        cond_out, uncond = both.chunk(2)
-        return self.combine(uncond, cond_out, cond)
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
                 cond: ZImageConditioning) -> torch_types.Tensor:  # fmt: skip
