@@ -223,6 +223,8 @@ def test_halo_models_refuse_an_impossible_budget_and_spill_before_generation(tin
     assert result.exit_code == 2 and "--vae-memory 1e-07 GB is too small for this VAE" in result.output
     assert not (tmp_path / "o.png").exists()
     result = CliRunner().invoke(app, [*base, "--vae-spill", str(tmp_path)])
-    assert result.exit_code == 2 and "--vae-spill: model" in result.output and "keeps no whole-image buffers" in (
-        result.output
+    assert (
+        result.exit_code == 2
+        and "--vae-spill: model" in result.output
+        and "keeps no whole-image buffers" in (result.output)
     )

@@ -78,6 +78,34 @@ def calls(share_units: list[Unit], batch_size: int) -> list[tuple[int | None, li
     return out
 
 
+def rank_predictions(backend: Backend, canvas: torch.Tensor, t: Any, cond: Any, grid: TileGrid, batch_size: int,
+                     rank: int, world: int, split: bool = False) -> tuple[list[Unit], torch.Tensor, int]:  # fmt: skip
+    """What rank `rank` of `world` computes in a step: its share of the work units, their predictions in that
+    order ([len(share) * B, C, h, w]), and its model calls. Each call is `batch_size` tiles of one pass, the
+    last one filled up with copies (as on a single process), so every unit comes out of a call of one shape."""
+    tiles = grid.tiles
+    work = units(len(tiles), split)
+    mine = [work[i] for i in share(len(work), rank, world)]
+    outputs: dict[Unit, torch.Tensor] = {}
+    b = canvas.shape[0]
+    own_calls = calls(mine, batch_size)
+    for branch, picked in own_calls:
+        out = run_batch(backend, canvas, t, cond, [tiles[i] for i in picked], batch_size, branch)
+        for k, i in enumerate(picked):
+            outputs[Unit(i, branch)] = out[k * b : (k + 1) * b]
+    predictions = torch.cat([outputs[u] for u in mine]) if mine else canvas.new_zeros((0, *canvas.shape[1:]))
+    return mine, predictions, len(own_calls)
+
+
+def combined(backend: Backend, ordered: torch.Tensor, cond: Any, tiles: int, split: bool) -> torch.Tensor:
+    """All ranks' predictions in canonical order as every tile's guided prediction (with CFG split, rows are
+    [tile 0 uncond, tile 0 cond, tile 1 uncond, ...]: guidance is combined here, in that order)."""
+    if not split:
+        return ordered
+    per_tile = ordered.view(tiles, 2, -1, *ordered.shape[1:])
+    return backend.combine(per_tile[:, 0].flatten(0, 1), per_tile[:, 1].flatten(0, 1), cond)
+
+
 class DistributedExecutor:
     """Runs a rank's share of each step's tiles and exchanges predictions with the other ranks."""
 
@@ -109,19 +137,12 @@ class DistributedExecutor:
         work = units(len(tiles), split)
         shares = [[work[i] for i in share(len(work), r, self.world)] for r in range(self.world)]
         started = time.perf_counter()
-        outputs: dict[Unit, torch.Tensor] = {}
         b = canvas.shape[0]
-        for branch, picked in calls(shares[self.rank], self.batch_size):
-            out = run_batch(backend, canvas, t, cond, [tiles[i] for i in picked], self.batch_size, branch)
-            for k, i in enumerate(picked):
-                outputs[Unit(i, branch)] = out[k * b : (k + 1) * b]
-        mine = [outputs[u] for u in shares[self.rank]]
+        _, mine, _ = rank_predictions(backend, canvas, t, cond, grid, self.batch_size, self.rank, self.world, split)
         rows_of = [len(sh) * b for sh in shares]
         sendbuf = torch.zeros((max(rows_of), canvas.shape[1], tiles[0].h, tiles[0].w), dtype=torch.float32,
                               device=canvas.device)  # fmt: skip
-        if mine:
-            local = torch.cat(mine).to(canvas.device, torch.float32)
-            sendbuf[: local.shape[0]] = local
+        sendbuf[: mine.shape[0]] = mine.to(canvas.device, torch.float32)
         computed = time.perf_counter()
         self._check_peers()
         received = [torch.empty_like(sendbuf) for _ in range(self.world)]
@@ -130,11 +151,8 @@ class DistributedExecutor:
         nbytes = sendbuf.numel() * 4 * (self.world - 1)
         self._record(computed - started, done - computed, nbytes, len(shares[self.rank]))
         ordered = torch.cat([received[r][: rows_of[r]] for r in range(self.world)])
-        if split:  # rows are [tile 0 uncond, tile 0 cond, tile 1 uncond, ...]: guide every tile
-            per_tile = ordered.view(len(tiles), 2, b, *ordered.shape[1:])
-            ordered = backend.combine(per_tile[:, 0].flatten(0, 1), per_tile[:, 1].flatten(0, 1), cond)
         total_calls = sum(len(calls(sh, self.batch_size)) for sh in shares)
-        yield Batch(tiles, ordered, total_calls)
+        yield Batch(tiles, combined(backend, ordered, cond, len(tiles), split), total_calls)
 
     def _record(self, compute: float, comm: float, nbytes: int, tiles: int) -> None:
         p = self.profile
