@@ -379,8 +379,9 @@ def report_profile(executor: TileExecutor, ranks: Ranks) -> None:
     if ranks.distributed:
         import torch.distributed as dist
 
-        rows = [None] * ranks.world  # type: ignore[list-item]
-        dist.all_gather_object(rows, row)
+        gathered: list[Any] = [None] * ranks.world
+        dist.all_gather_object(gathered, row)
+        rows = gathered
     if not ranks.is_main:
         return
     typer.echo(f"{'rank':>4} {'tiles':>6} {'compute s':>10} {'comm s':>8} {'MB exchanged':>13}", err=True)

@@ -34,10 +34,11 @@ def gather_tile(canvas: torch.Tensor, tile: Tile) -> torch.Tensor:
     """The window `tile` of a [B, C, H, W] canvas; a tile crossing the edge of a wrapped canvas is reassembled."""
     h, w = canvas.shape[-2:]
     if tile.y + tile.h <= h and tile.x + tile.w <= w:
-        return canvas[(..., *tile.slices)]
+        rows, cols = tile.slices
+        return canvas[..., rows, cols]
     out = canvas.new_empty((*canvas.shape[:-2], tile.h, tile.w))
-    for inside, on_canvas in wrapped_pieces(tile, h, w):
-        out[(..., *inside)] = canvas[(..., *on_canvas)]
+    for (in_rows, in_cols), (rows, cols) in wrapped_pieces(tile, h, w):
+        out[..., in_rows, in_cols] = canvas[..., rows, cols]
     return out
 
 

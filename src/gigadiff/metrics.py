@@ -102,8 +102,8 @@ def seam_score(image: np.ndarray, rows: Iterable[int], cols: Iterable[int], band
     masks = [np.zeros(e.size, dtype=bool) for e in lines]
     half = band // 2
     for mask, borders in zip(masks, (rows, cols), strict=True):
-        for b in borders:
-            mask[max(b - 1 - half, 0) : min(b - 1 - half + band, mask.size)] = True
+        for border in borders:
+            mask[max(border - 1 - half, 0) : min(border - 1 - half + band, mask.size)] = True
     if not any(m.any() for m in masks) or all(m.all() for m in masks):
         raise ValueError("seam_score needs at least one border and some interior")
     b, i = _energy(lines, lengths, masks), _energy(lines, lengths, [~m for m in masks])

@@ -140,16 +140,18 @@ def _region(item: Any, where: str, folder: Path | None) -> Region:
         raise GigadiffError(f"{where}: guidance must be a number >= 0, got {guidance!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise GigadiffError(f"{where}: seed must be an integer in [0, 2**64), got {seed!r}")
-    box = mask = None
+    box: tuple[float, float, float, float] | None = None
+    mask: str | None = None
     if "box" in item:
         raw_box = item["box"]
         if not (isinstance(raw_box, list) and len(raw_box) == 4 and all(_number(v) for v in raw_box)):
             raise GigadiffError(f"{where}: box must be [left, top, right, bottom], got {raw_box!r}")
-        box = tuple(float(v) for v in raw_box)
+        left, top, right, bottom = (float(v) for v in raw_box)
+        box = (left, top, right, bottom)
     else:
         mask = _mask_source(item["mask"], where, folder)
     return Region(str(item["prompt"]), str(item.get("negative_prompt", "")),
-                  float(guidance) if guidance is not None else None, seed, box, mask)  # type: ignore[arg-type]  # fmt: skip
+                  float(guidance) if guidance is not None else None, seed, box, mask)  # fmt: skip
 
 
 def _mask_source(mask: Any, where: str, folder: Path | None) -> str:

@@ -92,6 +92,7 @@ def make_scheduler(name: str, base: Any, kind: SchedulerKind = "ddpm", mu: float
     timestep shift) is given to solvers that take it in their config rather than in `set_timesteps`.
     """
     check_scheduler(name, kind)
+    overrides: dict[str, Any]
     if name == "default":
         cls, overrides = type(base), {}
     else:

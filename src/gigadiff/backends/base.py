@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from gigadiff.events import Listener
     from gigadiff.geometry import Tile
     from gigadiff.vae.tiles import TileSink
     from gigadiff.vae.tiling import VaeTiling
@@ -34,15 +35,17 @@ class Codec(Protocol):
     streams: bool
     """Whether `stream_decode` writes tiles as they are decoded (images far larger than memory)."""
 
-    def decode(self, latents: torch.Tensor, tiling: VaeTiling, listener: Any = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiling: VaeTiling, listener: Listener | None = None) -> torch.Tensor:
         """Canvas [B, C, H, W] -> images [B, channels, H*f, W*f] (RGB in [-1, 1], or heights). `listener`
         hears the pass as a phase (on_phase / on_advance)."""
         ...
 
-    def stream_decode(self, latents: torch.Tensor, sink: TileSink, tiling: VaeTiling, listener: Any = None) -> None: ...
+    def stream_decode(
+        self, latents: torch.Tensor, sink: TileSink, tiling: VaeTiling, listener: Listener | None = None
+    ) -> None: ...
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None, tiling: VaeTiling,
-               listener: Any = None) -> torch.Tensor:  # fmt: skip
+               listener: Listener | None = None) -> torch.Tensor:  # fmt: skip
         """Images [B, 3, H, W] in [-1, 1] -> canvas latents (a posterior sample drawn with `generator`, as
         diffusers' img2img pipelines do, or the posterior mean without one)."""
         ...
@@ -59,9 +62,14 @@ class Codec(Protocol):
 
 
 class Backend(Protocol):
-    info: ModelInfo
-    device: torch.device
-    codec: Codec
+    """A loaded model as the layers above see it (read-only facts: a run never changes its backend)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def codec(self) -> Codec: ...
 
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
         """A fresh scheduler called `name` ("default" or a gigadiff scheduler name) configured for this model,

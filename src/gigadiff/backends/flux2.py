@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
 from gigadiff.backends.codec import VaeCodec
@@ -102,7 +102,9 @@ class Flux2Backend(TransformerBackend):
 
     def branch_inputs(self, cond: Flux2Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's text embeddings and text ids, per tile."""
-        embeds, text_ids = (cond.embeds, cond.text_ids) if branch else cond.negative  # type: ignore[misc]
+        text = (cond.embeds, cond.text_ids) if branch else cond.negative
+        assert text is not None
+        embeds, text_ids = text
         return embeds.expand(len(tiles), -1, -1), text_ids.expand(len(tiles), -1, -1)
 
     def batches(self, cond: Flux2Conditioning) -> bool:
@@ -137,7 +139,10 @@ class Flux2Backend(TransformerBackend):
 class Flux2(Family):
     name = "flux2"
     pipelines = ("Flux2Pipeline",)
-    single_file_markers = ("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img.")
+    single_file_markers: ClassVar[tuple[str, ...]] = (
+        "double_stream_modulation_img.",
+        "model.diffusion_model.double_stream_modulation_img.",
+    )
     presets = (Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0),)
     scheduler_kind = "flow"
     guidance_kind = "embedded"

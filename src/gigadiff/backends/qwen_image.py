@@ -116,12 +116,12 @@ class QwenImageBackend(TransformerBackend):
         embeds, mask = inputs
         timestep = torch.as_tensor(t, device=self.device, dtype=torch.float32).expand(n)
         context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if cond.canvas_tokens is not None:
+        canvas = cond.canvas_tokens
+        if canvas is not None:
             embed, corner = self.transformer.pos_embed, (tiles[0].y // 2, tiles[0].x // 2)
 
             def positions(video_fhw: Any, device: Any = None, max_txt_seq_len: Any = None) -> Any:
-                return centred_rope(embed, cond.canvas_tokens, corner, (h // 2, w // 2), int(max_txt_seq_len),
-                                    device)  # fmt: skip
+                return centred_rope(embed, canvas, corner, (h // 2, w // 2), int(max_txt_seq_len), device)
 
             context = instance_override(embed, "forward", positions)
         with context:

@@ -92,7 +92,9 @@ class SD3Backend(TransformerBackend):
 
     def branch_inputs(self, cond: SD3Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's joint text embeddings and pooled CLIP embedding, per tile."""
-        embeds, pooled = (cond.embeds, cond.pooled) if branch else cond.negative  # type: ignore[misc]
+        text = (cond.embeds, cond.pooled) if branch else cond.negative
+        assert text is not None
+        embeds, pooled = text
         return embeds.expand(len(tiles), -1, -1), pooled.expand(len(tiles), -1)
 
     def one_call_per_tile(self, cond: SD3Conditioning) -> bool:

@@ -76,10 +76,11 @@ def object_source(pipe: Any, name: str = "") -> ModelSource:
     configs = {}
     for component in getattr(pipe, "components", {}) or {}:
         config = getattr(getattr(pipe, component, None), "config", None)
-        if hasattr(config, "to_dict"):  # a transformers config
-            configs[component] = config.to_dict()
-        elif config is not None:
-            configs[component] = dict(config)
+        if config is None:
+            continue
+        configs[component] = (
+            config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        )  # transformers or diffusers
     label = str(name or getattr(pipe, "name_or_path", "") or type(pipe).__name__)
     return ModelSource(label, "object", label, index={"_class_name": type(pipe).__name__}, configs=configs)
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
+    from gigadiff.events import Listener
     from gigadiff.geometry import Tile
     from gigadiff.vae.tiles import TileSink
     from gigadiff.vae.tiling import VaeTiling
@@ -131,15 +132,17 @@ class HeightCodec:
     can_encode = False
     streams = False
 
-    def decode(self, latents: torch_types.Tensor, tiling: VaeTiling, listener: Any = None) -> torch_types.Tensor:
+    def decode(
+        self, latents: torch_types.Tensor, tiling: VaeTiling, listener: Listener | None = None
+    ) -> torch_types.Tensor:
         return model_to_heights(latents)
 
     def stream_decode(self, latents: torch_types.Tensor, sink: TileSink, tiling: VaeTiling,
-                      listener: Any = None) -> None:  # fmt: skip
+                      listener: Listener | None = None) -> None:  # fmt: skip
         sink(0, 0, self.decode(latents, tiling))
 
     def encode(self, images: torch_types.Tensor, generator: Any, tiling: VaeTiling,
-               listener: Any = None) -> torch_types.Tensor:  # fmt: skip
+               listener: Listener | None = None) -> torch_types.Tensor:  # fmt: skip
         raise GigadiffError("model 'terrain' cannot encode images")
 
     def check(self, batch: int, height_px: int, width_px: int, tiling: VaeTiling) -> str:

@@ -49,7 +49,7 @@ def _umask() -> int:
     return mask
 
 
-def publish(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+def publish(path: Path, write: Callable[[Path], object], overwrite: bool) -> None:
     """Call `write(tmp)` on a temporary file next to `path`, then move it to `path`."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
     os.close(fd)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 import numpy as np
 
 from gigadiff import interrupts
+from gigadiff.events import Listener, NullListener
 from gigadiff.io.metadata import parameters_text
 from gigadiff.lazy import torch
 
@@ -178,20 +179,22 @@ def write_streamed(
     height: int,
     meta: dict[str, Any],
     overwrite: bool = False,
-    listener: Any = None,
+    listener: Listener | None = None,
 ) -> None:
     """Write an image produced tile by tile by `decode(sink)` to `path` (PNG or BigTIFF), plus its sidecar.
     `listener` hears the BigTIFF's pyramid, written after the last tile, as a phase of its levels."""
     from gigadiff.io.files import publish
     from gigadiff.io.writers import write_sidecar
 
+    events = listener or NullListener()
+
     def write(tmp: Path) -> None:
         writer = row_writer(tmp, width, height, meta)
         assembler = StripAssembler(width, height, writer)
         decode(assembler)
-        if listener is not None and isinstance(writer, TiffPyramidWriter):
-            listener.on_phase("writing BigTIFF pyramid", writer.levels() + 1)
-            writer.on_level = lambda: listener.on_advance(1)
+        if isinstance(writer, TiffPyramidWriter):
+            events.on_phase("writing BigTIFF pyramid", writer.levels() + 1)
+            writer.on_level = lambda: events.on_advance(1)
         assembler.close()
 
     publish(path, write, overwrite)

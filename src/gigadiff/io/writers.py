@@ -37,7 +37,10 @@ def write_png(image: Image.Image, path: Path, meta: dict[str, Any], overwrite: b
 
 def png_metadata(image: Image.Image) -> dict[str, Any]:
     """The metadata written by `png_info`, from an open PNG."""
-    return json.loads(image.text["gigadiff"])  # type: ignore[attr-defined]
+    text = getattr(image, "text", None)  # a PNG's text chunks (PIL's PngImageFile)
+    if not isinstance(text, dict) or "gigadiff" not in text:
+        raise ValueError("the image carries no gigadiff metadata")
+    return json.loads(text["gigadiff"])
 
 
 def read_png_metadata(path: Path) -> dict[str, Any]:

@@ -73,7 +73,8 @@ def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
     from gigadiff.io.images import image_size
 
     width, height = image_size(path)
-    return tuple(max(multiple, round(v * scale / multiple) * multiple) for v in (width, height))  # type: ignore[return-value]
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))  # fmt: skip
 
 
 def _regions(request: RunRequest, allow_files: bool) -> RegionSet | None:
@@ -161,7 +162,7 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
         raise GigadiffError(f"{{vae_spill}}: model {info.name!r}'s VAE keeps no whole-image buffers to spill (its "
                             f"tiled VAE engine is {info.vae_engine!r}); remove {{vae_spill}}", "vae_spill")  # fmt: skip
     resolved, settings = settings_for(request, info, regions, _init_size(request, info))
-    vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,  # type: ignore[arg-type]
+    vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,
                     spill_dir=Path(request.vae_spill) if request.vae_spill else None)  # fmt: skip
     outputs = _outputs(request, command, info)
     require_present(source)  # a missing model, after the request's own errors

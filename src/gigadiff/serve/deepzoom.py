@@ -14,6 +14,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,12 +88,12 @@ def open_pyramid(path: Path) -> Pyramid:
     return Pyramid(path, tuple((s[1], s[0]) for s in shapes))
 
 
-def _page_tile(tif: object, page_index: int, col: int, row: int) -> np.ndarray:
-    """One stored tile of a pyramid page, cropped to the page."""
-    page = tif.series[0].levels[page_index].keyframe  # type: ignore[attr-defined]
+def _page_tile(tif: Any, page_index: int, col: int, row: int) -> np.ndarray:
+    """One stored tile of a pyramid page (of an open tifffile.TiffFile), cropped to the page."""
+    page = tif.series[0].levels[page_index].keyframe
     across = -(-page.imagewidth // page.tilewidth)
     index = row * across + col
-    handle = tif.filehandle  # type: ignore[attr-defined]
+    handle = tif.filehandle
     handle.seek(page.dataoffsets[index])
     data = handle.read(page.databytecounts[index])
     segment = page.decode(data, index)[0][0]

@@ -110,7 +110,7 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def list(self, limit: int = 200) -> list[Job]:
+    def recent(self, limit: int = 200) -> list[Job]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]

@@ -227,7 +227,8 @@ class LayerEngine:
 
             def emit(y0: int, x0: int, y: torch.Tensor, out=out, acc=acc, shape=shape, streaming=streaming) -> None:
                 if streaming:
-                    sink(y0, x0, y)  # type: ignore[misc]
+                    assert sink is not None
+                    sink(y0, x0, y)
                     return
                 if track:
                     acc.add(y)
@@ -317,7 +318,8 @@ class LayerEngine:
         A SiLU after the norm works in place on the norm's fresh output: one large temporary fewer (on the
         CPU a fresh buffer of this size costs more in page faults than the activation itself)."""
         if stats is not None:
-            x = stats.apply(x, step.norm)  # type: ignore[arg-type]
+            assert step.norm is not None, "statistics come only for a step with a norm (LayerEngine._stats)"
+            x = stats.apply(x, step.norm)
             if isinstance(step.act, nn.SiLU):
                 return F.silu(x, inplace=True)
         return step.act(x) if step.act is not None else x

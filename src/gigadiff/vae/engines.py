@@ -31,6 +31,6 @@ EngineFactory = Callable[[Any, VaeTiling, Listener | None, Any], Engine]
 
 ENGINES: dict[str, EngineFactory] = {
     "groupnorm": lambda vae, tiling, listener, networks: TiledVAE(vae, tiling, listener),
-    "halo": lambda vae, tiling, listener, networks: HaloTiledVAE(vae, *networks, tiling=tiling, listener=listener),
+    "halo": lambda vae, tiling, listener, networks: HaloTiledVAE(vae, networks[0], networks[1], tiling, listener),
 }
 """Every engine, by the name families declare (gigadiff.facts.VaeEngine)."""

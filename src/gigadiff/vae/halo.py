@@ -162,8 +162,7 @@ class HaloTiledVAE:
                 f"least {round_up(gb)}",
                 "vae_memory",
             )
-        mode = "exact" if self.max_keys is None else "fast"
-        return Plan(ENGINE, mode, budget_bytes, fitting[-1], need(fitting[-1]))
+        return Plan(ENGINE, "exact" if self.max_keys is None else "fast", budget_bytes, fitting[-1], need(fitting[-1]))
 
     def _run(self, network: Network, x: torch.Tensor, sink: TileSink, what: str) -> None:
         plan = self.plan(x.shape[0], x.shape[-2], x.shape[-1], encoding=network is self.encoder)
@@ -184,9 +183,9 @@ class HaloTiledVAE:
     def decode(self, latents: torch.Tensor, sink: TileSink | None = None) -> torch.Tensor | None:
         """Diffusion-space latents [B, C, h, w] -> image [B, 3, h*f, w*f] in [-1, 1]; streamed to `sink` if given."""
         z = unscale_latents(self.vae, latents.float().cpu())
-        collect = Collector() if sink is None else None
-        self._run(self.decoder, z, clamped(sink or collect), "decoding")  # type: ignore[arg-type]
-        return collect.image if collect is not None else None
+        collect = Collector()
+        self._run(self.decoder, z, clamped(collect if sink is None else sink), "decoding")
+        return collect.image if sink is None else None
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor, sample: bool = False,

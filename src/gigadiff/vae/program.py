@@ -20,6 +20,9 @@ from torch import nn
 
 from gigadiff.errors import GigadiffError
 
+SUPPORTED_DIFFUSERS = ">=0.42"
+"""The diffusers versions whose VAE layout the tiled VAE is tested with (pyproject.toml pins the same floor)."""
+
 
 @dataclass(frozen=True)
 class ConvStep:
@@ -95,10 +98,29 @@ class Program:
         """Index of the last step reading each buffer, so an engine can free buffers as soon as possible."""
         last: dict[str, int] = {}
         for i, step in enumerate(self.steps):
-            for name in (step.src, getattr(step, "residual", None)):
+            for name in (step.src, step.residual if isinstance(step, ConvStep) else None):
                 if name is not None:
                     last[name] = i
         return last
+
+
+PLAIN_BLOCKS = ("UpDecoderBlock2D", "DownEncoderBlock2D")
+"""The up/down blocks of AutoencoderKL decoders and encoders: resnets and a resampler, no attention."""
+
+
+def layer(module: Any, name: str) -> Any:
+    """`module.name`: an attribute diffusers' class defines in every version gigadiff supports (None where that
+    layer is switched off). The tiled VAE reads diffusers' VAE layout layer by layer, so an attribute a newer
+    diffusers renamed is a clear error naming the version, never a silent default."""
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        import diffusers
+
+        raise GigadiffError(
+            f"tiled VAE: {type(module).__name__} of diffusers {diffusers.__version__} has no attribute {name!r}; "
+            f"gigadiff's tiled VAE follows diffusers' VAE layout and supports diffusers {SUPPORTED_DIFFUSERS}"
+        ) from None
 
 
 class _Builder:
@@ -134,8 +156,9 @@ class _Builder:
 
     def resnets_of(self, block: Any) -> None:
         """The resnets of an up/down block (attention inside those blocks is not an AutoencoderKL feature)."""
-        if getattr(block, "attentions", None):
-            raise GigadiffError(f"tiled VAE: blocks with attention ({type(block).__name__}) are not supported")
+        if type(block).__name__ not in PLAIN_BLOCKS:
+            raise GigadiffError(f"tiled VAE: blocks of type {type(block).__name__} are not supported (it runs "
+                                f"{', '.join(PLAIN_BLOCKS)})")  # fmt: skip
         for resnet in block.resnets:
             self.resnet(resnet)
 
@@ -151,7 +174,7 @@ def decoder_program(vae: Any) -> Program:
     """post_quant_conv -> conv_in -> mid (resnet, attention, resnet) -> up blocks -> norm, act, conv_out."""
     dec = _decoder_of(vae)
     b = _Builder()
-    if getattr(vae, "post_quant_conv", None) is not None:
+    if layer(vae, "post_quant_conv") is not None:
         b.conv(vae.post_quant_conv)
     b.conv(dec.conv_in)
     b.mid(dec.mid_block)
@@ -168,8 +191,8 @@ def decoder_program(vae: Any) -> Program:
 
 def encoder_program(vae: Any) -> Program:
     """conv_in -> down blocks -> mid -> norm, act, conv_out -> quant_conv; the output holds mean and logvar."""
-    enc = getattr(vae, "encoder", None)
-    if enc is None or not hasattr(enc, "down_blocks"):
+    enc = layer(vae, "encoder")
+    if type(enc).__name__ != "Encoder":
         raise GigadiffError(f"tiled VAE: {type(vae).__name__} has no AutoencoderKL-style encoder")
     b = _Builder()
     b.conv(enc.conv_in)
@@ -181,14 +204,14 @@ def encoder_program(vae: Any) -> Program:
             scale *= 2
     b.mid(enc.mid_block)
     b.conv(enc.conv_out, norm=enc.conv_norm_out, act=enc.conv_act)
-    if getattr(vae, "quant_conv", None) is not None:
+    if layer(vae, "quant_conv") is not None:
         b.conv(vae.quant_conv)
     return Program(tuple(b.steps), "x0", b.current, scale, downsamples=True)
 
 
 def _decoder_of(vae: Any) -> Any:
-    dec = getattr(vae, "decoder", None)
-    if dec is None or not hasattr(dec, "up_blocks") or not hasattr(dec, "mid_block"):
+    dec = layer(vae, "decoder")
+    if type(dec).__name__ != "Decoder":
         raise GigadiffError(
             f"tiled VAE: {type(vae).__name__} is not an AutoencoderKL-family VAE (needs decoder.mid_block/up_blocks)"
         )
@@ -207,29 +230,29 @@ def _same_padding(conv: nn.Conv2d) -> int:
 
 def _downsampler_pad(sampler: Any) -> tuple[int, int, int, int]:
     p = _same_padding(sampler.conv)
-    if getattr(sampler, "padding", p) == 0 and getattr(sampler, "use_conv", True):
+    if layer(sampler, "padding") == 0 and layer(sampler, "use_conv"):
         return (0, 1, 0, 1)  # diffusers pads right/bottom by one before a stride-2, padding-0 convolution
     return (p, p, p, p)
 
 
 def _check_resnet(block: Any) -> None:
-    if getattr(block, "upsample", None) is not None or getattr(block, "downsample", None) is not None:
+    if layer(block, "up") or layer(block, "down"):
         raise GigadiffError("tiled VAE: resampling resnet blocks are not supported")
-    if getattr(block, "time_emb_proj", None) is not None:
+    if layer(block, "time_emb_proj") is not None:
         raise GigadiffError("tiled VAE: time-conditioned resnet blocks are not supported")
     if not isinstance(block.norm1, nn.GroupNorm) or not isinstance(block.norm2, nn.GroupNorm):
         raise GigadiffError(f"tiled VAE: resnet norms must be GroupNorm, got {type(block.norm1).__name__}")
 
 
 def _check_attention(attn: Any) -> None:
-    if getattr(attn, "spatial_norm", None) is not None or getattr(attn, "norm_q", None) is not None:
+    if layer(attn, "spatial_norm") is not None or layer(attn, "norm_q") is not None:
         raise GigadiffError("tiled VAE: attention with spatial or q/k norms is not supported")
-    if not isinstance(getattr(attn, "group_norm", None), nn.GroupNorm):
+    if not isinstance(layer(attn, "group_norm"), nn.GroupNorm):
         raise GigadiffError("tiled VAE: VAE attention is expected to start with a GroupNorm")
 
 
 def _check_upsampler(sampler: Any) -> None:
-    if getattr(sampler, "use_conv_transpose", False) or getattr(sampler, "norm", None) is not None:
+    if layer(sampler, "use_conv_transpose") or layer(sampler, "norm") is not None:
         raise GigadiffError("tiled VAE: only nearest-neighbour x2 upsamplers followed by a convolution are supported")
-    if not getattr(sampler, "interpolate", True) or not getattr(sampler, "use_conv", False):
+    if not layer(sampler, "interpolate") or not layer(sampler, "use_conv"):
         raise GigadiffError("tiled VAE: upsamplers without interpolation or convolution are not supported")

@@ -132,9 +132,9 @@ class TiledVAE:
         exists whole in memory.
         """
         z = unscale_latents(self.vae, latents.float().cpu())
-        collect = Collector() if sink is None else None
-        self._run(decoder_program(self.vae), z, clamped(sink or collect), "decoding")  # type: ignore[arg-type]
-        return collect.image if collect is not None else None
+        collect = Collector()
+        self._run(decoder_program(self.vae), z, clamped(collect if sink is None else sink), "decoding")
+        return collect.image if sink is None else None
 
     @torch.no_grad()
     def encode(
@@ -204,13 +204,15 @@ class TiledVAE:
         for y0, y1 in itertools.pairwise(rows):
             for x0, x1 in itertools.pairwise(cols):
                 interrupts.check()
-                box = [round(v * scale) for v in (y0, y1, x0, x1)]
-                crops = {n: crop_with_halo(t, *box, halo, self.tiling.wrap) for n, t in prefix.buffers.items()}
+                by0, by1, bx0, bx1 = (round(v * scale) for v in (y0, y1, x0, x1))
+                crops = {n: crop_with_halo(t, by0, by1, bx0, bx1, halo, self.tiling.wrap)
+                         for n, t in prefix.buffers.items()}  # fmt: skip
                 top, left = next(iter(crops.values()))[1]
                 state = engine.begin({n: crop.to(device) for n, (crop, _) in crops.items()})
                 engine.advance(state, prefix.stop, len(program.steps))
                 y = state.buffers[program.output]
-                span = tile_span(*(round(v * f_out) for v in (y0, y1, x0, x1, h, w)), margin)
+                oy0, oy1, ox0, ox1, oh, ow = (round(v * f_out) for v in (y0, y1, x0, x1, h, w))
+                span = tile_span(oy0, oy1, ox0, ox1, oh, ow, margin)
                 (r0, r1), (c0, c1) = span.rows, span.cols
                 oy, ox = round(top / scale * f_out) - span.top, round(left / scale * f_out) - span.left
                 blender.add(span, y[:, :, oy : oy + r1 - r0, ox : ox + c1 - c0])

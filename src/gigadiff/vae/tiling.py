@@ -22,7 +22,8 @@ SPILLING_ENGINES = ("groupnorm",)
 class VaeTiling:
     """How to tile the VAE. memory_gb None means a default for the device (see budget.default_memory_gb)."""
 
-    mode: Mode = "auto"
+    mode: str = "auto"
+    """One of MODES (checked here: the request carries it as a string)."""
     memory_gb: float | None = None
     wrap: tuple[bool, bool] = (False, False)
     """(top/bottom, left/right) edges continue each other."""

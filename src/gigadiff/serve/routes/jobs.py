@@ -47,7 +47,7 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
 
     @router.get("/api/jobs", summary="Jobs, newest first, and how many are in each status")
     def jobs(limit: int = 200) -> dict[str, Any]:
-        listed = store.list(max(1, min(limit, 1000)))
+        listed = store.recent(max(1, min(limit, 1000)))
         return {"jobs": [public(config, j) for j in listed], "counts": store.counts()}
 
     @router.get("/api/jobs/{job_id}", summary="A job's status, progress, error and outputs")
