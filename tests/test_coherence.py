@@ -156,3 +156,21 @@ def test_an_init_image_starts_every_stage(sd_backend, tmp_path):
     # each stage runs the last 2 of its 4 steps: stage 0 (2 tiles, 1 call), stage 1 (6 local + 4 views, 2 calls)
     assert result.run.model_calls == 2 * 1 + 2 * 2 and result.run.steps.first == 2
     assert torch.isfinite(result.latents).all()
+
+
+def test_the_skip_residual_pulls_once_per_step_also_with_a_second_order_scheduler(sd_backend, monkeypatch):
+    """Heun evaluates the model twice per step (3 evaluations for 2 steps) and makes the step's update from the
+    state at its start: the skip residual is applied there, twice, never to the corrector's model input."""
+    from gigadiff.recipes import coherence
+
+    calls = []
+    pull = coherence.SkipResidual.__call__
+
+    def counted(self, step, latents):
+        calls.append((step, bool(self.scheduler.state_in_first_order)))
+        return pull(self, step, latents)
+
+    monkeypatch.setattr(coherence.SkipResidual, "__call__", counted)
+    result = run(sd_backend, scheduler="heun", steps=2)
+    assert result.settings.coherence == "progressive" and torch.isfinite(result.latents).all()
+    assert [step for step, _ in calls] == [0, 2] and all(first for _, first in calls)

@@ -50,24 +50,42 @@ def test_qwen_image_matches_its_pipeline_on_one_tile(tiny_qwen_image_dir, schedu
 
 
 def test_qwen_image_global_positions_are_the_canvas_centred_ones(tiny_qwen_image_dir):
-    """A tile's rotary frequencies are the crop, at its place, of those the model builds for the whole canvas;
-    the text's follow the canvas's largest index. Tiles then run one per call."""
-    from gigadiff.backends.qwen_image import centred_rope
+    """On a non-square canvas (512x256: 16 token rows, 32 columns) every tile's rotary frequencies are the crop, at
+    its place, of those the model builds for the whole canvas, and the text's are the whole canvas's (after its
+    largest index); tiles run one per call."""
+    from gigadiff.grids import grid_plan
 
     backend = open_backend(str(tiny_qwen_image_dir), device="cpu")
     embed = backend.transformer.pos_embed
-    canvas = embed._compute_video_freqs(1, 24, 40).reshape(24, 40, -1)
-    image, text = centred_rope(embed, (24, 40), (8, 16), (12, 16), 5, "cpu")
-    assert torch.equal(image.reshape(12, 16, -1), canvas[8:20, 16:32])
-    assert torch.equal(text, embed.pos_freqs[20:25])
-    calls = []
-    hook = backend.transformer.register_forward_hook(lambda module, args, out: calls.append(1))
+    seen = []
+    hook = embed.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
         result = generate_result(PROMPT, model=backend, size="512x256", steps=2, seed=1, tile=256, overlap=64,
-                                 positions="global", guidance=1.0, coherence="none")  # fmt: skip
+                                 shift=False, positions="global", guidance=1.0, coherence="none")  # fmt: skip
     finally:
         hook.remove()
-    assert result.run.tiles_per_step == 3 and len(calls) == 6 and torch.isfinite(result.latents).all()
+    tiles = grid_plan(result.settings, backend.info).grid(0).tiles
+    assert len(tiles) == 3 and len(seen) == 2 * 3  # one call per tile and step
+    whole = embed._compute_video_freqs(1, 16, 32).reshape(16, 32, -1)
+    for (image, text), tile in zip(seen, [*tiles, *tiles], strict=True):
+        top, left = tile.y // 2, tile.x // 2
+        assert torch.allclose(image.reshape(16, 16, -1), whole[top : top + 16, left : left + 16])
+        assert torch.equal(text, embed([(1, 16, 32)], max_txt_seq_len=text.shape[0])[1])
+
+
+def test_qwen_image_global_positions_of_a_panorama_stay_clear_of_the_text(tiny_qwen_image_dir):
+    """4096x1024 (64 rows, 256 columns of tokens): the right-hand tile's columns run up to 127, below the text's
+    first position (128, after the canvas's largest centred index)."""
+    from gigadiff.backends.qwen_image import centred_rope
+
+    backend = open_backend(str(tiny_qwen_image_dir), device="cpu")
+    cond = backend.condition(PROMPT, "", 1.0, (1024, 4096), {"positions": "global"})
+    assert cond.canvas_tokens == (64, 256)
+    embed = backend.transformer.pos_embed
+    image, text = centred_rope(embed, cond.canvas_tokens, (48, 240), (16, 16), 4, "cpu")
+    whole = embed._compute_video_freqs(1, 64, 256).reshape(64, 256, -1)
+    assert torch.allclose(image.reshape(16, 16, -1), whole[48:64, 240:256])
+    assert torch.equal(text, embed([(1, 64, 256)], max_txt_seq_len=4)[1])
 
 
 def test_sd3_global_positions_crop_the_table_at_each_tile(tiny_sd3_dir):
@@ -122,3 +140,77 @@ def test_a_progressive_run_keeps_its_stages_on_whole_tokens(family_dir):
     staged = generate_result(PROMPT, model=backend, size="1024x512", steps=2, seed=2, tile=256, overlap=64,
                              coherence="progressive")  # fmt: skip
     assert staged.latents.shape == (1, channels, 64, 128) and torch.isfinite(staged.latents).all()
+
+
+def test_a_progressive_runs_dilated_views_are_positioned_as_whole_pictures(tiny_sd3_dir):
+    """768x512 on SD3 (native 256 px) with --positions global: in the second stage (stride 2) each dilated view is
+    the whole picture at 384x256, so its patch embedding adds the centred crop a whole image of that size gets
+    (table rows 16..32, columns 12..36), not the crop of a block of the canvas; the local tiles get their places."""
+    backend = open_backend(str(tiny_sd3_dir), device="cpu")
+    embedding = backend.transformer.pos_embed
+    table = embedding.pos_embed.reshape(48, 48, -1)
+    crops = []
+
+    def record(module, args, out):
+        height, width = args[0].shape[-2:]
+        crops.append(module.cropped_pos_embed(height, width).reshape(height // 2, width // 2, -1))
+
+    hook = embedding.register_forward_hook(record)
+    try:
+        result = generate_result(PROMPT, model=backend, size="768x512", steps=2, seed=1, positions="global",
+                                 coherence="progressive", guidance=0.0, shift=False)  # fmt: skip
+    finally:
+        hook.remove()
+    assert result.settings.coherence == "progressive"
+    views = [c for c in crops if c.shape[:2] == (16, 24)]
+    assert len(views) >= 2  # the views of both steps (batched: a whole picture needs no call of its own)
+    for crop in views:
+        assert torch.equal(crop, table[16:32, 12:36])
+    tiles = [c for c in crops[-4:] if c.shape[:2] == (16, 16)]  # the last step's local tiles: canvas places
+    assert tiles and not any(torch.equal(c, table[16:32, 16:32]) for c in tiles[1:])
+
+
+def test_each_progressive_stage_takes_its_timestep_shift_from_its_own_tiles(tiny_flux_dir):
+    """FLUX.1 (mu from tokens) with 256-px tiles on 768x384, native size taken as 256: the first stage is 384x192,
+    whose tiles are clamped to 192 rows (12 x 16 tokens), the second's full tiles (16 x 16 tokens)."""
+    from gigadiff.shift import linear_mu
+
+    backend = open_backend(str(tiny_flux_dir), device="cpu")
+    backend.info = replace(backend.info, native_size=256)
+    mus = []
+    scheduler = backend.scheduler
+
+    def recording(name, steps, sigmas, mu):
+        mus.append(mu)
+        return scheduler(name, steps, sigmas, mu)
+
+    backend.scheduler = recording
+    try:
+        result = generate_result(PROMPT, model=backend, size="768x384", steps=2, seed=1, tile=256, overlap=64,
+                                 coherence="progressive", guidance=3.5)  # fmt: skip
+    finally:
+        del backend.scheduler
+    rule = backend.info.shift_rule
+    assert mus == [pytest.approx(linear_mu(rule, 12 * 16)), pytest.approx(linear_mu(rule, 16 * 16))]
+    assert result.settings.mu == pytest.approx(linear_mu(rule, 256))
+
+
+def test_qwen_image_prompts_are_cut_and_guided_as_its_pipeline_does(tiny_qwen_image_dir):
+    """A prompt of about 700 tokens is cut at 512 as QwenImagePipeline cuts it (its encode_prompt alone would keep
+    1024); without a negative prompt true CFG is off (one pass), as the pipeline does, and the run says so."""
+    from tests.helpers.families import CASES, pipeline_latents
+
+    pipe = load(tiny_qwen_image_dir)
+    long = "a red lighthouse on a cliff, " * 25
+    got = generate_result(long, model=pipe, size="256x256", steps=2, seed=3, guidance=1.0)
+    case = replace(CASES["qwen-image"], theirs={"true_cfg_scale": 1.0})
+    base = pipe.scheduler
+    theirs = pipeline_latents(pipe, case, "default", got.settings.mu, steps=2, prompt=long)
+    pipe.scheduler = base
+    assert (got.latents - unpack(theirs, 32, 32)).abs().max() <= 1e-4
+    with pytest.warns(UserWarning, match="only with a negative prompt"):
+        unguided = generate_result(PROMPT, model=pipe, size="256x256", steps=2, seed=3, guidance=4.0)
+    assert unguided.run.model_calls == 2  # one pass per step
+    assert unguided.metadata["notes"] and "give negative to use it" in unguided.metadata["notes"][0]
+    plain = generate_result(PROMPT, model=pipe, size="256x256", steps=2, seed=3, guidance=1.0)
+    assert torch.equal(unguided.latents, plain.latents)

@@ -243,3 +243,30 @@ def test_a_familys_refusals_come_before_any_weights(name, tmp_path_factory, tmp_
                                           "-o", str(tmp_path / "o.png"), "-q", *args])  # fmt: skip
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+
+
+IMG2IMG = [name for name, case in CASES.items() if case.img2img]
+
+
+@pytest.mark.parametrize("name", IMG2IMG)
+def test_img2img_on_one_tile_equals_its_img2img_pipeline(name, tmp_path_factory, tmp_path):
+    """The init image encoded (a posterior sample where the pipeline draws one, from the same generator, before
+    the noise), noised to the step the pipeline's own strength rule starts at (4 steps at 0.6: the DDPM pipelines
+    run 2, the flow ones 3), then the remaining steps."""
+    import diffusers
+    from PIL import Image
+
+    case = CASES[name]
+    photo = tmp_path / "p.png"
+    Image.effect_noise((SIZE, SIZE), 60).convert("RGB").save(photo)
+    pipe = pipeline(name, tmp_path_factory)
+    got = generate_result(PROMPT, model=pipe, init=str(photo), strength=0.6, steps=4, seed=3, **case.ours)
+    flow = got.info.scheduler_kind == "flow"
+    assert got.run.steps.first == (1 if flow else 2)
+    img2img = getattr(diffusers, case.img2img).from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    with Image.open(photo) as image:
+        theirs = pipeline_latents(img2img, case, "default", got.settings.mu, steps=4, image=image.convert("RGB"),
+                                  strength=0.6)  # fmt: skip
+    theirs = case.to_canvas(theirs, got)
+    assert (got.latents - theirs).abs().max() <= 1e-3 * _scale(theirs)

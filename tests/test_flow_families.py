@@ -34,6 +34,10 @@ def test_flux_true_cfg_and_schnell_match_flux_pipeline(flux_pipe, tiny_flux_schn
     got = ours(flux_pipe, "default", guidance=3.5, true_cfg=2.5, negative="fog")
     ref = reference(flux_pipe, "default", None, guidance_scale=3.5, true_cfg_scale=2.5, negative_prompt="fog")
     assert (got.latents - unpack(ref, 32, 32)).abs().max() <= 1e-4
+    with pytest.warns(UserWarning, match="true_cfg 2.5"):  # no negative prompt: the pipeline turns true CFG off
+        alone = ours(flux_pipe, "default", guidance=3.5, true_cfg=2.5)
+    ref = reference(flux_pipe, "default", None, guidance_scale=3.5, true_cfg_scale=2.5)
+    assert (alone.latents - unpack(ref, 32, 32)).abs().max() <= 1e-4 and alone.run.model_calls == 3
     schnell = load(tiny_flux_schnell_dir)
     got = generate_result(PROMPT, model=schnell, size="256x256", seed=3)  # schnell's defaults: 4 steps, no guidance
     assert (got.settings.steps, got.settings.guidance, got.settings.mu) == (4, None, None)

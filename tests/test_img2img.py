@@ -104,3 +104,30 @@ def test_upscale_refuses_a_scale_that_is_not_positive(tiny_sd_dir, photo_file, t
                     str(tmp_path / "x.png"))  # fmt: skip
     assert result.exit_code == 2 and "scale must be positive, got 0" in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_flow_models_upscale_starts_where_its_img2img_pipeline_starts(tiny_flux_dir, tmp_path):
+    """`gigadiff upscale` on FLUX.1: the image enlarged (Lanczos), encoded, noised to the step FluxImg2ImgPipeline's
+    strength rule starts at (4 steps at 0.6: 3 run, where the DDPM rule would run 2), equal to the pipeline."""
+    from diffusers import FluxImg2ImgPipeline
+
+    from gigadiff.backends.flow import unpack
+    from gigadiff.io.writers import read_latent
+    from tests.conftest import load
+    from tests.test_cli import invoke
+
+    small = tmp_path / "small.png"
+    Image.effect_noise((128, 128), 60).convert("RGB").save(small)
+    latent = tmp_path / "up.safetensors"
+    result = invoke("upscale", str(small), "--model", str(tiny_flux_dir), "--scale", "2", "--strength", "0.6",
+                    "--steps", "4", "--seed", "3", "--guidance", "3.5", "--save-latent", str(latent), "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ours, meta = read_latent(latent)
+    assert meta["timesteps"]["first"] == 1
+    pipe = FluxImg2ImgPipeline.from_pipe(load(tiny_flux_dir))
+    pipe.set_progress_bar_config(disable=True)
+    with Image.open(small) as im:
+        image = im.convert("RGB").resize((256, 256), Image.Resampling.LANCZOS)
+    theirs = pipe("", image=image, strength=0.6, num_inference_steps=4, guidance_scale=3.5, height=256, width=256,
+                  generator=torch.Generator().manual_seed(3), output_type="latent").images  # fmt: skip
+    assert (ours - unpack(theirs, 32, 32)).abs().max() <= 1e-3 * max(1.0, float(theirs.abs().max()))

@@ -13,6 +13,7 @@ command line writes them.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,8 @@ def _run(request: RunRequest, backend: Backend | None, listener: Listener | None
     described = described_backend(backend) if backend is not None else None
     write = request.output is not None
     run = resolve(request, described=described, writes=write, resuming=resume is not None)
+    for note in run.notes:
+        warnings.warn(note.render(), UserWarning, stacklevel=3)
     return execute(run, backend, listener, resume=resume, write=write).result
 
 

@@ -220,6 +220,9 @@ def _execute(run: Run, ranks: Ranks, resume: Checkpoint | None) -> None:
     from gigadiff.runs.execute import execute
 
     quiet = run.request.quiet or not ranks.is_main
+    if ranks.is_main:
+        for note in run.notes:
+            typer.echo(f"note: {note.render(flag)}", err=True)
     if quiet:
         done = execute(run, ranks=ranks, resume=resume)
     else:

@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 _FIELD = re.compile(r"\{(\w+)\}")
+
+
+def render(template: str, fields: tuple[str, ...], name: Callable[[str], str] = str) -> str:
+    """`template` with every named field written as `name(field)` (the API's plain names by default)."""
+    if not fields:
+        return template
+    return _FIELD.sub(lambda m: name(m[1]) if m[1] in fields else m[0], template)
 
 
 class GigadiffError(ValueError):
@@ -29,6 +37,16 @@ class GigadiffError(ValueError):
 
     def render(self, name: Callable[[str], str] = str) -> str:
         """The message with every named field written as `name(field)` (the API's plain names by default)."""
-        if not self.fields:
-            return self.template
-        return _FIELD.sub(lambda m: name(m[1]) if m[1] in self.fields else m[0], self.template)
+        return render(self.template, self.fields, name)
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something a run tells its user before it starts without refusing it (a pipeline's rule it follows that the
+    request did not expect), naming request fields as errors do."""
+
+    template: str
+    fields: tuple[str, ...] = ()
+
+    def render(self, name: Callable[[str], str] = str) -> str:
+        return render(self.template, self.fields, name)

@@ -81,6 +81,11 @@ class ModelInfo:
     true_cfg: bool = False
     """True classifier-free guidance with a negative prompt is available beside the model's own guidance
     (`--true-cfg S`: FLUX.1, whose guidance is otherwise embedded)."""
+    cfg_above: float = 1.0
+    """Classifier-free guidance runs when its scale is above this (1 in most pipelines, 0 in Z-Image's)."""
+    negative_required: bool = False
+    """Classifier-free guidance runs only when a negative prompt is given (FLUX.1's true CFG, Qwen-Image): their
+    pipelines turn it off without one rather than guide against the empty prompt."""
     scheduler_kind: SchedulerKind = "ddpm"
     shift_rule: ShiftRule = ShiftRule()
     positions: PositionKind = "none"
@@ -108,6 +113,24 @@ class ModelInfo:
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_kind != "none"
+
+    def runs_cfg(self, scale: float | None, negative: str) -> bool:
+        """Whether a classifier-free scale (`--guidance` of a "cfg" model, `--true-cfg` beside embedded guidance)
+        with this negative prompt makes the two passes, by the model's pipeline's rule."""
+        return scale is not None and scale > self.cfg_above and (bool(negative) or not self.negative_required)
+
+    def skipped_steps(self, steps: int, strength: float) -> int:
+        """How many of a schedule's `steps` an img2img run of `strength` skips, by the model's img2img pipeline:
+        the DDPM pipelines (SD, SDXL) keep int(steps x strength) steps; the flow-matching ones (FLUX, SD3,
+        Qwen-Image, Z-Image) start at int(steps - steps x strength), one step earlier when steps x strength is
+        not whole (28 steps at 0.35: they run 10 steps, the DDPM rule 9)."""
+        if self.scheduler_kind == "flow":
+            return int(max(steps - steps * strength, 0))
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def cfg_scale(self, guidance: float | None, true_cfg: float | None) -> float | None:
+        """The classifier-free scale of a run: its guidance for a "cfg" model, else its true CFG scale."""
+        return guidance if self.guidance_kind == "cfg" else true_cfg
 
     @property
     def size_multiple(self) -> int:

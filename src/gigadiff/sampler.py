@@ -87,6 +87,11 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: Any, step: int, grid: TileGrid, listener: Listener) -> torch.Tensor: ...
 
 
+def starts_a_step(scheduler: Any) -> bool:
+    """Whether the scheduler's next evaluation starts a step (not a second-order scheduler's second one)."""
+    return bool(getattr(scheduler, "state_in_first_order", True))
+
+
 def sample(
     denoiser: Denoiser,
     scheduler: Any,
@@ -100,13 +105,16 @@ def sample(
     """Run `scheduler` over `timesteps`, starting at index `first_step` (for resumed runs).
 
     `guide(i, latents)`, when given, may change the latents before step i (progressive coherence's skip
-    residual); the scheduler then steps from what it returns.
+    residual); the scheduler then steps from what it returns. It is applied where a step starts: a second-order
+    scheduler's second evaluation (Heun's corrector) sees the scheduler's own intermediate latents, unchanged,
+    since its update is made from the state at the step's start (a guide there would move the corrector's model
+    input but not the update).
     """
     listener = listener or NullListener()
     for i in range(first_step, len(timesteps)):
         interrupts.check()
         t = timesteps[i]
-        if guide is not None:
+        if guide is not None and starts_a_step(scheduler):
             latents = guide(i, latents)
         grid = denoiser.plan.grid(i)
         listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)), first_step)

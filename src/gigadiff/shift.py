@@ -16,7 +16,7 @@ import math
 import re
 
 from gigadiff.errors import GigadiffError
-from gigadiff.facts import ShiftRule
+from gigadiff.facts import ModelInfo, ShiftRule
 
 FLOW_SHIFT_MODES = ("tile", "canvas")
 _MU = re.compile(r"^\s*mu\s*=\s*(-?[0-9.eE+-]+)\s*$")
@@ -65,6 +65,16 @@ def parse_flow_shift(text: str) -> str | float:
             f"{{flow_shift}} {text!r} must be tile, canvas, a shift > 0 (e.g. 3) or mu=X (e.g. mu=1.15)", "flow_shift"
         )
     return math.log(shift)
+
+
+def tile_mu(info: ModelInfo, flow_shift: str, tile_px: int, height_px: int, width_px: int, steps: int) -> float | None:
+    """The mu of a run (or a progressive stage) whose calls see tiles of `tile_px` (clamped to the canvas) on a
+    canvas of height_px x width_px; None for models that are not flow models."""
+    if info.scheduler_kind != "flow":
+        return None
+    token = info.size_multiple
+    tile_tokens = (min(tile_px, height_px) // token) * (min(tile_px, width_px) // token)
+    return run_mu(info.shift_rule, flow_shift, tile_tokens, (height_px // token) * (width_px // token), steps)
 
 
 def run_mu(rule: ShiftRule, flow_shift: str, tile_tokens: int, canvas_tokens: int, steps: int) -> float | None:

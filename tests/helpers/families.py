@@ -73,6 +73,8 @@ class Case:
     """(generate's arguments, a message) refused before any weights load."""
     facts: dict[str, Any] = field(default_factory=dict)
     """What find_model must read from the saved folder's config files (ModelInfo fields)."""
+    img2img: str = ""
+    """The diffusers img2img pipeline of the family, where there is one (built from the same components)."""
     placed: str = ""
     """Why a tile's prediction depends on where the tile is, when it does (then rolling a wrapped canvas does not
     roll the prediction)."""
@@ -86,16 +88,18 @@ NO_DDIM = (("--scheduler", "ddim"), "--scheduler 'ddim' has no flow-matching for
 CASES: dict[str, Case] = {
     case.family: case
     for case in (
-        Case("sd", tiny.tiny_sd_pipeline, CFG, CFG_THEIRS, single_file_keys=("model.diffusion_model.input_blocks.0",),
+        Case("sd", tiny.tiny_sd_pipeline, CFG, CFG_THEIRS, img2img="StableDiffusionImg2ImgPipeline",
+             single_file_keys=("model.diffusion_model.input_blocks.0",),
              refusals=((("--size", "260x256"), "--size: width 260 is not a multiple of 8"),
                        (("--positions", "global"), "has no position ids")),
              facts={"vae_scale_factor": 8, "latent_multiple": 1, "scheduler_kind": "ddpm", "guidance_kind": "cfg"}),
-        Case("sdxl", tiny.tiny_sdxl_pipeline, CFG, CFG_THEIRS,
+        Case("sdxl", tiny.tiny_sdxl_pipeline, CFG, CFG_THEIRS, img2img="StableDiffusionXLImg2ImgPipeline",
              single_file_keys=("conditioner.embedders.1.model.ln_final.weight",),
              placed="its micro-conditioning tells each tile its crop's place on the canvas",
              refusals=((("--true-cfg", "2"), "its guidance is classifier-free already"),),
              facts={"vae_scale_factor": 8, "latent_multiple": 1, "scheduler_kind": "ddpm", "guidance_kind": "cfg"}),
         Case("flux", tiny.tiny_flux_pipeline, {"guidance": 3.5}, {"guidance_scale": 3.5}, to_canvas=unpacked,
+             img2img="FluxImg2ImgPipeline",
              single_file_keys=("double_blocks.0.img_attn.qkv.weight",), refusals=(NOT_A_TOKEN, NO_DDIM),
              facts={"vae_scale_factor": 8, "latent_multiple": 2, "scheduler_kind": "flow",
                     "guidance_kind": "embedded", "true_cfg": True}),
@@ -110,8 +114,10 @@ CASES: dict[str, Case] = {
         Case("z-image", tiny.tiny_z_image_pipeline, {"guidance": 3.0, "negative": "fog"},
              {"guidance_scale": 3.0, "negative_prompt": "fog"}, ("default", "unipc"), pipeline_sigmas=True,
              single_file_keys=("noise_refiner.0.attention.to_q.weight",), refusals=(NOT_A_TOKEN, NO_DDIM),
+             img2img="ZImageImg2ImgPipeline",
              facts={"vae_scale_factor": 8, "latent_multiple": 2, "scheduler_kind": "flow", "guidance_kind": "cfg"}),
-        Case("sd3", tiny.tiny_sd3_pipeline, CFG, CFG_THEIRS, single_file_keys=("joint_blocks.0.x_block.attn.qkv",),
+        Case("sd3", tiny.tiny_sd3_pipeline, CFG, CFG_THEIRS, img2img="StableDiffusion3Img2ImgPipeline",
+             single_file_keys=("joint_blocks.0.x_block.attn.qkv",),
              refusals=(NOT_A_TOKEN, (("--size", "1024x256", "--positions", "global"),
                                      "position table covers 768px a side, the canvas is 1024x256")),
              facts={"vae_scale_factor": 8, "latent_multiple": 2, "scheduler_kind": "flow", "guidance_kind": "cfg",
@@ -123,6 +129,7 @@ CASES: dict[str, Case] = {
              facts={"vae_scale_factor": 8, "latent_multiple": 2, "scheduler_kind": "ddpm", "guidance_kind": "cfg"}),
         Case("qwen-image", tiny.tiny_qwen_image_pipeline, {"guidance": 4.0, "negative": "fog"},
              {"true_cfg_scale": 4.0, "negative_prompt": "fog"}, ("default", "unipc"), to_canvas=unpacked,
+             img2img="QwenImageImg2ImgPipeline",
              refusals=((("--size", "520x256"), "--size: width 520 is not a multiple of 16"),
                        (("--steps", "1"), "needs at least 2 steps"), (("--vae-spill", "/tmp"), "keeps no whole-image"),
                        (("--true-cfg", "4"), "its guidance is classifier-free already: use --guidance")),
@@ -151,11 +158,11 @@ def pipeline_latents(pipe: Any, case: Case, scheduler: str, mu: float | None, st
 
     base = pipe.scheduler
     pipe.scheduler = make_scheduler(scheduler, base, case.facts["scheduler_kind"], mu)
-    extra = dict(case.theirs, **kwargs)
+    extra = {"prompt": PROMPT, **case.theirs, **kwargs}
     if case.pipeline_sigmas:
         extra["sigmas"] = np.array(torch.linspace(1.0, 1 / steps, steps).tolist())
     try:
-        out = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, output_type="latent",
+        out = pipe(height=size, width=size, num_inference_steps=steps, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(3), **extra).images  # fmt: skip
     finally:
         pipe.scheduler = base

@@ -8,6 +8,7 @@ A family adapter subclasses `DiffusersBackend`, encodes prompts in `condition`, 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,14 @@ class DiffusersBackend:
     def branches(self, cond: Any) -> int:
         return 2 if cond.cfg else 1
 
+    def prompt_options(self) -> dict[str, Any]:
+        """The arguments of the pipeline's `encode_prompt` that its `__call__` passes with defaults of its own
+        (the prompt's length: Qwen-Image's pipeline cuts at 512 tokens where its encode_prompt would at 1024;
+        SANA's instruction prefix): gigadiff encodes prompts as the pipeline does."""
+        called = inspect.signature(type(self.pipe).__call__).parameters
+        taken = inspect.signature(self.pipe.encode_prompt).parameters
+        return {name: called[name].default for name in PROMPT_DEFAULTS if name in called and name in taken}
+
     # A family adapter says how to run its denoiser on tiles with one pass's inputs (`run`) and what those inputs
     # are (`branch_inputs`); guidance is written once, here: one call per pass, or both passes in one call of
     # twice the tiles where the family's pipeline batches them (`batches`), in its order (`guidance_order`).
@@ -138,6 +147,9 @@ class DiffusersBackend:
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor, cond: Any) -> torch_types.Tensor:
         """Classifier-free guidance: uncond + scale x (cond - uncond)."""
         return uncond + cond.scale * (cond_out - uncond)
+
+
+PROMPT_DEFAULTS = ("max_sequence_length", "complex_human_instruction")
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,9 @@ class VaeCodec:
         """Diffusion-space canvas -> the latents the tiled VAE decodes (before its own scaling)."""
         self.from_vae = from_vae
         self.sample_posterior = sample_posterior
-        """Whether an encode with a generator draws from the posterior (SD, FLUX.1) or takes its mean
-        (FLUX.2's, Qwen-Image's and SANA's pipelines take the mode)."""
+        """Whether an encode with a generator draws from the posterior, as the family's img2img pipeline does (SD,
+        FLUX.1, SD3, Qwen-Image, Z-Image), or takes its mean (FLUX.2's pipelines take the mode; SANA's DC-AE has no
+        posterior)."""
         self._preview: tuple[torch_types.Tensor, torch_types.Tensor] | None = None
 
     def _tiled(self, tiling: VaeTiling, listener: Listener | None) -> Engine:

@@ -59,6 +59,8 @@ class Family:
     """The codec's VAE class (documentation, and the tiled VAE's check of what it handles)."""
     vae_engine: ClassVar[VaeEngine] = "groupnorm"
     """The tiled VAE engine its codec runs (gigadiff.vae.engines)."""
+    cfg_above: ClassVar[float] = 1.0
+    negative_required: ClassVar[bool] = False
     default_native: ClassVar[int] = 512
     default_steps: ClassVar[int] = 30
     default_guidance: ClassVar[float] = 7.5
@@ -92,6 +94,8 @@ class Family:
             "latent_multiple": self.latent_multiple,
             "can_encode": self.can_encode,
             "vae_engine": self.vae_engine,
+            "cfg_above": self.cfg_above,
+            "negative_required": self.negative_required,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
             "default_guidance": self.default_guidance,

@@ -59,10 +59,12 @@ class FluxBackend(TransformerBackend):
         options: Mapping[str, Any],
     ) -> FluxConditioning:  # fmt: skip
         true_cfg = float(options.get("true_cfg") or 1.0)
-        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device)
+        prompting = self.prompt_options()
+        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device,
+                                                           **prompting)  # fmt: skip
         negative = None
-        if true_cfg > 1:
-            negative = self.pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=self.device)
+        if self.info.runs_cfg(true_cfg, negative_prompt):
+            negative = self.pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=self.device, **prompting)
         embedded = guidance if self.transformer.config.guidance_embeds else None
         return FluxConditioning(embeds, pooled, text_ids, negative, embedded, true_cfg,
                                 options.get("positions") == "global")  # fmt: skip
@@ -119,6 +121,7 @@ class Flux(Family):
     )
     scheduler_kind = "flow"
     guidance_kind = "embedded"
+    negative_required = True  # its pipeline's true CFG runs only with a negative prompt
     positions = "rope"
     latent_multiple = 2
     default_native = 1024

@@ -93,10 +93,10 @@ class Flux2Backend(TransformerBackend):
         options: Mapping[str, Any],
     ) -> Flux2Conditioning:  # fmt: skip
         scale = 0.0 if guidance is None else guidance
-        embeds, text_ids = self.pipe.encode_prompt(prompt=prompt, device=self.device)
+        embeds, text_ids = self.pipe.encode_prompt(prompt=prompt, device=self.device, **self.prompt_options())
         negative = None
-        if self.info.guidance_kind == "cfg" and scale > 1:  # [klein]: against the empty prompt, as its pipeline
-            negative = self.pipe.encode_prompt(prompt="", device=self.device)
+        if self.info.guidance_kind == "cfg" and self.info.runs_cfg(scale, ""):  # [klein]: against "", as its pipeline
+            negative = self.pipe.encode_prompt(prompt="", device=self.device, **self.prompt_options())
         embedded = guidance if self.transformer.config.guidance_embeds else None
         return Flux2Conditioning(embeds, text_ids, negative, embedded, scale, options.get("positions") == "global")
 

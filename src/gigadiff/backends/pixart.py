@@ -40,17 +40,13 @@ class PixArtConditioning(NegativeGuided):
 
 
 class PixArtBackend(TransformerBackend):
-    def prompt_options(self) -> dict[str, Any]:
-        """Further `encode_prompt` arguments the family's pipeline passes by default."""
-        return {}
-
     @no_grad
     def condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
         options: Mapping[str, Any],
     ) -> PixArtConditioning:  # fmt: skip
         scale = 0.0 if guidance is None else guidance
-        cfg = scale > 1.0
+        cfg = self.info.runs_cfg(scale, negative_prompt)
         embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
             prompt, do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, device=self.device,
             clean_caption=False, **self.prompt_options(),

@@ -76,8 +76,6 @@ def centred_rope(embed: Any, canvas: tuple[int, int], corner: tuple[int, int], s
 
 
 class QwenImageBackend(TransformerBackend):
-    samples_posterior = False
-
     def vae_networks(self) -> tuple[Network, Network]:
         return qwen_vae_networks(self.pipe.vae)
 
@@ -87,12 +85,15 @@ class QwenImageBackend(TransformerBackend):
         options: Mapping[str, Any],
     ) -> QwenImageConditioning:  # fmt: skip
         scale = 0.0 if guidance is None else guidance
-        text = self.pipe.encode_prompt(prompt=prompt, device=self.device)
-        negative = self.pipe.encode_prompt(prompt=negative_prompt, device=self.device) if scale > 1 else None
+        prompting = self.prompt_options()
+        text = self.pipe.encode_prompt(prompt=prompt, device=self.device, **prompting)
+        negative = None
+        if self.info.runs_cfg(scale, negative_prompt):  # only with a negative prompt, as its pipeline
+            negative = self.pipe.encode_prompt(prompt=negative_prompt, device=self.device, **prompting)
         token_px = self.info.vae_scale_factor * self.info.latent_multiple
         canvas = None
-        if options.get("positions") == "global":
-            canvas = (canvas_px[1] // token_px, canvas_px[0] // token_px)
+        if options.get("positions") == "global":  # (rows, columns) of the canvas in tokens
+            canvas = (canvas_px[0] // token_px, canvas_px[1] // token_px)
         return QwenImageConditioning(tuple(text), None if negative is None else tuple(negative), scale, canvas)
 
     def branch_inputs(self, cond: QwenImageConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
@@ -213,6 +214,7 @@ class QwenImage(Family):
     presets = (Preset("qwen-image", "Qwen/Qwen-Image", steps=50, guidance=4.0, native_size=1328),)
     scheduler_kind = "flow"
     guidance_kind = "cfg"
+    negative_required = True  # its pipeline guides only with a negative prompt
     positions = "rope"
     latent_multiple = 2
     vae = "AutoencoderKLQwenImage"

@@ -18,7 +18,6 @@ autoencoder (DC-AE, 32x, 32 channels), Gemma-2 prompts.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -48,11 +47,6 @@ class SanaBackend(PixArtBackend):
     def default_sigmas(self, steps: int) -> list[float] | None:
         """None: the pipeline gives no sigmas; its DPM-Solver spaces its own flow sigmas."""
         return None
-
-    def prompt_options(self) -> dict[str, Any]:
-        defaults = inspect.signature(type(self.pipe).__call__).parameters
-        return {name: defaults[name].default for name in ("complex_human_instruction", "max_sequence_length")
-                if name in defaults}  # fmt: skip
 
 
 def _linear_attention_op(attn: Any) -> Any:

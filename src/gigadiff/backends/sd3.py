@@ -80,10 +80,10 @@ class SD3Backend(TransformerBackend):
         options: Mapping[str, Any],
     ) -> SD3Conditioning:  # fmt: skip
         scale = 0.0 if guidance is None else guidance
-        cfg = scale > 1.0
+        cfg = self.info.runs_cfg(scale, negative_prompt)
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=cfg,
-            negative_prompt=negative_prompt or None,
+            negative_prompt=negative_prompt or None, **self.prompt_options(),
         )  # fmt: skip
         f = self.info.vae_scale_factor * self.patch
         canvas = (canvas_px[0] // f, canvas_px[1] // f)

@@ -66,7 +66,7 @@ class UNetBackend(DiffusersBackend):
     ) -> UNetConditioning:  # fmt: skip
         scale = 0.0 if guidance is None else guidance
         guidance_embedded = self.unet.config.time_cond_proj_dim is not None
-        cfg = scale > 1.0 and not guidance_embedded
+        cfg = self.info.runs_cfg(scale, negative_prompt) and not guidance_embedded
         negative = negative_prompt or None
         pooled = negative_pooled = None
         if self.sdxl:

@@ -77,10 +77,11 @@ class ZImageBackend(TransformerBackend):
         options: Mapping[str, Any],
     ) -> ZImageConditioning:  # fmt: skip
         scale = 0.0 if guidance is None else guidance
-        embeds, negative = self.pipe.encode_prompt(prompt=prompt, device=self.device,
-                                                   do_classifier_free_guidance=scale > 0,
-                                                   negative_prompt=negative_prompt or None)  # fmt: skip
-        return ZImageConditioning(embeds, negative if scale > 0 else None, scale, options.get("positions") == "global")
+        cfg = self.info.runs_cfg(scale, negative_prompt)
+        embeds, negative = self.pipe.encode_prompt(prompt=prompt, device=self.device, do_classifier_free_guidance=cfg,
+                                                   negative_prompt=negative_prompt or None,
+                                                   **self.prompt_options())  # fmt: skip
+        return ZImageConditioning(embeds, negative if cfg else None, scale, options.get("positions") == "global")
 
     guidance_order = (1, 0)  # its pipeline batches [cond..., uncond...]
 
@@ -119,6 +120,7 @@ class ZImage(Family):
     presets = (Preset("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo", steps=9, guidance=0.0),)
     scheduler_kind = "flow"
     guidance_kind = "cfg"
+    cfg_above = 0.0  # its pipeline guides at any scale above 0
     positions = "rope"
     latent_multiple = 2
     default_native = 1024

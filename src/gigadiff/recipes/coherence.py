@@ -60,6 +60,7 @@ from gigadiff.recipes.steps import (
 )
 from gigadiff.recipes.txt2img import text_to_image
 from gigadiff.sampler import CanvasDenoiser, Layer
+from gigadiff.shift import tile_mu
 
 SKIP_EXPONENT = 3.0
 """Exponent of the skip residual's cosine fade (higher: the earlier stage lets go sooner)."""
@@ -126,6 +127,8 @@ class CoherentDenoiser:
     """Local tiles mixed with dilated global views, the views' share fading over the steps."""
 
     local: CanvasDenoiser
+    views: CanvasDenoiser
+    """The views of the deinterleaved canvas as tiles (see `dilated_views`)."""
     stride: int
     exponent: float
     steps: int
@@ -138,11 +141,6 @@ class CoherentDenoiser:
     @property
     def model_calls(self) -> int:
         return self.local.model_calls + self.views.model_calls
-
-    def __post_init__(self) -> None:
-        layers = [Layer(layer.cond, deinterleave(layer.weight[None, None], self.stride, self.unit)[0, 0],
-                        layer.skip_below) for layer in self.local.layers]  # fmt: skip
-        self.views = replace(self.local, weights="uniform", margin=0, model_calls=0, evaluated_pixels=0, layers=layers)
 
     def _views(self, grid: TileGrid) -> TileGrid:
         return view_grid(grid.height, grid.width, self.stride, self.unit)
@@ -158,6 +156,29 @@ class CoherentDenoiser:
         height, width = x.shape[-2:]
         views = self.views(deinterleave(x, self.stride, self.unit), t, step, self._views(grid), listener)
         return weight * interleave(views, self.stride, height, width) + (1 - weight) * local
+
+
+def dilated_views(ctx: RunContext, local: CanvasDenoiser, stride: int) -> CanvasDenoiser:
+    """The denoiser of a stage's dilated views: each view is the whole picture at a lower resolution, so it is
+    conditioned as a whole picture of its size (positions as the model gives a whole image: with `--positions
+    global` a view is not a block of the canvas), fused without windows (views do not overlap), and carries the
+    region layers with their weights deinterleaved like the canvas."""
+    s = ctx.settings
+    whole = ctx.replace(settings=replace(s, positions="local")) if s.positions != "local" else ctx
+    cond = whole.condition(s.prompt, s.negative, s.guidance) if whole is not ctx else local.cond
+    unit = ctx.backend.info.latent_multiple
+    layers = []
+    for i, layer in enumerate(local.layers):
+        weight = deinterleave(layer.weight[None, None], stride, unit)[0, 0]
+        layer_cond = cond
+        if i > 0:  # a region's own prompt (the first layer is the background's: the run's prompt)
+            region = s.regions[i - 1]
+            guidance = region.guidance if region.guidance is not None else s.guidance
+            layer_cond = (
+                whole.condition(region.prompt, region.negative_prompt, guidance) if whole is not ctx else (layer.cond)
+            )
+        layers.append(Layer(layer_cond, weight, layer.skip_below))
+    return replace(local, cond=cond, weights="uniform", margin=0, model_calls=0, evaluated_pixels=0, layers=layers)
 
 
 @dataclass
@@ -204,7 +225,8 @@ def progressive(ctx: RunContext) -> CanvasRun:
             continue
         ctx.events.on_phase(f"stage {k + 1}/{len(sizes)}", None)
         own = resume if resume is not None and resume.stage == k else None
-        stage = ctx.replace(settings=replace(s, width=w * f, height=h * f), resume=own)
+        mu = tile_mu(info, s.flow_shift, s.tile, h * f, w * f, s.steps)  # from what this stage's calls see
+        stage = ctx.replace(settings=replace(s, width=w * f, height=h * f, mu=mu), resume=own)
         weights = region_weights(s, f, (h, w)) if s.regions else []
         if k == 0:
             run = text_to_image(stage, weights)
@@ -235,7 +257,7 @@ def _stage(ctx: RunContext, reference: torch.Tensor, index: int, weights: list[t
     cond = ctx.condition(s.prompt, s.negative, s.guidance)
     scheduler = prepared_scheduler(ctx)
     generator = seeded_generator((s.seed + index) % 2**64)  # each stage its own, reproducible noise
-    first = denoising_start(scheduler, s)
+    first = denoising_start(scheduler, s, info)
     if ctx.resume is None:
         init = encoded_init(ctx, generator) if s.init else None
         noise = initial_noise(tuple(reference.shape), generator, s, weights, index).to(ctx.backend.device)
@@ -246,7 +268,8 @@ def _stage(ctx: RunContext, reference: torch.Tensor, index: int, weights: list[t
         latents, first = resumed(ctx, scheduler, generator)
     steps = len(scheduler.timesteps)
     local = canvas_denoiser(ctx, cond, weights)
-    denoiser = CoherentDenoiser(local, 2**index, DILATION_EXPONENT, steps, info.latent_multiple)
+    views = dilated_views(ctx, local, 2**index)
+    denoiser = CoherentDenoiser(local, views, 2**index, DILATION_EXPONENT, steps, info.latent_multiple)
     guide = SkipResidual(ctx, reference, noise, scheduler, skip_exponent, steps)
     writer = None
     if ctx.checkpoints is not None:
@@ -254,4 +277,4 @@ def _stage(ctx: RunContext, reference: torch.Tensor, index: int, weights: list[t
     latents = run_steps(ctx, denoiser, scheduler, generator, latents, first, writer, guide)
     pixels = local.evaluated_pixels + denoiser.views.evaluated_pixels
     return CanvasRun(latents, denoiser.model_calls, pixels, local.plan.tiles_per_step,
-                     StepRange(start_index(scheduler, s), steps))  # fmt: skip
+                     StepRange(start_index(scheduler, s, info), steps))  # fmt: skip

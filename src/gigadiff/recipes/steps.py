@@ -14,7 +14,7 @@ import torch
 
 from gigadiff.checkpoint import Checkpoint, restore_scheduler, save_checkpoint, scheduler_state
 from gigadiff.events import Listeners, NullListener
-from gigadiff.facts import SchedulerKind
+from gigadiff.facts import ModelInfo, SchedulerKind
 from gigadiff.grids import grid_plan
 from gigadiff.io.images import load_resized
 from gigadiff.noise import canvas_noise
@@ -49,18 +49,17 @@ def noised(kind: SchedulerKind, scheduler: Any, clean: torch.Tensor, noise: torc
     return scheduler.add_noise(clean, noise, t)
 
 
-def start_index(scheduler: Any, settings: GenerationSettings) -> int:
-    """Index into `scheduler.timesteps` where a run starts: 0, or for img2img where the last steps x strength
-    steps remain."""
+def start_index(scheduler: Any, settings: GenerationSettings, info: ModelInfo) -> int:
+    """Index into `scheduler.timesteps` where a run starts: 0, or for img2img where the model's img2img pipeline
+    starts (ModelInfo.skipped_steps), in the scheduler's evaluations."""
     if settings.init is None or settings.strength is None:
         return 0
-    kept = min(int(settings.steps * settings.strength), settings.steps)
-    return max(settings.steps - kept, 0) * getattr(scheduler, "order", 1)
+    return info.skipped_steps(settings.steps, settings.strength) * getattr(scheduler, "order", 1)
 
 
-def denoising_start(scheduler: Any, settings: GenerationSettings) -> int:
+def denoising_start(scheduler: Any, settings: GenerationSettings, info: ModelInfo) -> int:
     """`start_index`, told to the scheduler (so that its first step is that one)."""
-    start = start_index(scheduler, settings)
+    start = start_index(scheduler, settings, info)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return start

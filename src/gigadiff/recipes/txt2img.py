@@ -47,7 +47,7 @@ def text_to_image(ctx: RunContext, weights: list[torch.Tensor] | None = None) ->
         latents, first = resumed(ctx, scheduler, generator)
     else:
         shape = (1, info.latent_channels, plan.height, plan.width)
-        first = denoising_start(scheduler, s)
+        first = denoising_start(scheduler, s, info)
         if s.init is None:
             latents = initial_noise(shape, generator, s, weights).to(ctx.backend.device) * start_noise_scale(scheduler)
         else:  # as diffusers: the posterior sample is drawn before the noise, from the same generator
@@ -58,6 +58,6 @@ def text_to_image(ctx: RunContext, weights: list[torch.Tensor] | None = None) ->
     local = canvas_denoiser(ctx, cond, weights)
     denoiser = LevelConsensus(local) if s.level_sync else local
     latents = run_steps(ctx, denoiser, scheduler, generator, latents, first, writer)
-    steps = StepRange(start_index(scheduler, s), len(scheduler.timesteps))
+    steps = StepRange(start_index(scheduler, s, info), len(scheduler.timesteps))
     return CanvasRun(cropped(latents, pad), denoiser.model_calls, denoiser.evaluated_pixels, plan.tiles_per_step,
                      steps)  # fmt: skip

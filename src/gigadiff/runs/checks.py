@@ -14,14 +14,14 @@ import re
 import secrets
 from typing import Any
 
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, Note
 from gigadiff.facts import ModelInfo
 from gigadiff.grids import default_tile_batch, plan_for
 from gigadiff.options import FAMILY_OPTIONS, IMAGE_OPTIONS, RunRequest, check_values
 from gigadiff.regions import DEFAULT_FEATHER_PX, RegionSet, check_regions, parse_regions
 from gigadiff.schedulers import check_scheduler
 from gigadiff.settings import GenerationSettings, wrap_axes
-from gigadiff.shift import parse_flow_shift, run_mu
+from gigadiff.shift import parse_flow_shift, tile_mu
 
 MAX_SIDE = 65536
 """Largest accepted side in image pixels. Beyond this the latent canvas alone needs tens of GB."""
@@ -193,7 +193,7 @@ def check_schedule(r: RunRequest, info: ModelInfo) -> None:
     if r.steps < info.min_steps:
         raise GigadiffError(f"{{steps}} {r.steps}: model {info.name!r} needs at least {info.min_steps} steps (its "
                             "scheduler stretches the schedule to a terminal noise level)", "steps")  # fmt: skip
-    if r.init is not None and r.strength is not None and int(r.steps * r.strength) < 1:
+    if r.init is not None and r.strength is not None and info.skipped_steps(r.steps, r.strength) >= r.steps:
         raise GigadiffError(
             f"{{strength}} {r.strength} of {r.steps} {{steps}} leaves no step to run (steps x strength must be at "
             "least 1); raise {strength} or {steps}",
@@ -219,14 +219,15 @@ def resolved_coherence(r: RunRequest, info: ModelInfo, width: int, height: int) 
     return r.coherence
 
 
-def run_shift(r: RunRequest, info: ModelInfo, width: int, height: int) -> float | None:
-    """The run's timestep shift, from the tokens of one tile (or as `flow_shift` says); None for other models."""
-    if info.scheduler_kind != "flow":
-        return None
-    assert r.tile is not None and r.steps is not None
-    token = info.size_multiple
-    tile_tokens = (min(r.tile, height) // token) * (min(r.tile, width) // token)
-    return run_mu(info.shift_rule, r.flow_shift, tile_tokens, (height // token) * (width // token), r.steps)
+def notes(r: RunRequest, info: ModelInfo) -> tuple[Note, ...]:
+    """What a resolved request should know about how the run follows its model's pipeline."""
+    scale = info.cfg_scale(r.guidance, r.true_cfg)
+    if scale is not None and scale > info.cfg_above and info.negative_required and not r.negative:
+        option = "guidance" if info.guidance_kind == "cfg" else "true_cfg"
+        return (Note(f"model {info.name!r} runs classifier-free guidance ({{{option}}} {scale:g}) only with a negative "
+                     "prompt, as its pipeline does: none was given, so it is off (one pass per tile); give {negative} "
+                     "to use it", (option, "negative")),)  # fmt: skip
+    return ()
 
 
 def settings_for(request: RunRequest, info: ModelInfo, regions: RegionSet | None = None,
@@ -248,6 +249,10 @@ def settings_for(request: RunRequest, info: ModelInfo, regions: RegionSet | None
     width, height = parse_size(str(r.size))
     check_geometry(r, info, width, height)
     check_schedule(r, info)
+    if r.cfg_split and not info.runs_cfg(info.cfg_scale(r.guidance, r.true_cfg), r.negative):
+        raise GigadiffError("{cfg_split} shares classifier-free guidance's two passes between processes; this run "
+                            f"makes one pass per tile (model {info.name!r} with {{guidance}} {r.guidance}): remove "
+                            "{cfg_split}", "cfg_split", "guidance")  # fmt: skip
     r = r.replace(coherence=resolved_coherence(r, info, width, height))
     if r.level_sync and regions:
         raise GigadiffError("{level_sync} cannot be used with regional prompts yet (its probe measures the "
@@ -258,13 +263,14 @@ def settings_for(request: RunRequest, info: ModelInfo, regions: RegionSet | None
         assert r.tile is not None and r.overlap is not None and r.seed is not None
         plan = plan_for(height, width, r.tile, r.overlap, r.shift, r.seed, wrap_axes(r.tileable), info)
         r = r.replace(tile_batch=default_tile_batch(plan.tiles_per_step))
+    assert r.tile is not None and r.steps is not None
     derived: dict[str, Any] = {
         "width": width,
         "height": height,
         "sigmas": parse_sigmas(r.sigmas) if r.sigmas else None,
         "regions": regions.regions if regions else (),
         "region_feather": regions.feather if regions else DEFAULT_FEATHER_PX,
-        "mu": run_shift(r, info, width, height),
+        "mu": tile_mu(info, r.flow_shift, r.tile, height, width, r.steps),
         "family_options": {o: getattr(r, o) for o in FAMILY_OPTIONS if getattr(r, o) is not None},
     }
     return r, GenerationSettings(**{name: getattr(r, name) for name in IMAGE_OPTIONS}, **derived)

@@ -111,7 +111,8 @@ def execute(
     vae_mode = backend.codec.check(1, settings.height, settings.width, run.vae)  # fails now, not after hours
     ctx = context(run, backend, listener, ranks, resume)
     canvas = denoise(ctx)
-    result = GenerationResult(canvas.latents, settings, backend, canvas, run.vae, run.record(), vae_mode)
+    told = tuple(note.render() for note in run.notes)
+    result = GenerationResult(canvas.latents, settings, backend, canvas, run.vae, run.record(), vae_mode, told)
     summary = ""
     if write and ranks.is_main:
         summary = write_results(result, run.outputs, request.overwrite, started, ctx.events)

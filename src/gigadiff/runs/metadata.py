@@ -20,7 +20,8 @@ from gigadiff.settings import GenerationSettings
 
 
 def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: StepRange | None = None,
-                        request: dict[str, Any] | None = None, vae_mode: str = "") -> dict[str, Any]:  # fmt: skip
+                        request: dict[str, Any] | None = None, vae_mode: str = "",
+                        notes: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     from gigadiff import __version__
 
     meta: dict[str, Any] = {
@@ -42,4 +43,6 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: St
         meta["request"] = request
     if vae_mode:
         meta["vae_mode"] = vae_mode
+    if notes:
+        meta["notes"] = list(notes)
     return meta

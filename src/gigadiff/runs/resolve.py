@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from gigadiff.backends.device import check_device_name
 from gigadiff.backends.registry import find_model
 from gigadiff.backends.source import require_present
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, Note
 from gigadiff.io.files import check_outputs, relief_path, sidecar_path
 from gigadiff.options import RunRequest
 from gigadiff.regions import RegionSet, load_region_file, parse_regions
-from gigadiff.runs.checks import check_relations, settings_for
+from gigadiff.runs.checks import check_relations, notes, settings_for
 from gigadiff.settings import GenerationSettings
 from gigadiff.vae.tiling import SPILLING_ENGINES, VaeTiling
 
@@ -62,6 +62,8 @@ class Run:
     info: ModelInfo
     vae: VaeTiling
     outputs: Outputs
+    notes: tuple[Note, ...] = ()
+    """What the run tells its user before it starts (gigadiff.runs.checks.notes)."""
 
     def record(self) -> dict[str, Any]:
         """The resolved request as JSON-safe data (see the module docstring)."""
@@ -173,7 +175,7 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
             check_outputs([outputs.checkpoint], request.overwrite or resuming)
     resolved = resolved.replace(output=str(outputs.image) if writes else None, regions=_recorded_regions(regions),
                                 checkpoint=str(outputs.checkpoint) if outputs.checkpoint else None)  # fmt: skip
-    return Run(resolved, settings, source, family, info, vae, outputs)
+    return Run(resolved, settings, source, family, info, vae, outputs, notes(resolved, info))
 
 
 def _recorded_regions(regions: RegionSet | None) -> Any:

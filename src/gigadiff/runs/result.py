@@ -29,6 +29,8 @@ class GenerationResult:
     request: dict[str, Any] | None = None
     """The resolved run request."""
     vae_mode: str = ""
+    notes: tuple[str, ...] = ()
+    """What the run told its user (gigadiff.runs.checks.notes), recorded in the metadata."""
 
     @property
     def info(self) -> ModelInfo:
@@ -36,7 +38,7 @@ class GenerationResult:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return generation_metadata(self.settings, self.info, self.run.steps, self.request, self.vae_mode)
+        return generation_metadata(self.settings, self.info, self.run.steps, self.request, self.vae_mode, self.notes)
 
     def decode(self) -> torch.Tensor:
         return self.backend.codec.decode(self.latents, self.vae)
