@@ -88,11 +88,15 @@ def test_rim_margin_damps_tile_edges_but_keeps_partition_of_unity():
     ones = torch.ones(len(grid), 1, 32, 32)
     fused = fuse(grid.tiles, ones, (1, 1, 80, 80), "uniform", margin=4)
     assert torch.allclose(fused, torch.ones_like(fused), atol=1e-5)
-    # where a neighbour's interior covers a tile's rim, the rim's value is ignored
-    preds = torch.stack([torch.full((1, 32, 32), float(i)) for i in range(len(grid))])
-    preds[:, :, :4, :] = 1000.0  # garbage in every tile's top rim
-    fused = fuse(grid.tiles, preds, (1, 1, 80, 80), "uniform", margin=4)
-    assert fused[..., 4:, :].max() < 100  # only canvas-edge rows may keep the garbage
+    # where a neighbour's interior covers a tile's rim, the rim's value is ignored: the garbage moves the fused
+    # result by its damped weight (1e-6 x 1000) at most, except on the canvas's own top rows, covered by rims only
+    clean = torch.stack([torch.full((1, 32, 32), float(i)) for i in range(len(grid))])
+    garbage = clean.clone()
+    garbage[:, :, :4, :] = 1000.0  # garbage in every tile's top rim
+    fused = fuse(grid.tiles, garbage, (1, 1, 80, 80), "uniform", margin=4)
+    reference = fuse(grid.tiles, clean, (1, 1, 80, 80), "uniform", margin=4)
+    assert (fused - reference)[..., 4:, :].abs().max() <= 2e-3
+    assert torch.allclose(fused[..., :4, :], torch.full_like(fused[..., :4, :], 1000.0), atol=1e-3)
 
 
 @pytest.mark.parametrize("wrap", [(True, True), (False, True), (True, False)])

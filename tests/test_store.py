@@ -7,30 +7,41 @@ import multiprocessing
 from gigadiff.serve.store import JobStore
 
 
-def _claim_all(path: str, queue: multiprocessing.Queue) -> None:
+ROUNDS, WORKERS = 10, 4
+
+
+def _claim_in_rounds(path: str, barrier, queue: multiprocessing.Queue) -> None:
+    """Claim one job per round; every round starts when all workers are at the barrier, so the claims race."""
     store = JobStore(path)
     got = []
-    while (job := store.claim()) is not None:
-        got.append(job.id)
+    for _ in range(ROUNDS):
+        barrier.wait(timeout=60)
+        job = store.claim()
+        got.append(None if job is None else job.id)
     queue.put(got)
 
 
 def test_concurrent_workers_claim_every_job_once_oldest_first(tmp_path):
+    """Four processes claim at the same moment, ten times: 40 jobs, each claimed exactly once, every worker one
+    per round, each worker's jobs in submission order."""
     store = JobStore(tmp_path / "jobs.db")
-    ids = [store.submit({"seed": i}).id for i in range(40)]
-    queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
-    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(str(tmp_path / "jobs.db"), queue))
-               for _ in range(4)]  # fmt: skip
+    ids = [store.submit({"seed": i}).id for i in range(ROUNDS * WORKERS)]
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = context.Queue()
+    barrier = context.Barrier(WORKERS)
+    workers = [context.Process(target=_claim_in_rounds, args=(str(tmp_path / "jobs.db"), barrier, queue))
+               for _ in range(WORKERS)]  # fmt: skip
     for w in workers:
         w.start()
-    claimed = [queue.get(timeout=60) for _ in workers]
+    claimed = [queue.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(30)
+    assert all(None not in got and len(got) == ROUNDS for got in claimed)  # nobody found the queue empty early
     flat = [job_id for got in claimed for job_id in got]
     assert sorted(flat) == sorted(ids), "a job was lost or claimed twice"
     for got in claimed:  # each worker took its jobs in submission order
         assert got == sorted(got, key=ids.index)
-    assert store.counts() == {"running": 40}
+    assert store.counts() == {"running": ROUNDS * WORKERS}
     assert all(store.get(i).attempts == 1 for i in ids)
 
 

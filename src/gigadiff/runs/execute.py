@@ -83,7 +83,7 @@ def context(run: Run, backend: Backend, listener: Any, ranks: Ranks, resume: Che
     preview = None
     if run.outputs.preview is not None and ranks.is_main:
         preview = PreviewWriter(backend.codec, run.outputs.preview)
-    return RunContext(backend, settings, executor, Listeners(listener, preview), run.vae, policy, resume)
+    return RunContext(backend, settings, executor, Listeners(preview, listener), run.vae, policy, resume)
 
 
 def execute(
