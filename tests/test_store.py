@@ -6,7 +6,6 @@ import multiprocessing
 
 from gigadiff.serve.store import JobStore
 
-
 ROUNDS, WORKERS = 10, 4
 
 
