@@ -164,3 +164,5 @@ def test_the_default_tile_batch_follows_the_tile_count_not_the_world():
     assert settings(SD, "x", width=1024, height=1024, tile=512, overlap=0).tile_batch == 4
     assert settings(SD, "x", width=4096, height=4096).tile_batch == 3  # 81 tiles
     assert settings(SD, "x", width=4096, height=512, tile_batch=2).tile_batch == 2
+    assert settings(SD, "x", width=2048, height=512).tile_batch == 1  # 5 tiles: no call filled with copies
+    assert settings(SD, "x", width=3072, height=512).tile_batch == 1  # 7 tiles

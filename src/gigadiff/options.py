@@ -105,7 +105,8 @@ class RunRequest:
     level_sync: bool | None = option(None, "Tiles share the canvas's low frequencies (default: the model's; on "
                                      "for terrain).", group="size and tiles", commands=(GENERATE,),
                                      image=True)  # fmt: skip
-    tile_batch: int | None = option(None, "Tiles per model call (default: 4, fewer when a step has few tiles).",
+    tile_batch: int | None = option(None, "Tiles per model call (default: the largest divisor of a step's tiles up "
+                                    "to 4).",
                                     group="size and tiles", minimum=1, image=True)  # fmt: skip
     positions: str = option("local", "DiT position ids: local (every tile from 0, as trained) or global (canvas "
                             "coordinates; one model call per tile for FLUX).", group="size and tiles",
