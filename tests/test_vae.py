@@ -178,25 +178,26 @@ def test_fast_mode_with_estimated_statistics_beats_diffusers_tiling(photo, capsy
     assert ours >= 30 and ours >= theirs + 10
 
 
-def test_the_statistics_pass_downsamples_as_little_as_the_budget_allows(vae, latents, partial_budget):
+def test_a_statistics_pass_that_cannot_run_whole_runs_layer_by_layer_with_exact_statistics(vae, latents,
+                                                                                            partial_budget):  # fmt: skip
+    """Where the pooled pass fits the budget it runs whole; where it does not (a quarter of that budget), it runs
+    layer by layer in tiles at full resolution: every norm's statistics are then the whole image's, as an
+    untiled run over everything gives them."""
     program = decoder_program(vae)
     z = unscale_latents(vae, latents)
-    _, prefix = TiledVAE(vae, VaeTiling(mode="fast")).statistics(program, z, torch.float32, partial_budget)
-    kv = tiled_module.MAX_KEYS
-    kept = sum(4 * t.numel() for t in prefix.buffers.values())
-
-    def fits(factor: int, budget_bytes: float) -> bool:
-        h, w = (-(-s // factor) for s in z.shape[2:])
-        pooled = {n: 4 * t.shape[1] * h * w for n, t in prefix.buffers.items()}
-        return max(budget.whole_step_needs(program, 1, h, w, kv, prefix.stop, pooled)) <= budget_bytes - kept
-
-    factors = [
-        budget.statistics_downsample(program, prefix.stop, prefix.buffers, b, kv, 2)
-        for b in (partial_budget, 0.5 * partial_budget)
-    ]
-    assert 2 <= factors[0] < factors[1]
-    for factor, b in zip(factors, (partial_budget, 0.5 * partial_budget), strict=True):
-        assert fits(factor, b) and (factor == 2 or not fits(factor - 1, b))
+    roomy = TiledVAE(vae, VaeTiling(mode="fast"))
+    exact, whole = roomy.statistics(program, z, torch.float32, 64 * budget.GB)
+    assert whole.stop == len(program.steps)  # everything ran over the whole image: exact statistics
+    fitting = TiledVAE(vae, VaeTiling(mode="fast"))
+    fitting.statistics(program, z, torch.float32, partial_budget)
+    assert fitting.statistics_pass == "whole"
+    tight = TiledVAE(vae, VaeTiling(mode="fast"))
+    frozen, prefix = tight.statistics(program, z, torch.float32, partial_budget / 4)
+    assert tight.statistics_pass == "tiled" and prefix.stop < len(program.steps)
+    assert set(frozen.stats) == set(exact.stats)
+    for i, stats in frozen.stats.items():
+        assert torch.allclose(stats.mean, exact.stats[i].mean, atol=1e-5), i
+        assert torch.allclose(stats.rstd, exact.stats[i].rstd, rtol=1e-4), i
 
 
 def test_wrap_mode_equals_a_circularly_padded_decode(vae, latents):
@@ -307,3 +308,39 @@ def test_fast_tiles_on_the_cpu_stay_cache_sized_whatever_the_budget(vae):
     plan = TiledVAE(vae, VaeTiling(mode="fast", memory_gb=64)).plan(1, 1024, 1024)
     assert plan.mode == "fast" and plan.tile == CPU_TILE
     assert TiledVAE(vae, VaeTiling(mode="fast", memory_gb=0.05)).plan(1, 1024, 1024).tile < CPU_TILE
+
+
+def test_fast_mode_at_tight_budgets_beats_diffusers_tiling_and_keeps_the_colours():
+    """A VAE configuration of no other test (16 channels at every stage, two resnets per block), 1024x768: at the
+    budgets that used to pool the statistics pass 3x and more (7.6-19 dB from the whole decode, colours shifted),
+    fast mode is never worse than diffusers' own tiling, whose tiles each normalise alone."""
+    import math
+
+    from diffusers import AutoencoderKL
+    from skimage import data
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16),
+                        layers_per_block=2, norm_num_groups=4, sample_size=256).eval()  # fmt: skip
+    photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    photo = F.interpolate(photo, size=(768, 1024), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        raw = vae.encode(photo).latent_dist.mean
+        whole = vae.decode(raw).sample.clamp(-1, 1)
+        vae.enable_tiling()
+        theirs = vae.decode(raw).sample.clamp(-1, 1)
+        vae.disable_tiling()
+
+    def psnr(a: torch.Tensor) -> float:
+        return 10 * math.log10(4 / float((a - whole).pow(2).mean()))
+
+    passes = set()
+    for budget_gb in (0.06, 0.1):
+        tiled = TiledVAE(vae, VaeTiling(mode="fast", memory_gb=budget_gb))
+        ours = tiled.decode(raw * vae.config.scaling_factor)
+        passes.add(tiled.statistics_pass)
+        assert psnr(ours) >= psnr(theirs) + 6, budget_gb  # measured 61 and 39 dB against 22
+        means = (ours.mean(dim=(2, 3)) - whole.mean(dim=(2, 3))).abs() * 127.5
+        assert means.max() <= 1.0, budget_gb
+    assert passes == {"tiled", "whole"}

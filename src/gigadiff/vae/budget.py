@@ -160,22 +160,17 @@ def whole_step_needs(
     return needs
 
 
-def statistics_downsample(
-    program: Program, start: int, live: dict[str, torch.Tensor], budget_bytes: float, kv_tokens: int, least: int
-) -> int:
-    """Fast mode: the smallest factor (at least `least`) by which its statistics pass can average-pool the
-    buffers live at step `start` and run the remaining steps over them whole, beside those buffers, within
-    the budget."""
+def statistics_fit(
+    program: Program, start: int, live: dict[str, torch.Tensor], budget_bytes: float, kv_tokens: int, factor: int
+) -> bool:
+    """Fast mode: whether its statistics pass can run the steps from `start` over whole buffers on the device,
+    the buffers live there average-pooled by `factor`, beside those buffers, within the budget (else the pass
+    runs them layer by layer in tiles, gigadiff.vae.tiled.TiledVAE.statistics)."""
     batch, _, height, width = next(iter(live.values())).shape
     room = budget_bytes - sum(4 * t.numel() for t in live.values())
-    factor = least
-    while factor < max(height, width):
-        h, w = -(-height // factor), -(-width // factor)
-        pooled = {n: 4 * batch * t.shape[1] * h * w for n, t in live.items()}
-        if max(whole_step_needs(program, batch, h, w, kv_tokens, start, pooled)) <= room:
-            break
-        factor += 1
-    return factor
+    h, w = -(-height // factor), -(-width // factor)
+    pooled = {n: 4 * batch * t.shape[1] * h * w for n, t in live.items()}
+    return max(whole_step_needs(program, batch, h, w, kv_tokens, start, pooled)) <= room
 
 
 def exact_prefix(program: Program, batch: int, height: int, width: int, budget_bytes: float, kv_tokens: int) -> int:
