@@ -178,8 +178,7 @@ def test_fast_mode_with_estimated_statistics_beats_diffusers_tiling(photo, capsy
     assert ours >= 30 and ours >= theirs + 10
 
 
-def test_a_statistics_pass_that_cannot_run_whole_runs_layer_by_layer_with_exact_statistics(vae, latents,
-                                                                                            partial_budget):  # fmt: skip
+def test_a_statistics_pass_that_cannot_run_whole_runs_layer_by_layer_exactly(vae, latents, partial_budget):
     """Where the pooled pass fits the budget it runs whole; where it does not (a quarter of that budget), it runs
     layer by layer in tiles at full resolution: every norm's statistics are then the whole image's, as an
     untiled run over everything gives them."""
