@@ -51,31 +51,43 @@ def test_shares_are_even_cover_every_tile_and_give_every_rank_work():
                         assert sorted(i for _, tiles in made for i in tiles) == sorted(u.tile for u in sh)
 
 
-def test_world_sizes_1_2_3_give_bit_identical_latents(tiny_sd_dir, tmp_path):
-    latents = {}
-    for n in (1, 2, 3):
-        out = tmp_path / f"w{n}.png"
-        proc = torchrun(n, gen_args(tiny_sd_dir, out, *(["--profile"] if n == 2 else [])))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        latents[n], _ = read_latent(out.with_suffix(".safetensors"))
-        if n == 2:
-            assert "MB exchanged" in proc.stderr and proc.stderr.count("\n   1 ") >= 1
-    assert torch.equal(latents[1], latents[2]) and torch.equal(latents[1], latents[3])
+@pytest.fixture(scope="module")
+def latents_of(tiny_sd_dir, tmp_path_factory):
+    """One launch per (processes, options), shared by the tests below: 0 processes is a plain `gigadiff` run."""
+    made: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, str]] = {}
+    folder = tmp_path_factory.mktemp("launches")
+
+    def latents(n: int, *extra: str) -> tuple[torch.Tensor, str]:
+        key = (n, extra)
+        if key not in made:
+            out = folder / f"run{len(made)}.png"
+            if n == 0:
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out, *extra)],
+                                      capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
+            else:
+                proc = torchrun(n, gen_args(tiny_sd_dir, out, *extra))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            made[key] = read_latent(out.with_suffix(".safetensors"))[0], proc.stderr
+        return made[key]
+
+    return latents
 
 
-def test_cfg_split_gives_the_same_image_at_every_world_size(tiny_sd_dir, tmp_path):
-    latents = []
-    for n in (1, 2, 3):
-        out = tmp_path / f"split{n}.png"
-        proc = torchrun(n, gen_args(tiny_sd_dir, out, "--cfg-split"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        latents.append(read_latent(out.with_suffix(".safetensors"))[0])
-    assert torch.equal(latents[0], latents[1]) and torch.equal(latents[0], latents[2])
+def test_world_sizes_1_2_3_give_bit_identical_latents(latents_of):
+    """One process (a plain run, as torchrun with one process runs it) and torchrun with 2 and 3."""
+    one, _ = latents_of(0, "--profile")
+    two, log = latents_of(2, "--profile")
+    assert "MB exchanged" in log and log.count("\n   1 ") >= 1
+    assert torch.equal(one, two) and torch.equal(one, latents_of(3, "--profile")[0])
+
+
+def test_cfg_split_gives_the_same_image_at_every_world_size(latents_of):
+    two, three = latents_of(2, "--cfg-split")[0], latents_of(3, "--cfg-split")[0]
+    assert torch.equal(two, three)
     # guidance split into separate calls only changes float rounding against the joint batch
-    joint = tmp_path / "joint.png"
-    assert torchrun(2, gen_args(tiny_sd_dir, joint)).returncode == 0
-    reference = read_latent(joint.with_suffix(".safetensors"))[0]
-    assert (latents[0] - reference).abs().max() <= 1e-5 * reference.abs().max()
+    joint = latents_of(2, "--profile")[0]
+    assert (two - joint).abs().max() <= 1e-5 * joint.abs().max()
 
 
 def test_cfg_split_needs_torchrun_and_guidance_refused_before_any_work(tiny_sd_dir, tmp_path):
@@ -89,17 +101,9 @@ def test_cfg_split_needs_torchrun_and_guidance_refused_before_any_work(tiny_sd_d
     assert result.exit_code == 2 and "this run makes one pass per tile" in result.output
 
 
-@pytest.mark.parametrize("extra", [[], ["--level-sync"]], ids=["plain", "level-sync"])
-def test_single_process_run_equals_the_torchrun_ones(tiny_sd_dir, tmp_path, extra):
-    """Also with level consensus, whose probe tile is one more unit of work shared out over the ranks."""
-    out = tmp_path / "plain.png"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out, *extra)],
-                          capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    two = tmp_path / "two.png"
-    assert torchrun(2, gen_args(tiny_sd_dir, two, *extra)).returncode == 0
-    assert torch.equal(read_latent(out.with_suffix(".safetensors"))[0], read_latent(two.with_suffix(".safetensors"))[0])
+def test_level_consensus_gives_the_same_image_in_one_process_and_two(latents_of):
+    """The level probe tile is one more unit of work shared out over the ranks."""
+    assert torch.equal(latents_of(0, "--level-sync")[0], latents_of(2, "--level-sync")[0])
 
 
 def test_a_killed_rank_ends_the_job_without_output_and_keeps_the_checkpoint(tiny_sd_dir, tmp_path):
@@ -143,8 +147,8 @@ def test_terrain_onnx_backend_runs_distributed_with_the_same_result(tmp_path):
     maps = []
     for n in (1, 2):
         out = tmp_path / f"t{n}.tif"
-        args = ["generate", "--model", "terrain", "--size", "256x256", "--steps", "2", "--seed", "3", "-q",
-                "--difficulty", "40", "-o", str(out)]  # fmt: skip
+        args = ["generate", "--model", "terrain", "--size", "256x192", "--overlap", "32", "--steps", "2",
+                "--seed", "3", "-q", "--difficulty", "40", "-o", str(out)]  # fmt: skip
         proc = torchrun(n, args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         from gigadiff.io.heightmap import read_heightmap

@@ -7,7 +7,7 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gigadiff.geometry import GridPlan, Tile, axis_count, axis_starts, tile_grid
@@ -192,6 +192,7 @@ def ring_coverage(grid) -> np.ndarray:
 def test_wrapped_axes_are_covered_by_windows_that_may_cross_the_edge(params):
     height, width, tile, overlap, shift, wrap = params
     grid = tile_grid(height, width, tile, overlap, shift, wrap=wrap)
+    assume(len(grid) <= 4000)  # tiles of 2 px on 400 px sides: a slow count that tells nothing new
     assert (ring_coverage(grid) >= 1).all()
     assert len(grid) == len(tile_grid(height, width, tile, overlap, (0.0, 0.0), wrap=wrap)), "shift is free"
     for t in grid:
