@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gigadiff.vae.halo import HaloTiledVAE, whole_decode
 from gigadiff.vae.latents import scale_latents
-from gigadiff.vae.passes import LinearAttention, SoftmaxAttention, TiledPass, reach, stage_reach
+from gigadiff.vae.passes import LinearAttention, SoftmaxAttention, Stage, TiledPass, execution_order, reach, stage_reach
 from gigadiff.vae.tiles import Collector
 from gigadiff.vae.tiling import VaeTiling
 
@@ -91,12 +91,73 @@ def test_stages_are_cut_to_what_the_rest_of_the_network_needs():
     hook = convs[2].register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[-1]))
     out = Collector()
     try:
-        TiledPass(run, [op], tile=8, halo=3, align=1, scale=2.0, stages=[(convs[1], 1)]).run(x, out, "cpu",
+        TiledPass(run, [op], tile=8, halo=3, align=1, scale=2.0, stages=[Stage(convs[1], 1)]).run(x, out, "cpu",
                                                                                           torch.float32)  # fmt: skip
     finally:
         hook.remove()
     assert (out.image - whole).abs().max() <= 1e-5 * whole.abs().max()
     assert max(widths) <= 2 * (8 + 2)  # core 8 (or less) + 1 px each side, upsampled: not 8 + 2 * 3
+
+
+class CountedConv(torch.nn.Conv2d):
+    """A 3x3 convolution that counts the times it computes."""
+
+    def __init__(self):
+        super().__init__(2, 2, 3, padding=1)
+        self.runs = 0
+
+    def forward(self, x):
+        self.runs += 1
+        return super().forward(x)
+
+
+class TwoAttentions(torch.nn.Module):
+    """conv -> attention A -> conv -> attention B -> conv -> 2x upsample -> conv, each conv a stage."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = torch.nn.ModuleList(CountedConv() for _ in range(4))
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        x = self.convs[1](self.a(self.convs[0](x), lambda t: t))
+        x = self.convs[2](self.b(x, lambda t: t))
+        return self.convs[3](F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+@pytest.mark.parametrize("keep", ["everything", "some tiles", "nothing"])
+def test_later_passes_resume_from_the_stage_outputs_kept_for_them(keep):
+    """Pass 1 (gathering B) resumes after the first conv, the output pass after the second: the early convs run
+    once per tile instead of once per pass, as far as the kept bytes allow, and the image is the same."""
+    torch.manual_seed(1)
+    a, b = ToyLinear(torch.randn(12, 2)), ToyLinear(torch.randn(12, 2))
+    net = TwoAttentions(a, b)
+    x = torch.randn(1, 2, 37, 29)
+    with torch.no_grad():
+        for op in (a, b):
+            op.mode = "probe"
+        whole = net(x)
+        for op in (a, b):
+            op.mode = "plain"
+    order, finished = execution_order(net, [b, a], 2, 1, stages=[net.convs[2], net.convs[0], net.convs[1]])
+    assert order == [a, b] and finished == [(1, 0), (2, 1), (0, 2)]  # conv0 before A, conv1 after A, conv2 after B
+    stages = [Stage(net.convs[0], 3, 0), Stage(net.convs[1], 2, 1), Stage(net.convs[2], 1, 2)]
+    for conv in net.convs:
+        conv.runs = 0
+    tiled = TiledPass(net, [a, b], tile=8, halo=4, align=1, scale=2.0, stages=stages,
+                      keep_bytes={"everything": 1e9, "some tiles": 2000, "nothing": 0}[keep])  # fmt: skip
+    out = Collector()
+    with torch.no_grad():
+        tiled.run(x, out, "cpu", torch.float32)
+    tiles, runs = len(tiled.cores(37, 29)), [conv.runs for conv in net.convs[:3]]
+    assert (out.image - whole).abs().max() <= 1e-5 * whole.abs().max()
+    if keep == "everything":  # conv0 in pass 0 only, conv1 in pass 1 only, conv2 in the output pass
+        assert runs == [tiles, tiles, tiles]
+    elif keep == "nothing":  # every pass from the input
+        assert runs == [3 * tiles, 2 * tiles, tiles]
+    else:
+        assert tiles < runs[0] < 3 * tiles and tiles < runs[1] < 2 * tiles
 
 
 def test_pooled_keys_approach_the_exact_attention():

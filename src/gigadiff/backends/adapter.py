@@ -7,9 +7,8 @@ A family adapter subclasses `DiffusersBackend`, encodes prompts in `condition`, 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -213,15 +212,3 @@ class NegativeGuided:
     @property
     def cfg(self) -> bool:
         return self.negative is not None
-
-
-@contextlib.contextmanager
-def instance_override(module: Any, name: str, value: Any) -> Iterator[None]:
-    """While inside, `module.name` is `value` for this instance only (shadowing its class's method); the
-    class's own is back on exit, even on error. How an adapter changes one step of a diffusers model (its
-    position ids or table crop) without copying the model's forward."""
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        delattr(module, name)

@@ -103,11 +103,15 @@ def dc_ae_networks(vae: Any) -> tuple[Network, Network]:
 
     dec_ops, dec_hooks = network(vae.decoder)
     enc_ops, enc_hooks = network(vae.encoder)
+    # a tile's later passes resume after the last block before the attention gathering (resolution stages hold
+    # three attentions each)
     decoder = Network(vae.decoder, dec_ops, dec_hooks, int(vae.config.latent_channels), float(factor),
                       architecture=architecture(vae, "decoder"), stages=list(vae.decoder.up_blocks),
+                      resumes=[block for stage in vae.decoder.up_blocks for block in stage],
                       module=vae.decoder)  # fmt: skip
     encoder = Network(vae.encoder, enc_ops, enc_hooks, int(vae.config.in_channels), 1.0 / factor, align=factor,
                       architecture=architecture(vae, "encoder"), stages=list(vae.encoder.down_blocks),
+                      resumes=[block for stage in vae.encoder.down_blocks for block in stage],
                       module=vae.encoder)  # fmt: skip
     return decoder, encoder
 

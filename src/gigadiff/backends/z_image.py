@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.adapter import NegativeGuided, TransformerBackend, instance_override
+from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.lazy import no_grad, torch
+from gigadiff.overrides import instance_override
 
 if TYPE_CHECKING:
     import torch as torch_types

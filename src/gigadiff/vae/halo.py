@@ -17,9 +17,9 @@ import torch
 
 from gigadiff.errors import GigadiffError
 from gigadiff.events import Listener, NullListener
-from gigadiff.vae.budget import GB, MIN_TILE, USEFUL_TILE, memory_budget, round_up
+from gigadiff.vae.budget import GB, MIN_TILE, USEFUL_TILE, available_ram, memory_budget, round_up
 from gigadiff.vae.latents import posterior_latents, scale_latents, unscale_latents
-from gigadiff.vae.passes import GlobalOp, TiledPass, execution_order, reach, stage_reach
+from gigadiff.vae.passes import GlobalOp, Stage, TiledPass, execution_order, reach, stage_reach
 from gigadiff.vae.plan import Plan
 from gigadiff.vae.tiled import MAX_KEYS
 from gigadiff.vae.tiles import Collector, TileSink, clamped
@@ -30,6 +30,9 @@ TILE_PX = {"cpu": 512, "cuda": 1024}
 """Largest tile cores in image px by device type (where the budget allows, and at least twice the halo): on the
 CPU a tile's buffers should stay cache-sized, a GPU wants the larger call (the halo's share of the work falls as
 the core grows)."""
+KEEP_RAM = 0.25
+"""Share of the available RAM that may hold the tiles' final stage outputs between passes (beyond it, a tile's
+later passes run from its input again: slower, the same result)."""
 HEADROOM = 1.5
 """A tile's device memory is estimated as this times its largest layer's input and output (measured on a probe,
 per pixel): the input of the residual block around that layer stays alive beside them."""
@@ -57,10 +60,14 @@ class Network:
     """Sets the softmax attentions' key limit (None: every key, exact mode)."""
     stages: Sequence[Any] = ()
     """Modules on the network's path after which a tile's tensor can be cut down to what the rest needs (its
-    resolution stages): the finer stages then run on little more than the core (gigadiff.vae.passes.TiledPass)."""
+    resolution stages): the finer stages then run on little more than the core, and a tile's later passes may
+    resume from their outputs (gigadiff.vae.passes.TiledPass)."""
+    resumes: Sequence[Any] = ()
+    """More modules on the path (blocks inside the stages) from whose output a tile's later passes may resume;
+    their output is not cut (the stage before them cut it already to what the rest needs)."""
     module: Any = None
     """The torch module whose layers `run` runs (their activations are measured for the memory plan)."""
-    _reach: tuple[int, list[tuple[Any, int]]] | None = None
+    _reach: tuple[int, list[Stage]] | None = None
     _bytes_per_px: float | None = None
 
     def halo(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> int:
@@ -68,15 +75,17 @@ class Network:
         whether a change arrives does not depend on the weights' values)."""
         return self._measure(device, dtype)[0]
 
-    def stage_halos(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[Any, int]]:
-        """(stage, reach from its output on) for every stage."""
+    def stage_halos(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> list[Stage]:
+        """The stages in the order the network runs them, each with its reach from its output on."""
         return self._measure(device, dtype)[1]
 
-    def _measure(self, device: Any, dtype: torch.dtype) -> tuple[int, list[tuple[Any, int]]]:
+    def _measure(self, device: Any, dtype: torch.dtype) -> tuple[int, list[Stage]]:
         if self._reach is None:
             key = (self.architecture, self.channels, self.scale)
             with self.hooks():
-                self.ops = execution_order(self.run, self.ops, self.channels, self.align, device, dtype)
+                points = [*self.stages, *self.resumes]
+                self.ops, finished = execution_order(self.run, self.ops, self.channels, self.align, device, dtype,
+                                                     points)  # fmt: skip
                 if key not in _REACH or not self.architecture:
                     whole = reach(self.run, self.ops, self.channels, self.scale, self.align,
                                   start=max(32, 16 * self.align), device=device, dtype=dtype)  # fmt: skip
@@ -85,7 +94,8 @@ class Network:
                                           device, dtype) for stage in self.stages]  # fmt: skip
                     _REACH[key] = (whole, stages)
             whole, per_stage = _REACH[key]
-            self._reach = (whole, list(zip(self.stages, per_stage, strict=True)))
+            cuts = [*per_stage, *(None for _ in self.resumes)]
+            self._reach = (whole, [Stage(points[i], cuts[i], ops) for i, ops in finished])
         return self._reach
 
     def bytes_per_px(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> float:
@@ -169,7 +179,7 @@ class HaloTiledVAE:
         self.last_plan = plan
         halo = network.halo(self.device, self.dtype)
         tiled = TiledPass(network.run, network.ops, plan.tile, halo, network.align, network.scale, self.tiling.wrap,
-                          network.stage_halos(self.device, self.dtype))  # fmt: skip
+                          network.stage_halos(self.device, self.dtype), KEEP_RAM * available_ram())  # fmt: skip
         cores = len(tiled.cores(x.shape[-2], x.shape[-1]))
         passes = len(network.ops) + 1
         self.listener.on_phase(f"{what} (VAE {plan.mode}, {passes} passes)", cores * passes)

@@ -16,8 +16,13 @@ The attention layers are the exception: each position attends over the whole ima
 The driver runs one gathering pass per attention layer, in network order (layer l's input needs the summaries
 of the layers before it): every tile runs the network up to layer l, adds its core's part to the summary and
 stops there (`Stop`). A last pass runs every tile through the whole network with all summaries frozen and
-streams the cores to the sink. Memory is one tile plus the summaries; the gathering passes cost the network up
-to each attention layer (the low-resolution end of a decoder, the last stages of an encoder).
+streams the cores to the sink. Device memory is one tile plus the summaries.
+
+A tile's output of a stage (a module on the network's path, `Stage`) is final once every attention before it has
+its summary: from then on the tile's later passes resume from it instead of running the network up to it again
+(`TiledPass.keep_bytes` of host memory hold these outputs; past that, passes run from the input). Without that,
+each gathering pass would run the network from the input up to its layer: nine passes through the DC-AE
+decoder's coarse stages, or as many through an encoder's fine ones.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any, Literal
 import torch
 
 from gigadiff import interrupts
+from gigadiff.overrides import instance_override
 from gigadiff.vae.blend import even_cuts
 from gigadiff.vae.tiles import TileSink, crop_with_halo
 
@@ -139,23 +145,53 @@ def modes(ops: Sequence[GlobalOp], mode: Mode, gather: GlobalOp | None = None) -
             op.mode, op.window = "plain", None
 
 
-_TRACE: list[GlobalOp] = []
-"""The ops in the order a probe pass called them."""
+_TRACE: list[Any] = []
+"""The ops (and stage modules) in the order a probe pass ran them."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A module on a network's path after which a tile's tensor is cut to what the rest of the network needs
+    (`reach`: input px around the core) and may be kept for the tile's later passes."""
+
+    module: Any
+    reach: int | None
+    """None: the output is not cut (a point to resume from only)."""
+    ops_before: int = 0
+    """How many of the network's ops have run when the module's output is ready: in gathering pass p (ops
+    0..p-1 frozen), the output is final if `ops_before` <= p."""
 
 
 def execution_order(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int,
-                    align: int, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> list[GlobalOp]:  # fmt: skip
+                    align: int, device: Any = "cpu", dtype: torch.dtype = torch.float32,
+                    stages: Sequence[Any] = ()) -> tuple[list[GlobalOp], list[tuple[int, int]]]:  # fmt: skip
     """`ops` in the order the network runs them (not always the order its modules are registered in: a decoder
-    may run its blocks in reverse). Every op must be on the network's path."""
+    may run its blocks in reverse), and for the `stages` (modules) in the order they finish: (index in `stages`,
+    ops run before it finishes). Every op and stage must be on the network's path."""
     _TRACE.clear()
     side = 4 * align
-    with modes(ops, "probe"), torch.no_grad():
-        network(torch.zeros(1, channels, side, side, device=device, dtype=dtype))
-    order = list(dict.fromkeys(_TRACE))
+    hooks = [module.register_forward_hook(lambda m, a, o: _TRACE.append(m)) for module in stages]
+    try:
+        with modes(ops, "probe"), torch.no_grad():
+            network(torch.zeros(1, channels, side, side, device=device, dtype=dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    trace = list(dict.fromkeys(_TRACE))
     _TRACE.clear()
+    op_ids, stage_ids = {id(op) for op in ops}, {id(m): i for i, m in enumerate(stages)}
+    order = [item for item in trace if id(item) in op_ids]
     if len(order) != len(ops):
         raise RuntimeError(f"{len(ops) - len(order)} of the network's attention layers did not run in a probe pass")
-    return order
+    finished, seen = [], 0
+    for item in trace:
+        if id(item) in op_ids:
+            seen += 1
+        elif id(item) in stage_ids:
+            finished.append((stage_ids[id(item)], seen))
+    if len(finished) != len(stages):
+        raise RuntimeError(f"{len(stages) - len(finished)} of the network's stages did not run in a probe pass")
+    return order, finished
 
 
 def reach(network: Callable[[torch.Tensor], torch.Tensor], ops: Sequence[GlobalOp], channels: int, scale: float,
@@ -243,11 +279,13 @@ class TiledPass:
     align: int
     scale: float
     wrap: tuple[bool, bool] = (False, False)
-    stages: Sequence[tuple[Any, int]] = ()
-    """(module, reach in input px): after each module, its output is cut to the core plus that reach (the halo
-    the rest of the network needs), so the later, finer stages run on little more than the core."""
-    _current: dict[str, Window | None] = field(default_factory=dict, init=False, repr=False, compare=False)
-    """The window of the tile being run (for the stage cuts)."""
+    stages: Sequence[Stage] = ()
+    """In the order the network runs them: after each, its output is cut to the core plus the stage's reach (the
+    halo the rest of the network needs), so the later, finer stages run on little more than the core."""
+    keep_bytes: float = 0.0
+    """Host bytes for the tiles' final stage outputs, from which their later passes resume."""
+    _current: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """The window of the tile being run, the stage it resumes after and the one whose output it keeps."""
 
     def cores(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         step = math.lcm(self.align, *(op.alignment((height, width)) for op in self.ops))
@@ -264,38 +302,52 @@ class TiledPass:
         height, width = x.shape[-2:]
         cores = self.cores(height, width)
         with contextlib.ExitStack() as stack:
-            for module, stage_halo in self.stages:
-                hook = module.register_forward_hook(self._narrowing(stage_halo))
+            for index, stage in enumerate(self.stages):
+                hook = stage.module.register_forward_hook(self._after_stage(index))
                 stack.callback(hook.remove)
             self._passes(x, cores, sink, device, dtype, advance)
 
-    def _narrowing(self, stage_halo: int) -> Callable[..., torch.Tensor]:
-        def narrow(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-            window = self._current.get("window")
-            return out if window is None else window.narrow(out, stage_halo)
+    def _after_stage(self, index: int) -> Callable[..., torch.Tensor]:
+        """The forward hook of stage `index`: cut its output to what the rest needs, and keep it if asked."""
 
-        return narrow
+        def after(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+            window: Window | None = self._current.get("window")
+            if window is None or index <= self._current.get("resumed", -1):
+                return out  # not a tiled pass, or replaying a kept output (already cut)
+            reach = self.stages[index].reach
+            if reach is not None:
+                out = window.narrow(out, reach)
+            if index == self._current.get("keep"):
+                self._current["kept"] = Kept(index, out.detach().to("cpu", copy=True), tuple(window.extent))
+            return out
+
+        return after
 
     def _passes(self, x: torch.Tensor, cores: list[tuple[int, int, int, int]], sink: TileSink, device: Any,
                 dtype: torch.dtype, advance: Callable[[], None]) -> None:  # fmt: skip
         height, width = x.shape[-2:]
+        kept: dict[int, Kept] = {}
         for i, op in enumerate(self.ops):
             op.reset((height, width))
+            final = [j for j, stage in enumerate(self.stages) if stage.ops_before <= i]
             with modes(self.ops[:i], "apply", gather=op):
-                for core in cores:
-                    self._tile(x, core, device, dtype, expect_stop=True)
+                for t, core in enumerate(cores):
+                    self._tile(x, core, device, dtype, True, kept, t, final[-1] if final else None)
                     advance()
             op.freeze()
         with modes(self.ops, "apply"):
-            for core in cores:
-                out = self._tile(x, core, device, dtype, expect_stop=False)
+            for t, core in enumerate(cores):
+                out = self._tile(x, core, device, dtype, False, kept, t, None)
+                kept.pop(t, None)
                 assert out is not None
                 y0, _, x0, _ = core
                 sink(round(y0 * self.scale), round(x0 * self.scale), out)
                 advance()
 
     def _tile(self, x: torch.Tensor, core: tuple[int, int, int, int], device: Any, dtype: torch.dtype,
-              expect_stop: bool) -> torch.Tensor | None:  # fmt: skip
+              expect_stop: bool, kept: dict[int, Kept], t: int, keep: int | None) -> torch.Tensor | None:  # fmt: skip
+        """Run tile `t` from its input, or from the stage output kept for it; keep stage `keep`'s output if it
+        is deeper than what is kept and fits `keep_bytes`."""
         interrupts.check()
         y0, y1, x0, x1 = core
         crop, (top, left) = crop_with_halo(x, y0, y1, x0, x1, self.halo, self.wrap)
@@ -303,16 +355,51 @@ class TiledPass:
         window = Window(extent, (y0, x0, y1 - y0, x1 - x0), (int(x.shape[-2]), int(x.shape[-1])))
         for op in self.ops:
             op.window = window
-        self._current["window"] = window
+        resume = kept.get(t)
+        held = sum(k.tensor.nbytes for k in kept.values()) - (resume.tensor.nbytes if resume else 0)
+        if (resume is not None and keep is not None and resume.stage >= keep) or held >= self.keep_bytes:
+            keep = None  # what is kept is as deep as this pass could keep, or nothing more fits
+        self._current.update(window=window, resumed=-1 if resume is None else resume.stage, keep=keep, kept=None)
         try:
-            out = self.network(crop.to(device, dtype))
+            with contextlib.ExitStack() as stack:
+                if resume is not None:
+                    self._resume(stack, resume, window, device, dtype)
+                out = self.network(crop.to(device, dtype))
         except Stop:
             return None
         finally:
-            self._current["window"] = None
+            new = self._current.get("kept")
+            if new is not None and held + new.tensor.nbytes <= self.keep_bytes:
+                kept[t] = new
+            self._current.clear()
         assert not expect_stop, "a gathering pass ran to the end: its op is not on the network's path"
         rows, cols, _, _ = window.at(out)
         return out[..., rows, cols]
+
+    def _resume(self, stack: contextlib.ExitStack, resume: Kept, window: Window, device: Any,
+                dtype: torch.dtype) -> None:  # fmt: skip
+        """While `stack` is open, the stages up to the kept one do not run: the earlier ones pass their input
+        through (it is thrown away) and the kept one gives its kept output, the window narrowed as it was."""
+
+        def skipped(*args: Any, **kwargs: Any) -> Any:
+            return args[0]
+
+        def replay(*args: Any, **kwargs: Any) -> torch.Tensor:
+            window.extent = list(resume.extent)
+            return resume.tensor.to(device, dtype)
+
+        for j in range(resume.stage + 1):
+            stack.enter_context(instance_override(self.stages[j].module, "forward",
+                                                  replay if j == resume.stage else skipped))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A tile's output of a stage, final for every later pass, with the extent it covers."""
+
+    stage: int
+    tensor: torch.Tensor
+    extent: tuple[int, ...]
 
 
 class SoftmaxAttention(GlobalOp):
