@@ -1,9 +1,11 @@
 """Benchmark: how fast the command line answers before any model loads.
 
-Fresh processes, each timed from start to exit: `gigadiff --version`, `python -c "import torch"`, and
-`gigadiff generate x --size 100x100` (a size error, refused from the model's description before torch is
-imported) for the default preset and for a local FLUX-shaped folder. Best of N runs per row (process start-up
-wanders with the machine's load). Table plus JSON.
+Fresh processes, each timed from start to exit, as a new user meets them: an empty Hugging Face cache and no
+network (HF_HOME is an empty folder, HF_HUB_OFFLINE is unset and the hub endpoint refuses connections).
+`gigadiff --version`, `python -c "import torch"`, `gigadiff generate x --size 100x100` (a size error, refused
+from the model's description before torch is imported and before any network access) for the default preset and
+for a local FLUX-shaped folder, and a valid request for that uncached preset (refused because the hub cannot be
+reached). Best of N runs per row (process start-up wanders with the machine's load). Table plus JSON.
 
     python bench/startup.py [--runs 3] [--json bench/results/startup.json]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,13 +32,21 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return time.perf_counter() - start, proc.returncode, lines[-1] if lines else ""
 
 
+def refusing_port() -> int:
+    """A local port nothing listens on (bound, then released): connections to it are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("bench/results/startup.json"))
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_HOME=f"{tmp}/hf-home", HF_ENDPOINT=f"http://127.0.0.1:{refusing_port()}")
         from tests.helpers.tiny import save_tiny, tiny_flux_pipeline
 
         flux = save_tiny(tiny_flux_pipeline(), Path(tmp) / "tiny-flux")
@@ -44,6 +55,7 @@ def main() -> None:
             "gigadiff --version": [*gigadiff, "--version"],
             'python -c "import torch"': [sys.executable, "-c", "import torch"],
             "bad size, preset sd15": [*gigadiff, "generate", "x", "--size", "100x100", "-o", f"{tmp}/o.png"],
+            "uncached preset, no network": [*gigadiff, "generate", "x", "-o", f"{tmp}/o.png"],
             "bad size, FLUX folder": [
                 *gigadiff,
                 "generate",

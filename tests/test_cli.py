@@ -93,6 +93,9 @@ BAD_INPUTS = [
     (["--sigmas", "80,x"], "must be comma-separated numbers"),
     (["--save-latent", "latent.bin"], "must end in .safetensors"),
     (["--guidance-rescale", "1.5"], "--guidance-rescale must lie in [0, 1]"),
+    (["-o", ""], "--output is empty; give a file name ending in .png, .tif or .tiff"),
+    (["-o", ".png"], "--output .png has a suffix but no file name"),
+    (["-o", "/proc/x.png"], "cannot write /proc/x.png: folder /proc takes no new file"),
 ]
 
 

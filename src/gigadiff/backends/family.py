@@ -38,6 +38,8 @@ class Preset:
     native_size: int | None = None
     """The size the model was trained at, where its config does not say it (SDXL-Turbo: 512)."""
     default_size: int | None = None
+    gated: bool = False
+    """Its hub page asks for a licence to be accepted (and downloads need a login)."""
 
 
 class Family:

@@ -115,9 +115,9 @@ class Flux(Family):
     single_file_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")
     single_file_pipeline = "FluxPipeline"
     presets = (
-        Preset("flux-dev", "black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5),
+        Preset("flux-dev", "black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5, gated=True),
         Preset("flux-schnell", "black-forest-labs/FLUX.1-schnell", steps=4, guidance=0.0),
-        Preset("flux-krea", "black-forest-labs/FLUX.1-Krea-dev", steps=28, guidance=4.5),
+        Preset("flux-krea", "black-forest-labs/FLUX.1-Krea-dev", steps=28, guidance=4.5, gated=True),
     )
     scheduler_kind = "flow"
     guidance_kind = "embedded"

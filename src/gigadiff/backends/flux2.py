@@ -143,7 +143,7 @@ class Flux2(Family):
         "double_stream_modulation_img.",
         "model.diffusion_model.double_stream_modulation_img.",
     )
-    presets = (Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0),)
+    presets = (Preset("flux2-dev", "black-forest-labs/FLUX.2-dev", steps=50, guidance=4.0, gated=True),)
     scheduler_kind = "flow"
     guidance_kind = "embedded"
     positions = "rope"

@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import resolve_device, resolve_dtype
-from gigadiff.backends.source import ModelSource, offline
+from gigadiff.backends.source import ModelSource, hub_unreachable, offline
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
@@ -54,24 +54,35 @@ def _pretrained(source: ModelSource, dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline
 
     assert source.root is not None
-    local = source.kind == "folder" or offline()
+    cut_off = "" if source.kind == "folder" else _cut_off()
     try:
         return DiffusionPipeline.from_pretrained(
-            str(source.root) if source.kind == "folder" else source.location, dtype=dtype, local_files_only=local
-        )
+            str(source.root) if source.kind == "folder" else source.location, dtype=dtype,
+            local_files_only=source.kind == "folder" or bool(cut_off),
+        )  # fmt: skip
     except Exception as e:
-        raise GigadiffError(f"cannot load model {source.name!r}: {_first_line(e)}", "model") from e
+        raise GigadiffError(f"cannot load model {source.name!r}: {_first_line(e)}{cut_off}", "model") from e
+
+
+def _cut_off() -> str:
+    """Why the hub is not to be asked for files ("" if it is): then only the cache is read, at once, rather than
+    after the hub library's retries."""
+    if offline():
+        return " (HF_HUB_OFFLINE is set: only the local cache is read)"
+    unreachable = hub_unreachable()
+    return f" ({unreachable}: only the local cache is read)" if unreachable else ""
 
 
 def _single_file(source: ModelSource, class_name: str, dtype: torch.dtype) -> Any:
     import diffusers
 
     cls = getattr(diffusers, class_name)
+    cut_off = _cut_off()
     try:
-        return cls.from_single_file(source.location, dtype=dtype)
+        return cls.from_single_file(source.location, dtype=dtype, local_files_only=bool(cut_off))
     except Exception as e:  # the config lookup needs the hub unless it is cached; a damaged file fails here too
         raise GigadiffError(
-            f"cannot load checkpoint {source.location} as {class_name}: {_first_line(e, 200)}. Single-file "
+            f"cannot load checkpoint {source.location} as {class_name}: {_first_line(e, 200)}{cut_off}. Single-file "
             "checkpoints need their model's config from the hub cache; convert it to a diffusers folder on a "
             "connected machine, or pass that folder with {model}",
             "model",

@@ -17,7 +17,7 @@ from gigadiff.backends.sana import Sana
 from gigadiff.backends.sd import StableDiffusion
 from gigadiff.backends.sd3 import StableDiffusion3
 from gigadiff.backends.sdxl import StableDiffusionXL
-from gigadiff.backends.source import ModelSource, locate, object_source, require_present
+from gigadiff.backends.source import ModelSource, locate, object_source, present
 from gigadiff.backends.terrain import Terrain
 from gigadiff.backends.z_image import ZImage
 from gigadiff.errors import GigadiffError
@@ -71,7 +71,8 @@ def family_of(source: ModelSource) -> Family:
 
 def find_model(model: str) -> tuple[ModelSource, Family, ModelInfo]:
     """Locate `model` and describe it from its config files: everything the checks need, without torch."""
-    source = locate(model, builtin_names(), {name: p.repo for name, (_, p) in presets().items()})
+    known = presets().values()
+    source = locate(model, builtin_names(), {p.name: p.repo for _, p in known}, {p.repo for _, p in known if p.gated})
     family = family_of(source)
     return source, family, family.describe(source)
 
@@ -84,7 +85,9 @@ def load_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") ->
         family = family_of(source)
         return family.adapt(model, family.describe(source))
     source, family, info = find_model(model)
-    require_present(source)
+    if source.pending:
+        source = present(source)
+        info = family.describe(source)
     return family.load(source, info, device, dtype)
 
 

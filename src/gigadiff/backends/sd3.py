@@ -128,10 +128,10 @@ class StableDiffusion3(Family):
     single_file_markers = ("joint_blocks.", "model.diffusion_model.joint_blocks.")
     single_file_pipeline = "StableDiffusion3Pipeline"
     presets = (
-        Preset("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", steps=28, guidance=7.0),
-        Preset("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5),
-        Preset("sd35-large", "stabilityai/stable-diffusion-3.5-large", steps=28, guidance=3.5),
-        Preset("sd35-large-turbo", "stabilityai/stable-diffusion-3.5-large-turbo", steps=4, guidance=0.0),
+        Preset("sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", steps=28, guidance=7.0, gated=True),
+        Preset("sd35-medium", "stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5, gated=True),
+        Preset("sd35-large", "stabilityai/stable-diffusion-3.5-large", steps=28, guidance=3.5, gated=True),
+        Preset("sd35-large-turbo", "stabilityai/stable-diffusion-3.5-large-turbo", steps=4, guidance=0.0, gated=True),
     )
     scheduler_kind = "flow"
     guidance_kind = "cfg"

@@ -4,17 +4,26 @@
 local diffusers folder, or a single-file checkpoint (.safetensors / .ckpt). This module finds the files and
 reads what the checks before a run need: a folder's `model_index.json` and its components' config files (from
 the folder, or from the local hub cache, whose layout is `models--owner--name/snapshots/<revision>/`), or a
-single file's tensor names (from the safetensors header: 8 bytes of length, then JSON). A model that is not
-cached and cannot be reached fails here, in the first second, naming the model and how to provide it.
+single file's tensor names (from the safetensors header: 8 bytes of length, then JSON).
+
+A preset's family is known from its name, so a preset that is not cached is described by its family's declared
+defaults until the request's own checks have passed (`present` then fetches its config files): a bad size is
+reported before any network access. A model that is not cached and cannot be fetched fails in a second or two,
+never after the hub library's retries: the hub's host is tried once, with a short timeout, before any download.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import socket
 import struct
-from dataclasses import dataclass, field
+import urllib.parse
+import urllib.request
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +34,9 @@ MAX_HEADER = 100 * 2**20
 """A safetensors header larger than this is taken as a damaged file (real headers are a few MB at most)."""
 
 SourceKind = Literal["builtin", "preset", "hub", "folder", "file", "object"]
+DEFAULT_ENDPOINT = "https://huggingface.co"
+REACH_TIMEOUT = 2.0
+"""Seconds to wait for the hub's host to accept a connection before calling it unreachable."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +57,11 @@ class ModelSource:
     preset: str | None = None
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Component configs given directly (a pipeline object passed to the Python API), read before the folder."""
-    missing: str = ""
-    """A preset not in the cache of an offline machine: why it cannot load (its family's declared defaults
-    describe it meanwhile, so that a request's own errors are still reported first)."""
+    gated: bool = False
+    """A hub model whose licence must be accepted on its hub page before it downloads."""
+    pending: bool = False
+    """A preset whose config files are neither cached nor fetched yet: its family's declared defaults describe it
+    until `present` fetches them (after the request's own checks)."""
 
     @property
     def pipeline_class(self) -> str:
@@ -109,39 +123,111 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
-def require_present(source: ModelSource) -> None:
-    """Raise the missing-model error of a preset that could not be found."""
-    if source.missing:
-        raise GigadiffError(source.missing, "model")
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "") or DEFAULT_ENDPOINT
 
 
-def missing_model_message(model: str, repo: str, cause: str) -> str:
-    shown = model if model == repo else f"{model} ({repo})"
-    return (
-        f"cannot load model {shown}: it is not in the local Hugging Face cache and could not be downloaded "
-        f"({cause}). Download it on a connected machine with `hf download {repo}` and copy the cache "
-        "(HF_HOME), or pass {model} /path/to/a/diffusers/folder or a .safetensors checkpoint"
-    )
+def hub_unreachable(timeout: float = REACH_TIMEOUT) -> str:
+    """Why the hub cannot be reached ("" when its host, or the proxy to it, accepts a TCP connection)."""
+    endpoint = urllib.parse.urlsplit(hub_endpoint())
+    host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{hub_endpoint()} cannot be reached ({e.strerror or e or type(e).__name__})"
+    return ""
 
 
-def fetch_configs(repo: str, model: str) -> Path:
+class ModelUnavailable(GigadiffError):
+    """A hub model that is not in the local cache and cannot be fetched now. The message's advice is the command
+    line's; `for_server` gives a server's (whose clients cannot pass a path)."""
+
+    def __init__(self, model: str, repo: str, cause: str, reason: str = "network", gated: bool = False) -> None:
+        self.model, self.repo, self.cause, self.reason, self.gated = model, repo, cause, reason, gated
+        super().__init__(f"{self.problem()}. {self.advice()}", "model")
+
+    def problem(self) -> str:
+        shown = self.model if self.model == self.repo else f"{self.model} ({self.repo})"
+        return f"cannot load model {shown}: it is not in the local Hugging Face cache ({hub_cache()}) and {self.cause}"
+
+    def advice(self) -> str:
+        if self.reason == "login":
+            return ("Log in with `hf auth login` (or set HF_TOKEN) with an account that may read it; a gated model "
+                    "such as FLUX.1-dev also needs its licence accepted on its hub page")  # fmt: skip
+        return (f"Download it where there is network (`hf download {self.repo}`) and copy that cache here (set "
+                "HF_HOME to it; HF_HUB_OFFLINE=1 then skips every network access), or pass {model} "
+                "/path/to/a/diffusers/folder or a .safetensors checkpoint" + self.gate())  # fmt: skip
+
+    def gate(self) -> str:
+        if not self.gated:
+            return ""
+        return (". It is a gated model: accept its licence on its hub page and log in (`hf auth login`, or set "
+                "HF_TOKEN) before downloading")  # fmt: skip
+
+    def for_server(self, models: Path | None) -> GigadiffError:
+        """The same problem with what a server's operator can do about it."""
+        folder = (
+            f"; or put its diffusers folder in the server's models folder ({models}) and name it by that folder's name"
+            if models
+            else "; or start the server with --models FOLDER holding its diffusers folder"
+        )
+        login = " after logging in there (`hf auth login`)" if self.reason == "login" or self.gated else ""
+        return GigadiffError(f"{self.problem()}. The server cannot fetch it: download it into the server's cache "
+                             f"with `hf download {self.repo}`{login}{folder}", "model")  # fmt: skip
+
+
+def _hub_failure(e: Exception) -> tuple[str, str]:
+    """(cause, reason) of a failed hub download, in words."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return "it is a gated model this machine is not logged in for", "login"
+    if isinstance(e, RepositoryNotFoundError):
+        return "the hub has no such model (or it is private)", "login"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"could not be downloaded ({type(e).__name__}: {first})", "network"
+
+
+def fetch_configs(repo: str, model: str, gated: bool = False) -> Path:
     """Download only a hub model's model_index.json and component configs (not its weights), so that the
     checks before a run can read them; the weights follow when the model loads."""
-    try:
-        from huggingface_hub import hf_hub_download
+    if offline():
+        raise ModelUnavailable(model, repo, "HF_HUB_OFFLINE is set", gated=gated)
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelUnavailable(model, repo, unreachable, gated=gated)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no retry chatter: a failure is one line below
+    try:
         index_path = Path(hf_hub_download(repo, "model_index.json"))
         index = json.loads(index_path.read_text())
         for component, spec in index.items():
             if component.startswith("_") or not isinstance(spec, list):
                 continue
             name = "scheduler_config.json" if component == "scheduler" else "config.json"
-            with contextlib.suppress(Exception):  # tokenizers and processors have other files, not needed here
+            with contextlib.suppress(EntryNotFoundError):  # tokenizers and processors have other files
                 hf_hub_download(repo, f"{component}/{name}")
         return index_path.parent
     except Exception as e:
-        raise GigadiffError(missing_model_message(model, repo, f"{type(e).__name__}: {str(e)[:200]}"),
-                            "model") from None  # fmt: skip
+        raise ModelUnavailable(model, repo, *_hub_failure(e), gated=gated) from None
+    finally:
+        hub_log.setLevel(level)
+
+
+def present(source: ModelSource) -> ModelSource:
+    """`source` with its config files at hand: a pending preset's fetched from the hub (or a clear error)."""
+    if not source.pending:
+        return source
+    root = fetch_configs(source.location, source.name, source.gated)
+    return replace(source, root=root, index=read_index(root, source.name), pending=False)
 
 
 def read_index(root: Path, model: str) -> dict[str, Any]:
@@ -173,12 +259,13 @@ def safetensors_keys(path: Path) -> tuple[str, ...]:
     return tuple(k for k in header if k != "__metadata__")
 
 
-def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str]) -> ModelSource:
-    """Find `model`: a built-in name, a preset (name -> hub id), a single file, a folder or a hub id."""
+def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated: Collection[str] = ()) -> ModelSource:
+    """Find `model`: a built-in name, a preset (name -> hub id), a single file, a folder or a hub id (`gated`:
+    the hub ids whose licence must be accepted)."""
     if model in builtins:
         return ModelSource(model, "builtin", model)
     if model in presets:
-        return _hub(model, presets[model], "preset")
+        return _hub(model, presets[model], "preset", presets[model] in gated)
     path = Path(model).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
@@ -198,16 +285,14 @@ def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str]) -> Mo
             "and not a hub id of the form owner/name",
             "model",
         )
-    return _hub(model, model, "hub")
+    return _hub(model, model, "hub", model in gated)
 
 
-def _hub(model: str, repo: str, kind: SourceKind) -> ModelSource:
+def _hub(model: str, repo: str, kind: SourceKind, gated: bool) -> ModelSource:
+    preset = model if kind == "preset" else None
     root = cached_snapshot(repo)
     if root is None:
-        if offline():
-            message = missing_model_message(model, repo, "HF_HUB_OFFLINE is set")
-            if kind == "preset":
-                return ModelSource(model, kind, repo, preset=model, missing=message)
-            raise GigadiffError(message, "model")
-        root = fetch_configs(repo, model)
-    return ModelSource(model, kind, repo, root, read_index(root, model), preset=model if kind == "preset" else None)
+        if preset is not None:
+            return ModelSource(model, kind, repo, preset=preset, gated=gated, pending=True)
+        root = fetch_configs(repo, model, gated)
+    return ModelSource(model, kind, repo, root, read_index(root, model), preset=preset, gated=gated)

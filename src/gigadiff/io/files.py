@@ -41,6 +41,18 @@ def check_outputs(paths: Iterable[Path], overwrite: bool) -> None:
             raise GigadiffError(f"cannot write {path}: folder {folder} is not writable")
         if path.exists() and not os.access(path, os.W_OK):
             raise GigadiffError(f"cannot write {path}: the existing file is not writable")
+        _try_new_file(path, folder)
+
+
+def _try_new_file(path: Path, folder: Path) -> None:
+    """Create and remove the temporary file `publish` will write, so that a folder that refuses new files (a
+    read-only mount, /proc, a full disk's quota) is reported now rather than after the run."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=folder)
+    except OSError as e:
+        raise GigadiffError(f"cannot write {path}: folder {folder} takes no new file ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def _umask() -> int:

@@ -2,10 +2,13 @@
 
 The checks run in the order of their cost: the request's own values (sizes, names, ranges), then the files it
 names (regions, init image, output folders), then the model's description from its config files (its sizes
-multiple, schedulers, guidance, positions), then the outputs that would be overwritten. What passes is a `Run`:
-the resolved settings that determine the image, the model's source and description, the tiled VAE's settings,
-the output paths and the run's options. `Run.record()` is the resolved request: metadata, checkpoints and
-sidecars keep it, and resolving it again gives the same run (`gigadiff resume`, the service after a restart).
+multiple, schedulers, guidance, positions; a preset not yet cached is described by its family until the end),
+then the outputs (that they would not be overwritten and that their folders take a new file), and last the
+network: a preset's config files fetched from the hub, and the checks that depend on them run again. What
+passes is a `Run`: the resolved settings that determine the image, the model's source and description, the
+tiled VAE's settings, the output paths and the run's options. `Run.record()` is the resolved request: metadata,
+checkpoints and sidecars keep it, and resolving it again gives the same run (`gigadiff resume`, the service
+after a restart).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import check_device_name
 from gigadiff.backends.registry import find_model
-from gigadiff.backends.source import require_present
+from gigadiff.backends.source import present
 from gigadiff.errors import GigadiffError, Note
 from gigadiff.io.files import check_outputs, relief_path, sidecar_path
 from gigadiff.options import RunRequest
@@ -91,8 +94,14 @@ def _regions(request: RunRequest, allow_files: bool) -> RegionSet | None:
 
 
 def _output(request: RunRequest, command: str) -> Path:
-    if request.output:
+    if request.output is not None:
+        if not request.output.strip():
+            raise GigadiffError("{output} is empty; give a file name ending in .png, .tif or .tiff", "output")
         path = Path(request.output).expanduser()
+        if path.name.lower() in OUTPUT_SUFFIXES:
+            raise GigadiffError(
+                f"{{output}} {path} has a suffix but no file name, e.g. {path.with_name('image' + path.name)}", "output"
+            )
     elif command == "upscale" and request.init:
         suffix = f"{1 if request.scale is None else request.scale:g}".replace(".", "_")
         path = Path(request.init).with_name(f"{Path(request.init).stem}_x{suffix}.png")
@@ -167,12 +176,15 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
     vae = VaeTiling(mode=request.vae_mode, memory_gb=request.vae_memory, wrap=settings.wrap,
                     spill_dir=Path(request.vae_spill) if request.vae_spill else None)  # fmt: skip
     outputs = _outputs(request, command, info)
-    require_present(source)  # a missing model, after the request's own errors
     if check_files:
         if writes:
             check_outputs(outputs.finished() + ([outputs.preview] if outputs.preview else []), request.overwrite)
         if outputs.checkpoint is not None:
             check_outputs([outputs.checkpoint], request.overwrite or resuming)
+    if source.pending:  # a preset's config files from the hub: after every check that needs only its family
+        source = present(source)
+        info = family.describe(source)
+        resolved, settings = settings_for(request, info, regions, _init_size(request, info))
     resolved = resolved.replace(output=str(outputs.image) if writes else None, regions=_recorded_regions(regions),
                                 checkpoint=str(outputs.checkpoint) if outputs.checkpoint else None)  # fmt: skip
     return Run(resolved, settings, source, family, info, vae, outputs, notes(resolved, info))

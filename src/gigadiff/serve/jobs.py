@@ -101,9 +101,13 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
 def resolve_job(data: Any, config: ServeConfig, folder: Path, device: str = "auto", **options: Any) -> Run:
     """A job's request resolved as the command line resolves it (`options` go to `resolve`), then held to the
     server's limits on what the run resolved to (a model's default size and steps count too)."""
+    from gigadiff.backends.source import ModelUnavailable
     from gigadiff.runs.resolve import resolve
 
-    run = resolve(job_request(data, config, folder, device), check_files=False, **options)
+    try:
+        run = resolve(job_request(data, config, folder, device), check_files=False, **options)
+    except ModelUnavailable as e:  # the command line's advice (pass a path) does not apply to a client
+        raise e.for_server(config.models) from None
     width, height, steps = run.settings.width, run.settings.height, run.settings.steps
     assert width and height and steps
     if max(width, height) > config.max_side:
