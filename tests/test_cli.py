@@ -108,6 +108,19 @@ def test_bad_input_is_refused_with_exit_code_2(tiny_sd_dir, tmp_path, extra, mes
     assert not (tmp_path / "o.png").exists()
 
 
+def test_help_lists_options_in_their_groups_with_value_placeholders_and_bare_flags():
+    from gigadiff.options import GROUPS
+
+    for command in ("generate", "upscale", "resume", "metrics", "serve"):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"}).output
+        assert "<bool>" not in text and "--help" in text, command
+    text = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "160"}).output
+    panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Arguments", "Options", *(g[0].upper() + g[1:] for g in GROUPS)]
+    for shown in ("--size  ", "WxH|N", "--quiet", "--output", "FILE", "--shift", "--no-shift", "fp32|fp16|bf16"):
+        assert shown in text, shown
+
+
 def test_missing_model_fails_at_once_naming_it(tmp_path):
     result = invoke("generate", "x", "--model", "nobody/no-such-model", "-o", str(tmp_path / "o.png"))
     assert result.exit_code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 pytest.importorskip("terrain_diffusion", reason="install with: pip install --no-deps adaptive-terrain-diffusion")
@@ -160,8 +161,8 @@ def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
     [
         (["--difficulty", "0"], "--difficulty must lie in [1, 100], got 0"),
         (["--difficulty", "101"], "--difficulty must lie in [1, 100], got 101"),
-        (["mountains"], "takes no prompt"),
-        (["--negative", "flat"], "takes no prompt"),
+        (["mountains"], "model 'terrain' takes no prompt: remove PROMPT"),
+        (["--negative", "flat"], "model 'terrain' takes no prompt: remove --negative"),
         (["--guidance", "3"], "takes no guidance scale; remove --guidance"),
         (["--scheduler", "ddim"], "has its own sampler"),
         (["--size", "100x100"], "smaller than model 'terrain''s 128x128 input"),
@@ -177,6 +178,15 @@ def test_cli_errors(tmp_path, extra, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "t.png").exists()
+
+
+def test_upscaling_with_terrain_names_the_reason_it_cannot(tmp_path):
+    Image.new("RGB", (128, 128)).save(tmp_path / "in.png")
+    for extra in ([], ["--prompt", ""]):
+        result = runner.invoke(app, ["upscale", str(tmp_path / "in.png"), "--model", "terrain", *extra])
+        assert result.exit_code == 2
+        assert result.output.strip() == ("error: model 'terrain' cannot encode images, so it cannot upscale or start "
+                                         "from an image (IMAGE)")  # fmt: skip
 
 
 def test_difficulty_is_refused_for_other_models(tiny_sd_dir, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from gigadiff import __version__, interrupts
 from gigadiff.errors import GigadiffError
@@ -50,7 +51,8 @@ app = typer.Typer(
 
 USER_ERROR = 2
 RANK_FAILED = 3
-ARGUMENT_NAMES = {("init", UPSCALE): "IMAGE"}
+ARGUMENT_NAMES = {("init", UPSCALE): "IMAGE", ("prompt", GENERATE): "PROMPT"}
+TYPE_METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
 
 
 def cli_name(field: str, command: str = GENERATE) -> str:
@@ -126,36 +128,44 @@ def command_parameters(command: str) -> list[inspect.Parameter]:
         if command in o.argument:
             info: Any = typer.Argument(help=o.help, metavar=ARGUMENT_NAMES.get((name, command)), show_default=False)
         else:
-            info = _option(
-                name,
-                o.help,
-                o.group,
-                *o.flags,
-                boolean=str(f.type).startswith("bool"),
-                on_by_default=f.default is not False,
-            )
+            boolean = str(f.type).startswith("bool")
+            choices = "|".join(o.choices) if len("|".join(o.choices)) <= 16 else "NAME" if o.choices else ""
+            metavar = "" if boolean else o.metavar or choices or TYPE_METAVARS[str(f.type).split(" ")[0]]
+            info = _option(name, o.help, o.group, *o.flags, boolean=boolean, on_by_default=f.default is not False,
+                           metavar=metavar)  # fmt: skip
         default = command_default(name, command)
         params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
                                         annotation=Annotated[kind, info]))  # fmt: skip
     return params
 
 
-def _option(name: str, help: str, group: str, *flags: str, on_by_default: bool = False,
-            boolean: bool = False) -> Any:  # fmt: skip
+def _option(name: str, help: str, group: str, *flags: str, on_by_default: bool = False, boolean: bool = False,
+            metavar: str = "") -> Any:  # fmt: skip
     """A typer option for request field `name` (a boolean that may be on by default gets its --no- form). Values
     are checked by the run layer (gigadiff.options.check_values), not by the parser: one message for every
     front end."""
     decls = [flag(name), *flags]
     if boolean and on_by_default:
         decls = [f"{flag(name)}/--no-{name.replace('_', '-')}"]
-    return typer.Option(*decls, help=help, rich_help_panel=group.capitalize())
+    return typer.Option(*decls, help=help, metavar=metavar, rich_help_panel=group[0].upper() + group[1:])
+
+
+class Command(TyperCommand):
+    """A command whose flags (`--help` and every boolean) show no value placeholder in `--help`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
 
 
 def _register(handler: Any, name: str, params: list[inspect.Parameter], **options: Any) -> None:
     """Register `handler` as command `name` with typer parameters `params` (built from the request's fields)."""
     handler.__signature__ = inspect.Signature(params)
     handler.__annotations__ = {p.name: p.annotation for p in params}
-    app.command(name=name, **options)(handler)
+    app.command(name=name, cls=Command, **options)(handler)
 
 
 def request_command(command: str, help_text: str) -> None:
@@ -269,7 +279,7 @@ def resume(checkpoint: Path, **changes: Any) -> None:
 _register(resume, "resume", resume_parameters())
 
 
-@app.command(name="_run", hidden=True)
+@app.command(name="_run", hidden=True, cls=Command)
 def run_recorded(
     record: Annotated[Path, typer.Argument(help="A resolved request (JSON), from a launcher.")],
     resume_from: Annotated[Path | None, typer.Option("--resume", help="Continue from this checkpoint.")] = None,
@@ -286,7 +296,7 @@ def run_recorded(
         run_request(RunRequest.from_dict(json.loads(record.read_text())), GENERATE, ckpt)
 
 
-@app.command()
+@app.command(cls=Command)
 def metrics(
     image: Annotated[Path, typer.Argument(help="An image (PNG, TIFF, JPEG); gigadiff outputs bring their tile grid.")],
     tile: Annotated[
@@ -336,7 +346,7 @@ def metrics(
 DATA_FOLDER = Path("gigadiff-data")
 
 
-@app.command()
+@app.command(cls=Command)
 def serve(
     data: Annotated[Path, typer.Option(help="Folder of the job queue and of every job's files.")] = DATA_FOLDER,
     host: Annotated[

@@ -56,6 +56,8 @@ class Option:
     """The value a bare `--flag` means (`--tileable` alone: both)."""
     choices: tuple[str, ...] = ()
     """The values it may take (a string option)."""
+    metavar: str = ""
+    """What `--help` shows for its value (default: its choices, or N / X / TEXT by type; booleans none)."""
     minimum: float | None = None
     maximum: float | None = None
     above: float | None = None
@@ -86,17 +88,17 @@ class RunRequest:
                            image=True)  # fmt: skip
     model: str = option("sd15", "A preset (sd15, sdxl, flux-dev, flux-schnell, z-image-turbo, ...), terrain "
                         "(offline), a hub id, a diffusers folder or a single-file checkpoint.", "-m",
-                        group="model")  # fmt: skip
+                        metavar="NAME|PATH", group="model")  # fmt: skip
     difficulty: float | None = option(None, "Terrain model only: difficulty from 1 (gentle) to 100 (rugged).",
-                                      group="model", commands=(GENERATE,), minimum=1, maximum=100,
+                                      metavar="D", group="model", commands=(GENERATE,), minimum=1, maximum=100,
                                       family=True)  # fmt: skip
     size: str | None = option(None, "WIDTHxHEIGHT in pixels, or one number for a square (default: the model's; "
-                              "with --init, that image's size times --scale).", group="size and tiles",
+                              "with --init, that image's size times --scale).", metavar="WxH|N", group="size and tiles",
                               commands=(GENERATE,))  # fmt: skip
     tile: int | None = option(None, "Tile side in image pixels (default: the model's native size).",
-                              group="size and tiles", above=0, image=True)  # fmt: skip
+                              metavar="PX", group="size and tiles", above=0, image=True)  # fmt: skip
     overlap: int | None = option(None, "Minimum tile overlap in image pixels (default: tile/8, terrain tile/2).",
-                                 group="size and tiles", minimum=0, image=True)  # fmt: skip
+                                 metavar="PX", group="size and tiles", minimum=0, image=True)  # fmt: skip
     weights: str | None = option(None, "Fusion weights: uniform, gaussian, cosine or linear (default: the "
                                  "model's).", group="size and tiles", commands=(GENERATE,),
                                  choices=WEIGHT_KINDS, image=True)  # fmt: skip
@@ -112,20 +114,23 @@ class RunRequest:
                             "coordinates; one model call per tile for FLUX).", group="size and tiles",
                             commands=(GENERATE,), choices=("local", "global"), image=True)  # fmt: skip
     tileable: str = option("none", "Seamless output: bare --tileable (both ways, a texture), x (360-degree "
-                           "panorama) or y.", group="size and tiles", bare="both", choices=("none", "x", "y", "both"),
+                           "panorama) or y.",
+                           metavar="[x|y]", group="size and tiles", bare="both", choices=("none", "x", "y", "both"),
                            image=True)  # fmt: skip
     steps: int | None = option(None, "Denoising steps (default: the model's; upscale runs steps x strength).",
                                group="sampling", minimum=1, maximum=1000, image=True)  # fmt: skip
     seed: int | None = option(None, "Random seed (default: a new random seed, recorded in the output).",
                               group="sampling", minimum=0, below=2**64, image=True)  # fmt: skip
     scheduler: str = option("default", "default, euler, euler_a, heun, dpmpp_2m, unipc, ddim, ... (names a model "
-                            "cannot use are refused with the ones it can).", group="sampling", image=True)  # fmt: skip
+                            "cannot use are refused with the ones it can).",
+                            metavar="NAME", group="sampling", image=True)  # fmt: skip
     eta: float = option(0.0, "Noise drawn afresh per step (DDIM, consistency): 0 = deterministic.", group="sampling",
                         commands=(GENERATE,), minimum=0, maximum=1, image=True)  # fmt: skip
     sigmas: str | None = option(None, "Explicit decreasing noise levels, e.g. 80,2.5 (sets the steps).",
-                                group="sampling", commands=(GENERATE,))  # fmt: skip
+                                metavar="S1,S2,...", group="sampling", commands=(GENERATE,))  # fmt: skip
     flow_shift: str = option("tile", "Flow models' timestep shift: tile (mu from one tile's tokens), canvas "
-                             "(diffusers' rule on the whole canvas), a shift s, or mu=X.", group="sampling",
+                             "(diffusers' rule on the whole canvas), a shift s, or mu=X.",
+                             metavar="tile|canvas|S|mu=X", group="sampling",
                              image=True)  # fmt: skip
     guidance: float | None = option(None, "Guidance scale (classifier-free, or embedded for FLUX.1-dev).",
                                     group="guidance", minimum=0, image=True)  # fmt: skip
@@ -140,7 +145,7 @@ class RunRequest:
                             choices=("auto", "progressive", "none"), image=True)  # fmt: skip
     regions: str | dict[str, Any] | list[Any] | None = option(
         None, "Regional prompts: a JSON file of boxes/masks with their own prompts (the API also takes the JSON "
-        "data itself).", group="coherence", commands=(GENERATE,), cli_type=str,
+        "data itself).", metavar="FILE.json", group="coherence", commands=(GENERATE,), cli_type=str,
     )  # fmt: skip
     init: str | None = option(None, "img2img: start from this image (resized to --size).", group="img2img",
                               argument=(UPSCALE,), image=True)  # fmt: skip
@@ -153,30 +158,35 @@ class RunRequest:
     vae_mode: str = option("auto", "Tiled VAE: exact (whole-image statistics), fast (streamed tiles), auto.",
                            group="VAE", choices=("auto", "exact", "fast"))  # fmt: skip
     vae_memory: float | None = option(None, "Device memory (GB) a VAE tile may use (default: half the free GPU, 2 "
-                                      "on CPU).", group="VAE", above=0)  # fmt: skip
+                                      "on CPU).", metavar="GB", group="VAE", above=0)  # fmt: skip
     vae_spill: str | None = option(None, "Directory for exact-mode VAE buffers that do not fit in RAM.",
-                                   group="VAE", server=True)  # fmt: skip
-    device: str = option("auto", "auto, cuda, cuda:N, mps or cpu.", group="processes", server=True, resume=True)
+                                   metavar="DIR", group="VAE", server=True)  # fmt: skip
+    device: str = option(
+        "auto", "auto, cuda, cuda:N, mps or cpu.", metavar="DEVICE", group="processes", server=True, resume=True
+    )
     dtype: str = option("fp32", "fp32, fp16 or bf16.", group="processes", choices=("fp32", "fp16", "bf16"))
     processes: int = option(1, "Run on N processes (torchrun, one per GPU); the image does not depend on N.",
                             group="processes", minimum=1)  # fmt: skip
     cfg_split: bool = option(False, "Several processes only: unconditional and conditional passes on different "
                              "ranks.", group="processes")  # fmt: skip
     rank_timeout: float = option(600.0, "Seconds a rank may go silent before a multi-process run is ended.",
-                                 group="processes", above=0, server=True, resume=True)  # fmt: skip
+                                 metavar="SECONDS", group="processes", above=0, server=True, resume=True)  # fmt: skip
     profile: bool = option(False, "Report compute time, communication time and bytes exchanged per rank.",
                            group="processes", server=True, resume=True)  # fmt: skip
     output: str | None = option(None, "Output .png or .tif (default: gigadiff.png; upscale: IMAGE_x<scale>.png). "
-                                "Heightmaps: 16-bit PNG or float TIFF.", "-o", group="output", server=True,
+                                "Heightmaps: 16-bit PNG or float TIFF.", "-o",
+                                metavar="FILE", group="output", server=True,
                                 resume=True)  # fmt: skip
     save_latent: str | None = option(None, "Also save the final latent canvas to this .safetensors file.",
-                                     group="output", server=True)  # fmt: skip
+                                     metavar="FILE", group="output", server=True)  # fmt: skip
     preview: str | None = option(None, "Rewrite this small PNG of the canvas at every step (a cheap projection of "
-                                 "the latents, never a decode).", group="output", server=True)  # fmt: skip
-    checkpoint_every: int = option(0, "Save a resumable checkpoint every K steps (0: never).", group="output",
+                                 "the latents, never a decode).",
+                                 metavar="FILE.png", group="output", server=True)  # fmt: skip
+    checkpoint_every: int = option(0, "Save a resumable checkpoint every K steps (0: never).",
+    metavar="K", group="output",
                                    minimum=0, server=True, resume=True)  # fmt: skip
     checkpoint: str | None = option(None, "Checkpoint file (default: <output>.checkpoint.safetensors).",
-                                    group="output", server=True)  # fmt: skip
+                                    metavar="FILE", group="output", server=True)  # fmt: skip
     overwrite: bool = option(False, "Replace existing output files.", group="output", server=True, resume=True)
     quiet: bool = option(False, "No progress bar.", "-q", group="output", server=True, resume=True)
 

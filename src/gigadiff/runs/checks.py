@@ -87,9 +87,13 @@ def check_relations(r: RunRequest) -> None:
 def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None) -> None:
     """What the request asks of the model against what the model can do."""
     name = info.name
-    if (r.prompt or r.negative) and not info.takes_prompt:
-        raise GigadiffError(f"model {name!r} takes no prompt; remove the {{prompt}} and {{negative}}", "prompt",
-                            "negative")  # fmt: skip
+    if r.init is not None and not info.can_encode:  # first: upscale's default negative prompt is not the reason
+        raise GigadiffError(f"model {name!r} cannot encode images, so it cannot upscale or start from an image "
+                            "({init})", "init")  # fmt: skip
+    given = [f for f in ("prompt", "negative") if getattr(r, f)]
+    if given and not info.takes_prompt:
+        named = " and ".join(f"{{{f}}}" for f in given)
+        raise GigadiffError(f"model {name!r} takes no prompt: remove {named}", *given)
     if r.guidance is not None and not info.uses_guidance:
         raise GigadiffError(f"model {name!r} takes no guidance scale; remove {{guidance}}", "guidance")
     if r.true_cfg is not None and r.true_cfg > 1 and not info.true_cfg:
@@ -97,8 +101,6 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
         raise GigadiffError(f"{{true_cfg}} is for models whose guidance is embedded (FLUX.1); model {name!r} has "
                             f"{what}", "true_cfg", "guidance")  # fmt: skip
     check_scheduler(r.scheduler, info.scheduler_kind, name)
-    if r.init is not None and not info.can_encode:
-        raise GigadiffError(f"model {name!r} cannot encode images, so it cannot start from an {{init}} image", "init")
     if regions and not info.takes_prompt:
         raise GigadiffError(f"model {name!r} takes no prompt, so it cannot take {{regions}}", "regions")
     if r.flow_shift != "tile" and info.scheduler_kind != "flow":
