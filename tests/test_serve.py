@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -20,7 +21,7 @@ from gigadiff.cli import app as cli_app
 from gigadiff.errors import GigadiffError
 from gigadiff.options import generate_args
 from gigadiff.serve.app import create_app
-from gigadiff.serve.client import ApiError, Client
+from gigadiff.serve.client import ApiError, Client, server_sent_events
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.store import JobStore
 from tests.helpers.served import served, stop_served
@@ -158,6 +159,41 @@ def _tile(client: Client, job_id: str, level: int, col: int, row: int, fmt: str 
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+def test_the_event_stream_loses_no_step_of_a_job_that_ends_within_one_poll(api, monkeypatch):
+    """The job's whole run (five steps and its end) is written while the stream waits for its next read: every
+    step still reaches the stream, in order, ten times over."""
+    store: JobStore = api.app.state.store
+    watching = threading.Event()
+    watch = JobStore.watch
+
+    def watched(self: JobStore, job_id: str):
+        try:
+            return watch(self, job_id)
+        finally:
+            watching.set()
+
+    monkeypatch.setattr(JobStore, "watch", watched)
+    for _ in range(10):
+        watching.clear()
+        job = store.submit({"prompt": "x"})
+        assert store.claim().id == job.id
+
+        def run_at_once(job_id: str = job.id) -> None:
+            assert watching.wait(timeout=60)
+            for step in range(1, 6):
+                store.progress(job_id, step=step, steps=5, phase="denoising")
+            store.finish(job_id, "done")
+
+        worker = threading.Thread(target=run_at_once)
+        worker.start()
+        response = api.get(f"/api/jobs/{job.id}/events")
+        worker.join()
+        events = list(server_sent_events(response.text.splitlines()))
+        running = [d["step"] for k, d in events if k == "progress" and d["status"] == "running"]
+        assert running == [0, 1, 2, 3, 4, 5]
+        assert [k for k, _ in events][-2:] == ["progress", "end"] and events[-1][1]["status"] == "done"
+
+
 def test_a_job_runs_from_request_to_deep_zoom_tiles(tiny_sd_dir, tmp_path):
     expected = cli_image(tiny_sd_dir, tmp_path, JOB)
     with served(tmp_path / "data", "--models", str(tiny_sd_dir.parent)) as (url, _):
@@ -167,7 +203,7 @@ def test_a_job_runs_from_request_to_deep_zoom_tiles(tiny_sd_dir, tmp_path):
         kinds = [k for k, _ in events]
         assert kinds[-1] == "end" and events[-1][1]["status"] == "done", events[-1]
         steps = [d["step"] for k, d in events if k == "progress" and d["status"] == "running"]
-        assert steps == sorted(steps) and max(steps) >= 1
+        assert steps == sorted(steps) and {1, 2, 3} <= set(steps), steps  # every step, in order
         previews = [d for k, d in events if k == "preview"]
         assert previews and all(p["image"].startswith("data:image/jpeg;base64,") for p in previews)
         job = client.job(job_id)

@@ -64,3 +64,24 @@ def test_cancel_finish_and_recover(tmp_path):
     again = store.claim()
     assert again.id == running and again.attempts == 2 and again.started == job.started
     assert "cancel" not in again.public()
+
+
+def test_every_change_of_a_job_is_an_event_in_order(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    job = store.submit({"prompt": "x", "init": "data:image/png;base64," + "A" * 1000})
+    other = store.submit({"prompt": "y"})
+    _, before = store.watch(job.id)
+    assert store.claim().id == job.id
+    for step in (1, 2, 3):
+        store.progress(job.id, step=step, steps=3)
+    store.progress(other.id, phase="never claimed")
+    store.finish(job.id, "done", outputs=["image.tif"])
+    changes = store.events(job, before)
+    numbers = [n for n, _ in changes]
+    assert numbers == sorted(numbers) and len(changes) == 5
+    assert [(j.status, j.step) for _, j in changes] == [("running", 0), ("running", 1), ("running", 2),
+                                                         ("running", 3), ("done", 3)]  # fmt: skip
+    assert changes[-1][1].outputs == ["image.tif"] and changes[-1][1].request == job.request
+    assert store.events(job, numbers[-1]) == []
+    now, last = store.watch(job.id)
+    assert now.status == "done" and last == numbers[-1]

@@ -14,11 +14,27 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 FINISHED = ("done", "failed", "cancelled")
+
+
+def server_sent_events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, data) of each event in a server-sent event stream's lines, up to and including `end`."""
+    kind, data = "message", []
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield kind, json.loads("\n".join(data))
+            if kind == "end":
+                return
+            kind, data = "message", []
 
 
 class ApiError(RuntimeError):
@@ -81,18 +97,7 @@ class Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         req = urllib.request.Request(f"{self.url}/api/jobs/{job_id}/events", headers=headers)
         with urllib.request.urlopen(req, timeout=self.timeout) as response:
-            kind, data = "message", []
-            for raw in response:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    yield kind, json.loads("\n".join(data))
-                    if kind == "end":
-                        return
-                    kind, data = "message", []
+            yield from server_sent_events(raw.decode() for raw in response)
 
     def download(self, job_id: str, path: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
         """Save the job's image (or its output `name`) to `path` (an existing file only with `overwrite`)."""

@@ -4,6 +4,11 @@ SQLite in WAL mode lets the API read while a worker writes. A job moves queued -
 cancelled; `claim` takes the oldest queued job in one transaction (BEGIN IMMEDIATE), so no job is run twice
 even with several workers. After a crash (the server killed), `recover` puts jobs left `running` back in the
 queue: their worker resumes them from their last checkpoint. Timestamps are seconds since the epoch.
+
+Every change of a job's state (submitted, claimed, each progress report, finished, cancelled, recovered) is also
+appended to an `events` table, numbered in order, in the same transaction as the change: a client's event
+stream reads the changes after the last one it sent, so a step is never lost between two reads however fast
+the job runs (a snapshot of the job row alone would skip the states it went through in between).
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
+EVENT_OMITS = ("id", "request")
+"""Columns an event does not repeat (a request may hold megabytes of data URLs)."""
 FINISHED = ("done", "failed", "cancelled")
 
 SCHEMA = """
@@ -41,6 +48,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, created);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job, seq);
 """
 
 
@@ -97,18 +110,61 @@ class JobStore:
         finally:
             db.close()
 
+    @contextmanager
+    def _change(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; `_record` inside it appends the changed jobs' states to the events."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, job_id: str) -> None:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is not None:
+            state = {k: row[k] for k in row.keys() if k not in EVENT_OMITS}  # noqa: SIM118 - a Row iterates values
+            db.execute("INSERT INTO events (job, state) VALUES (?, ?)", (job_id, json.dumps(state)))
+
     def submit(self, request: dict[str, Any]) -> Job:
         now = time.time()
         job = Job(uuid.uuid4().hex, "queued", request, now, updated=now)
-        with self._connect() as db:
+        with self._change() as db:
             db.execute("INSERT INTO jobs (id, status, request, created, updated) VALUES (?, ?, ?, ?, ?)",
                        (job.id, job.status, json.dumps(request), now, now))  # fmt: skip
+            self._record(db, job.id)
         return job
 
     def get(self, job_id: str) -> Job | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
+
+    def watch(self, job_id: str) -> tuple[Job | None, int]:
+        """A job and the number of its last event, read together: its events after that number are its changes
+        since this state."""
+        with self._connect() as db:
+            db.execute("BEGIN")
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            last = db.execute("SELECT MAX(seq) FROM events WHERE job = ?", (job_id,)).fetchone()[0]
+            db.execute("COMMIT")
+        return (_job(row) if row else None), int(last or 0)
+
+    def events(self, job: Job, after: int) -> list[tuple[int, Job]]:
+        """The states `job` went through after event number `after`, in order, with their numbers."""
+        with self._connect() as db:
+            rows = db.execute("SELECT seq, state FROM events WHERE job = ? AND seq > ? ORDER BY seq",
+                              (job.id, after)).fetchall()  # fmt: skip
+        states = []
+        for row in rows:
+            state = json.loads(row["state"])
+            state["outputs"] = json.loads(state["outputs"])
+            state["cancel"] = bool(state["cancel"])
+            states.append((int(row["seq"]), replace(job, **state)))
+        return states
 
     def recent(self, limit: int = 200) -> list[Job]:
         with self._connect() as db:
@@ -117,41 +173,39 @@ class JobStore:
 
     def claim(self) -> Job | None:
         """Take the oldest queued job for a worker (running from now), or None."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self._change() as db:
             row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is None:
-                db.execute("COMMIT")
                 return None
             now = time.time()
             db.execute("UPDATE jobs SET status = 'running', started = COALESCE(started, ?), attempts = attempts + 1, "
                        "updated = ? WHERE id = ?", (now, now, row["id"]))  # fmt: skip
-            db.execute("COMMIT")
+            self._record(db, row["id"])
         return self.get(row["id"])
 
     def progress(self, job_id: str, **values: Any) -> None:
         """Record a running job's progress: step, steps, tiles, phase, eta."""
         columns = ", ".join(f"{k} = ?" for k in values)
-        with self._connect() as db:
+        with self._change() as db:
             db.execute(f"UPDATE jobs SET {columns}, updated = ? WHERE id = ?",
                        (*values.values(), time.time(), job_id))  # fmt: skip
+            self._record(db, job_id)
 
     def finish(self, job_id: str, status: str, error: str | None = None, outputs: list[str] | None = None) -> None:
         assert status in FINISHED
         now = time.time()
-        with self._connect() as db:
+        with self._change() as db:
             db.execute("UPDATE jobs SET status = ?, error = ?, outputs = ?, finished = ?, eta = NULL, phase = '', "
                        "updated = ? WHERE id = ?",
                        (status, error, json.dumps(outputs or []), now, now, job_id))  # fmt: skip
+            self._record(db, job_id)
 
     def request_cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once, or ask a running one to stop; returns its status after, or None."""
         now = time.time()
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self._change() as db:
             row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                db.execute("COMMIT")
                 return None
             status = row["status"]
             if status == "queued":
@@ -160,7 +214,7 @@ class JobStore:
                 status = "cancelled"
             elif status == "running":
                 db.execute("UPDATE jobs SET cancel = 1, updated = ? WHERE id = ?", (now, job_id))
-            db.execute("COMMIT")
+            self._record(db, job_id)
         return status
 
     def cancelled(self, job_id: str) -> bool:
@@ -170,10 +224,13 @@ class JobStore:
 
     def recover(self) -> int:
         """Put jobs left running by a killed server back in the queue (they resume from their checkpoint)."""
-        with self._connect() as db:
-            cursor = db.execute("UPDATE jobs SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, "
-                                "updated = ? WHERE status = 'running'", (time.time(),))  # fmt: skip
-            return cursor.rowcount
+        with self._change() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
+            db.execute("UPDATE jobs SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, "
+                       "updated = ? WHERE status = 'running'", (time.time(),))  # fmt: skip
+            for job_id in ids:
+                self._record(db, job_id)
+        return len(ids)
 
     def counts(self) -> dict[str, int]:
         with self._connect() as db:

@@ -88,14 +88,18 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
 
 
 async def _events(config: ServeConfig, store: JobStore, job_id: str, request: Request) -> Any:
-    updated, preview_mtime, idle = None, None, 0.0
+    """The job's state now, then every change the store recorded after it, in order (none is skipped however
+    quickly they follow each other), a preview when the preview file changes, and `end` when it finishes."""
+    job, seq = await run_in_threadpool(store.watch, job_id)
+    if job is None:
+        return
+    yield _event("progress", public(config, job))
+    preview_mtime, idle = None, 0.0
     preview = config.jobs / job_id / "preview.png"
-    while not await request.is_disconnected():
-        job = await run_in_threadpool(store.get, job_id)
-        if job is None:
-            return
-        if job.updated != updated:
-            updated, idle = job.updated, 0.0
+    while job.status not in FINISHED and not await request.is_disconnected():
+        changes = await run_in_threadpool(store.events, job, seq)
+        for number, state in changes:
+            seq, job, idle = number, state, 0.0
             yield _event("progress", public(config, job))
         mtime = preview.stat().st_mtime_ns if preview.is_file() else None
         if mtime is not None and mtime != preview_mtime:
@@ -104,13 +108,14 @@ async def _events(config: ServeConfig, store: JobStore, job_id: str, request: Re
             if image:
                 yield _event("preview", {"id": job_id, "step": job.step, "image": image})
         if job.status in FINISHED:
-            yield _event("end", public(config, job))
-            return
+            break
         await asyncio.sleep(EVENT_POLL_S)
         idle += EVENT_POLL_S
         if idle >= HEARTBEAT_S:
             idle = 0.0
             yield ": keep-alive\n\n"
+    if job.status in FINISHED:
+        yield _event("end", public(config, job))
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
