@@ -235,3 +235,28 @@ def test_progress_shows_the_steps_a_late_start_runs_and_every_phase():
     progress.on_phase("stage 2/3", None)
     progress.on_step_start(0, 4, 6)
     assert progress.progress.tasks[0].description == "stage 2/3 step 1/4"
+    assert progress.progress.tasks[0].fields["unit"] == "tiles of 4 steps" and progress.progress.tasks[0].total == 24
+
+
+def test_progress_shows_no_count_of_an_earlier_phase_and_the_summary_names_every_file(tmp_path):
+    from rich.console import Console
+
+    from gigadiff.progress import RichProgress
+
+    console = Console(file=open(os.devnull, "w"), width=120, force_terminal=False)  # noqa: SIM115
+    progress = RichProgress(console)
+    progress.on_phase("decoding (VAE fast)", 293)
+    progress.on_advance(293)
+    progress.on_phase("writing heightmap and relief", None)
+    (task,) = progress.progress.tasks
+    assert task.total is None and task.completed == 0
+    with console.capture() as captured:
+        console.print(progress.progress.make_tasks_table(progress.progress.tasks))
+    line = captured.get()
+    assert "writing heightmap and relief" in line and "/293" not in line and "0/" not in line
+    out = tmp_path / "map.png"
+    result = invoke("generate", "--model", "terrain", "--size", "128x128", "--seed", "1", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    summary = result.output.strip().splitlines()[-1]
+    assert summary.startswith(f"wrote {out}, {tmp_path / 'map.json'}, {tmp_path / 'map.relief.png'} (128x128, seed 1, "
+                              "1 step, ")  # fmt: skip

@@ -202,8 +202,10 @@ def test_a_job_runs_from_request_to_deep_zoom_tiles(tiny_sd_dir, tmp_path):
         events = list(client.events(job_id))
         kinds = [k for k, _ in events]
         assert kinds[-1] == "end" and events[-1][1]["status"] == "done", events[-1]
-        steps = [d["step"] for k, d in events if k == "progress" and d["status"] == "running"]
+        running = [d for k, d in events if k == "progress" and d["status"] == "running"]
+        steps = [d["step"] for d in running]
         assert steps == sorted(steps) and {1, 2, 3} <= set(steps), steps  # every step, in order
+        assert max(d["tiles"] for d in running) == max(d["tiles_total"] for d in running) == 3 * 2
         previews = [d for k, d in events if k == "preview"]
         assert previews and all(p["image"].startswith("data:image/jpeg;base64,") for p in previews)
         job = client.job(job_id)
@@ -233,6 +235,11 @@ def test_a_job_runs_from_request_to_deep_zoom_tiles(tiny_sd_dir, tmp_path):
         heights = tifffile.imread(client.download(terrain, tmp_path / "heights.tif"))
         assert heights.shape == (128, 256) and heights.dtype == np.float32
         assert _tile(client, terrain, 8, 0, 0).shape == (128, 256, 3)  # the shaded relief, in Deep Zoom
+    log = (tmp_path / "data.serve.log").read_text()
+    for line in (f"job {job_id} queued: model tiny-sd, size 384x256, steps 3", f"job {job_id} started on auto",
+                 f"job {job_id} done in ", f"job {terrain} done in ", "gigadiff serve: stopping\n",
+                 "gigadiff serve: stopped\n"):  # fmt: skip
+        assert line in log, line
 
 
 def test_a_running_job_cancels_without_output(tiny_sd_dir, tmp_path):
@@ -250,6 +257,8 @@ def test_a_running_job_cancels_without_output(tiny_sd_dir, tmp_path):
         assert job["status"] == "cancelled" and job["outputs"] == []
         assert not (data / "jobs" / long).exists(), "a cancelled job left files"
         assert client.wait(queued, timeout=120)["status"] == "done"  # the worker goes on with the queue
+    log = (tmp_path / "data.serve.log").read_text()
+    assert f"job {long} cancelled after " in log and f"job {long}: cancel asked (stopping it)" in log
 
 
 @pytest.mark.slow

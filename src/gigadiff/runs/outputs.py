@@ -15,6 +15,7 @@ from gigadiff.io.heightmap import write_heightmap
 from gigadiff.io.images import tensor_to_pil
 from gigadiff.io.streaming import write_streamed
 from gigadiff.io.writers import write_latent, write_png
+from gigadiff.progress import plural
 
 if TYPE_CHECKING:
     from gigadiff.events import Listener
@@ -43,8 +44,9 @@ def write_results(result: GenerationResult, outputs: Outputs, overwrite: bool, s
         outputs.checkpoint.unlink()  # the finished outputs supersede this run's checkpoint
     s = result.settings
     vae = f", VAE {result.vae_mode}" if result.vae_mode else ""
+    written = ", ".join(str(p) for p in outputs.finished() if p.exists())
     return (
-        f"wrote {outputs.image} ({s.width}x{s.height}, seed {s.seed}, {s.steps} steps, "
-        f"{result.run.tiles_per_step} tiles/step, {result.run.model_calls} model calls{vae}) in "
+        f"wrote {written} ({s.width}x{s.height}, seed {s.seed}, {plural(s.steps or 0, 'step')}, "
+        f"{result.run.tiles_per_step} tiles/step, {plural(result.run.model_calls, 'model call')}{vae}) in "
         f"{time.perf_counter() - started:.1f}s"
     )

@@ -70,8 +70,9 @@ With nothing else to run, the worker gets the cores all the same."""
 
 def worker_process(config: ServeConfig, device: str, parent: int) -> None:
     """A worker's entry point: Ctrl-C is the server's to handle; SIGTERM (the server stopping) ends it."""
-    from gigadiff.serve import worker
+    from gigadiff.serve import log, worker
 
+    log.setup()
     os.nice(WORKER_NICENESS)
 
     def stop(signum: int, frame: Any) -> None:
@@ -86,6 +87,7 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
     """Run the service until it is stopped (Ctrl-C or SIGTERM)."""
     import uvicorn
 
+    from gigadiff.serve import log
     from gigadiff.serve.app import VIEWER_SETUP, create_app, viewer_installed
     from gigadiff.serve.store import JobStore
 
@@ -108,9 +110,12 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
             announce(f"warning: the page's Deep Zoom viewer is not installed (run: {VIEWER_SETUP}); the API works")
         sys.stdout.flush()
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_S))
+        log.setup()
         try:
             server.run(sockets=[sock])
         finally:
+            running = JobStore(config.database).counts().get("running", 0)
+            log.LOG.info("stopping%s", f": {running} running job(s) resume at the next start" if running else "")
             for w in workers:
                 if w.is_alive():
                     w.terminate()
@@ -118,3 +123,4 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
                 w.join(SHUTDOWN_S)
                 if w.is_alive():
                     w.kill()
+            log.LOG.info("stopped")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
+ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0"}
+"""Columns added to the jobs table since its first version, with their declarations."""
 EVENT_OMITS = ("id", "request")
 """Columns an event does not repeat (a request may hold megabytes of data URLs)."""
 FINISHED = ("done", "failed", "cancelled")
@@ -39,6 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     step INTEGER NOT NULL DEFAULT 0,
     steps INTEGER NOT NULL DEFAULT 0,
     tiles INTEGER NOT NULL DEFAULT 0,
+    tiles_total INTEGER NOT NULL DEFAULT 0,
     phase TEXT NOT NULL DEFAULT '',
     eta REAL,
     error TEXT,
@@ -68,6 +71,9 @@ class Job:
     step: int = 0
     steps: int = 0
     tiles: int = 0
+    """Model-call tiles done so far (over every step, and every coherence stage begun)."""
+    tiles_total: int = 0
+    """The tiles of every step begun and still to come: `tiles / tiles_total` is the job's progress."""
     phase: str = ""
     eta: float | None = None
     error: str | None = None
@@ -98,6 +104,10 @@ class JobStore:
         self.path = path
         with self._connect() as db:
             db.executescript(SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, declaration in ADDED_COLUMNS.items():  # a database made by an earlier version
+                if column not in columns:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -184,7 +194,7 @@ class JobStore:
         return self.get(row["id"])
 
     def progress(self, job_id: str, **values: Any) -> None:
-        """Record a running job's progress: step, steps, tiles, phase, eta."""
+        """Record a running job's progress: step, steps, tiles, tiles_total, phase, eta."""
         columns = ", ".join(f"{k} = ?" for k in values)
         with self._change() as db:
             db.execute(f"UPDATE jobs SET {columns}, updated = ? WHERE id = ?",

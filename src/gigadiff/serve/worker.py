@@ -25,6 +25,7 @@ from gigadiff.events import NullListener
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.deepzoom import write_pyramid
 from gigadiff.serve.jobs import IMAGE, RELIEF_VIEW, message, resolve_job
+from gigadiff.serve.log import LOG, describe
 from gigadiff.serve.store import Job, JobStore
 
 IDLE_S = 0.2
@@ -56,7 +57,8 @@ class JobListener(NullListener):
         if force or now - self.last_write > 0.2 or values:
             done, total = self.tiles_done, self.tiles_total
             eta = (now - self.started) * (total - done) / done if done and total > done else None
-            self.store.progress(self.job_id, step=self.step, steps=self.steps, tiles=done, eta=eta, **values)
+            self.store.progress(self.job_id, step=self.step, steps=self.steps, tiles=done, tiles_total=total, eta=eta,
+                                **values)  # fmt: skip
             self.last_write = now
 
     def on_phase(self, name: str, total: int | None) -> None:
@@ -114,6 +116,13 @@ def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: 
     from gigadiff.runs.execute import execute
 
     folder = config.jobs / job.id
+    started = time.monotonic()
+    LOG.info("job %s started on %s (%s%s)", job.id, device, describe(job.request),
+             f", attempt {job.attempts}" if job.attempts > 1 else "")  # fmt: skip
+
+    def took() -> str:
+        return f"{time.monotonic() - started:.1f} s"
+
     try:
         run = resolve_job(job.request, config, folder, device, resuming=True)
         checkpoint = run.outputs.checkpoint
@@ -130,18 +139,24 @@ def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: 
             write_pyramid(relief, folder / RELIEF_VIEW)
         others = sorted(p.name for p in folder.iterdir() if p.name.startswith("image.") and p.name != IMAGE)
         store.finish(job.id, "done", outputs=[IMAGE, *others])
+        LOG.info("job %s done in %s", job.id, took())
     except interrupts.Interrupted:
         shutil.rmtree(folder, ignore_errors=True)
         store.finish(job.id, "cancelled")
+        LOG.info("job %s cancelled after %s", job.id, took())
     except GigadiffError as e:
         shutil.rmtree(folder, ignore_errors=True)
         store.finish(job.id, "failed", error=message(e))
+        LOG.info("job %s failed after %s: %s", job.id, took(), message(e))
     except ServerGone:
+        LOG.info("job %s left after %s for the next server to resume", job.id, took())
         raise
     except Exception as e:  # a bug, or a model that fails: the job fails, the worker goes on
         traceback.print_exc()
         shutil.rmtree(folder, ignore_errors=True)
-        store.finish(job.id, "failed", error=f"internal error: {type(e).__name__}: {str(e)[:500]}")
+        error = f"internal error: {type(e).__name__}: {str(e)[:500]}"
+        store.finish(job.id, "failed", error=error)
+        LOG.info("job %s failed after %s: %s", job.id, took(), error)
 
 
 def _run_processes(run: Any, resume: Any, store: JobStore, job: Job, parent: int) -> None:

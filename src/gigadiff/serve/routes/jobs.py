@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from gigadiff.errors import GigadiffError
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.jobs import message, validate
+from gigadiff.serve.log import LOG, describe
 from gigadiff.serve.routes.common import ApiError, error, job_or_404, output_path, public
 from gigadiff.serve.store import FINISHED, JobStore
 
@@ -41,8 +42,10 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
         try:
             data = await run_in_threadpool(validate, data, config)
         except GigadiffError as e:
+            LOG.info("job refused: %s", message(e))
             return error(400, message(e))
         job = await run_in_threadpool(store.submit, data)
+        LOG.info("job %s queued: %s", job.id, describe(data))
         return JSONResponse({"id": job.id, "status": job.status, "seed": data["seed"]}, status_code=201)
 
     @router.get("/api/jobs", summary="Jobs, newest first, and how many are in each status")
@@ -60,6 +63,7 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
         if job.status in FINISHED:
             return error(409, f"job {job_id} is already {job.status}")
         status = store.request_cancel(job_id)
+        LOG.info("job %s: cancel asked (%s)", job_id, "cancelled" if status == "cancelled" else "stopping it")
         return JSONResponse({"id": job_id, "status": status, "cancel": status == "running"})
 
     @router.get("/api/jobs/{job_id}/events", summary="Server-sent events: progress, a preview per step, the end")

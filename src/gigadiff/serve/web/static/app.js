@@ -79,10 +79,14 @@ function render(job) {
   e.querySelector(".prompt").textContent = job.request.prompt || "(no prompt)";
   e.querySelector(".meta").textContent = describe(job);
   const bar = e.querySelector("progress");
-  bar.max = Math.max(job.steps, 1);
-  bar.value = job.status === "done" ? bar.max : job.step;
+  // Tiles count every model call still to come, so a one-step job's bar moves too; steps before tiles are known.
+  bar.max = job.tiles_total ? job.tiles_total : Math.max(job.steps, 1);
+  bar.value = job.status === "done" ? bar.max : job.tiles_total ? job.tiles : job.step;
   let detail = job.phase || "";
-  if (job.status === "running" && job.steps) detail = `step ${job.step}/${job.steps} · ${job.tiles} tiles${eta(job.eta)}` + (job.phase ? ` · ${job.phase}` : "");
+  if (job.status === "running" && job.steps) {
+    const step = Math.min(job.step + 1, job.steps);
+    detail = `step ${step}/${job.steps} · ${job.tiles}/${job.tiles_total} tiles${eta(job.eta)}` + (job.phase ? ` · ${job.phase}` : "");
+  }
   if (job.status === "queued") detail = "waiting for a worker";
   if (job.status === "failed") detail = job.error || "failed";
   if (job.status === "done") detail = `done · ${job.outputs.join(", ")}`;
