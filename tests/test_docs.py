@@ -51,3 +51,22 @@ def test_links_point_inside_the_repository():
             assert not re.match(r"[a-z]+://", target), f"{doc.name} links outside the repository: {target}"
             path = (doc.parent / target.split("#")[0]).resolve()
             assert path.exists() and ROOT in path.parents, f"{doc.name}: {target} is not a file of the repository"
+
+
+def test_the_quick_start_leaves_the_working_tree_clean():
+    """Every file the README's main job writes is ignored by git (a newcomer's clone stays clean)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from gigadiff.io.files import relief_path, sidecar_path
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    text = (ROOT / "README.md").read_text()
+    quick_start = text[text.index("```bash") :].split("```")[1]
+    output = Path(re.search(r"-o (\S+)", quick_start)[1])
+    for path in (output, sidecar_path(output), relief_path(output)):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(path)], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} (written by the quick start) is not ignored by git"
