@@ -169,3 +169,24 @@ def test_their_vaes_decode_and_encode_tiled_as_whole(family, tiny_flux_dir, tiny
     assert tiled.shape == (1, 3, 256, 384) and (tiled - whole_image).abs().max() <= 1e-3
     fast = codec.decode(latents, VaeTiling(mode="fast", memory_gb=0.03))
     assert (fast - whole_image).pow(2).mean().sqrt() < 0.05
+
+
+def test_global_position_ids_stay_exact_integers_beyond_4096_px_in_bf16(tiny_flux_dir):
+    """bf16 holds integers exactly only up to 256: ids made in the model's dtype would give neighbouring columns
+    of a canvas wider than 4096 px (256 tokens) the same rotary position."""
+    backend = open_backend(str(tiny_flux_dir), device="cpu", dtype="bf16")
+    assert backend.denoiser.dtype == torch.bfloat16
+    ids, restore = calls_of(backend, "img_ids")
+    try:
+        result = generate_result(PROMPT, model=backend, size="4160x256", steps=1, seed=1, tile=256, overlap=64,
+                                 shift=False, positions="global", coherence="none")  # fmt: skip
+    finally:
+        restore()
+    from gigadiff.grids import grid_plan
+
+    grid = grid_plan(result.settings, backend.info).grid(0)
+    assert len(ids) == len(grid.tiles) and max(t.x for t in grid.tiles) // 2 + 15 > 256
+    for i, tile in zip(ids, grid.tiles, strict=True):
+        cols = i.double().view(16, 16, 3)[..., 2]
+        expected = torch.arange(16, dtype=torch.float64) + tile.x // 2
+        assert torch.equal(cols, expected.expand(16, 16)), f"tile at x={tile.x}: columns {cols[0].tolist()}"

@@ -91,7 +91,9 @@ class FluxBackend(TransformerBackend):
         n, _, h, w = x.shape
         embeds, pooled, text_ids = inputs
         top, left = (tiles[0].y // 2, tiles[0].x // 2) if cond.global_positions else (0, 0)
-        ids = grid_ids(h // 2, w // 2, top, left, dtype=embeds.dtype, device=self.device)
+        # fp32 ids whatever the model's dtype: bf16 holds integers exactly only up to 256, so beyond 4096 px
+        # (256 tokens) neighbouring columns would share a rotary position (the transformer reads ids as floats)
+        ids = grid_ids(h // 2, w // 2, top, left, dtype=torch.float32, device=self.device)
         guidance = None
         if cond.guidance is not None:
             guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
