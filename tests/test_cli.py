@@ -86,7 +86,7 @@ BAD_INPUTS = [
     (["--scheduler", "warp"], "unknown --scheduler 'warp'"),
     (["--weights", "triangle"], "--weights must be one of uniform, gaussian, cosine, linear, got 'triangle'"),
     (["--steps", "0"], "steps must be between 1 and 1000"),
-    (["--tile-batch", "0"], "--tile-batch must be at least 1"),
+    (["--tile-batch", "0"], "--tile-batch must be between 1 and 64"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--eta", "2"], "eta must lie in [0, 1]"),

@@ -48,7 +48,7 @@ def fresh(*args: str) -> subprocess.CompletedProcess:
         (["x", "--size", "0x512"], "--size: width must be positive"),
         (["x", "--model", "flux-dev", "--scheduler", "ddim"], "model 'flux-dev' is a flow-matching model; choose"),
         (["x", "--model", "flux-dev"], "cannot load model flux-dev (black-forest-labs/FLUX.1-dev)"),
-        (["x", "--tile-batch", "0"], "--tile-batch must be at least 1"),
+        (["x", "--tile-batch", "0"], "--tile-batch must be between 1 and 64"),
         (["x", "--model", "nobody/nothing"], "not in the local Hugging Face cache"),
     ],
 )

@@ -26,6 +26,8 @@ from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.store import JobStore
 from tests.helpers.served import served, stop_served
 
+LOCAL = "http://127.0.0.1:8000"
+"""The address in-process test clients send as Host: a loopback server answers loopback names only."""
 JOB = {"prompt": "a lighthouse", "model": "tiny-sd", "size": "384x256", "steps": 3, "seed": 4, "tile": 256,
        "overlap": 64, "scheduler": "ddim"}  # fmt: skip
 
@@ -46,7 +48,7 @@ def config(tiny_sd_dir, tmp_path):
 
 @pytest.fixture
 def api(config):
-    return TestClient(create_app(config))
+    return TestClient(create_app(config), base_url=LOCAL)
 
 
 def test_config_refuses_what_cannot_work(tmp_path):
@@ -140,7 +142,8 @@ def test_token_guards_every_route_but_the_login(config, tmp_path):
 
 
 def test_request_size_is_limited(config, tmp_path):
-    small = TestClient(create_app(ServeConfig(data=tmp_path / "small", models=config.models, max_request_mb=0.01)))
+    small = TestClient(create_app(ServeConfig(data=tmp_path / "small", models=config.models, max_request_mb=0.01)),
+                       base_url=LOCAL)  # fmt: skip
     big = {"prompt": "x" * 20000, "model": "tiny-sd"}
     r = small.post("/api/jobs", json=big)
     assert r.status_code == 413 and "at most 10485 bytes" in r.json()["error"]

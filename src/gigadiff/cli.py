@@ -371,6 +371,8 @@ def serve(
     max_processes: Annotated[int, typer.Option(help="Most processes (torchrun) a job may ask for.")] = 8,
     max_request_mb: Annotated[float, typer.Option(help="Largest request body (MiB), init images included.")] = 8.0,
     keep_models: Annotated[int, typer.Option(help="Models each worker keeps loaded between jobs.")] = 2,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
 ) -> None:
     """Serve a job queue, its API (/docs) and a web page with a Deep Zoom viewer of the outputs."""
     from gigadiff.serve.config import ServeConfig
@@ -380,7 +382,7 @@ def serve(
         config = ServeConfig(data=data, host=host, port=port, token=ServeConfig.token_from_env(token), models=models,
                              devices=tuple(d.strip() for d in devices.split(",") if d.strip()), max_side=max_side,
                              max_steps=max_steps, max_processes=max_processes, max_request_mb=max_request_mb,
-                             keep_models=keep_models)  # fmt: skip
+                             keep_models=keep_models, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
         run_server(config, announce=lambda line: typer.echo(line))
 
 

@@ -56,6 +56,8 @@ class Option:
     """The value a bare `--flag` means (`--tileable` alone: both)."""
     choices: tuple[str, ...] = ()
     """The values it may take (a string option)."""
+    longest: int = 4096
+    """The most characters a string value may have (a prompt is a few hundred; nothing needs megabytes)."""
     metavar: str = ""
     """What `--help` shows for its value (default: its choices, or N / X / TEXT by type; booleans none)."""
     minimum: float | None = None
@@ -96,7 +98,7 @@ class RunRequest:
                               "with --init, that image's size times --scale).", metavar="WxH|N", group="size and tiles",
                               commands=(GENERATE,))  # fmt: skip
     tile: int | None = option(None, "Tile side in image pixels (default: the model's native size).",
-                              metavar="PX", group="size and tiles", above=0, image=True)  # fmt: skip
+                              metavar="PX", group="size and tiles", above=0, maximum=8192, image=True)  # fmt: skip
     overlap: int | None = option(None, "Minimum tile overlap in image pixels (default: tile/8, terrain tile/2).",
                                  metavar="PX", group="size and tiles", minimum=0, image=True)  # fmt: skip
     weights: str | None = option(None, "Fusion weights: uniform, gaussian, cosine or linear (default: the "
@@ -109,7 +111,7 @@ class RunRequest:
                                      image=True)  # fmt: skip
     tile_batch: int | None = option(None, "Tiles per model call (default: the largest divisor of a step's tiles up "
                                     "to 4).",
-                                    group="size and tiles", minimum=1, image=True)  # fmt: skip
+                                    group="size and tiles", minimum=1, maximum=64, image=True)  # fmt: skip
     positions: str = option("local", "DiT position ids: local (every tile from 0, as trained) or global (canvas "
                             "coordinates; one model call per tile for FLUX).", group="size and tiles",
                             commands=(GENERATE,), choices=("local", "global"), image=True)  # fmt: skip
@@ -148,7 +150,7 @@ class RunRequest:
         "data itself).", metavar="FILE.json", group="coherence", commands=(GENERATE,), cli_type=str,
     )  # fmt: skip
     init: str | None = option(None, "img2img: start from this image (resized to --size).", group="img2img",
-                              argument=(UPSCALE,), image=True)  # fmt: skip
+                              argument=(UPSCALE,), longest=2**30, image=True)  # fmt: skip
     strength: float | None = option(None, "img2img: how much to repaint, in (0, 1] (default 0.8; upscale 0.35).",
                                     group="img2img", defaults={UPSCALE: 0.35}, above=0, maximum=1,
                                     image=True)  # fmt: skip
@@ -158,7 +160,7 @@ class RunRequest:
     vae_mode: str = option("auto", "Tiled VAE: exact (whole-image statistics), fast (streamed tiles), auto.",
                            group="VAE", choices=("auto", "exact", "fast"))  # fmt: skip
     vae_memory: float | None = option(None, "Device memory (GB) a VAE tile may use (default: half the free GPU, 2 "
-                                      "on CPU).", metavar="GB", group="VAE", above=0)  # fmt: skip
+                                      "on CPU).", metavar="GB", group="VAE", above=0, maximum=4096)  # fmt: skip
     vae_spill: str | None = option(None, "Directory for exact-mode VAE buffers that do not fit in RAM.",
                                    metavar="DIR", group="VAE", server=True)  # fmt: skip
     device: str = option(
@@ -297,6 +299,8 @@ def check_value(name: str, value: Any) -> None:
     o = OPTIONS[name]
     if value is None or isinstance(value, bool):
         return
+    if isinstance(value, str) and len(value) > o.longest:
+        raise GigadiffError(f"{{{name}}} is {len(value)} characters long; at most {o.longest} are taken", name)
     if o.choices and value not in o.choices:
         raise GigadiffError(f"{{{name}}} must be one of {', '.join(o.choices)}, got {value!r}", name)
     if not isinstance(value, int | float):

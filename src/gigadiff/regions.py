@@ -81,6 +81,11 @@ class RegionSet:
     feather: int
 
 
+MAX_REGIONS = 64
+MAX_REGION_PROMPT = 4096
+"""Characters of a region's prompt or negative prompt (as for the request's own prompt)."""
+
+
 def load_region_file(path: Path) -> RegionSet:
     """Read and check a regions file (everything that needs no canvas size); clear errors for bad content."""
     if not path.is_file():
@@ -109,6 +114,9 @@ def parse_regions(raw: Any, where: str = "regions", folder: Path | None = None) 
     items = raw.get("regions")
     if not isinstance(items, list) or not items:
         raise GigadiffError(f'{where} has no regions (a non-empty list under "regions")')
+    if len(items) > MAX_REGIONS:
+        raise GigadiffError(f"{where}: {len(items)} regions; at most {MAX_REGIONS} are taken (each is its own "
+                            "model pass on the tiles it touches)")  # fmt: skip
     feather = raw.get("feather", DEFAULT_FEATHER_PX)
     if isinstance(feather, bool) or not isinstance(feather, int | float) or feather < 0:
         raise GigadiffError(f"{where}: feather must be a number of pixels >= 0, got {feather!r}")
@@ -133,6 +141,9 @@ def _region(item: Any, where: str, folder: Path | None) -> Region:
         )
     if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
         raise GigadiffError(f'{where}: needs a non-empty "prompt"')
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(item.get(key), str) and len(item[key]) > MAX_REGION_PROMPT:
+            raise GigadiffError(f"{where}: its {key} is {len(item[key])} characters; at most {MAX_REGION_PROMPT}")
     if ("box" in item) == ("mask" in item):
         raise GigadiffError(f'{where}: give exactly one of "box" and "mask"')
     guidance, seed = item.get("guidance"), item.get("seed")

@@ -26,7 +26,7 @@ def served(data: Path, *args: str, start_timeout: float = 120.0) -> Iterator[tup
         deadline = time.monotonic() + start_timeout
         while True:
             text = log_path.read_bytes()[start:].decode(errors="replace")
-            found = re.search(r"gigadiff serve: (http://\S+/)", text)
+            found = re.search(r"gigadiff serve: (https?://\S+/)", text)
             if found:
                 break
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -69,10 +69,12 @@ def family_of(source: ModelSource) -> Family:
     )
 
 
-def find_model(model: str) -> tuple[ModelSource, Family, ModelInfo]:
-    """Locate `model` and describe it from its config files: everything the checks need, without torch."""
+def find_model(model: str, paths: bool = True) -> tuple[ModelSource, Family, ModelInfo]:
+    """Locate `model` and describe it from its config files: everything the checks need, without torch
+    (`paths`: False where a name must not be read as a path on this machine; see `locate`)."""
     known = presets().values()
-    source = locate(model, builtin_names(), {p.name: p.repo for _, p in known}, {p.repo for _, p in known if p.gated})
+    source = locate(model, builtin_names(), {p.name: p.repo for _, p in known}, {p.repo for _, p in known if p.gated},
+                    paths)  # fmt: skip
     family = family_of(source)
     return source, family, family.describe(source)
 

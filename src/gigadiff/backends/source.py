@@ -150,9 +150,11 @@ class ModelUnavailable(GigadiffError):
         self.model, self.repo, self.cause, self.reason, self.gated = model, repo, cause, reason, gated
         super().__init__(f"{self.problem()}. {self.advice()}", "model")
 
-    def problem(self) -> str:
+    def problem(self, where: bool = True) -> str:
+        """The problem; `where`: with the cache's path (not for a server's clients, who must not see its paths)."""
         shown = self.model if self.model == self.repo else f"{self.model} ({self.repo})"
-        return f"cannot load model {shown}: it is not in the local Hugging Face cache ({hub_cache()}) and {self.cause}"
+        cache = f" ({hub_cache()})" if where else ""
+        return f"cannot load model {shown}: it is not in the local Hugging Face cache{cache} and {self.cause}"
 
     def advice(self) -> str:
         if self.reason == "login":
@@ -171,13 +173,13 @@ class ModelUnavailable(GigadiffError):
     def for_server(self, models: Path | None) -> GigadiffError:
         """The same problem with what a server's operator can do about it."""
         folder = (
-            f"; or put its diffusers folder in the server's models folder ({models}) and name it by that folder's name"
+            "; or put its diffusers folder in the server's models folder and name it by that folder's name"
             if models
             else "; or start the server with --models FOLDER holding its diffusers folder"
         )
         login = " after logging in there (`hf auth login`)" if self.reason == "login" or self.gated else ""
-        return GigadiffError(f"{self.problem()}. The server cannot fetch it: download it into the server's cache "
-                             f"with `hf download {self.repo}`{login}{folder}", "model")  # fmt: skip
+        return GigadiffError(f"{self.problem(where=False)}. The server cannot fetch it: download it into the "
+                             f"server's cache with `hf download {self.repo}`{login}{folder}", "model")  # fmt: skip
 
 
 def _hub_failure(e: Exception) -> tuple[str, str]:
@@ -259,14 +261,18 @@ def safetensors_keys(path: Path) -> tuple[str, ...]:
     return tuple(k for k in header if k != "__metadata__")
 
 
-def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated: Collection[str] = ()) -> ModelSource:
+def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated: Collection[str] = (),
+           paths: bool = True) -> ModelSource:  # fmt: skip
     """Find `model`: a built-in name, a preset (name -> hub id), a single file, a folder or a hub id (`gated`:
-    the hub ids whose licence must be accepted)."""
+    the hub ids whose licence must be accepted; `paths`: False where a name must never be read as a path on this
+    machine, e.g. a service's client naming a hub id that happens to be a folder where the server runs)."""
     if model in builtins:
         return ModelSource(model, "builtin", model)
     if model in presets:
         return _hub(model, presets[model], "preset", presets[model] in gated)
     path = Path(model).expanduser()
+    if not paths:
+        return _hub_id(model, builtins, presets, gated)
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise GigadiffError(f"checkpoint file {path} does not exist", "model")
@@ -278,7 +284,11 @@ def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated
         if not (path / "model_index.json").is_file():
             raise GigadiffError(f"{path} is not a diffusers model folder (it has no model_index.json)", "model")
         return ModelSource(model, "folder", str(path), path, read_index(path, model))
-    if model.count("/") != 1 or not all(model.split("/")):
+    return _hub_id(model, builtins, presets, gated)
+
+
+def _hub_id(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated: Collection[str]) -> ModelSource:
+    if model.count("/") != 1 or not all(model.split("/")) or ".." in model:
         known = ", ".join([*builtins, *sorted(presets)])
         raise GigadiffError(
             f"unknown model {model!r}: not a preset ({known}), not a local folder or checkpoint, "

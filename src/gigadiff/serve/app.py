@@ -10,22 +10,22 @@ folder.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from gigadiff import __version__
 from gigadiff.serve.config import ServeConfig
+from gigadiff.serve.guard import answer_headers, refusal
 from gigadiff.serve.routes.common import ApiError, error
 from gigadiff.serve.routes.images import images_router
 from gigadiff.serve.routes.jobs import jobs_router
-from gigadiff.serve.routes.page import COOKIE, VIEWER, VIEWER_SETUP, WEB, page_router, viewer_installed
+from gigadiff.serve.routes.page import VIEWER, VIEWER_SETUP, WEB, page_router, viewer_installed
 from gigadiff.serve.store import JobStore
-
-OPEN_PATHS = ("/login", "/static/login.css")
 
 __all__ = ["VIEWER_SETUP", "create_app", "viewer_installed"]
 
@@ -42,18 +42,27 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return error(e.status, e.error)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # 404, 405: {"error"} too
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in x.get('loc', ()))}: {x.get('msg', '')}" for x in e.errors())
+        return error(400, f"invalid request ({where})")
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_request_bytes):
-            return error(413, f"request too large: this server takes at most {config.max_request_bytes} bytes")
-        if config.token and request.url.path not in OPEN_PATHS and not _authorized(request, config.token):
-            if request.url.path.startswith("/api/"):
-                return error(401, "this server needs its token: send 'Authorization: Bearer <token>'")
-            if request.url.path in ("/", "/index.html"):
-                return RedirectResponse("/login", status_code=303)
-            return error(401, "log in first (/login)")
-        return await call_next(request)
+        path = request.scope.get("path", "")  # never request.url: older Starlette rebuilt it from Host
+        refused = refusal(request.scope, config)
+        if refused is None:
+            response = await call_next(request)
+        elif refused[0] == 401 and path in ("/", "/index.html"):
+            response = RedirectResponse("/login", status_code=303)
+        else:
+            response = error(*refused)
+        response.headers.update(answer_headers(path))
+        return response
 
     app.include_router(jobs_router(config, store))
     app.include_router(images_router(config, store))
@@ -62,9 +71,3 @@ def create_app(config: ServeConfig) -> FastAPI:
     if viewer_installed():
         app.mount("/vendor/openseadragon", StaticFiles(directory=VIEWER), name="openseadragon")
     return app
-
-
-def _authorized(request: Request, token: str) -> bool:
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
-    return secrets.compare_digest(given.encode(), token.encode())

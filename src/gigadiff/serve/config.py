@@ -33,6 +33,9 @@ class ServeConfig:
     """Models a worker keeps loaded between jobs (least recently used go first)."""
     checkpoint_every: int = 1
     """Every job checkpoints after this many steps, so that a restarted server resumes it."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """A certificate and its key (PEM) to serve HTTPS with (uvicorn's); the login cookie is then Secure."""
 
     def __post_init__(self) -> None:
         if self.host not in LOCAL_HOSTS and not self.token:
@@ -57,8 +60,17 @@ class ServeConfig:
             except GigadiffError:
                 raise GigadiffError(f"unknown device {device!r} in {{devices}}; use {', '.join(DEVICES)} or cuda:N, "
                                     "comma-separated", "devices") from None  # fmt: skip
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise GigadiffError("HTTPS needs both {tls_cert} and {tls_key}", "tls_cert", "tls_key")
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            if path is not None and not path.is_file():
+                raise GigadiffError(f"{{{name}}} {path} is not a file", name)
         if not 0 <= self.port <= 65535:
             raise GigadiffError(f"{{port}} must be 0..65535, got {self.port}", "port")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def max_request_bytes(self) -> int:

@@ -62,16 +62,63 @@ def local_models(config: ServeConfig) -> list[str]:
     return sorted(p.name for p in config.models.iterdir() if (p / "model_index.json").is_file())
 
 
-def _init_image(value: Any, folder: Path) -> str:
+def _data_url_bytes(value: Any, what: str, field: str) -> bytes:
     if not isinstance(value, str) or not value.startswith("data:image/") or ";base64," not in value:
-        raise GigadiffError("{init} must be an image as a data:image/...;base64 URL here", "init")
+        raise GigadiffError(f"{what} must be an image as a data:image/...;base64 URL here", field)
     try:
-        data = base64.b64decode(value.split(",", 1)[1], validate=True)
+        return base64.b64decode(value.split(",", 1)[1], validate=True)
     except (binascii.Error, ValueError):
-        raise GigadiffError("{init}: the data URL is not valid base64", "init") from None
+        raise GigadiffError(f"{what}: the data URL is not valid base64", field) from None
+
+
+def _within_side(data: bytes, what: str, field: str, config: ServeConfig) -> None:
+    """An image's size from its header, held to the server's side limit before anything decodes its pixels (a
+    few bytes of PNG can declare 65536x65536)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception as e:
+        raise GigadiffError(f"{what} cannot be read as an image ({type(e).__name__})", field) from None
+    if max(width, height) > config.max_side:
+        raise GigadiffError(f"{what} is {width}x{height}, above this server's limit of {config.max_side} px a side",
+                            field)  # fmt: skip
+
+
+def _init_image(value: Any, folder: Path, config: ServeConfig) -> str:
+    data = _data_url_bytes(value, "{init}", "init")
+    _within_side(data, "{init}", "init", config)
     path = folder / "init.png"
     path.write_bytes(data)
     return str(path)
+
+
+def _check_masks(regions: Any, config: ServeConfig) -> None:
+    """Every region mask given as a data URL, held to the side limit before the run layer decodes it."""
+    from gigadiff.regions import MAX_REGIONS
+
+    items = regions.get("regions") if isinstance(regions, dict) else regions
+    if not isinstance(items, list):
+        return  # the run layer names what is wrong with it
+    for i, item in enumerate(items[: MAX_REGIONS + 1], 1):
+        if isinstance(item, dict) and isinstance(item.get("mask"), str) and item["mask"].startswith("data:"):
+            _within_side(_data_url_bytes(item["mask"], f"{{regions}}, region {i}: mask", "regions"),
+                         f"{{regions}}, region {i}: mask", "regions", config)  # fmt: skip
+
+
+def _check_size(fields: dict[str, Any], config: ServeConfig) -> None:
+    """The canvas a request asks for, held to the server's limit before anything the size scales is made (region
+    masks are resized to the canvas)."""
+    from gigadiff.runs.checks import parse_size
+
+    if isinstance(fields.get("size"), str):
+        width, height = parse_size(fields["size"])
+        if max(width, height) > config.max_side:
+            raise GigadiffError(f"{{size}} {width}x{height} is above this server's limit of {config.max_side} px a "
+                                "side", "size")  # fmt: skip
 
 
 def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "auto") -> RunRequest:
@@ -87,9 +134,20 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     if unknown:
         raise GigadiffError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(CLIENT_OPTIONS)})")
     fields["model"] = _model(fields.get("model", "sd15"), config)
+    _check_size(fields, config)
+    if fields.get("regions") is not None:
+        _check_masks(fields["regions"], config)
     folder.mkdir(parents=True, exist_ok=True)
     if fields.get("init") is not None:
-        fields["init"] = _init_image(fields["init"], folder)
+        fields["init"] = _init_image(fields["init"], folder, config)
+        if fields.get("size") is None:  # the canvas is the init image's size times the scale
+            from gigadiff.io.images import image_size
+
+            width, height = image_size(fields["init"])
+            scale = float(fields.get("scale") or 1.0)
+            if max(width, height) * scale > config.max_side:
+                raise GigadiffError(f"{{init}} ({width}x{height}) times {{scale}} {scale:g} is above this server's "
+                                    f"limit of {config.max_side} px a side", "init", "scale")  # fmt: skip
     if fields.get("processes", 1) > config.max_processes:
         raise GigadiffError(f"{{processes}} {fields['processes']} is above this server's limit of "
                             f"{config.max_processes}", "processes")  # fmt: skip
@@ -101,11 +159,14 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
 def resolve_job(data: Any, config: ServeConfig, folder: Path, device: str = "auto", **options: Any) -> Run:
     """A job's request resolved as the command line resolves it (`options` go to `resolve`), then held to the
     server's limits on what the run resolved to (a model's default size and steps count too)."""
+    from gigadiff.backends.registry import find_model
     from gigadiff.backends.source import ModelUnavailable
     from gigadiff.runs.resolve import resolve
 
-    try:
-        run = resolve(job_request(data, config, folder, device), check_files=False, **options)
+    request = job_request(data, config, folder, device)
+    local = config.models is not None and Path(request.model).parent == config.models
+    try:  # only the models folder's entries are paths; a hub id is never read as a path where the server runs
+        run = resolve(request, check_files=False, described=find_model(request.model, paths=local), **options)
     except ModelUnavailable as e:  # the command line's advice (pass a path) does not apply to a client
         raise e.for_server(config.models) from None
     width, height, steps = run.settings.width, run.settings.height, run.settings.steps

@@ -103,13 +103,16 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
             w.start()
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        announce(f"gigadiff serve: http://{shown}:{port}/ (API docs at /docs), data in {config.data}, "
+        scheme = "https" if config.tls else "http"
+        announce(f"gigadiff serve: {scheme}://{shown}:{port}/ (API docs at /docs), data in {config.data}, "
                  f"{len(workers)} worker(s) on {', '.join(config.devices)}"
                  + (f", {requeued} interrupted job(s) queued again" if requeued else ""))  # fmt: skip
         if not viewer_installed():
             announce(f"warning: the page's Deep Zoom viewer is not installed (run: {VIEWER_SETUP}); the API works")
         sys.stdout.flush()
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_S))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_S,
+                                               ssl_certfile=str(config.tls_cert) if config.tls else None,
+                                               ssl_keyfile=str(config.tls_key) if config.tls else None))  # fmt: skip
         log.setup()
         try:
             server.run(sockets=[sock])

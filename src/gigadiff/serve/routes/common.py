@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from gigadiff.serve.config import ServeConfig
@@ -24,6 +27,60 @@ class ApiError(Exception):
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+MAX_JSON_DEPTH = 32
+
+
+def parse_json(body: bytes) -> Any:
+    """A client's JSON document, refused (ValueError, with the reason) unless it is strict JSON a job can hold:
+    UTF-8, no NaN or infinite numbers (which the API could not answer in JSON), no lone surrogates (which no
+    UTF-8 answer can carry: one in a stored prompt would break every later listing), nesting at most
+    MAX_JSON_DEPTH deep, integers of at most 4300 digits (Python's own limit)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"it is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        data = json.loads(text or "null", parse_constant=constant)
+    except RecursionError:
+        raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} deep") from None
+    _check_json(data, 0)
+    return data
+
+
+def _check_json(value: Any, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} deep")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, depth + 1)
+            _check_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, depth + 1)
+
+
+async def read_bounded(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it passes `limit` bytes (read chunk by chunk: a chunked body has no
+    Content-Length for the guard to check)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def elide(value: Any) -> Any:

@@ -17,7 +17,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.jobs import message, validate
 from gigadiff.serve.log import LOG, describe
-from gigadiff.serve.routes.common import ApiError, error, job_or_404, output_path, public
+from gigadiff.serve.routes.common import ApiError, error, job_or_404, output_path, parse_json, public, read_bounded
 from gigadiff.serve.store import FINISHED, JobStore
 
 EVENT_POLL_S = 0.25
@@ -30,14 +30,12 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
 
     @router.post("/api/jobs", status_code=201, summary="Queue a job (generate's options, underscores for dashes)")
     async def submit(request: Request) -> JSONResponse:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_request_bytes:
-                return error(413, f"request too large: this server takes at most {config.max_request_bytes} bytes")
+        body = await read_bounded(request, config.max_request_bytes)
+        if body is None:
+            return error(413, f"request too large: this server takes at most {config.max_request_bytes} bytes")
         try:
-            data = json.loads(body or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = parse_json(body)
+        except ValueError as e:
             return error(400, f"the request is not valid JSON: {e}")
         try:
             data = await run_in_threadpool(validate, data, config)

@@ -3,17 +3,51 @@
 from __future__ import annotations
 
 import secrets
+import time
+from collections import deque
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gigadiff.serve.config import ServeConfig
+from gigadiff.serve.guard import COOKIE
+from gigadiff.serve.routes.common import error, read_bounded
 
-COOKIE = "gigadiff_token"
 WEB = Path(__file__).parent.parent / "web"
 VIEWER = WEB / "node_modules" / "openseadragon" / "build" / "openseadragon"
 VIEWER_SETUP = "npm --prefix src/gigadiff/serve/web ci"
+
+
+LOGIN_BODY_BYTES = 4096
+COOKIE_MAX_AGE_S = 7 * 24 * 3600
+LOGIN_FAILURES, LOGIN_WINDOW_S = 5, 60.0
+"""A client address with this many wrong tokens within the window waits until the oldest leaves it."""
+
+
+class LoginAttempts:
+    """Wrong tokens per client address, for a rate limit on guessing (at most `KEEP` addresses remembered)."""
+
+    KEEP = 10000
+
+    def __init__(self) -> None:
+        self.failures: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str) -> deque[float]:
+        times = self.failures.get(client, deque())
+        while times and times[0] < time.monotonic() - LOGIN_WINDOW_S:
+            times.popleft()
+        return times
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client)) >= LOGIN_FAILURES
+
+    def failed(self, client: str) -> None:
+        if client not in self.failures and len(self.failures) >= self.KEEP:
+            self.failures.pop(next(iter(self.failures)))
+        times = self._recent(client)
+        times.append(time.monotonic())
+        self.failures[client] = times
 
 
 def viewer_installed() -> bool:
@@ -31,16 +65,32 @@ def page_router(config: ServeConfig) -> APIRouter:
     def login_page() -> HTMLResponse:
         return HTMLResponse((WEB / "login.html").read_text())
 
+    attempts = LoginAttempts()
+
     @router.post("/login")
     async def login(request: Request) -> Response:
         from urllib.parse import parse_qs
 
-        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        client = request.client.host if request.client else "?"
+        if attempts.blocked(client):
+            return RedirectResponse("/login?wait=1", status_code=303)
+        body = await read_bounded(request, LOGIN_BODY_BYTES)
+        if body is None:
+            return error(413, f"a login is at most {LOGIN_BODY_BYTES} bytes")
+        form = parse_qs(body.decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0]
         if not config.token or not secrets.compare_digest(token.encode(), config.token.encode()):
+            attempts.failed(client)
             return RedirectResponse("/login?wrong=1", status_code=303)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        response.set_cookie(COOKIE, token, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict",
+                            secure=config.tls)  # fmt: skip
+        return response
+
+    @router.post("/logout")
+    def logout() -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, httponly=True, samesite="strict", secure=config.tls)
         return response
 
     return router
