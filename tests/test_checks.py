@@ -81,7 +81,7 @@ def test_level_sync_is_refused_with_regional_prompts():
         ({"weights": "box"}, "weights must be one of uniform, gaussian, cosine, linear, got 'box'"),
         ({"eta": float("nan")}, "eta must be a finite number, got nan"),
         ({"steps": 0}, "steps must be between 1 and 1000, got 0"),
-        ({"tile": 0}, "tile must be positive, got 0"),
+        ({"tile": 0}, "tile must lie in (0, 8192], got 0"),
     ],
 )
 def test_bad_settings(changes, message):

@@ -188,7 +188,7 @@ def test_version_and_module_entry_point():
     ("extra", "message"),
     [
         (["--vae-mode", "quick"], "--vae-mode must be one of auto, exact, fast"),
-        (["--vae-memory", "0"], "--vae-memory must be positive, got 0"),
+        (["--vae-memory", "0"], "--vae-memory must lie in (0, 4096], got 0"),
         (["--vae-mode", "fast", "--vae-memory", "0.000001"], "too small for fast tiled VAE"),
         (["--vae-mode", "exact", "--vae-memory", "0.000001"], "too small for this VAE"),
     ],

@@ -291,6 +291,55 @@ def test_a_killed_server_resumes_its_job_to_the_same_image(tiny_sd_dir, tmp_path
         assert not (data / "jobs" / first / "checkpoint.safetensors").exists()
 
 
+def _kill_worker_of(client: Client, store: JobStore, job_id: str, at_step: int) -> int:
+    """SIGKILL the worker running `job_id` once the job has passed `at_step` (it checkpoints every step)."""
+    status = client.wait(job_id, until=("running",), timeout=300)
+    while status["step"] < at_step:
+        status = client.job(job_id)
+        time.sleep(0.05)
+    pid = store.get(job_id).worker
+    assert pid is not None
+    os.kill(pid, 9)
+    return pid
+
+
+def test_a_worker_killed_under_its_job_is_replaced_and_the_job_resumes_to_the_same_image(tiny_sd_dir, tmp_path):
+    job = {**JOB, "steps": 8}
+    expected = cli_image(tiny_sd_dir, tmp_path, job)
+    data = tmp_path / "data"
+    with served(data, "--models", str(tiny_sd_dir.parent)) as (url, _):
+        client, store = Client(url), JobStore(data / "jobs.db")
+        job_id = client.submit(job)
+        killed = _kill_worker_of(client, store, job_id, at_step=2)
+        done = client.wait(job_id, timeout=300)
+        assert done["status"] == "done" and done["attempts"] == 2, done
+        assert store.get(job_id).worker is None
+        np.testing.assert_array_equal(tifffile.imread(client.download(job_id, tmp_path / "resumed.tif")), expected)
+    log = (tmp_path / "data.serve.log").read_text()
+    assert f"job {job_id}: its worker died (SIGKILL); queued again to resume" in log
+    assert f"worker on auto (pid {killed}): died (SIGKILL) after" in log
+
+
+@pytest.mark.slow
+def test_a_job_that_kills_its_worker_again_and_again_fails_and_the_queue_moves_on(tiny_sd_dir, tmp_path):
+    data = tmp_path / "data"
+    with served(data, "--models", str(tiny_sd_dir.parent)) as (url, _):
+        client, store = Client(url), JobStore(data / "jobs.db")
+        doomed = client.submit({**JOB, "steps": 40})
+        after = client.submit(JOB)
+        for _ in range(3):  # MAX_ATTEMPTS
+            _kill_worker_of(client, store, doomed, at_step=0)
+            status = client.job(doomed)
+            while status["status"] == "running":
+                status = client.job(doomed)
+                time.sleep(0.05)
+        failed = client.wait(doomed, timeout=60)
+        assert failed["status"] == "failed" and failed["attempts"] == 3
+        assert failed["error"] == "its worker died (SIGKILL), 3 times: not tried again"
+        assert not (data / "jobs" / doomed).exists()
+        assert client.wait(after, timeout=300)["status"] == "done"
+
+
 def test_a_second_server_on_the_same_data_is_refused(tmp_path):
     import subprocess
     import sys

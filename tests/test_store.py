@@ -59,11 +59,27 @@ def test_cancel_finish_and_recover(tmp_path):
     assert store.get(done).outputs == ["image.tif", "image.json"] and store.get(done).finished is not None
     assert store.request_cancel(done) == "done" and store.request_cancel("0" * 32) is None
     # a killed server: its running job goes back to the queue, one it was asked to cancel is cancelled
-    assert store.recover() == 2
+    assert store.recover(max_attempts=3) == {"queued": [running], "failed": [], "cancelled": [asked]}
     assert store.get(running).status == "queued" and store.get(asked).status == "cancelled"
-    again = store.claim()
-    assert again.id == running and again.attempts == 2 and again.started == job.started
+    assert store.get(asked).finished is not None, "a job cancelled while its server was down has ended"
+    again = store.claim(worker=4242)
+    assert again.id == running and again.attempts == 2 and again.started == job.started and again.worker == 4242
     assert "cancel" not in again.public()
+
+
+def test_a_dead_workers_job_resumes_until_it_has_killed_its_worker_too_often(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    job, bystander = store.submit({"n": 1}).id, store.submit({"n": 2}).id
+    assert store.claim(worker=11).id == job and store.claim(worker=12).id == bystander
+    for attempt in (1, 2):
+        assert store.orphaned(11, "its worker died (SIGKILL)", max_attempts=3)["queued"] == [job]
+        assert store.get(job).status == "queued" and store.get(bystander).status == "running"
+        assert store.claim(worker=11).attempts == attempt + 1
+    assert store.orphaned(11, "its worker died (SIGKILL)", max_attempts=3)["failed"] == [job]
+    failed = store.get(job)
+    assert failed.status == "failed" and failed.error == "its worker died (SIGKILL), 3 times: not tried again"
+    assert failed.finished is not None and failed.worker is None
+    assert store.get(bystander).status == "running", "another worker's job is not touched"
 
 
 def test_every_change_of_a_job_is_an_event_in_order(tmp_path):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -90,23 +90,24 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
     from gigadiff.serve import log
     from gigadiff.serve.app import VIEWER_SETUP, create_app, viewer_installed
     from gigadiff.serve.store import JobStore
+    from gigadiff.serve.supervisor import MAX_ATTEMPTS, Supervisor
 
     sock = bind(config.host, config.port)
     with locked(config):
         config.jobs.mkdir(parents=True, exist_ok=True)
-        requeued = JobStore(config.database).recover()
+        recovered = JobStore(config.database).recover(MAX_ATTEMPTS)
+        for job_id in recovered["failed"] + recovered["cancelled"]:
+            shutil.rmtree(config.jobs / job_id, ignore_errors=True)
         app = create_app(config)
-        context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=worker_process, args=(config, device, os.getpid()), daemon=True,
-                                   name=f"gigadiff-worker-{device}") for device in config.devices]  # fmt: skip
-        for w in workers:
-            w.start()
+        supervisor = Supervisor(config, worker_process)
+        supervisor.start()
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         scheme = "https" if config.tls else "http"
+        interrupted = ", ".join(f"{len(jobs)} {status}" for status, jobs in recovered.items() if jobs)
         announce(f"gigadiff serve: {scheme}://{shown}:{port}/ (API docs at /docs), data in {config.data}, "
-                 f"{len(workers)} worker(s) on {', '.join(config.devices)}"
-                 + (f", {requeued} interrupted job(s) queued again" if requeued else ""))  # fmt: skip
+                 f"{len(config.devices)} worker(s) on {', '.join(config.devices)}"
+                 + (f"; jobs the last server left running: {interrupted}" if interrupted else ""))  # fmt: skip
         if not viewer_installed():
             announce(f"warning: the page's Deep Zoom viewer is not installed (run: {VIEWER_SETUP}); the API works")
         sys.stdout.flush()
@@ -119,11 +120,5 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
         finally:
             running = JobStore(config.database).counts().get("running", 0)
             log.LOG.info("stopping%s", f": {running} running job(s) resume at the next start" if running else "")
-            for w in workers:
-                if w.is_alive():
-                    w.terminate()
-            for w in workers:
-                w.join(SHUTDOWN_S)
-                if w.is_alive():
-                    w.kill()
+            supervisor.stop(SHUTDOWN_S)
             log.LOG.info("stopped")

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
-ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0", "worker": "INTEGER"}
 """Columns added to the jobs table since its first version, with their declarations."""
-EVENT_OMITS = ("id", "request")
+EVENT_OMITS = ("id", "request", "worker")
 """Columns an event does not repeat (a request may hold megabytes of data URLs)."""
 FINISHED = ("done", "failed", "cancelled")
 
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     steps INTEGER NOT NULL DEFAULT 0,
     tiles INTEGER NOT NULL DEFAULT 0,
     tiles_total INTEGER NOT NULL DEFAULT 0,
+    worker INTEGER,
     phase TEXT NOT NULL DEFAULT '',
     eta REAL,
     error TEXT,
@@ -81,6 +82,8 @@ class Job:
     cancel: bool = False
     attempts: int = 0
     updated: float = 0.0
+    worker: int | None = None
+    """The process id of the worker running it (while it runs)."""
 
     def public(self) -> dict[str, Any]:
         """What the API shows of a job."""
@@ -181,15 +184,15 @@ class JobStore:
             rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
-    def claim(self) -> Job | None:
-        """Take the oldest queued job for a worker (running from now), or None."""
+    def claim(self, worker: int | None = None) -> Job | None:
+        """Take the oldest queued job for a worker (running from now, by process `worker`), or None."""
         with self._change() as db:
             row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is None:
                 return None
             now = time.time()
             db.execute("UPDATE jobs SET status = 'running', started = COALESCE(started, ?), attempts = attempts + 1, "
-                       "updated = ? WHERE id = ?", (now, now, row["id"]))  # fmt: skip
+                       "worker = ?, updated = ? WHERE id = ?", (now, worker, now, row["id"]))  # fmt: skip
             self._record(db, row["id"])
         return self.get(row["id"])
 
@@ -206,7 +209,7 @@ class JobStore:
         now = time.time()
         with self._change() as db:
             db.execute("UPDATE jobs SET status = ?, error = ?, outputs = ?, finished = ?, eta = NULL, phase = '', "
-                       "updated = ? WHERE id = ?",
+                       "worker = NULL, updated = ? WHERE id = ?",
                        (status, error, json.dumps(outputs or []), now, now, job_id))  # fmt: skip
             self._record(db, job_id)
 
@@ -232,15 +235,34 @@ class JobStore:
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel"])
 
-    def recover(self) -> int:
-        """Put jobs left running by a killed server back in the queue (they resume from their checkpoint)."""
+    def recover(self, max_attempts: int) -> dict[str, list[str]]:
+        """Jobs left running by a killed server: see `orphaned`."""
+        return self.orphaned(None, "the server stopped while it ran", max_attempts)
+
+    def orphaned(self, worker: int | None, reason: str, max_attempts: int) -> dict[str, list[str]]:
+        """The running jobs of a worker that died (every running job when `worker` is None: the server died):
+        cancelled if their cancel was asked, failed with `reason` once tried `max_attempts` times (a job that kills
+        its worker is not run forever), otherwise queued again to resume from their checkpoint. Returns the job
+        ids by new status."""
+        outcome: dict[str, list[str]] = {"queued": [], "failed": [], "cancelled": []}
         with self._change() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
-            db.execute("UPDATE jobs SET status = CASE WHEN cancel THEN 'cancelled' ELSE 'queued' END, "
-                       "updated = ? WHERE status = 'running'", (time.time(),))  # fmt: skip
-            for job_id in ids:
-                self._record(db, job_id)
-        return len(ids)
+            rows = db.execute("SELECT id, cancel, attempts FROM jobs WHERE status = 'running' AND "
+                              "(? IS NULL OR worker = ?)", (worker, worker)).fetchall()  # fmt: skip
+            now = time.time()
+            for row in rows:
+                if row["cancel"]:
+                    status, error, finished = "cancelled", None, now
+                elif row["attempts"] >= max_attempts:
+                    status, finished = "failed", now
+                    error = f"{reason}, {row['attempts']} times: not tried again"
+                else:
+                    status, error, finished = "queued", None, None
+                db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, worker = NULL, eta = NULL, "
+                           "phase = '', updated = ? WHERE id = ?",
+                           (status, error, finished, now, row["id"]))  # fmt: skip
+                self._record(db, row["id"])
+                outcome[status].append(row["id"])
+        return outcome
 
     def counts(self) -> dict[str, int]:
         with self._connect() as db:

@@ -175,7 +175,9 @@ def _run_processes(run: Any, resume: Any, store: JobStore, job: Job, parent: int
     if resume is not None:
         command += ["--resume", str(run.outputs.checkpoint)]
     store.progress(job.id, phase=f"running on {run.request.processes} processes")
-    proc = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    output = run.outputs.image.parent / "processes.log"  # a file, never a pipe: a full pipe would hang the ranks
+    with open(output, "w") as log:
+        proc = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         while proc.poll() is None:
             if os.getppid() != parent or store.cancelled(job.id):
@@ -186,8 +188,18 @@ def _run_processes(run: Any, resume: Any, store: JobStore, job: Job, parent: int
     finally:
         Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:
-        last = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
-        raise GigadiffError(last[-1].removeprefix("error: ") if last else f"exit code {proc.returncode}")
+        raise GigadiffError(processes_error(output.read_text(errors="replace"), proc.returncode))
+    output.unlink(missing_ok=True)
+
+
+def processes_error(text: str, code: int) -> str:
+    """What a failed multi-process run said: its error lines (each rank's, once), else the end of its output."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = list(dict.fromkeys(line.removeprefix("error: ") for line in lines if line.startswith("error: ")))
+    if errors:
+        return "; ".join(errors)
+    tail = " | ".join(lines[-5:])
+    return f"the processes ended with exit code {code}" + (f": {tail[-1500:]}" if tail else "")
 
 
 def main(config: ServeConfig, device: str, parent: int) -> None:
@@ -200,7 +212,7 @@ def main(config: ServeConfig, device: str, parent: int) -> None:
     cache = ModelCache(config.keep_models)
     try:
         while os.getppid() == parent:
-            job = store.claim()
+            job = store.claim(worker=os.getpid())
             if job is None:
                 time.sleep(IDLE_S)
                 continue
