@@ -2,17 +2,25 @@
 
 A real server (one CPU worker, a tiny SD model saved to disk) first gets one long job; then 20 client threads
 each submit 2 tiny jobs (40 in all, distinct seeds) and poll `GET /api/jobs/{id}` until theirs are done, timing
-every poll. Checked: no job lost (41 in the queue, all done), none run twice (each claimed once), and every tiny
-job's image equal to the same request run by the command line. Printed: p50/p99/max latency of the polls made
-while the worker was busy (target p99 < 100 ms), and the wall time. Table plus JSON.
+every poll. Meanwhile (unless `--calm`) the worker is SIGKILLed once under the long job (the supervisor replaces
+it and the job resumes from its checkpoint) and one hostile client sends malformed and malicious requests in a
+loop (NaN, lone surrogates, deep nesting, 5000-digit numbers, a PNG header declaring 65536² pixels as a mask and
+as an init image, a 65536² canvas, 20000 regions, a cross-origin POST, a text/plain POST, a foreign Host, an
+oversized chunked body), each of which must be answered 4xx with {"error"}. Checked: no honest job lost (41 in
+the queue, all done), none run twice (each tiny job claimed once; the long job twice, once per worker), every tiny
+job's image equal to the same request run by the command line, and no hostile request answered other than 4xx.
+Printed: p50/p99/max latency of the polls made while the worker was busy (target p99 < 100 ms), the hostile
+requests sent and how they were answered, and the wall time. Table plus JSON.
 
-    python bench/serve.py [--clients 20] [--jobs-per-client 2] [--json bench/results/serve.json]
+    python bench/serve.py [--clients 20] [--jobs-per-client 2] [--calm] [--json bench/results/serve.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -49,6 +57,73 @@ def client_thread(url: str, seeds: list[int], polls: list[tuple[float, float, bo
         time.sleep(0.05)
 
 
+def hostile_requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """(method, path, body, headers) of every bad request the service was shown to mishandle."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 65536, 65536, 8, 0, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+    url = "data:image/png;base64," + base64.b64encode(bomb).decode()
+    job = {"prompt": "x", "model": "tiny-sd"}
+    as_json = {"Content-Type": "application/json"}
+
+    def post(body: object | bytes, **headers: str) -> tuple[str, str, bytes, dict[str, str]]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return "POST", "/api/jobs", raw, {**as_json, **headers}
+
+    return [
+        post(b'{"prompt": "x", "steps": NaN}'),
+        post(b'{"prompt": "x\\ud800"}'),
+        post(b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}"),
+        post(b'{"seed": ' + b"9" * 5000 + b"}"),
+        post({**job, "size": "512x512", "regions": [{"mask": url, "prompt": "x"}]}),
+        post({**job, "init": url}),
+        post({**job, "size": "65536x65536"}),
+        post({**job, "regions": [{"box": [0, 0, 1, 1], "prompt": "x"}] * 20000}),
+        post(job, Origin="http://evil.example"),
+        post(job, **{"Content-Type": "text/plain"}),
+        ("GET", "/api/jobs", b"", {"Host": "attacker.example"}),
+        ("GET", "/api/jobs?limit=x", b"", {}),
+        ("PUT", "/api/jobs", b"", {}),
+        ("POST", "/login", b"token=" + b"x" * 100000, {"Content-Type": "application/x-www-form-urlencoded"}),
+    ]
+
+
+def hostile_thread(url: str, stop: threading.Event, answers: dict[int, int], lock: threading.Lock) -> None:
+    """Send the bad requests in a loop until `stop`, counting the status codes of the answers."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    requests = hostile_requests()
+    while not stop.is_set():
+        for method, path, body, headers in requests:
+            connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+            try:
+                connection.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+                if "Host" not in headers:
+                    connection.putheader("Host", where.netloc)
+                for key, value in headers.items():
+                    connection.putheader(key, value)
+                connection.putheader("Content-Length", str(len(body)))
+                connection.endheaders(body)
+                response = connection.getresponse()
+                data = response.read()
+                ok = 400 <= response.status < 500 and set(json.loads(data)) == {"error"}
+                status = response.status if ok else -response.status
+            except Exception:
+                status = 0  # no answer at all
+            finally:
+                connection.close()
+            with lock:
+                answers[status] = answers.get(status, 0) + 1
+
+
 def cli_image(model: Path, request: dict, out: Path) -> np.ndarray:
     import tifffile
     from typer.testing import CliRunner
@@ -66,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--jobs-per-client", type=int, default=2)
+    parser.add_argument("--calm", action="store_true", help="no worker killed and no hostile client")
     parser.add_argument("--json", type=Path, default=Path("bench/results/serve.json"))
     args = parser.parse_args()
     import tifffile
@@ -84,6 +160,14 @@ def main() -> None:
             started = time.perf_counter()
             long_id = client.submit(LONG)
             client.wait(long_id, until=("running",), timeout=300)
+            store = JobStore(data / "jobs.db")
+            stop, answers = threading.Event(), {}
+            hostile = threading.Thread(target=hostile_thread, args=(url, stop, answers, threading.Lock()))
+            if not args.calm:
+                hostile.start()
+                while store.get(long_id).step < 2:  # it checkpoints every step: kill it after two
+                    time.sleep(0.05)
+                os.kill(store.get(long_id).worker, signal.SIGKILL)
             polls: list[tuple[float, float, bool]] = []
             ids: dict[int, str] = {}
             lock = threading.Lock()
@@ -96,29 +180,41 @@ def main() -> None:
                 t.join()
             client.wait(long_id, timeout=600)
             wall = time.perf_counter() - started
+            stop.set()
+            if hostile.is_alive():
+                hostile.join()
             jobs = {j["id"]: j for j in client.jobs()}
             images = {seed: tifffile.imread(client.download(job_id, Path(tmp) / f"served-{seed}.tif"))
                       for seed, job_id in ids.items()}  # fmt: skip
-        store = JobStore(data / "jobs.db")
         claimed = {job_id: store.get(job_id).attempts for job_id in jobs}
+        long_runs = claimed.pop(long_id)
         equal = 0
         for seed, image in images.items():
             equal += int(np.array_equal(image, cli_image(model, {**JOB, "seed": seed}, Path(tmp) / f"cli-{seed}.tif")))
     busy = np.array([elapsed for _, elapsed, running in polls if running] or [elapsed for _, elapsed, _ in polls])
     done = sum(j["status"] == "done" for j in jobs.values())
     row = {"clients": args.clients, "jobs": len(seeds) + 1, "in_queue": len(jobs), "done": done,
-           "claimed_once": sum(a == 1 for a in claimed.values()), "equal_to_cli": equal, "polls": len(polls),
+           "claimed_once": sum(a == 1 for a in claimed.values()), "long_job_runs": long_runs,
+           "hostile_sent": sum(answers.values()), "hostile_4xx": sum(n for k, n in answers.items() if k > 0),
+           "hostile_statuses": {str(k): n for k, n in sorted(answers.items())},
+           "equal_to_cli": equal, "polls": len(polls),
            "busy_polls": int(busy.size), "p50_ms": float(np.percentile(busy, 50) * 1000),
            "p99_ms": float(np.percentile(busy, 99) * 1000), "max_ms": float(busy.max() * 1000),
            "wall_s": wall}  # fmt: skip
-    print(f"{'clients':>7} {'jobs':>5} {'in queue':>8} {'done':>5} {'claimed once':>12} {'= CLI':>6} {'polls':>6} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'wall s':>7}")  # fmt: skip
-    print(f"{row['clients']:>7} {row['jobs']:>5} {row['in_queue']:>8} {row['done']:>5} {row['claimed_once']:>12} "
-          f"{row['equal_to_cli']:>6} {row['busy_polls']:>6} {row['p50_ms']:>7.1f} {row['p99_ms']:>7.1f} "
-          f"{row['max_ms']:>7.1f} {row['wall_s']:>7.1f}")  # fmt: skip
+    print(f"{'clients':>7} {'jobs':>5} {'in queue':>8} {'done':>5} {'tiny claimed once':>17} {'long runs':>9} "
+          f"{'= CLI':>6} {'polls':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'hostile 4xx/sent':>16} "
+          f"{'wall s':>7}")  # fmt: skip
+    print(f"{row['clients']:>7} {row['jobs']:>5} {row['in_queue']:>8} {row['done']:>5} {row['claimed_once']:>17} "
+          f"{row['long_job_runs']:>9} {row['equal_to_cli']:>6} {row['busy_polls']:>6} {row['p50_ms']:>7.1f} "
+          f"{row['p99_ms']:>7.1f} {row['max_ms']:>7.1f} {row['hostile_4xx']:>8}/{row['hostile_sent']:<7} "
+          f"{row['wall_s']:>7.1f}")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(row, indent=2))
-    assert row["in_queue"] == row["jobs"] == row["done"] == row["claimed_once"], "a job was lost, failed or run twice"
+    assert row["in_queue"] == row["jobs"] == row["done"] == row["claimed_once"] + 1, (
+        "a job was lost, failed or run twice"
+    )
+    assert row["long_job_runs"] == (1 if args.calm else 2), "the long job ran other than once per worker"
+    assert row["hostile_4xx"] == row["hostile_sent"], f"a hostile request was not answered 4xx: {answers}"
     assert row["equal_to_cli"] == len(seeds), "a served image differs from the command line's"
 
 

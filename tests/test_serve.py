@@ -116,9 +116,47 @@ def test_a_queued_job_cancels_at_once(api):
     r = api.delete(f"/api/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert api.get(f"/api/jobs/{job_id}").json()["status"] == "cancelled"
-    assert api.delete(f"/api/jobs/{job_id}").status_code == 409
-    assert api.delete("/api/jobs/" + "0" * 32).status_code == 404
     assert api.get(f"/api/jobs/{job_id}/image").status_code == 404
+    gone = api.delete(f"/api/jobs/{job_id}")  # a finished job: deleted
+    assert gone.status_code == 200 and gone.json() == {"id": job_id, "status": "deleted"}
+    assert api.get(f"/api/jobs/{job_id}").status_code == 404 and api.delete(f"/api/jobs/{job_id}").status_code == 404
+    assert api.delete("/api/jobs/" + "0" * 32).status_code == 404
+
+
+def test_finished_jobs_are_deleted_with_their_files_on_request_or_after_the_retention(config, tmp_path):
+    from dataclasses import replace
+
+    from gigadiff.serve.supervisor import Supervisor
+
+    kept = replace(config, keep_days=1.0)
+    api = TestClient(create_app(kept), base_url=LOCAL)
+    store = api.app.state.store
+    old, recent, running = (api.post("/api/jobs", json={"prompt": p, "model": "tiny-sd"}).json()["id"]
+                            for p in ("old", "recent", "running"))  # fmt: skip
+    for job_id in (old, recent):
+        (kept.jobs / job_id).mkdir(parents=True)
+        (kept.jobs / job_id / "image.tif").write_bytes(b"x")
+    while (job := store.claim()) is not None and job.id != running:
+        store.finish(job.id, "done", outputs=["image.tif"])
+    with store._connect() as db:  # ended two days ago
+        db.execute("UPDATE jobs SET finished = ? WHERE id = ?", (time.time() - 2 * 86400, old))
+    Supervisor(kept, lambda *a: None).expire()
+    assert api.get(f"/api/jobs/{old}").status_code == 404 and not (kept.jobs / old).exists()
+    assert api.get(f"/api/jobs/{recent}").json()["status"] == "done" and (kept.jobs / recent).exists()
+    assert api.get(f"/api/jobs/{running}").json()["status"] == "running", "unfinished jobs are never expired"
+    assert api.delete(f"/api/jobs/{recent}").json()["status"] == "deleted" and not (kept.jobs / recent).exists()
+
+
+def test_one_client_may_have_only_so_many_jobs_waiting(config):
+    from dataclasses import replace
+
+    api = TestClient(create_app(replace(config, max_queued=2)), base_url=LOCAL)
+    first, second = (api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd"}) for _ in range(2))
+    assert first.status_code == second.status_code == 201
+    third = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd"})
+    assert third.status_code == 429 and "2 jobs waiting or running" in third.json()["error"]
+    assert api.delete(f"/api/jobs/{first.json()['id']}").json()["status"] == "cancelled"
+    assert api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd"}).status_code == 201
 
 
 def test_token_guards_every_route_but_the_login(config, tmp_path):
@@ -313,6 +351,7 @@ def test_a_worker_killed_under_its_job_is_replaced_and_the_job_resumes_to_the_sa
         killed = _kill_worker_of(client, store, job_id, at_step=2)
         done = client.wait(job_id, timeout=300)
         assert done["status"] == "done" and done["attempts"] == 2, done
+        assert (done["step"], done["steps"]) == (8, 8), "a resumed job goes on counting its steps"
         assert store.get(job_id).worker is None
         np.testing.assert_array_equal(tifffile.imread(client.download(job_id, tmp_path / "resumed.tif")), expected)
     log = (tmp_path / "data.serve.log").read_text()

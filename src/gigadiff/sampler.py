@@ -101,8 +101,12 @@ def sample(
     listener: Listener | None = None,
     first_step: int = 0,
     guide: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    counted_from: int | None = None,
 ) -> torch.Tensor:
     """Run `scheduler` over `timesteps`, starting at index `first_step` (for resumed runs).
+
+    `counted_from`: the step listeners count the run's steps from (default `first_step`): an img2img run's
+    start, so that a resumed run goes on counting ("step 16/20") rather than counting from where it resumed.
 
     `guide(i, latents)`, when given, may change the latents before step i (progressive coherence's skip
     residual); the scheduler then steps from what it returns. It is applied where a step starts: a second-order
@@ -117,7 +121,8 @@ def sample(
         if guide is not None and starts_a_step(scheduler):
             latents = guide(i, latents)
         grid = denoiser.plan.grid(i)
-        listener.on_step_start(i, len(timesteps), sum(len(part) for _, part, _ in denoiser.passes(grid)), first_step)
+        tiles = sum(len(part) for _, part, _ in denoiser.passes(grid))
+        listener.on_step_start(i, len(timesteps), tiles, first_step if counted_from is None else counted_from)
         x_in = model_input(scheduler, latents, t)
         prediction = denoiser(x_in, t, i, grid, listener)
         latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]

@@ -127,7 +127,8 @@ def run_steps(ctx: RunContext, denoiser: Denoiser, scheduler: Any, generator: to
     """The denoising loop from `first_step`, heard by the run's listener and its checkpoint writer."""
     kwargs = step_kwargs(scheduler, generator, ctx.settings.eta)
     return sample(denoiser, scheduler, latents, scheduler.timesteps, kwargs, Listeners(writer, ctx.events),
-                  first_step=first_step, guide=guide)  # fmt: skip
+                  first_step=first_step, guide=guide,
+                  counted_from=start_index(scheduler, ctx.settings, ctx.backend.info))  # fmt: skip
 
 
 def padded(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:

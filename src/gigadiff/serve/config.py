@@ -33,6 +33,10 @@ class ServeConfig:
     """Models a worker keeps loaded between jobs (least recently used go first)."""
     checkpoint_every: int = 1
     """Every job checkpoints after this many steps, so that a restarted server resumes it."""
+    max_queued: int = 50
+    """Jobs one client (by address) may have queued or running at once."""
+    keep_days: float | None = None
+    """Finished jobs and their files are deleted this many days after they ended (None: kept until deleted)."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     """A certificate and its key (PEM) to serve HTTPS with (uvicorn's); the login cookie is then Secure."""
@@ -45,8 +49,11 @@ class ServeConfig:
             )
         if self.models is not None and not self.models.is_dir():
             raise GigadiffError(f"{{models}} {self.models} is not a folder", "models")
+        if self.keep_days is not None and not self.keep_days > 0:
+            raise GigadiffError(f"{{keep_days}} must be above 0, got {self.keep_days}", "keep_days")
         for name, value in (("max_side", self.max_side), ("max_steps", self.max_steps),
-                            ("max_request_mb", self.max_request_mb), ("keep_models", self.keep_models)):  # fmt: skip
+                            ("max_request_mb", self.max_request_mb), ("keep_models", self.keep_models),
+                            ("max_queued", self.max_queued)):  # fmt: skip
             if value <= 0 if name == "max_request_mb" else value < 1:
                 raise GigadiffError(f"{{{name}}} must be {'above 0' if name == 'max_request_mb' else 'at least 1'}, "
                                     f"got {value}", name)  # fmt: skip

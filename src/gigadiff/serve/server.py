@@ -80,7 +80,8 @@ def worker_process(config: ServeConfig, device: str, parent: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, stop)
-    worker.main(config, device, parent)
+    with contextlib.suppress(worker.ServerGone):  # stopped while still starting: nothing to report
+        worker.main(config, device, parent)
 
 
 def serve(config: ServeConfig, announce: Any = print) -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
-ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0", "worker": "INTEGER"}
+ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0", "worker": "INTEGER", "client": "TEXT"}
 """Columns added to the jobs table since its first version, with their declarations."""
-EVENT_OMITS = ("id", "request", "worker")
+EVENT_OMITS = ("id", "request", "worker", "client")
 """Columns an event does not repeat (a request may hold megabytes of data URLs)."""
 FINISHED = ("done", "failed", "cancelled")
 
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     tiles INTEGER NOT NULL DEFAULT 0,
     tiles_total INTEGER NOT NULL DEFAULT 0,
     worker INTEGER,
+    client TEXT,
     phase TEXT NOT NULL DEFAULT '',
     eta REAL,
     error TEXT,
@@ -84,6 +85,8 @@ class Job:
     updated: float = 0.0
     worker: int | None = None
     """The process id of the worker running it (while it runs)."""
+    client: str | None = None
+    """Who submitted it (the client's address), for the per-client limit on waiting jobs."""
 
     def public(self) -> dict[str, Any]:
         """What the API shows of a job."""
@@ -142,14 +145,38 @@ class JobStore:
             state = {k: row[k] for k in row.keys() if k not in EVENT_OMITS}  # noqa: SIM118 - a Row iterates values
             db.execute("INSERT INTO events (job, state) VALUES (?, ?)", (job_id, json.dumps(state)))
 
-    def submit(self, request: dict[str, Any]) -> Job:
+    def submit(self, request: dict[str, Any], client: str | None = None, limit: int | None = None) -> Job | None:
+        """Queue a job; None if `client` already has `limit` jobs queued or running (checked in the same
+        transaction, so that concurrent submissions cannot pass it together)."""
         now = time.time()
-        job = Job(uuid.uuid4().hex, "queued", request, now, updated=now)
+        job = Job(uuid.uuid4().hex, "queued", request, now, updated=now, client=client)
         with self._change() as db:
-            db.execute("INSERT INTO jobs (id, status, request, created, updated) VALUES (?, ?, ?, ?, ?)",
-                       (job.id, job.status, json.dumps(request), now, now))  # fmt: skip
+            if limit is not None and client is not None:
+                waiting = db.execute("SELECT COUNT(*) FROM jobs WHERE client = ? AND status IN ('queued', 'running')",
+                                     (client,)).fetchone()[0]  # fmt: skip
+                if waiting >= limit:
+                    return None
+            db.execute("INSERT INTO jobs (id, status, request, created, updated, client) VALUES (?, ?, ?, ?, ?, ?)",
+                       (job.id, job.status, json.dumps(request), now, now, client))  # fmt: skip
             self._record(db, job.id)
         return job
+
+    def delete(self, job_id: str) -> bool:
+        """Forget a finished job (its row and its events); False if it is not finished (or not there)."""
+        with self._change() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] not in FINISHED:
+                return False
+            db.execute("DELETE FROM events WHERE job = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return True
+
+    def finished_before(self, cutoff: float) -> list[str]:
+        """Jobs that ended before `cutoff` (seconds since the epoch), for retention."""
+        with self._connect() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND "
+                              "COALESCE(finished, updated) < ?", (cutoff,)).fetchall()  # fmt: skip
+        return [r["id"] for r in rows]
 
     def get(self, job_id: str) -> Job | None:
         with self._connect() as db:

@@ -7,11 +7,13 @@ job goes back to the queue, to resume from its last checkpoint, unless it has be
 when it fails with the reason (a job that kills its worker is not retried forever); a job whose cancel was asked
 is cancelled. Failed and cancelled jobs' folders are removed, as a worker does. Then a new worker starts for the
 device, after a pause that doubles while workers of that device keep dying young (a worker that cannot even
-start does not spin) and resets once one has lived a minute.
+start does not spin) and resets once one has lived a minute. It also deletes finished jobs older than the
+retention (`--keep-days`), with their files.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -29,6 +31,8 @@ SUPERVISE_S = 1.0
 MAX_ATTEMPTS = 3
 """Runs a job may have (a worker that died under it, or a server that stopped) before it fails."""
 RESTART_PAUSE_S, RESTART_PAUSE_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
+EXPIRE_EVERY_S = 600.0
+"""How often finished jobs are checked against the retention (`--keep-days`)."""
 
 
 def death(process: Any) -> str:
@@ -66,9 +70,22 @@ class Supervisor:
         process.start()
         self.workers[device], self.started[device] = process, time.monotonic()
 
+    def expire(self) -> None:
+        """Delete the jobs that ended more than `keep_days` ago, with their files."""
+        if self.config.keep_days is None:
+            return
+        for job_id in self.store.finished_before(time.time() - self.config.keep_days * 86400):
+            if self.store.delete(job_id):
+                shutil.rmtree(self.config.jobs / job_id, ignore_errors=True)
+                LOG.info("job %s deleted: it ended more than %g days ago", job_id, self.config.keep_days)
+
     def _watch(self) -> None:
+        expired = -math.inf
         while not self.stopping.wait(SUPERVISE_S):
             now = time.monotonic()
+            if now - expired >= EXPIRE_EVERY_S:
+                expired = now
+                self.expire()
             for device, process in list(self.workers.items()):
                 if process is None:
                     if now >= self.restart_at[device]:

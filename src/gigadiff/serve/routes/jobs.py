@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,12 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
         except GigadiffError as e:
             LOG.info("job refused: %s", message(e))
             return error(400, message(e))
-        job = await run_in_threadpool(store.submit, data)
+        client = request.client.host if request.client else None
+        job = await run_in_threadpool(store.submit, data, client, config.max_queued)
+        if job is None:
+            LOG.info("job refused: %s has %d jobs waiting or running", client, config.max_queued)
+            return error(429, f"this client has {config.max_queued} jobs waiting or running, this server's limit: "
+                              "submit more when some have finished")  # fmt: skip
         LOG.info("job %s queued: %s", job.id, describe(data))
         return JSONResponse({"id": job.id, "status": job.status, "seed": data["seed"]}, status_code=201)
 
@@ -55,11 +61,17 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
     def job(job_id: str) -> dict[str, Any]:
         return public(config, job_or_404(store, job_id))
 
-    @router.delete("/api/jobs/{job_id}", summary="Cancel a queued or running job (it leaves no output)")
+    @router.delete(
+        "/api/jobs/{job_id}",
+        summary="Cancel a queued or running job (it leaves no output); delete a finished one and its files",
+    )
     def cancel(job_id: str) -> JSONResponse:
         job = job_or_404(store, job_id)
-        if job.status in FINISHED:
-            return error(409, f"job {job_id} is already {job.status}")
+        if job.status in FINISHED:  # a finished job: forgotten, with its files
+            if store.delete(job_id):
+                shutil.rmtree(config.jobs / job_id, ignore_errors=True)
+                LOG.info("job %s deleted", job_id)
+            return JSONResponse({"id": job_id, "status": "deleted"})
         status = store.request_cancel(job_id)
         LOG.info("job %s: cancel asked (%s)", job_id, "cancelled" if status == "cancelled" else "stopping it")
         return JSONResponse({"id": job_id, "status": status, "cancel": status == "running"})
