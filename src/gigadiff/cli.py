@@ -372,6 +372,9 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(help="Largest request body (MiB), init images included.")] = 8.0,
     keep_models: Annotated[int, typer.Option(help="Models each worker keeps loaded between jobs.")] = 2,
     max_queued: Annotated[int, typer.Option(help="Jobs one client (address) may have waiting or running.")] = 50,
+    max_attempts: Annotated[
+        int, typer.Option(help="Runs a job may have (its worker died, its server stopped) before it fails.")
+    ] = 3,
     keep_days: Annotated[
         float | None, typer.Option(help="Delete finished jobs and their files this many days after they end.")
     ] = None,
@@ -386,8 +389,8 @@ def serve(
         config = ServeConfig(data=data, host=host, port=port, token=ServeConfig.token_from_env(token), models=models,
                              devices=tuple(d.strip() for d in devices.split(",") if d.strip()), max_side=max_side,
                              max_steps=max_steps, max_processes=max_processes, max_request_mb=max_request_mb,
-                             keep_models=keep_models, max_queued=max_queued, keep_days=keep_days,
-                             tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
+                             keep_models=keep_models, max_queued=max_queued, max_attempts=max_attempts,
+                             keep_days=keep_days, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
         run_server(config, announce=lambda line: typer.echo(line))
 
 

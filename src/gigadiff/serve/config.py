@@ -33,6 +33,8 @@ class ServeConfig:
     """Models a worker keeps loaded between jobs (least recently used go first)."""
     checkpoint_every: int = 1
     """Every job checkpoints after this many steps, so that a restarted server resumes it."""
+    max_attempts: int = 3
+    """Runs a job may have (its worker died under it, or its server stopped) before it fails with that reason."""
     max_queued: int = 50
     """Jobs one client (by address) may have queued or running at once."""
     keep_days: float | None = None
@@ -53,7 +55,7 @@ class ServeConfig:
             raise GigadiffError(f"{{keep_days}} must be above 0, got {self.keep_days}", "keep_days")
         for name, value in (("max_side", self.max_side), ("max_steps", self.max_steps),
                             ("max_request_mb", self.max_request_mb), ("keep_models", self.keep_models),
-                            ("max_queued", self.max_queued)):  # fmt: skip
+                            ("max_queued", self.max_queued), ("max_attempts", self.max_attempts)):  # fmt: skip
             if value <= 0 if name == "max_request_mb" else value < 1:
                 raise GigadiffError(f"{{{name}}} must be {'above 0' if name == 'max_request_mb' else 'at least 1'}, "
                                     f"got {value}", name)  # fmt: skip

@@ -91,12 +91,12 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
     from gigadiff.serve import log
     from gigadiff.serve.app import VIEWER_SETUP, create_app, viewer_installed
     from gigadiff.serve.store import JobStore
-    from gigadiff.serve.supervisor import MAX_ATTEMPTS, Supervisor
+    from gigadiff.serve.supervisor import Supervisor
 
     sock = bind(config.host, config.port)
     with locked(config):
         config.jobs.mkdir(parents=True, exist_ok=True)
-        recovered = JobStore(config.database).recover(MAX_ATTEMPTS)
+        recovered = JobStore(config.database).recover(config.max_attempts)
         for job_id in recovered["failed"] + recovered["cancelled"]:
             shutil.rmtree(config.jobs / job_id, ignore_errors=True)
         app = create_app(config)

@@ -3,7 +3,7 @@ failed.
 
 A worker can die under its job: the OOM killer, a segfault in a native library, SIGKILL, a database it can no
 longer write. The supervisor, a thread of the server process, looks every SUPERVISE_S seconds. A dead worker's
-job goes back to the queue, to resume from its last checkpoint, unless it has been tried MAX_ATTEMPTS times,
+job goes back to the queue, to resume from its last checkpoint, unless it has been tried `max_attempts` times,
 when it fails with the reason (a job that kills its worker is not retried forever); a job whose cancel was asked
 is cancelled. Failed and cancelled jobs' folders are removed, as a worker does. Then a new worker starts for the
 device, after a pause that doubles while workers of that device keep dying young (a worker that cannot even
@@ -28,8 +28,6 @@ from gigadiff.serve.log import LOG
 from gigadiff.serve.store import JobStore
 
 SUPERVISE_S = 1.0
-MAX_ATTEMPTS = 3
-"""Runs a job may have (a worker that died under it, or a server that stopped) before it fails."""
 RESTART_PAUSE_S, RESTART_PAUSE_MAX_S, HEALTHY_AFTER_S = 1.0, 60.0, 60.0
 EXPIRE_EVERY_S = 600.0
 """How often finished jobs are checked against the retention (`--keep-days`)."""
@@ -95,7 +93,7 @@ class Supervisor:
 
     def _lost(self, device: str, process: Any) -> None:
         reason = death(process)
-        outcome = self.store.orphaned(process.pid, reason, MAX_ATTEMPTS)
+        outcome = self.store.orphaned(process.pid, reason, self.config.max_attempts)
         for status, jobs in outcome.items():
             for job_id in jobs:
                 LOG.info("job %s: %s; %s", job_id, reason, "queued again to resume" if status == "queued" else status)
