@@ -43,6 +43,7 @@ def test_generate_writes_png_with_parameters_sidecar_and_latent(tiny_sd_dir, tmp
     assert (meta["width"], meta["height"], meta["tile"], meta["overlap"]) == (768, 512, 256, 64)
     assert meta["weights"] == "gaussian" and meta["shift"] is True
     assert meta["gigadiff_version"] == __version__ and meta["model"] == str(tiny_sd_dir)
+    assert meta["request"]["dtype"] == "auto" and meta["dtype"] == "fp32", "auto is fp32 on the CPU, recorded so"
     assert json.loads(out.with_suffix(".json").read_text()) == meta
     tensor, latent_meta = read_latent(latent)
     assert tensor.shape == (1, 4, 64, 96) and latent_meta == meta
@@ -117,7 +118,7 @@ def test_help_lists_options_in_their_groups_with_value_placeholders_and_bare_fla
     text = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "160"}).output
     panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in text.splitlines() if line.startswith("╭─ ")]
     assert panels == ["Arguments", "Options", *(g[0].upper() + g[1:] for g in GROUPS)]
-    for shown in ("--size  ", "WxH|N", "--quiet", "--output", "FILE", "--shift", "--no-shift", "fp32|fp16|bf16"):
+    for shown in ("--size  ", "WxH|N", "--quiet", "--output", "FILE", "--shift", "--no-shift", "auto|exact|fast"):
         assert shown in text, shown
 
 

@@ -53,7 +53,8 @@ def test_shares_are_even_cover_every_tile_and_give_every_rank_work():
 
 @pytest.fixture(scope="module")
 def latents_of(tiny_sd_dir, tmp_path_factory):
-    """One launch per (processes, options), shared by the tests below: 0 processes is a plain `gigadiff` run."""
+    """One launch per (processes, options), shared by the tests below: 0 processes is a plain `gigadiff` run,
+    2 is `gigadiff --processes 2` (which starts torchrun itself), others torchrun started by hand."""
     made: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, str]] = {}
     folder = tmp_path_factory.mktemp("launches")
 
@@ -61,13 +62,15 @@ def latents_of(tiny_sd_dir, tmp_path_factory):
         key = (n, extra)
         if key not in made:
             out = folder / f"run{len(made)}.png"
-            if n == 0:
+            if n in (0, 2):
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
-                proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out, *extra)],
-                                      capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
+                processes = ["--processes", "2"] if n == 2 else []
+                proc = subprocess.run([sys.executable, "-m", "gigadiff", *gen_args(tiny_sd_dir, out, *extra),
+                                       *processes], capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
             else:
                 proc = torchrun(n, gen_args(tiny_sd_dir, out, *extra))
             assert proc.returncode == 0, proc.stderr[-3000:]
+            assert not [p for p in folder.iterdir() if p.name.startswith(".gigadiff-run")], "a launch left files"
             made[key] = read_latent(out.with_suffix(".safetensors"))[0], proc.stderr
         return made[key]
 
@@ -75,7 +78,7 @@ def latents_of(tiny_sd_dir, tmp_path_factory):
 
 
 def test_world_sizes_1_2_3_give_bit_identical_latents(latents_of):
-    """One process (a plain run, as torchrun with one process runs it) and torchrun with 2 and 3."""
+    """One process (a plain run, as torchrun with one process runs it), `--processes 2` and torchrun with 3."""
     one, _ = latents_of(0, "--profile")
     two, log = latents_of(2, "--profile")
     assert "MB exchanged" in log and log.count("\n   1 ") >= 1

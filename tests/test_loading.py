@@ -129,3 +129,57 @@ def test_devices_and_dtypes():
         resolve_device("tpu")
     with pytest.raises(GigadiffError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
+    assert resolve_dtype("auto", torch.device("cpu"), "bf16") == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("device", "preferred", "risk", "bf16", "chosen"),
+    [
+        ("cpu", "bf16", "", True, "fp32"),  # bf16 kernels are slow on the CPU, fp16 ones missing
+        ("cpu", "fp16", "", True, "fp32"),
+        ("cuda", "fp16", "", True, "fp16"),  # SD, SDXL: as their pipelines run
+        ("cuda", "bf16", "overflows", True, "bf16"),  # FLUX, Qwen-Image, SD3
+        ("cuda", "bf16", "overflows", False, "fp32"),  # a GPU without bf16: never fp16 for those
+        ("cuda", "bf16", "", False, "fp16"),  # PixArt, SANA, Z-Image there
+        ("cuda", "fp32", "", True, "fp32"),  # the terrain model's ONNX graph
+        ("mps", "fp16", "", True, "fp16"),
+    ],
+)
+def test_auto_dtype_is_what_the_models_pipeline_runs_in_where_the_device_has_it(device, preferred, risk, bf16,
+                                                                                   chosen):  # fmt: skip
+    from gigadiff.backends.device import auto_dtype
+
+    assert auto_dtype(device, preferred, risk, bf16) == chosen
+
+
+def test_the_families_declare_their_gpu_dtype_and_fp16_risk():
+    from gigadiff.backends.registry import FAMILIES
+
+    declared = {f.name: (f.gpu_dtype, bool(f.fp16_risk)) for f in FAMILIES}
+    assert declared["sd"] == declared["sdxl"] == ("fp16", False)
+    for name in ("flux", "flux2", "flux2-klein", "qwen-image", "sd3"):
+        assert declared[name] == ("bf16", True), name
+    assert declared["terrain-consistency"] == ("fp32", False)
+
+
+def test_text_encoders_wait_off_the_device_while_the_denoiser_runs(tiny_flux_dir):
+    """A backend whose text encoders park elsewhere (the host, on a GPU) has them there at every denoiser call,
+    and the same image: here they park on the meta device, which keeps no weights, so the run also shows that
+    nothing encodes after the prompts were encoded once."""
+    from gigadiff.api import generate_result, open_backend
+
+    kw = {"size": "512x256", "steps": 2, "seed": 4, "tile": 256, "overlap": 64, "coherence": "none"}
+    plain = generate_result("a red lighthouse", model=open_backend(str(tiny_flux_dir), device="cpu"), **kw)
+    backend = open_backend(str(tiny_flux_dir), device="cpu")
+    assert len(backend.text_encoders()) == 2  # CLIP and T5
+    backend.park_device = "meta"
+    seen, forward = [], backend.denoiser.forward
+
+    def spy(*args, **kwargs):
+        seen.append({next(m.parameters()).device.type for m in backend.text_encoders()})
+        return forward(*args, **kwargs)
+
+    backend.denoiser.forward = spy
+    parked = generate_result("a red lighthouse", model=backend, **kw)
+    assert seen and all(devices == {"meta"} for devices in seen)
+    assert torch.equal(parked.latents, plain.latents)

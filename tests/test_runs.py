@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +70,17 @@ def test_model_checks_come_from_its_config_files_before_torch(tiny_flux_dir, tmp
         proc = fresh("generate", "x", "--model", str(tiny_flux_dir), "-o", str(tmp_path / "o.png"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "torch imported: False" in proc.stderr
+
+
+def test_fp16_for_a_model_that_overflows_in_it_is_refused_before_torch_unless_allowed(tiny_flux_dir, tmp_path):
+    base = ["generate", "x", "--model", str(tiny_flux_dir), "-o", str(tmp_path / "o.png"), "--dtype", "fp16"]
+    proc = fresh(*base)
+    assert proc.returncode == 2 and "torch imported: False" in proc.stderr, proc.stderr
+    assert "--dtype fp16: FLUX.1's activations overflow fp16" in proc.stderr and "--allow-fp16" in proc.stderr
+    allowed = fresh(*base, "--allow-fp16", "--size", "100x100")  # past that check: the next error is the size's
+    assert allowed.returncode == 2 and "--size: width 100" in allowed.stderr, allowed.stderr
+    terrain = fresh("generate", "--model", "terrain", "--dtype", "bf16", "-o", str(tmp_path / "t.png"))
+    assert terrain.returncode == 2 and "model 'terrain' runs in fp32 only" in terrain.stderr
 
 
 def test_version_and_help_need_no_torch():
@@ -234,25 +244,6 @@ def test_the_cli_answers_a_bad_size_before_torch_could_even_be_imported():
 
 
 @pytest.mark.slow
-def test_processes_starts_the_run_under_torchrun(tiny_sd_dir, tmp_path):
-    out = tmp_path / "p.png"
-    env_args = ["generate", "a harbour", "--model", str(tiny_sd_dir), "--size", "768x384", "--steps", "2",
-                "--seed", "8", "--tile", "256", "--overlap", "64", "-q", "-o", str(out), "--save-latent",
-                str(tmp_path / "p.safetensors")]  # fmt: skip
-    import os
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "gigadiff", *env_args], capture_output=True, text=True, env=env,
-                         timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr
-    single = read_latent(tmp_path / "p.safetensors")[0]
-    two = subprocess.run([sys.executable, "-m", "gigadiff", *env_args, "--processes", "2", "--overwrite"],
-                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr
-    assert torch.equal(read_latent(tmp_path / "p.safetensors")[0], single)
-    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".gigadiff-run")]
-
-
 def test_generate_args_are_the_command_line_of_request_fields():
     from gigadiff.options import generate_args
 

@@ -168,7 +168,7 @@ def test_cli_writes_16bit_heightmap_relief_and_sidecar(tmp_path):
         (["--size", "100x100"], "smaller than model 'terrain''s 128x128 input"),
         (["--tile", "256"], "only takes 128x128 tiles"),
         (["--overlap", "8"], "--overlap (8px) must be at least 16px"),
-        (["--dtype", "bf16"], "fp32 ONNX model"),
+        (["--dtype", "bf16"], "model 'terrain' runs in fp32 only"),
         (["--sigmas", "20,80"], "sigmas must be positive and decreasing"),
     ],
 )

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gigadiff.runs.execute import GenerationResult
 
 
-def open_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
+def open_backend(model: str | Any, device: str = "auto", dtype: str = "auto") -> Backend:
     """Load `model` once; pass the result as `model=` to several `generate` calls to reuse it."""
     from gigadiff.backends.registry import load_backend
 

@@ -56,6 +56,11 @@ class ModelInfo:
     """The image side, in pixels, the model was trained at; the default tile."""
     default_size: int | None = None
     """Image side used when the user gives no size; None means twice the native size."""
+    gpu_dtype: str = "bf16"
+    """What `--dtype auto` runs it in on a GPU: the dtype its diffusers pipeline is run in (fp32: the model has no
+    other)."""
+    fp16_risk: str = ""
+    """Why fp16 is unsafe for it ("" if it is not): `--dtype fp16` is refused unless `--allow-fp16`."""
     default_steps: int = 30
     min_steps: int = 1
     """Fewest steps the model's scheduler can run (2 where it stretches its schedule to a terminal sigma, as

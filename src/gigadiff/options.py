@@ -166,7 +166,11 @@ class RunRequest:
     device: str = option(
         "auto", "auto, cuda, cuda:N, mps or cpu.", metavar="DEVICE", group="processes", server=True, resume=True
     )
-    dtype: str = option("fp32", "fp32, fp16 or bf16.", group="processes", choices=("fp32", "fp16", "bf16"))
+    dtype: str = option("auto", "auto (fp32 on the CPU; on a GPU what the model's pipeline runs in: fp16 for SD and "
+                        "SDXL, bf16 for the DiTs), fp32, fp16 or bf16.", group="processes",
+                        choices=("auto", "fp32", "fp16", "bf16"))  # fmt: skip
+    allow_fp16: bool = option(False, "Run in fp16 a model known to overflow in it (FLUX, Qwen-Image, SD3's T5).",
+                              group="processes")  # fmt: skip
     processes: int = option(1, "Run on N processes (torchrun, one per GPU); the image does not depend on N.",
                             group="processes", minimum=1)  # fmt: skip
     cfg_split: bool = option(False, "Several processes only: unconditional and conditional passes on different "

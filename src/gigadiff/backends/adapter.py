@@ -7,8 +7,9 @@ A family adapter subclasses `DiffusersBackend`, encodes prompts in `condition`, 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,34 @@ class DiffusersBackend:
         self.base_scheduler = pipe.scheduler
         self.info = replace(info, fingerprint=weights_fingerprint(denoiser, pipe.vae))
         self.codec = self.make_codec()
+
+    park_device: str | None = None
+    """Where the text encoders wait while they are not encoding ("cpu" for a pipeline gigadiff loaded onto a
+    GPU; None: they stay where they are, as in a pipeline the caller passed in)."""
+
+    def park_text_encoders(self, where: str) -> None:
+        """Keep the text encoders on `where` between encodings (nothing to do when that is the device)."""
+        self.park_device = where if torch.device(where) != self.device else None
+
+    def text_encoders(self) -> list[Any]:
+        return [m for name, m in self.pipe.components.items()
+                if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]  # fmt: skip
+
+    @contextlib.contextmanager
+    def encoding(self) -> Iterator[None]:
+        """The text encoders on the device only while they encode: prompts are encoded before denoising, so the
+        denoising phase holds the denoiser, the canvas and a tile batch, not T5-XXL's 9.5 GB (bf16) beside them."""
+        parked = self.park_device is not None and torch.device(self.park_device) != self.device
+        encoders = self.text_encoders() if parked else []
+        for module in encoders:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in encoders:
+                module.to(self.park_device)
+            if encoders and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def make_codec(self) -> VaeCodec:
         return VaeCodec(self.pipe.vae, self.device, self.info.vae_engine, self.vae_networks(),

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 _CUDA_INDEX = re.compile(r"^cuda:\d+$")
 
 
@@ -54,11 +54,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp16 is refused on the CPU, where many of its kernels are missing or slower than fp32."""
+def auto_dtype(device_type: str, preferred: str, fp16_risk: str = "", bf16_supported: bool = True) -> str:
+    """What `--dtype auto` runs a model in: fp32 on the CPU (its fp16 kernels are missing or slow, its bf16 ones
+    slower than fp32); on a GPU the dtype the model's diffusers pipeline runs in (`preferred`: fp16 for SD and
+    SDXL, bf16 for the DiTs), bf16 becoming fp16 where the GPU has no bf16 (before Ampere) unless fp16 overflows
+    for the model (`fp16_risk`), then fp32."""
+    if device_type == "cpu" or preferred == "fp32":
+        return "fp32"
+    if preferred == "bf16" and not bf16_supported:
+        return "fp32" if fp16_risk else "fp16"
+    return preferred
+
+
+def resolve_dtype(name: str, device: torch.device, preferred: str = "fp32", fp16_risk: str = "") -> torch.dtype:
+    """The torch dtype of `name` on `device` (`auto`: see auto_dtype); fp16 is refused on the CPU, where many of
+    its kernels are missing or slower than fp32."""
     import torch
 
     check_dtype_name(name)
+    if name == "auto":
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        name = auto_dtype(device.type, preferred, fp16_risk, bf16)
     if name == "fp16" and device.type == "cpu":
         raise GigadiffError("{dtype} fp16 is not supported on the CPU; use fp32 or bf16", "dtype")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "fp32", "fp16" or "bf16" for a torch dtype (as the command line names them)."""
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))

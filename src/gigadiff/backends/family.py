@@ -63,6 +63,10 @@ class Family:
     """The tiled VAE engine its codec runs (gigadiff.vae.engines)."""
     cfg_above: ClassVar[float] = 1.0
     negative_required: ClassVar[bool] = False
+    gpu_dtype: ClassVar[str] = "bf16"
+    """The dtype its pipeline runs in on a GPU (`--dtype auto`)."""
+    fp16_risk: ClassVar[str] = ""
+    """Why fp16 overflows for it ("" if it does not)."""
     default_native: ClassVar[int] = 512
     default_steps: ClassVar[int] = 30
     default_guidance: ClassVar[float] = 7.5
@@ -97,6 +101,8 @@ class Family:
             "can_encode": self.can_encode,
             "vae_engine": self.vae_engine,
             "cfg_above": self.cfg_above,
+            "gpu_dtype": self.gpu_dtype,
+            "fp16_risk": self.fp16_risk,
             "negative_required": self.negative_required,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
@@ -117,8 +123,12 @@ class Family:
         """Load the weights and wrap them (diffusers families: `from_pretrained` or `from_single_file`)."""
         from gigadiff.backends.pipelines import load_pipeline
 
-        pipe = load_pipeline(source, self.single_file_pipeline, device, dtype)
-        return self.adapt(pipe, info)
+        pipe = load_pipeline(source, self.single_file_pipeline, device, dtype, info)
+        backend = self.adapt(pipe, info)
+        park = getattr(backend, "park_text_encoders", None)
+        if park is not None:
+            park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings
+        return backend
 
     def adapt(self, pipe: Any, info: ModelInfo) -> Backend:
         """A backend for a loaded pipeline of this family."""

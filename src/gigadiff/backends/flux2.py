@@ -138,6 +138,7 @@ class Flux2Backend(TransformerBackend):
 
 class Flux2(Family):
     name = "flux2"
+    fp16_risk = "FLUX.2's activations overflow fp16 (its pipeline runs in bf16)"
     pipelines = ("Flux2Pipeline",)
     single_file_markers: ClassVar[tuple[str, ...]] = (
         "double_stream_modulation_img.",

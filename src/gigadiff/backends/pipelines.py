@@ -19,6 +19,8 @@ from gigadiff.errors import GigadiffError
 if TYPE_CHECKING:
     import torch
 
+    from gigadiff.facts import ModelInfo
+
 
 def quiet_libraries() -> None:
     """gigadiff's own progress is the one users read: silence diffusers' and transformers' bars and notices."""
@@ -31,18 +33,27 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def load_pipeline(source: ModelSource, single_file_class: str, device: str, dtype: str) -> Any:
-    """The pipeline of `source` on `device` in `dtype` (names as on the command line)."""
+def load_pipeline(source: ModelSource, single_file_class: str, device: str, dtype: str,
+                  info: ModelInfo | None = None) -> Any:  # fmt: skip
+    """The pipeline of `source` on `device` in `dtype` (names as on the command line; `auto` from the model's
+    `info`)."""
+    import torch
+
     quiet_libraries()
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device, *((info.gpu_dtype, info.fp16_risk) if info else ("fp32", "")))
     pipe = (
         _single_file(source, single_file_class, torch_dtype)
         if source.kind == "file"
         else _pretrained(source, torch_dtype)
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch_device)
+    if torch_device.type == "cpu":
+        return pipe.to(torch_device)
+    for name, component in pipe.components.items():  # the text encoders stay on the host until they encode
+        if isinstance(component, torch.nn.Module) and not name.startswith("text_encoder"):
+            component.to(torch_device)
+    return pipe
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

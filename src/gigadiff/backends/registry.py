@@ -79,7 +79,7 @@ def find_model(model: str, paths: bool = True) -> tuple[ModelSource, Family, Mod
     return source, family, family.describe(source)
 
 
-def load_backend(model: str | Any, device: str = "auto", dtype: str = "fp32") -> Backend:
+def load_backend(model: str | Any, device: str = "auto", dtype: str = "auto") -> Backend:
     """A backend for `model`: a name or path (located, described, then loaded), or a loaded diffusers pipeline
     (used where it is, on its own device and dtype)."""
     if not isinstance(model, str):

@@ -124,6 +124,7 @@ class SD3Backend(TransformerBackend):
 
 class StableDiffusion3(Family):
     name = "sd3"
+    fp16_risk = "SD3's T5 text encoder overflows fp16 (its pipeline runs in bf16 or fp16 without T5)"
     pipelines = ("StableDiffusion3Pipeline",)
     single_file_markers = ("joint_blocks.", "model.diffusion_model.joint_blocks.")
     single_file_pipeline = "StableDiffusion3Pipeline"

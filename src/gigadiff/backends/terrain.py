@@ -215,6 +215,7 @@ class TerrainBackend:
 class Terrain(Family):
     name = "terrain-consistency"
     builtin = ("terrain",)
+    gpu_dtype = "fp32"  # an fp32 ONNX graph
     scheduler_kind = "consistency"
     guidance_kind = "none"
     can_encode = False
@@ -243,9 +244,11 @@ class Terrain(Family):
             options=("difficulty",),
             output="heightmap",
             vae_engine="none",
+            gpu_dtype=self.gpu_dtype,
         )
 
     def load(self, source: ModelSource, info: ModelInfo, device: str, dtype: str) -> Backend:
-        if dtype != "fp32":
-            raise GigadiffError("model 'terrain' is an fp32 ONNX model; use {dtype} fp32", "dtype")
+        if dtype not in ("fp32", "auto"):
+            raise GigadiffError("model 'terrain' runs in fp32 only (an fp32 ONNX graph); use {dtype} fp32 or auto",
+                                "dtype")  # fmt: skip
         return TerrainBackend(info, device)

@@ -8,6 +8,7 @@ and resume state. A recipe reads what it needs from it; a progressive run's stag
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,9 @@ class RunContext:
     def condition(self, prompt: str, negative: str, guidance: float | None) -> Any:
         """The backend's conditioning for one prompt of this run (its own, or a region's), on this canvas."""
         s = self.settings
-        return self.backend.condition(prompt, negative, guidance, (s.height, s.width), s.conditioning_options)
+        encoding = getattr(self.backend, "encoding", contextlib.nullcontext)  # text encoders brought to the device
+        with encoding():
+            return self.backend.condition(prompt, negative, guidance, (s.height, s.width), s.conditioning_options)
 
 
 @dataclass(frozen=True)

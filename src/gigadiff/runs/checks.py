@@ -101,6 +101,12 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
         raise GigadiffError(f"{{true_cfg}} is for models whose guidance is embedded (FLUX.1); model {name!r} has "
                             f"{what}", "true_cfg", "guidance")  # fmt: skip
     check_scheduler(r.scheduler, info.scheduler_kind, name)
+    if r.dtype == "fp16" and info.fp16_risk and not r.allow_fp16:
+        raise GigadiffError(f"{{dtype}} fp16: {info.fp16_risk}, so its images would come out black or broken; use "
+                            "bf16 (or fp32), or pass {allow_fp16} to run it in fp16 anyway", "dtype",
+                            "allow_fp16")  # fmt: skip
+    if r.dtype in ("fp16", "bf16") and info.gpu_dtype == "fp32":
+        raise GigadiffError(f"model {name!r} runs in fp32 only; use {{dtype}} fp32 or auto", "dtype")
     if regions and not info.takes_prompt:
         raise GigadiffError(f"model {name!r} takes no prompt, so it cannot take {{regions}}", "regions")
     if r.flow_shift != "tile" and info.scheduler_kind != "flow":

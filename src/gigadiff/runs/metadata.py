@@ -21,7 +21,7 @@ from gigadiff.settings import GenerationSettings
 
 def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: StepRange | None = None,
                         request: dict[str, Any] | None = None, vae_mode: str = "",
-                        notes: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+                        notes: tuple[str, ...] = (), dtype: str = "") -> dict[str, Any]:  # fmt: skip
     from gigadiff import __version__
 
     meta: dict[str, Any] = {
@@ -43,6 +43,8 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: St
         meta["request"] = request
     if vae_mode:
         meta["vae_mode"] = vae_mode
+    if dtype:
+        meta["dtype"] = dtype  # what `--dtype auto` (or the request) resolved to on the device that ran it
     if notes:
         meta["notes"] = list(notes)
     return meta
