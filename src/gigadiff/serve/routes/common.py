@@ -30,13 +30,16 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 MAX_JSON_DEPTH = 32
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def parse_json(body: bytes) -> Any:
     """A client's JSON document, refused (ValueError, with the reason) unless it is strict JSON a job can hold:
     UTF-8, no NaN or infinite numbers (which the API could not answer in JSON), no lone surrogates (which no
     UTF-8 answer can carry: one in a stored prompt would break every later listing), nesting at most
-    MAX_JSON_DEPTH deep, integers of at most 4300 digits (Python's own limit)."""
+    MAX_JSON_DEPTH deep, integers of at most 4300 digits (Python's own limit). The checks cost little beside
+    the parse itself (a hostile client may send megabytes of valid JSON): numbers are checked as they are
+    parsed, strings only when the text holds a surrogate escape, and the depth walk visits containers only."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -45,31 +48,49 @@ def parse_json(body: bytes) -> Any:
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number")
 
+    def number(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"{literal[:20]} is not a finite number")
+        return value
+
     try:
-        data = json.loads(text or "null", parse_constant=constant)
+        data = json.loads(text or "null", parse_constant=constant, parse_float=number)
     except RecursionError:
         raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} deep") from None
-    _check_json(data, 0)
+    _check_depth(data)
+    if _SURROGATE_ESCAPE.search(text):
+        _check_text(data)
     return data
 
 
-def _check_json(value: Any, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} deep")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value} is not a finite number")
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_json(key, depth + 1)
-            _check_json(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_json(item, depth + 1)
+def _check_depth(value: Any) -> None:
+    """Level by level, containers only (a megabyte of regions is 20000 small dicts: this stays a small part of
+    the parse's cost)."""
+    level, depth = [value] if isinstance(value, dict | list) else [], 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"it is nested more than {MAX_JSON_DEPTH} deep")
+        level = [child for item in level for child in (item.values() if type(item) is dict else item)
+                 if type(child) is dict or type(child) is list]  # fmt: skip
+
+
+def _check_text(value: Any) -> None:
+    """Every string (and key) encodes to UTF-8: a lone surrogate does not."""
+    strings = [value]
+    while strings:
+        item = strings.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+        elif isinstance(item, dict):
+            strings.extend(item.keys())
+            strings.extend(item.values())
+        elif isinstance(item, list):
+            strings.extend(item)
 
 
 async def read_bounded(request: Request, limit: int) -> bytes | None:
