@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,17 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return time.perf_counter() - start, proc.returncode, lines[-1] if lines else ""
 
 
-def refusing_port() -> int:
-    """A local port nothing listens on (bound, then released): connections to it are refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("bench/results/startup.json"))
     args = parser.parse_args()
+    from tests.helpers.fake_hub import refusing_endpoint
+    from tests.helpers.tiny import save_tiny, tiny_flux_pipeline
+
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(HF_HOME=f"{tmp}/hf-home", HF_ENDPOINT=f"http://127.0.0.1:{refusing_port()}")
-        from tests.helpers.tiny import save_tiny, tiny_flux_pipeline
+        env.update(HF_HOME=f"{tmp}/hf-home", HF_ENDPOINT=refusing_endpoint())
 
         flux = save_tiny(tiny_flux_pipeline(), Path(tmp) / "tiny-flux")
         gigadiff = [sys.executable, "-m", "gigadiff"]

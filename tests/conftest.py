@@ -108,3 +108,22 @@ tiny_pixart_dir = tiny_folder("tiny-pixart-sigma", "tiny_pixart_sigma_pipeline")
 tiny_qwen_image_dir = tiny_folder("tiny-qwen-image", "tiny_qwen_image_pipeline")
 
 tiny_sana_dir = tiny_folder("tiny-sana", "tiny_sana_pipeline")
+
+
+@pytest.fixture
+def config(tiny_sd_dir, tmp_path):
+    """A service's configuration: its data in a fresh folder, the tiny SD model in its models folder."""
+    from gigadiff.serve.config import ServeConfig
+
+    return ServeConfig(data=tmp_path / "data", models=tiny_sd_dir.parent)
+
+
+@pytest.fixture
+def api(config):
+    """That service in process (FastAPI's test client), addressed by a loopback name as a local client would."""
+    from fastapi.testclient import TestClient
+
+    from gigadiff.serve.app import create_app
+    from tests.helpers.served import LOCAL
+
+    return TestClient(create_app(config), base_url=LOCAL)

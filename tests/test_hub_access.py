@@ -8,7 +8,6 @@ endpoint pointed at localhost: a port that refuses connections (no network) or a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ from PIL import Image
 from gigadiff.errors import GigadiffError
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.jobs import validate
-from tests.helpers.fake_hub import fake_hub
+from tests.helpers.fake_hub import fake_hub, refusing_endpoint
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-
-def refusing_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def gigadiff(tmp_path: Path, endpoint: str, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:

@@ -24,10 +24,8 @@ from gigadiff.serve.app import create_app
 from gigadiff.serve.client import ApiError, Client, server_sent_events
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.store import JobStore
-from tests.helpers.served import served, stop_served
+from tests.helpers.served import LOCAL, served, stop_served
 
-LOCAL = "http://127.0.0.1:8000"
-"""The address in-process test clients send as Host: a loopback server answers loopback names only."""
 JOB = {"prompt": "a lighthouse", "model": "tiny-sd", "size": "384x256", "steps": 3, "seed": 4, "tile": 256,
        "overlap": 64, "scheduler": "ddim"}  # fmt: skip
 
@@ -39,16 +37,6 @@ def cli_image(tiny_sd_dir, tmp_path, job: dict) -> np.ndarray:
     result = CliRunner().invoke(cli_app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return tifffile.imread(out)
-
-
-@pytest.fixture
-def config(tiny_sd_dir, tmp_path):
-    return ServeConfig(data=tmp_path / "data", models=tiny_sd_dir.parent)
-
-
-@pytest.fixture
-def api(config):
-    return TestClient(create_app(config), base_url=LOCAL)
 
 
 def test_config_refuses_what_cannot_work(tmp_path):

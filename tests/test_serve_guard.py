@@ -14,17 +14,7 @@ from fastapi.testclient import TestClient
 from gigadiff.serve.app import create_app
 from gigadiff.serve.config import ServeConfig
 from gigadiff.serve.guard import host_name, refusal
-from tests.test_serve import LOCAL
-
-
-@pytest.fixture
-def config(tiny_sd_dir, tmp_path):
-    return ServeConfig(data=tmp_path / "data", models=tiny_sd_dir.parent)
-
-
-@pytest.fixture
-def api(config):
-    return TestClient(create_app(config), base_url=LOCAL)
+from tests.helpers.served import LOCAL
 
 
 def queued_nothing(api) -> bool:

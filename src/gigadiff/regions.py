@@ -28,8 +28,6 @@ Parsing and checking need no torch; the weights are computed when a run starts.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import math
@@ -40,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gigadiff.errors import GigadiffError
-from gigadiff.io.images import open_image, require_file
+from gigadiff.io.images import data_url_bytes, open_image, require_file
+from gigadiff.options import OPTIONS
 
 if TYPE_CHECKING:
     import torch
@@ -82,8 +81,8 @@ class RegionSet:
 
 
 MAX_REGIONS = 64
-MAX_REGION_PROMPT = 4096
-"""Characters of a region's prompt or negative prompt (as for the request's own prompt)."""
+MAX_REGION_PROMPT = OPTIONS["prompt"].longest
+"""Characters of a region's prompt or negative prompt: as for the request's own prompt."""
 
 
 def load_region_file(path: Path) -> RegionSet:
@@ -169,7 +168,7 @@ def _mask_source(mask: Any, where: str, folder: Path | None) -> str:
     if not isinstance(mask, str) or not mask:
         raise GigadiffError(f"{where}: mask must be an image file name or a data:image/...;base64 URL")
     if mask.startswith(DATA_URL):
-        _data_url_bytes(mask, where)
+        data_url_bytes(mask, f"{where}: the mask")
         return mask
     if folder is None:
         raise GigadiffError(f"{where}: masks must be given as data:image/...;base64 URLs here, not as file names")
@@ -177,16 +176,6 @@ def _mask_source(mask: Any, where: str, folder: Path | None) -> str:
     path = path if path.is_absolute() else folder / path
     require_file(path, "mask image", f"{where}: ")
     return str(path)
-
-
-def _data_url_bytes(url: str, where: str) -> bytes:
-    header, _, data = url.partition(",")
-    if not header.endswith(";base64") or not data:
-        raise GigadiffError(f"{where}: a mask data URL must be data:image/<type>;base64,<data>")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise GigadiffError(f"{where}: the mask data URL is not valid base64") from None
 
 
 def box_pixels(box: tuple[float, ...], width: int, height: int, where: str) -> tuple[int, int, int, int]:
@@ -223,7 +212,7 @@ def _mask_values(mask: str, width: int, height: int, where: str) -> np.ndarray:
 
     if mask.startswith(DATA_URL):
         try:
-            with Image.open(io.BytesIO(_data_url_bytes(mask, where))) as im:
+            with Image.open(io.BytesIO(data_url_bytes(mask, f"{where}: the mask"))) as im:
                 grey = im.convert("L").resize((width, height), Image.Resampling.BOX)
         except OSError as e:
             raise GigadiffError(f"{where}: cannot read the mask data URL as an image: {e}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,6 +97,14 @@ def _handler(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
         do_HEAD = _serve
 
     return Handler
+
+
+def refusing_endpoint() -> str:
+    """A hub endpoint on a local port nothing listens on (bound, then released): connections are refused at once,
+    as on a machine without network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @contextmanager

@@ -12,6 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+LOCAL = "http://127.0.0.1:8000"
+"""The address in-process test clients send as Host: a loopback server answers loopback names only."""
+
 
 @contextlib.contextmanager
 def served(data: Path, *args: str, start_timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:

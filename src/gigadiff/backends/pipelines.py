@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import resolve_device, resolve_dtype
-from gigadiff.backends.source import ModelSource, hub_unreachable, offline
+from gigadiff.backends.source import ModelSource, hub_cut_off
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
@@ -76,12 +76,9 @@ def _pretrained(source: ModelSource, dtype: torch.dtype) -> Any:
 
 
 def _cut_off() -> str:
-    """Why the hub is not to be asked for files ("" if it is): then only the cache is read, at once, rather than
-    after the hub library's retries."""
-    if offline():
-        return " (HF_HUB_OFFLINE is set: only the local cache is read)"
-    unreachable = hub_unreachable()
-    return f" ({unreachable}: only the local cache is read)" if unreachable else ""
+    """Why only the local cache is read, as the end of an error message ("" when the hub may be asked)."""
+    reason = hub_cut_off()
+    return f" ({reason}: only the local cache is read)" if reason else ""
 
 
 def _single_file(source: ModelSource, class_name: str, dtype: torch.dtype) -> Any:

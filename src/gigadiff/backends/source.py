@@ -127,6 +127,12 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "") or DEFAULT_ENDPOINT
 
 
+def hub_cut_off() -> str:
+    """Why the hub is not to be asked for files ("" if it may be): HF_HUB_OFFLINE, or a host that does not answer.
+    Then only the local cache is read, at once, rather than after the hub library's retries."""
+    return "HF_HUB_OFFLINE is set" if offline() else hub_unreachable()
+
+
 def hub_unreachable(timeout: float = REACH_TIMEOUT) -> str:
     """Why the hub cannot be reached ("" when its host, or the proxy to it, accepts a TCP connection)."""
     endpoint = urllib.parse.urlsplit(hub_endpoint())
@@ -197,11 +203,9 @@ def _hub_failure(e: Exception) -> tuple[str, str]:
 def fetch_configs(repo: str, model: str, gated: bool = False) -> Path:
     """Download only a hub model's model_index.json and component configs (not its weights), so that the
     checks before a run can read them; the weights follow when the model loads."""
-    if offline():
-        raise ModelUnavailable(model, repo, "HF_HUB_OFFLINE is set", gated=gated)
-    unreachable = hub_unreachable()
-    if unreachable:
-        raise ModelUnavailable(model, repo, unreachable, gated=gated)
+    cut_off = hub_cut_off()
+    if cut_off:
+        raise ModelUnavailable(model, repo, cut_off, gated=gated)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 

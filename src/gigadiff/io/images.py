@@ -38,6 +38,21 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def data_url_bytes(url: object, what: str, *fields: str) -> bytes:
+    """The bytes of an image given as a `data:image/<type>;base64,<data>` URL; a clear error naming `what` (a
+    template that may name request `fields`) when it is not one or its data is not base64."""
+    import base64
+    import binascii
+
+    header, _, data = url.partition(",") if isinstance(url, str) else ("", "", "")
+    if not (header.startswith("data:image/") and header.endswith(";base64") and data):
+        raise GigadiffError(f"{what} must be an image as a data:image/<type>;base64,<data> URL", *fields)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise GigadiffError(f"{what}: the data URL is not valid base64", *fields) from None
+
+
 def require_file(path: Path, role: str, where: str = "") -> None:
     """A clear error when `path` (the `role` of the file, e.g. "init image") is not a file."""
     if path.is_dir():

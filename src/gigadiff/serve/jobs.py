@@ -9,8 +9,6 @@ checked as the command line checks it, before it is queued: a bad one gets the c
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,15 +60,6 @@ def local_models(config: ServeConfig) -> list[str]:
     return sorted(p.name for p in config.models.iterdir() if (p / "model_index.json").is_file())
 
 
-def _data_url_bytes(value: Any, what: str, field: str) -> bytes:
-    if not isinstance(value, str) or not value.startswith("data:image/") or ";base64," not in value:
-        raise GigadiffError(f"{what} must be an image as a data:image/...;base64 URL here", field)
-    try:
-        return base64.b64decode(value.split(",", 1)[1], validate=True)
-    except (binascii.Error, ValueError):
-        raise GigadiffError(f"{what}: the data URL is not valid base64", field) from None
-
-
 def _within_side(data: bytes, what: str, field: str, config: ServeConfig) -> None:
     """An image's size from its header, held to the server's side limit before anything decodes its pixels (a
     few bytes of PNG can declare 65536x65536)."""
@@ -83,13 +72,19 @@ def _within_side(data: bytes, what: str, field: str, config: ServeConfig) -> Non
             width, height = im.size
     except Exception as e:
         raise GigadiffError(f"{what} cannot be read as an image ({type(e).__name__})", field) from None
-    if max(width, height) > config.max_side:
-        raise GigadiffError(f"{what} is {width}x{height}, above this server's limit of {config.max_side} px a side",
-                            field)  # fmt: skip
+    _held_to_side(max(width, height), f"{what} is {width}x{height},", config, field)
+
+
+def _held_to_side(side: float, said: str, config: ServeConfig, *fields: str) -> None:
+    """Refuse a picture side above the server's limit; `said` names what has it ("{size} 512x70000 is")."""
+    if side > config.max_side:
+        raise GigadiffError(f"{said} above this server's limit of {config.max_side} px a side", *fields)
 
 
 def _init_image(value: Any, folder: Path, config: ServeConfig) -> str:
-    data = _data_url_bytes(value, "{init}", "init")
+    from gigadiff.io.images import data_url_bytes
+
+    data = data_url_bytes(value, "{init}", "init")
     _within_side(data, "{init}", "init", config)
     path = folder / "init.png"
     path.write_bytes(data)
@@ -98,6 +93,7 @@ def _init_image(value: Any, folder: Path, config: ServeConfig) -> str:
 
 def _check_masks(regions: Any, config: ServeConfig) -> None:
     """Every region mask given as a data URL, held to the side limit before the run layer decodes it."""
+    from gigadiff.io.images import data_url_bytes
     from gigadiff.regions import MAX_REGIONS
 
     items = regions.get("regions") if isinstance(regions, dict) else regions
@@ -105,8 +101,8 @@ def _check_masks(regions: Any, config: ServeConfig) -> None:
         return  # the run layer names what is wrong with it
     for i, item in enumerate(items[: MAX_REGIONS + 1], 1):
         if isinstance(item, dict) and isinstance(item.get("mask"), str) and item["mask"].startswith("data:"):
-            _within_side(_data_url_bytes(item["mask"], f"{{regions}}, region {i}: mask", "regions"),
-                         f"{{regions}}, region {i}: mask", "regions", config)  # fmt: skip
+            what = f"{{regions}}, region {i}: mask"
+            _within_side(data_url_bytes(item["mask"], what, "regions"), what, "regions", config)
 
 
 def _check_size(fields: dict[str, Any], config: ServeConfig) -> None:
@@ -116,9 +112,7 @@ def _check_size(fields: dict[str, Any], config: ServeConfig) -> None:
 
     if isinstance(fields.get("size"), str):
         width, height = parse_size(fields["size"])
-        if max(width, height) > config.max_side:
-            raise GigadiffError(f"{{size}} {width}x{height} is above this server's limit of {config.max_side} px a "
-                                "side", "size")  # fmt: skip
+        _held_to_side(max(width, height), f"{{size}} {width}x{height} is", config, "size")
 
 
 def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "auto") -> RunRequest:
@@ -145,9 +139,8 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
 
             width, height = image_size(fields["init"])
             scale = float(fields.get("scale") or 1.0)
-            if max(width, height) * scale > config.max_side:
-                raise GigadiffError(f"{{init}} ({width}x{height}) times {{scale}} {scale:g} is above this server's "
-                                    f"limit of {config.max_side} px a side", "init", "scale")  # fmt: skip
+            _held_to_side(max(width, height) * scale, f"{{init}} ({width}x{height}) times {{scale}} {scale:g} is",
+                         config, "init", "scale")  # fmt: skip
     if fields.get("processes", 1) > config.max_processes:
         raise GigadiffError(f"{{processes}} {fields['processes']} is above this server's limit of "
                             f"{config.max_processes}", "processes")  # fmt: skip
@@ -171,9 +164,7 @@ def resolve_job(data: Any, config: ServeConfig, folder: Path, device: str = "aut
         raise e.for_server(config.models) from None
     width, height, steps = run.settings.width, run.settings.height, run.settings.steps
     assert width and height and steps
-    if max(width, height) > config.max_side:
-        raise GigadiffError(f"{{size}} {width}x{height} is above this server's limit of {config.max_side} px a side",
-                            "size")  # fmt: skip
+    _held_to_side(max(width, height), f"{{size}} {width}x{height} is", config, "size")
     if steps > config.max_steps:
         raise GigadiffError(f"{{steps}} {steps} is above this server's limit of {config.max_steps}", "steps")
     return run

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -90,17 +89,15 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
 
     from gigadiff.serve import log
     from gigadiff.serve.app import VIEWER_SETUP, create_app, viewer_installed
-    from gigadiff.serve.store import JobStore
     from gigadiff.serve.supervisor import Supervisor
 
     sock = bind(config.host, config.port)
     with locked(config):
         config.jobs.mkdir(parents=True, exist_ok=True)
-        recovered = JobStore(config.database).recover(config.max_attempts)
-        for job_id in recovered["failed"] + recovered["cancelled"]:
-            shutil.rmtree(config.jobs / job_id, ignore_errors=True)
-        app = create_app(config)
+        log.setup()
         supervisor = Supervisor(config, worker_process)
+        recovered = supervisor.recover()
+        app = create_app(config)
         supervisor.start()
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
@@ -115,11 +112,10 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_S,
                                                ssl_certfile=str(config.tls_cert) if config.tls else None,
                                                ssl_keyfile=str(config.tls_key) if config.tls else None))  # fmt: skip
-        log.setup()
         try:
             server.run(sockets=[sock])
         finally:
-            running = JobStore(config.database).counts().get("running", 0)
+            running = supervisor.store.counts().get("running", 0)
             log.LOG.info("stopping%s", f": {running} running job(s) resume at the next start" if running else "")
             supervisor.stop(SHUTDOWN_S)
             log.LOG.info("stopped")

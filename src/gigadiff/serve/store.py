@@ -14,6 +14,7 @@ the job runs (a snapshot of the job row alone would skip the states it went thro
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 import uuid
@@ -161,14 +162,17 @@ class JobStore:
             self._record(db, job.id)
         return job
 
-    def delete(self, job_id: str) -> bool:
-        """Forget a finished job (its row and its events); False if it is not finished (or not there)."""
+    def delete(self, job_id: str, files: Path | None = None) -> bool:
+        """Forget a finished job (its row, its events and its folder of `files`); False if it is not finished
+        (or not there)."""
         with self._change() as db:
             row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["status"] not in FINISHED:
                 return False
             db.execute("DELETE FROM events WHERE job = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        if files is not None:
+            shutil.rmtree(files, ignore_errors=True)
         return True
 
     def finished_before(self, cutoff: float) -> list[str]:

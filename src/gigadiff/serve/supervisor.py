@@ -73,8 +73,7 @@ class Supervisor:
         if self.config.keep_days is None:
             return
         for job_id in self.store.finished_before(time.time() - self.config.keep_days * 86400):
-            if self.store.delete(job_id):
-                shutil.rmtree(self.config.jobs / job_id, ignore_errors=True)
+            if self.store.delete(job_id, self.config.jobs / job_id):
                 LOG.info("job %s deleted: it ended more than %g days ago", job_id, self.config.keep_days)
 
     def _watch(self) -> None:
@@ -91,14 +90,22 @@ class Supervisor:
                 elif not process.is_alive():
                     self._lost(device, process)
 
-    def _lost(self, device: str, process: Any) -> None:
-        reason = death(process)
-        outcome = self.store.orphaned(process.pid, reason, self.config.max_attempts)
+    def recover(self) -> dict[str, list[str]]:
+        """The jobs a stopped server left running, settled as a dead worker's are (before any worker starts)."""
+        return self._settle(self.store.recover(self.config.max_attempts), "its server stopped while it ran")
+
+    def _settle(self, outcome: dict[str, list[str]], reason: str) -> dict[str, list[str]]:
+        """Log what became of the jobs a worker or server left running; failed and cancelled lose their folders."""
         for status, jobs in outcome.items():
             for job_id in jobs:
                 LOG.info("job %s: %s; %s", job_id, reason, "queued again to resume" if status == "queued" else status)
                 if status != "queued":
                     shutil.rmtree(self.config.jobs / job_id, ignore_errors=True)
+        return outcome
+
+    def _lost(self, device: str, process: Any) -> None:
+        reason = death(process)
+        self._settle(self.store.orphaned(process.pid, reason, self.config.max_attempts), reason)
         lived = time.monotonic() - self.started[device]
         pause = RESTART_PAUSE_S if lived > HEALTHY_AFTER_S else self.pause.get(device, RESTART_PAUSE_S / 2) * 2
         self.pause[device] = min(pause, RESTART_PAUSE_MAX_S)

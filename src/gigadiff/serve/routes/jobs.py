@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,7 @@ def jobs_router(config: ServeConfig, store: JobStore) -> APIRouter:
     def cancel(job_id: str) -> JSONResponse:
         job = job_or_404(store, job_id)
         if job.status in FINISHED:  # a finished job: forgotten, with its files
-            if store.delete(job_id):
-                shutil.rmtree(config.jobs / job_id, ignore_errors=True)
+            if store.delete(job_id, config.jobs / job_id):
                 LOG.info("job %s deleted", job_id)
             return JSONResponse({"id": job_id, "status": "deleted"})
         status = store.request_cancel(job_id)
