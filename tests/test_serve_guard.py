@@ -161,3 +161,16 @@ def test_a_hub_shaped_model_name_is_never_read_as_a_path_where_the_server_runs(a
     assert r.status_code == 400 and "cannot load model other/tiny" in r.json()["error"], r.text
     assert str(tmp_path) not in r.json()["error"], "errors never show the server's paths"
     assert queued_nothing(api)
+
+
+def test_a_transformer_file_is_a_file_of_the_models_folder_named_never_a_path(api, config):
+    (config.models / "flux-Q8_0.gguf").write_bytes(b"GGUF")
+    for name in ("../flux-Q8_0.gguf", "/etc/passwd", str(config.models / "flux-Q8_0.gguf"), "absent.gguf"):
+        r = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd", "transformer": name})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "transformer must name a .gguf/.safetensors file of the server's models folder: flux-Q8_0.gguf" in error
+        assert str(config.models) not in error
+    assert queued_nothing(api)
+    r = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd", "transformer": "flux-Q8_0.gguf"})
+    assert r.status_code == 201, r.text  # found; loading it is the worker's (and fails there: not a real GGUF)

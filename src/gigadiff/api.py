@@ -31,12 +31,13 @@ if TYPE_CHECKING:
     from gigadiff.runs.execute import GenerationResult
 
 
-def open_backend(model: str | Any, device: str = "auto", dtype: str = "auto") -> Backend:
-    """Load `model` once; pass the result as `model=` to several `generate` calls to reuse it."""
+def open_backend(model: str | Any, device: str = "auto", dtype: str = "auto", **loading: Any) -> Backend:
+    """Load `model` once; pass the result as `model=` to several `generate` calls to reuse it (`loading`:
+    `offload`, `quantize`, `transformer` as on the command line)."""
     from gigadiff.backends.registry import load_backend
 
     if isinstance(model, str) or _is_pipeline(model):
-        return load_backend(model, device, dtype)
+        return load_backend(model, device, dtype, **loading)
     return model  # already a backend
 
 

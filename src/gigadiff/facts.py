@@ -61,6 +61,9 @@ class ModelInfo:
     other)."""
     fp16_risk: str = ""
     """Why fp16 is unsafe for it ("" if it is not): `--dtype fp16` is refused unless `--allow-fp16`."""
+    diffusers_weights: bool = True
+    """Its weights load through diffusers, so `--offload`, `--quantize` and `--transformer` apply (False: the
+    ONNX terrain model)."""
     default_steps: int = 30
     min_steps: int = 1
     """Fewest steps the model's scheduler can run (2 where it stretches its schedule to a terminal sigma, as

@@ -14,8 +14,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.codec import VaeCodec
+from gigadiff.backends.device import dtype_name
 from gigadiff.backends.flow import set_flow_timesteps
 from gigadiff.backends.pipelines import weights_fingerprint
+from gigadiff.backends.placement import activate, execution_device, offloading
+from gigadiff.backends.quantized import describe_quantization
 from gigadiff.facts import ModelInfo
 from gigadiff.lazy import no_grad, torch
 from gigadiff.schedulers import make_scheduler
@@ -32,19 +35,24 @@ class DiffusersBackend:
     def __init__(self, pipe: Any, info: ModelInfo, denoiser: Any):
         self.pipe = pipe
         self.denoiser = denoiser
-        self.device = denoiser.device
+        self.offload = offloading(pipe)
+        self.device = execution_device(pipe, denoiser)
         self.dtype = denoiser.dtype
         self.base_scheduler = pipe.scheduler
-        self.info = replace(info, fingerprint=weights_fingerprint(denoiser, pipe.vae))
+        quantization = describe_quantization(denoiser)
+        self.info = replace(info, fingerprint=weights_fingerprint(denoiser, pipe.vae, quantization=quantization))
         self.codec = self.make_codec()
+        self.weights: dict[str, Any] = {"dtype": dtype_name(self.dtype), "offload": self.offload, **quantization}
+        """What the metadata records of the weights (gigadiff.backends.quantized)."""
 
     park_device: str | None = None
     """Where the text encoders wait while they are not encoding ("cpu" for a pipeline gigadiff loaded onto a
     GPU; None: they stay where they are, as in a pipeline the caller passed in)."""
 
     def park_text_encoders(self, where: str) -> None:
-        """Keep the text encoders on `where` between encodings (nothing to do when that is the device)."""
-        self.park_device = where if torch.device(where) != self.device else None
+        """Keep the text encoders on `where` between encodings (nothing to do when that is the device, or when
+        offload hooks move them)."""
+        self.park_device = where if torch.device(where) != self.device and self.offload == "none" else None
 
     def text_encoders(self) -> list[Any]:
         return [m for name, m in self.pipe.components.items()
@@ -68,7 +76,11 @@ class DiffusersBackend:
 
     def make_codec(self) -> VaeCodec:
         return VaeCodec(self.pipe.vae, self.device, self.info.vae_engine, self.vae_networks(),
-                        sample_posterior=self.samples_posterior)  # fmt: skip
+                        sample_posterior=self.samples_posterior, activate=self.activate_vae)  # fmt: skip
+
+    def activate_vae(self) -> None:
+        """The VAE whole on the device before a VAE phase (model offloading: the denoiser off it)."""
+        activate(self.pipe, self.pipe.vae)
 
     samples_posterior = True
     """Whether the family's img2img pipeline draws the init image's latents from the VAE's posterior (SD, FLUX.1)

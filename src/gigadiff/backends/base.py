@@ -70,6 +70,10 @@ class Backend(Protocol):
     def device(self) -> torch.device: ...
     @property
     def codec(self) -> Codec: ...
+    @property
+    def weights(self) -> dict[str, Any]:
+        """What the metadata records of the weights: dtype, offloading, quantization, a `--transformer` file."""
+        ...
 
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
         """A fresh scheduler called `name` ("default" or a gigadiff scheduler name) configured for this model,

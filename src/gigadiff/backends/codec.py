@@ -47,8 +47,10 @@ class VaeCodec:
 
     def __init__(self, vae: Any, device: Any, engine: str = "groupnorm", networks: Any = None,
                  to_vae: Transform = _identity, from_vae: Transform = _identity,
-                 sample_posterior: bool = True):  # fmt: skip
+                 sample_posterior: bool = True, activate: Callable[[], None] = lambda: None):  # fmt: skip
         self.vae = vae
+        self.activate = activate
+        """Called before each VAE phase: brings the VAE onto the device where offloading keeps it off."""
         self.device = device
         self.engine = engine
         self.networks = networks
@@ -65,6 +67,7 @@ class VaeCodec:
     def _tiled(self, tiling: VaeTiling, listener: Listener | None) -> Engine:
         from gigadiff.vae.engines import ENGINES
 
+        self.activate()
         return ENGINES[self.engine](self.vae, tiling, listener, self.networks)
 
     def decode(

@@ -24,6 +24,7 @@ from gigadiff.facts import GuidanceKind, ModelInfo, PositionKind, SchedulerKind,
 
 if TYPE_CHECKING:
     from gigadiff.backends.base import Backend
+    from gigadiff.backends.loading import Loading
     from gigadiff.backends.source import ModelSource
 
 
@@ -119,12 +120,16 @@ class Family:
                 defaults["default_size"] = preset.default_size
         return ModelInfo(**defaults)
 
-    def load(self, source: ModelSource, info: ModelInfo, device: str, dtype: str) -> Backend:
+    def load(self, source: ModelSource, info: ModelInfo, loading: Loading) -> Backend:
         """Load the weights and wrap them (diffusers families: `from_pretrained` or `from_single_file`)."""
         from gigadiff.backends.pipelines import load_pipeline
 
-        pipe = load_pipeline(source, self.single_file_pipeline, device, dtype, info)
+        pipe = load_pipeline(source, self.single_file_pipeline, loading, info)
         backend = self.adapt(pipe, info)
+        if loading.transformer is not None:
+            from gigadiff.backends.quantized import describe_file
+
+            backend.weights.update(describe_file(loading.transformer))
         park = getattr(backend, "park_text_encoders", None)
         if park is not None:
             park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings

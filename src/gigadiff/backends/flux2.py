@@ -60,8 +60,9 @@ def unpatchify(x: torch_types.Tensor) -> torch_types.Tensor:
 class Flux2Codec(VaeCodec):
     """AutoencoderKLFlux2 with FLUX.2's map between the canvas and the VAE's latents (patchify, BatchNorm)."""
 
-    def __init__(self, vae: Any, device: Any):
-        super().__init__(vae, device, to_vae=self._to_vae, from_vae=self._from_vae, sample_posterior=False)
+    def __init__(self, vae: Any, device: Any, activate: Any):
+        super().__init__(vae, device, to_vae=self._to_vae, from_vae=self._from_vae, sample_posterior=False,
+                         activate=activate)  # fmt: skip
 
     def _stats(self, like: torch_types.Tensor) -> tuple[torch_types.Tensor, torch_types.Tensor]:
         bn = self.vae.bn
@@ -85,7 +86,7 @@ class Flux2Backend(TransformerBackend):
         self.distilled = bool(getattr(pipe.config, "is_distilled", False))
 
     def make_codec(self) -> VaeCodec:
-        return Flux2Codec(self.pipe.vae, self.device)
+        return Flux2Codec(self.pipe.vae, self.device, self.activate_vae)
 
     @no_grad
     def condition(

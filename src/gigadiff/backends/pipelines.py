@@ -13,17 +13,29 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import resolve_device, resolve_dtype
+from gigadiff.backends.placement import host_tensor, place, placement
+from gigadiff.backends.quantized import check_quantization, load_denoiser
 from gigadiff.backends.source import ModelSource, hub_cut_off
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
     import torch
 
+    from gigadiff.backends.loading import Loading
     from gigadiff.facts import ModelInfo
+
+
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+"""Loggers that speak when diffusers imports torchao: its CUDA-only extensions that a CPU build cannot load,
+torch's notes on the types torchao registers. Nothing a user can act on."""
 
 
 def quiet_libraries() -> None:
     """gigadiff's own progress is the one users read: silence diffusers' and transformers' bars and notices."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -33,26 +45,23 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def load_pipeline(source: ModelSource, single_file_class: str, device: str, dtype: str,
-                  info: ModelInfo | None = None) -> Any:  # fmt: skip
-    """The pipeline of `source` on `device` in `dtype` (names as on the command line; `auto` from the model's
-    `info`)."""
-    import torch
-
+def load_pipeline(source: ModelSource, single_file_class: str, loading: Loading, info: ModelInfo | None = None) -> Any:
+    """The pipeline of `source` on `loading.device` in `loading.dtype` (names as on the command line; `auto` from
+    the model's `info`), its weights placed as `loading.offload` says (gigadiff.backends.placement)."""
     quiet_libraries()
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device, *((info.gpu_dtype, info.fp16_risk) if info else ("fp32", "")))
+    offload = loading.offload
+    torch_device = resolve_device(loading.device)
+    torch_dtype = resolve_dtype(loading.dtype, torch_device,
+                                *((info.gpu_dtype, info.fp16_risk) if info else ("fp32", "")))  # fmt: skip
+    check_quantization(loading.quantize, torch_device)
+    denoiser = load_denoiser(source, loading.quantize, loading.transformer, torch_dtype, bool(_cut_off()))
     pipe = (
         _single_file(source, single_file_class, torch_dtype)
         if source.kind == "file"
-        else _pretrained(source, torch_dtype)
+        else _pretrained(source, torch_dtype, denoiser)
     )
     pipe.set_progress_bar_config(disable=True)
-    if torch_device.type == "cpu":
-        return pipe.to(torch_device)
-    for name, component in pipe.components.items():  # the text encoders stay on the host until they encode
-        if isinstance(component, torch.nn.Module) and not name.startswith("text_encoder"):
-            component.to(torch_device)
+    place(pipe, torch_device, placement(offload, pipe, torch_device))
     return pipe
 
 
@@ -61,7 +70,7 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return (text[0] if text else type(e).__name__)[:limit]
 
 
-def _pretrained(source: ModelSource, dtype: torch.dtype) -> Any:
+def _pretrained(source: ModelSource, dtype: torch.dtype, overrides: dict[str, Any]) -> Any:
     from diffusers import DiffusionPipeline
 
     assert source.root is not None
@@ -69,7 +78,7 @@ def _pretrained(source: ModelSource, dtype: torch.dtype) -> Any:
     try:
         return DiffusionPipeline.from_pretrained(
             str(source.root) if source.kind == "folder" else source.location, dtype=dtype,
-            local_files_only=source.kind == "folder" or bool(cut_off),
+            local_files_only=source.kind == "folder" or bool(cut_off), **overrides,
         )  # fmt: skip
     except Exception as e:
         raise GigadiffError(f"cannot load model {source.name!r}: {_first_line(e)}{cut_off}", "model") from e
@@ -97,13 +106,18 @@ def _single_file(source: ModelSource, class_name: str, dtype: torch.dtype) -> An
         ) from e
 
 
-def weights_fingerprint(*modules: Any) -> str:
-    """A short hash of the modules' configs and of a slice of the first module's first and last weights, so
-    that a checkpoint is never resumed on other weights."""
+def weights_fingerprint(*modules: Any, quantization: dict[str, Any] | None = None) -> str:
+    """A short hash of the modules' configs, of the first module's `quantization` and of a slice of its first and
+    last plain weights (quantized tensors, GGUF's and torchao's, are left out: their layouts are the
+    quantizer's), so that a checkpoint is never resumed on other weights."""
+    import torch
+
     h = hashlib.sha256()
     for module in modules:
         h.update(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
-    params = list(modules[0].parameters())
-    for p in (params[0], params[-1]):
+    h.update(json.dumps(quantization or {}, sort_keys=True).encode())
+    names = [name for name, p in modules[0].named_parameters() if type(p) is torch.nn.Parameter]
+    for name in (names[0], names[-1]):
+        p = host_tensor(modules[0], name)
         h.update(p.detach().flatten()[:4096].to("cpu").float().numpy().tobytes())
     return h.hexdigest()[:16]

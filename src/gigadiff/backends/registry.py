@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from gigadiff.backends.family import Family, Preset
 from gigadiff.backends.flux import Flux
 from gigadiff.backends.flux2 import Flux2, Flux2Klein
+from gigadiff.backends.loading import Loading
 from gigadiff.backends.pixart import PixArtSigma
 from gigadiff.backends.qwen_image import QwenImage
 from gigadiff.backends.sana import Sana
@@ -79,9 +80,10 @@ def find_model(model: str, paths: bool = True) -> tuple[ModelSource, Family, Mod
     return source, family, family.describe(source)
 
 
-def load_backend(model: str | Any, device: str = "auto", dtype: str = "auto") -> Backend:
-    """A backend for `model`: a name or path (located, described, then loaded), or a loaded diffusers pipeline
-    (used where it is, on its own device and dtype)."""
+def load_backend(model: str | Any, device: str = "auto", dtype: str = "auto", **loading: Any) -> Backend:
+    """A backend for `model`: a name or path (located, described, then loaded as `device`, `dtype` and `loading`,
+    the other fields of gigadiff.backends.loading.Loading, say), or a loaded diffusers pipeline (used where it
+    is, on its own device and dtype, offloaded or not)."""
     if not isinstance(model, str):
         source = object_source(model)
         family = family_of(source)
@@ -90,7 +92,7 @@ def load_backend(model: str | Any, device: str = "auto", dtype: str = "auto") ->
     if source.pending:
         source = present(source)
         info = family.describe(source)
-    return family.load(source, info, device, dtype)
+    return family.load(source, info, Loading(device, dtype, **loading))
 
 
 def described_backend(backend: Backend) -> tuple[ModelSource, Family, ModelInfo]:

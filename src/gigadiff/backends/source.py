@@ -277,6 +277,10 @@ def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated
     path = Path(model).expanduser()
     if not paths:
         return _hub_id(model, builtins, presets, gated)
+    if path.suffix == ".gguf":
+        raise GigadiffError(f"{{model}} {model!r} is a GGUF file, which holds only the denoiser: pass it with "
+                            "{transformer} beside the diffusers model it belongs to (e.g. --model flux-dev "
+                            f"--transformer {path.name})", "model", "transformer")  # fmt: skip
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise GigadiffError(f"checkpoint file {path} does not exist", "model")

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import torch as torch_types
 
     from gigadiff.backends.base import Backend
+    from gigadiff.backends.loading import Loading
     from gigadiff.backends.source import ModelSource
     from gigadiff.events import Listener
     from gigadiff.geometry import Tile
@@ -166,6 +167,7 @@ class TerrainBackend:
         check_io(self.session, {"noisy": 4, "sigma": 1, "difficulty": 1}, ("denoised",), self.path)
         self.device = torch.device("cpu")  # canvas and fusion live on the host; ONNX Runtime owns the model
         self.info = replace(info, fingerprint=file_fingerprint(self.path))
+        self.weights: dict[str, Any] = {"dtype": "fp32", "offload": "none", "format": "onnx"}
         self.codec = HeightCodec()
 
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:
@@ -245,10 +247,11 @@ class Terrain(Family):
             output="heightmap",
             vae_engine="none",
             gpu_dtype=self.gpu_dtype,
+            diffusers_weights=False,
         )
 
-    def load(self, source: ModelSource, info: ModelInfo, device: str, dtype: str) -> Backend:
-        if dtype not in ("fp32", "auto"):
+    def load(self, source: ModelSource, info: ModelInfo, loading: Loading) -> Backend:
+        if loading.dtype not in ("fp32", "auto"):
             raise GigadiffError("model 'terrain' runs in fp32 only (an fp32 ONNX graph); use {dtype} fp32 or auto",
                                 "dtype")  # fmt: skip
-        return TerrainBackend(info, device)
+        return TerrainBackend(info, loading.device)

@@ -57,7 +57,7 @@ def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float, cfg_split: bo
 
 def load(run: Run, ranks: Ranks) -> Backend:
     """The run's model, loaded on this rank's device."""
-    return run.family.load(run.source, run.info, rank_device(run.request.device, ranks), run.request.dtype)
+    return run.family.load(run.source, run.info, run.loading(rank_device(run.request.device, ranks)))
 
 
 @dataclass(frozen=True)

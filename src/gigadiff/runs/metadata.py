@@ -11,6 +11,7 @@ from it), the model's facts (`model_info`: its VAE factor, token size and tile r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from gigadiff.facts import ModelInfo
@@ -21,7 +22,8 @@ from gigadiff.settings import GenerationSettings
 
 def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: StepRange | None = None,
                         request: dict[str, Any] | None = None, vae_mode: str = "",
-                        notes: tuple[str, ...] = (), dtype: str = "") -> dict[str, Any]:  # fmt: skip
+                        notes: tuple[str, ...] = (), weights: Mapping[str, Any] | None = None,
+                        ) -> dict[str, Any]:  # fmt: skip
     from gigadiff import __version__
 
     meta: dict[str, Any] = {
@@ -43,8 +45,9 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: St
         meta["request"] = request
     if vae_mode:
         meta["vae_mode"] = vae_mode
-    if dtype:
-        meta["dtype"] = dtype  # what `--dtype auto` (or the request) resolved to on the device that ran it
+    if weights:
+        meta["dtype"] = weights["dtype"]  # what `--dtype auto` (or the request) resolved to on the device that ran it
+        meta["model_weights"] = dict(weights)  # and how they were stored and placed
     if notes:
         meta["notes"] = list(notes)
     return meta

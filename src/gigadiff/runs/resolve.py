@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import check_device_name
+from gigadiff.backends.loading import Loading
+from gigadiff.backends.quantized import check_transformer_file
 from gigadiff.backends.registry import find_model
 from gigadiff.backends.source import present
 from gigadiff.errors import GigadiffError, Note
@@ -72,6 +74,11 @@ class Run:
         """The resolved request as JSON-safe data (see the module docstring)."""
         return self.request.to_dict()
 
+    def loading(self, device: str | None = None) -> Loading:
+        """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
+        r = self.request
+        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer)
+
 
 def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
     """(width, height) of a run from the image at `path` times `scale`, rounded to `multiple` pixels."""
@@ -123,6 +130,11 @@ def _check_options(r: RunRequest) -> None:
     if r.scale is not None and r.init is None and r.size is None:
         raise GigadiffError("{scale} sizes the output from an init image; give {init} IMAGE or a {size}",
                             "scale", "init", "size")  # fmt: skip
+    if r.transformer is not None:
+        check_transformer_file(r.transformer, r.quantize)
+    if r.quantize in ("nf4", "fp8") and r.device in ("cpu", "mps"):
+        raise GigadiffError(f"{{quantize}} {r.quantize} needs a CUDA GPU (device {r.device!r}); use {{quantize}} "
+                            "int8", "quantize", "device")  # fmt: skip
 
 
 def _init_size(request: RunRequest, info: ModelInfo) -> tuple[int, int] | None:

@@ -38,12 +38,8 @@ class GenerationResult:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        from gigadiff.backends.device import dtype_name
-
-        torch_dtype = getattr(self.backend, "dtype", None)  # the ONNX terrain backend has none: fp32
-        dtype = dtype_name(torch_dtype) if torch_dtype is not None else "fp32"
         return generation_metadata(self.settings, self.info, self.run.steps, self.request, self.vae_mode, self.notes,
-                                   dtype)  # fmt: skip
+                                   self.backend.weights)  # fmt: skip
 
     def decode(self) -> torch.Tensor:
         return self.backend.codec.decode(self.latents, self.vae)

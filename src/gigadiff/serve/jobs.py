@@ -54,6 +54,23 @@ def _model(name: Any, config: ServeConfig) -> str:
     raise GigadiffError(f"unknown {{model}} {name!r}: use a preset ({known}), a hub id owner/name{local}", "model")
 
 
+WEIGHT_FILES = (".gguf", ".safetensors")
+"""The single weight files a job may name from the server's models folder."""
+
+
+def models_file(name: Any, config: ServeConfig, field: str, suffixes: tuple[str, ...]) -> str:
+    """The path of file `name` (a bare file name, never a path) in the server's models folder, or an error that
+    lists the folder's files of that kind and names no server path."""
+    folder = config.models
+    files = sorted(p.name for p in folder.iterdir() if p.suffix in suffixes and p.is_file()) if folder else []
+    if folder is not None and isinstance(name, str) and _MODEL_NAME.match(name) and name in files:
+        return str(folder / name)
+    kinds = "/".join(suffixes)
+    have = f": {', '.join(files)}" if files else f" (it has no {kinds} files)" if config.models else ""
+    where = "the server's models folder" if config.models else "a models folder, and this server has none"
+    raise GigadiffError(f"{{{field}}} must name a {kinds} file of {where}{have}", field)
+
+
 def local_models(config: ServeConfig) -> list[str]:
     if config.models is None:
         return []
@@ -128,6 +145,8 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     if unknown:
         raise GigadiffError(f"unknown option(s) {', '.join(unknown)} (options: {', '.join(CLIENT_OPTIONS)})")
     fields["model"] = _model(fields.get("model", "sd15"), config)
+    if fields.get("transformer") is not None:
+        fields["transformer"] = models_file(fields["transformer"], config, "transformer", WEIGHT_FILES)
     _check_size(fields, config)
     if fields.get("regions") is not None:
         _check_masks(fields["regions"], config)

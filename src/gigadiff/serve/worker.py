@@ -93,13 +93,13 @@ class ModelCache:
 
     def __init__(self, size: int):
         self.size = size
-        self.backends: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self.backends: OrderedDict[tuple[str, Any], Any] = OrderedDict()
 
     def get(self, run: Any) -> Any:
         from gigadiff.executors.launch import Ranks
         from gigadiff.runs.execute import load
 
-        key = (run.request.model, run.request.device, run.request.dtype)
+        key = (run.request.model, run.loading())
         if key in self.backends:
             self.backends.move_to_end(key)
             return self.backends[key]

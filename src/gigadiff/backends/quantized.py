@@ -1,0 +1,155 @@
+"""The denoiser's weights as people download or shrink them: a single file beside a diffusers model
+(`--transformer`: a GGUF of FLUX.1, FLUX.2, Qwen-Image, Z-Image or SD3.5, or a .safetensors checkpoint such as an
+fp8 one), or quantized as it loads (`--quantize int8|fp8|nf4`), all through diffusers' quantizers.
+
+Only the denoiser is replaced or quantized: it is most of the weights (FLUX.1's 12 B of 17 B) and the only model
+called at every step; the text encoders run once per run and are offloaded between encodings, the VAE is small.
+A pre-quantized diffusers folder (a `quantization_config` in its configs) loads as it is, with no option.
+
+The checks that need no weights run first (`check_quantization`): nf4 needs bitsandbytes and CUDA, fp8 a GPU with
+fp8 arithmetic (compute capability 8.9: Ada, Hopper and newer); a refusal says why and what to use instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.errors import GigadiffError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gigadiff.backends.source import ModelSource
+
+DENOISERS = ("transformer", "unet")
+"""The pipeline components that are a family's denoiser."""
+SINGLE_FILES = (".gguf", ".safetensors")
+"""What `--transformer` takes."""
+
+
+def check_transformer_file(path: str, quantize: str) -> None:
+    """A `--transformer` file that cannot be one, refused before anything loads."""
+    file = Path(path).expanduser()
+    if file.suffix not in SINGLE_FILES:
+        raise GigadiffError(f"{{transformer}} {path!r} must be a .gguf or .safetensors file", "transformer")
+    if not file.is_file():
+        raise GigadiffError(f"{{transformer}} file {file} does not exist", "transformer")
+    if file.suffix == ".gguf" and quantize != "none":
+        raise GigadiffError("a GGUF file is quantized already: drop {quantize}", "quantize", "transformer")
+
+
+def check_quantization(quantize: str, device: torch.device) -> None:
+    """Refuse what cannot run on `device` before any weights load (see the module docstring)."""
+    import importlib.util
+
+    import torch
+
+    if quantize == "nf4":
+        if device.type != "cuda":
+            raise GigadiffError("{quantize} nf4 uses bitsandbytes' CUDA kernels: it needs an NVIDIA GPU; use "
+                                "{quantize} int8 here, or a GGUF Q4 file with {transformer}", "quantize")  # fmt: skip
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise GigadiffError("{quantize} nf4 needs bitsandbytes: pip install bitsandbytes", "quantize")
+    if quantize == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
+        raise GigadiffError("{quantize} fp8 needs a GPU with fp8 arithmetic (compute capability 8.9: Ada, Hopper "
+                            "or newer); use {quantize} int8, or an fp8 checkpoint with {transformer} (its weights "
+                            "are upcast as they load)", "quantize")  # fmt: skip
+
+
+def quantization_config(quantize: str, dtype: torch.dtype) -> Any:
+    """diffusers' quantization config for `--quantize` (None for `none`)."""
+    if quantize == "none":
+        return None
+    if quantize == "nf4":
+        from diffusers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig())
+
+
+def denoiser_name(source: ModelSource) -> str:
+    """Which component of the model is its denoiser."""
+    name = next((n for n in DENOISERS if n in source.index), None)
+    if name is None:
+        raise GigadiffError(f"model {source.name!r} has no transformer or unet to replace or quantize", "model")
+    return name
+
+
+def load_denoiser(source: ModelSource, quantize: str, transformer: str | None, dtype: torch.dtype,
+                  local_only: bool) -> dict[str, Any]:  # fmt: skip
+    """The denoiser as `from_pretrained`'s override ({component name: model}; {} when neither option is given):
+    from the single file `transformer` (GGUF through `GGUFQuantizationConfig`, its config from the model), or
+    the model's own, quantized as it loads."""
+    import diffusers
+
+    if transformer is None and quantize == "none":
+        return {}
+    if source.kind == "file" or source.root is None:
+        raise GigadiffError("{transformer} and {quantize} apply to a diffusers folder or hub model: convert the "
+                            "single-file checkpoint to a folder first", "transformer", "quantize")  # fmt: skip
+    name = denoiser_name(source)
+    cls = getattr(diffusers, source.index[name][1])
+    config = quantization_config(quantize, dtype)
+    if transformer is None:
+        return {name: cls.from_pretrained(str(source.root), subfolder=name, quantization_config=config,
+                                          dtype=dtype, local_files_only=True)}  # fmt: skip
+    check_transformer_file(transformer, quantize)
+    path = str(Path(transformer).expanduser())
+    if path.endswith(".gguf"):
+        from diffusers import GGUFQuantizationConfig
+
+        config = GGUFQuantizationConfig(compute_dtype=dtype)
+    try:
+        model = cls.from_single_file(path, config=str(source.root), subfolder=name, quantization_config=config,
+                                     dtype=dtype, local_files_only=local_only)  # fmt: skip
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise GigadiffError(f"cannot load {{transformer}} {path} as the {cls.__name__} of {source.name!r}: {first}",
+                            "transformer") from e  # fmt: skip
+    return {name: model}
+
+
+def describe_quantization(denoiser: Any) -> dict[str, Any]:
+    """What the metadata records of the denoiser's quantization: the method, a GGUF's tensor types, torchao's
+    configuration ({} for plain weights)."""
+    record: dict[str, Any] = {}
+    quantizer = getattr(denoiser, "hf_quantizer", None)
+    if quantizer is not None:
+        method = quantizer.quantization_config.quant_method
+        record["quantization"] = getattr(method, "value", str(method))
+        types = sorted({p.quant_type.name for p in denoiser.parameters() if hasattr(p, "quant_type")})
+        if types:
+            record["quantized_types"] = types
+        quant_type = getattr(quantizer.quantization_config, "quant_type", None)
+        if quant_type is not None and not isinstance(quant_type, str):
+            quant_type = type(quant_type).__name__
+        if quant_type:
+            record["quant_type"] = quant_type
+    return record
+
+
+def describe_file(transformer: str) -> dict[str, Any]:
+    """What the metadata records of a `--transformer` file: its name and digest."""
+    return {"transformer": Path(transformer).name, "transformer_digest": file_digest(Path(transformer).expanduser())}
+
+
+DIGEST_SPAN = 2**24
+"""Bytes read from each end of a weight file for its digest."""
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's size and its first and last 16 MiB: tells two weight files apart (their headers and
+    final tensors differ) in milliseconds, where hashing a 12 GB GGUF whole would take a minute per run."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(DIGEST_SPAN))
+        if size > DIGEST_SPAN:
+            f.seek(max(DIGEST_SPAN, size - DIGEST_SPAN))
+            h.update(f.read(DIGEST_SPAN))
+    return h.hexdigest()[:16]
