@@ -70,7 +70,7 @@ def test_a_gguf_transformer_paints_the_tile_its_diffusers_pipeline_paints(quant_
     assert (got.latents - theirs).abs().max() <= FLUX.tolerance * max(1.0, float(theirs.abs().max()))
     plain = one_tile(open_backend(str(tiny_flux_dir), "cpu"))
     assert not torch.equal(got.latents, plain.latents)  # the quantized weights really ran
-    weights = got.metadata["model_weights"]
+    weights = got.metadata["model_setup"]
     assert weights["quantization"] == "gguf" and quant_type in weights["quantized_types"]
     assert weights["transformer"] == path.name and len(weights["transformer_digest"]) == 16
 
@@ -87,8 +87,8 @@ def test_int8_weights_paint_the_tile_the_pipeline_paints_with_the_same_int8_tran
     assert (got.latents - theirs).abs().max() <= FLUX.tolerance * max(1.0, float(theirs.abs().max()))
     plain = one_tile(open_backend(str(tiny_flux_dir), "cpu"))
     assert not torch.equal(got.latents, plain.latents)
-    assert got.metadata["model_weights"]["quantization"] == "torchao"
-    assert got.metadata["model_weights"]["quant_type"] == "Int8WeightOnlyConfig"
+    assert got.metadata["model_setup"]["quantization"] == "torchao"
+    assert got.metadata["model_setup"]["quant_type"] == "Int8WeightOnlyConfig"
 
 
 def _refused(*args: str, prompt: tuple[str, ...] = ("a harbour",)) -> str:
@@ -150,4 +150,4 @@ def test_the_metadata_records_dtype_and_offloading_of_plain_weights(tiny_flux_di
     result = generate_result(PROMPT, model=str(tiny_flux_dir), device="cpu", size="256x256", steps=1, seed=1,
                              output=str(tmp_path / "a.png"))  # fmt: skip
     sidecar = json.loads((tmp_path / "a.json").read_text())
-    assert sidecar["model_weights"] == {"dtype": "fp32", "offload": "none"} == result.metadata["model_weights"]
+    assert sidecar["model_setup"] == {"dtype": "fp32", "offload": "none"} == result.metadata["model_setup"]

@@ -61,6 +61,9 @@ class ModelInfo:
     other)."""
     fp16_risk: str = ""
     """Why fp16 is unsafe for it ("" if it is not): `--dtype fp16` is refused unless `--allow-fp16`."""
+    attention_backends: bool = False
+    """Its denoiser's attention dispatches through diffusers' attention backends (`--attention` applies: the
+    FLUX, Z-Image and Qwen-Image transformers; the others call PyTorch's attention directly)."""
     diffusers_weights: bool = True
     """Its weights load through diffusers, so `--offload`, `--quantize` and `--transformer` apply (False: the
     ONNX terrain model)."""

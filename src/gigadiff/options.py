@@ -32,13 +32,17 @@ from gigadiff.windows import WEIGHT_KINDS
 
 GENERATE, UPSCALE = "generate", "upscale"
 BOTH = (GENERATE, UPSCALE)
-GROUPS = ("model", "size and tiles", "sampling", "guidance", "coherence", "img2img", "VAE", "output",
-          "device and memory", "processes")  # fmt: skip
+GROUPS = ("model", "size and tiles", "sampling", "guidance", "coherence", "img2img", "VAE", "output", "device",
+          "processes")  # fmt: skip
 """The groups `--help` and the README's option table list options in, in this order."""
 OFFLOAD_MODES = ("auto", "none", "model", "group", "sequential")
 """What `--offload` takes (gigadiff.backends.placement)."""
 QUANTIZATIONS = ("none", "int8", "fp8", "nf4")
 """What `--quantize` takes (gigadiff.backends.quantized)."""
+ATTENTION_BACKENDS = ("auto", "native", "flash", "flash_hub", "flash_varlen", "_flash_3", "_flash_3_hub", "sage",
+                      "sage_hub", "sage_varlen", "xformers", "flex", "_native_cudnn", "_native_efficient",
+                      "_native_flash", "_native_math")  # fmt: skip
+"""What `--attention` takes: diffusers' attention backends (`auto`: the model's own; gigadiff.backends.speed)."""
 
 
 @dataclass(frozen=True)
@@ -169,23 +173,28 @@ class RunRequest:
     vae_spill: str | None = option(None, "Directory for exact-mode VAE buffers that do not fit in RAM.",
                                    metavar="DIR", group="VAE", server=True)  # fmt: skip
     device: str = option(
-        "auto", "auto, cuda, cuda:N, mps or cpu.", metavar="DEVICE", group="device and memory", server=True, resume=True
+        "auto", "auto, cuda, cuda:N, mps or cpu.", metavar="DEVICE", group="device", server=True, resume=True
     )
     dtype: str = option("auto", "auto (fp32 on the CPU; on a GPU what the model's pipeline runs in: fp16 for SD and "
-                        "SDXL, bf16 for the DiTs), fp32, fp16 or bf16.", group="device and memory",
+                        "SDXL, bf16 for the DiTs), fp32, fp16 or bf16.", group="device",
                         choices=("auto", "fp32", "fp16", "bf16"))  # fmt: skip
     allow_fp16: bool = option(False, "Run in fp16 a model known to overflow in it (FLUX, Qwen-Image, SD3's T5).",
-                              group="device and memory")  # fmt: skip
+                              group="device")  # fmt: skip
     offload: str = option("auto", "Weights off the GPU while unused: none; model (one model at a time on the GPU); "
                           "group (the denoiser's blocks in turn, prefetched); sequential (layer by layer: least "
                           "memory, slowest); auto (the least offloading that fits the free GPU memory).",
-                          group="device and memory", choices=OFFLOAD_MODES)  # fmt: skip
+                          group="device", choices=OFFLOAD_MODES)  # fmt: skip
     quantize: str = option("none", "Quantize the denoiser's weights as they load: int8 (torchao; any device), fp8 "
                            "(torchao; GPUs with fp8, Ada or newer), nf4 (bitsandbytes; CUDA only).",
-                           group="device and memory", choices=QUANTIZATIONS)  # fmt: skip
+                           group="device", choices=QUANTIZATIONS)  # fmt: skip
     transformer: str | None = option(None, "The denoiser from this single file: a GGUF (Q8_0, Q4_K, ...) or a "
                                      ".safetensors checkpoint (fp8 ones too); the rest of the pipeline from --model.",
-                                     metavar="FILE", group="device and memory")  # fmt: skip
+                                     metavar="FILE", group="device")  # fmt: skip
+    compile: bool = option(False, "Compile the denoiser's repeated blocks with torch.compile (the first step takes "
+                           "longer; every call has one shape, so they compile once).", group="device")  # fmt: skip
+    attention: str = option("auto", "diffusers' attention backend for the DiTs: native, flash, sage, xformers, "
+                            "flex, ... (installed separately); auto: the model's own.", metavar="BACKEND",
+                            group="device", choices=ATTENTION_BACKENDS)  # fmt: skip
     processes: int = option(1, "Run on N processes (torchrun, one per GPU); the image does not depend on N.",
                             group="processes", minimum=1)  # fmt: skip
     cfg_split: bool = option(False, "Several processes only: unconditional and conditional passes on different "

@@ -42,8 +42,8 @@ class DiffusersBackend:
         quantization = describe_quantization(denoiser)
         self.info = replace(info, fingerprint=weights_fingerprint(denoiser, pipe.vae, quantization=quantization))
         self.codec = self.make_codec()
-        self.weights: dict[str, Any] = {"dtype": dtype_name(self.dtype), "offload": self.offload, **quantization}
-        """What the metadata records of the weights (gigadiff.backends.quantized)."""
+        self.setup: dict[str, Any] = {"dtype": dtype_name(self.dtype), "offload": self.offload, **quantization}
+        """What the metadata records of how the model runs (gigadiff.backends.base.Backend.setup)."""
 
     park_device: str | None = None
     """Where the text encoders wait while they are not encoding ("cpu" for a pipeline gigadiff loaded onto a

@@ -71,8 +71,9 @@ class Backend(Protocol):
     @property
     def codec(self) -> Codec: ...
     @property
-    def weights(self) -> dict[str, Any]:
-        """What the metadata records of the weights: dtype, offloading, quantization, a `--transformer` file."""
+    def setup(self) -> dict[str, Any]:
+        """What the metadata records of how the model runs: dtype, offloading, quantization, a `--transformer`
+        file, compilation, the attention backend."""
         ...
 
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:

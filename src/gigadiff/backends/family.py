@@ -67,6 +67,7 @@ class Family:
     gpu_dtype: ClassVar[str] = "bf16"
     """The dtype its pipeline runs in on a GPU (`--dtype auto`)."""
     fp16_risk: ClassVar[str] = ""
+    attention_backends: ClassVar[bool] = False
     """Why fp16 overflows for it ("" if it does not)."""
     default_native: ClassVar[int] = 512
     default_steps: ClassVar[int] = 30
@@ -104,6 +105,7 @@ class Family:
             "cfg_above": self.cfg_above,
             "gpu_dtype": self.gpu_dtype,
             "fp16_risk": self.fp16_risk,
+            "attention_backends": self.attention_backends,
             "negative_required": self.negative_required,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
@@ -126,10 +128,7 @@ class Family:
 
         pipe = load_pipeline(source, self.single_file_pipeline, loading, info)
         backend = self.adapt(pipe, info)
-        if loading.transformer is not None:
-            from gigadiff.backends.quantized import describe_file
-
-            backend.weights.update(describe_file(loading.transformer))
+        backend.setup.update(loading.recorded())
         park = getattr(backend, "park_text_encoders", None)
         if park is not None:
             park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings

@@ -113,6 +113,7 @@ class FluxBackend(TransformerBackend):
 
 class Flux(Family):
     name = "flux"
+    attention_backends = True
     fp16_risk = "FLUX.1's activations overflow fp16 (its pipeline runs in bf16)"
     pipelines = ("FluxPipeline",)
     single_file_markers = ("double_blocks.", "model.diffusion_model.double_blocks.")

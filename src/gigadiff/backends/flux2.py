@@ -139,6 +139,7 @@ class Flux2Backend(TransformerBackend):
 
 class Flux2(Family):
     name = "flux2"
+    attention_backends = True
     fp16_risk = "FLUX.2's activations overflow fp16 (its pipeline runs in bf16)"
     pipelines = ("Flux2Pipeline",)
     single_file_markers: ClassVar[tuple[str, ...]] = (

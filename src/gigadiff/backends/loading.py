@@ -4,6 +4,7 @@ and `--transformer` ask for, in one value that the run layer builds and every fa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,3 +19,19 @@ class Loading:
     """none, int8, fp8 or nf4: the denoiser's weights quantized as they load (gigadiff.backends.quantized)."""
     transformer: str | None = None
     """A single file (GGUF or safetensors) holding the denoiser, the rest of the pipeline from the model."""
+    compile: bool = False
+    """Compile the denoiser's repeated blocks (gigadiff.backends.speed)."""
+    attention: str = "auto"
+    """diffusers' attention backend for the denoiser (auto: the model's own)."""
+
+    def recorded(self) -> dict[str, Any]:
+        """What the metadata records of these choices beyond what the loaded model shows (its dtype, offloading
+        and quantization are read from it): the denoiser's file and digest, compilation, attention backend."""
+        from gigadiff.backends.quantized import describe_file
+
+        record = describe_file(self.transformer) if self.transformer is not None else {}
+        if self.compile:
+            record["compile"] = True
+        if self.attention != "auto":
+            record["attention"] = self.attention
+        return record

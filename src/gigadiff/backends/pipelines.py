@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import resolve_device, resolve_dtype
 from gigadiff.backends.placement import host_tensor, place, placement
-from gigadiff.backends.quantized import check_quantization, load_denoiser
+from gigadiff.backends.quantized import DENOISERS, check_quantization, load_denoiser
 from gigadiff.backends.source import ModelSource, hub_cut_off
+from gigadiff.backends.speed import check_attention, compile_denoiser, set_attention
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
@@ -54,14 +55,21 @@ def load_pipeline(source: ModelSource, single_file_class: str, loading: Loading,
     torch_dtype = resolve_dtype(loading.dtype, torch_device,
                                 *((info.gpu_dtype, info.fp16_risk) if info else ("fp32", "")))  # fmt: skip
     check_quantization(loading.quantize, torch_device)
-    denoiser = load_denoiser(source, loading.quantize, loading.transformer, torch_dtype, bool(_cut_off()))
+    if loading.attention != "auto":
+        check_attention(loading.attention)
+    overrides = load_denoiser(source, loading.quantize, loading.transformer, torch_dtype, bool(_cut_off()))
     pipe = (
         _single_file(source, single_file_class, torch_dtype)
         if source.kind == "file"
-        else _pretrained(source, torch_dtype, denoiser)
+        else _pretrained(source, torch_dtype, overrides)
     )
     pipe.set_progress_bar_config(disable=True)
     place(pipe, torch_device, placement(offload, pipe, torch_device))
+    denoiser = next(pipe.components[name] for name in DENOISERS if name in pipe.components)
+    if loading.attention != "auto":
+        set_attention(denoiser, loading.attention)
+    if loading.compile:
+        compile_denoiser(denoiser)
     return pipe
 
 

@@ -211,6 +211,7 @@ def qwen_vae_networks(vae: Any) -> tuple[Network, Network]:
 
 class QwenImage(Family):
     name = "qwen-image"
+    attention_backends = True
     fp16_risk = "Qwen-Image's activations overflow fp16 (its pipeline runs in bf16)"
     pipelines = ("QwenImagePipeline",)
     presets = (Preset("qwen-image", "Qwen/Qwen-Image", steps=50, guidance=4.0, native_size=1328),)

@@ -167,7 +167,7 @@ class TerrainBackend:
         check_io(self.session, {"noisy": 4, "sigma": 1, "difficulty": 1}, ("denoised",), self.path)
         self.device = torch.device("cpu")  # canvas and fusion live on the host; ONNX Runtime owns the model
         self.info = replace(info, fingerprint=file_fingerprint(self.path))
-        self.weights: dict[str, Any] = {"dtype": "fp32", "offload": "none", "format": "onnx"}
+        self.setup: dict[str, Any] = {"dtype": "fp32", "offload": "none", "format": "onnx"}
         self.codec = HeightCodec()
 
     def scheduler(self, name: str, steps: int, sigmas: Sequence[float] | None, mu: float | None) -> Any:

@@ -115,6 +115,7 @@ class ZImageBackend(TransformerBackend):
 
 class ZImage(Family):
     name = "z-image"
+    attention_backends = True
     pipelines = ("ZImagePipeline",)
     single_file_markers = ("noise_refiner.", "model.diffusion_model.noise_refiner.")
     single_file_pipeline = "ZImagePipeline"

@@ -108,12 +108,17 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
     if r.dtype in ("fp16", "bf16") and info.gpu_dtype == "fp32":
         raise GigadiffError(f"model {name!r} runs in fp32 only; use {{dtype}} fp32 or auto", "dtype")
     if not info.diffusers_weights:
-        chosen = [f for f, plain in (("quantize", "none"), ("transformer", None)) if getattr(r, f) != plain]
+        plain = (("quantize", "none"), ("transformer", None), ("compile", False), ("attention", "auto"))
+        chosen = [f for f, default in plain if getattr(r, f) != default]
         if r.offload not in ("auto", "none"):
             chosen.append("offload")
         if chosen:
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
+    if r.attention != "auto" and info.diffusers_weights and not info.attention_backends:
+        raise GigadiffError(f"{{attention}}: model {name!r}'s attention calls PyTorch's directly, not through "
+                            "diffusers' attention backends (they serve the FLUX, Z-Image and Qwen-Image "
+                            "transformers); remove {attention}", "attention")  # fmt: skip
     if regions and not info.takes_prompt:
         raise GigadiffError(f"model {name!r} takes no prompt, so it cannot take {{regions}}", "regions")
     if r.flow_shift != "tile" and info.scheduler_kind != "flow":

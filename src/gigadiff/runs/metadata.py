@@ -47,7 +47,7 @@ def generation_metadata(settings: GenerationSettings, info: ModelInfo, steps: St
         meta["vae_mode"] = vae_mode
     if weights:
         meta["dtype"] = weights["dtype"]  # what `--dtype auto` (or the request) resolved to on the device that ran it
-        meta["model_weights"] = dict(weights)  # and how they were stored and placed
+        meta["model_setup"] = dict(weights)  # how the weights were stored and placed, how the model ran
     if notes:
         meta["notes"] = list(notes)
     return meta

@@ -77,7 +77,7 @@ class Run:
     def loading(self, device: str | None = None) -> Loading:
         """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
         r = self.request
-        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer)
+        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.compile, r.attention)
 
 
 def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:

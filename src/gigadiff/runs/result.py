@@ -39,7 +39,7 @@ class GenerationResult:
     @property
     def metadata(self) -> dict[str, Any]:
         return generation_metadata(self.settings, self.info, self.run.steps, self.request, self.vae_mode, self.notes,
-                                   self.backend.weights)  # fmt: skip
+                                   self.backend.setup)  # fmt: skip
 
     def decode(self) -> torch.Tensor:
         return self.backend.codec.decode(self.latents, self.vae)
