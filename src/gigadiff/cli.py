@@ -180,6 +180,25 @@ def request_command(command: str, help_text: str) -> None:
 
 
 request_command(GENERATE, "Generate an image of any size.")
+
+
+def plan_command() -> None:
+    """Register `plan`: generate's options, answered with the run's memory plan instead of an image."""
+
+    def handler(**values: Any) -> None:
+        with reported_errors(GENERATE):
+            from gigadiff.runs.plan import plan_run, render
+            from gigadiff.runs.resolve import resolve
+
+            run = resolve(RunRequest(**values), GENERATE, writes=False)
+            typer.echo(render(plan_run(run)))
+
+    handler.__doc__ = ("Print the memory plan of a generate command, per phase on the device and the host, from "
+                       "the model's config files: no weights are loaded.")  # fmt: skip
+    _register(handler, "plan", command_parameters(GENERATE))
+
+
+plan_command()
 request_command(UPSCALE, "Enlarge a picture: resize, tiled VAE encode, re-noise to --strength, tiled denoise, "
                          "tiled decode.")  # fmt: skip
 

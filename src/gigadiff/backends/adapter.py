@@ -119,6 +119,14 @@ class DiffusersBackend:
     ) -> Any:  # fmt: skip
         raise NotImplementedError
 
+    def planned_condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> Any:  # fmt: skip
+        """`condition` on a pipeline built on the `meta` device (gigadiff.runs.plan): the same, except in families
+        whose prompt encoding reads its data (attention masks' lengths), which give tensors of its shapes."""
+        return self.condition(prompt, negative_prompt, guidance, canvas_px, options)
+
     def branches(self, cond: Any) -> int:
         return 2 if cond.cfg else 1
 

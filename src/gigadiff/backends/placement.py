@@ -94,7 +94,8 @@ def host_tensor(module: Any, name: str) -> torch.Tensor:
         return tensor
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    return owner._hf_hook.weights_map[leaf]
+    hook = getattr(owner, "_hf_hook", None)
+    return hook.weights_map[leaf] if hook is not None else tensor  # a module built on `meta` has no data
 
 
 def _modules(pipe: Any) -> list[Any]:

@@ -97,6 +97,25 @@ class QwenImageBackend(TransformerBackend):
             canvas = (canvas_px[0] // token_px, canvas_px[1] // token_px)
         return QwenImageConditioning(tuple(text), None if negative is None else tuple(negative), scale, canvas)
 
+    def planned_condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> QwenImageConditioning:  # fmt: skip
+        """Its encoder trims each prompt to its mask's length, which `meta` tensors do not have: hidden states of
+        the prompt's token count (at most the pipeline's limit), every token counting."""
+        limit = self.prompt_options().get("max_sequence_length", 512)
+        width = self.transformer.config.joint_attention_dim
+
+        def text(words: str) -> Text:
+            tokens = min(limit, len(self.pipe.tokenizer(words).input_ids))
+            return torch.empty(1, tokens, width, device=self.device, dtype=self.dtype), None
+
+        scale = 0.0 if guidance is None else guidance
+        negative = text(negative_prompt) if self.info.runs_cfg(scale, negative_prompt) else None
+        token_px = self.info.vae_scale_factor * self.info.latent_multiple
+        canvas = (canvas_px[0] // token_px, canvas_px[1] // token_px) if options.get("positions") == "global" else None
+        return QwenImageConditioning(text(prompt), negative, scale, canvas)
+
     def branch_inputs(self, cond: QwenImageConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's hidden states and attention mask (None: every token counts), per tile."""
         text = cond.text if branch else cond.negative

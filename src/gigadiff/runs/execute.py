@@ -8,7 +8,7 @@ run), so one loaded model serves any number of runs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gigadiff import interrupts
@@ -56,8 +56,22 @@ def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float, cfg_split: bo
 
 
 def load(run: Run, ranks: Ranks) -> Backend:
-    """The run's model, loaded on this rank's device."""
-    return run.family.load(run.source, run.info, run.loading(rank_device(run.request.device, ranks)))
+    """The run's model, loaded on this rank's device. On a GPU its memory plan comes first (gigadiff.runs.plan): a
+    run that cannot fit is refused before any weights load, and `--offload auto` takes the plan's mode."""
+    loading = run.loading(rank_device(run.request.device, ranks))
+    if run.info.diffusers_weights and run.source.root is not None and _on_gpu(loading.device):
+        from gigadiff.runs.plan import plan_run, refuse_if_unfit
+
+        plan = plan_run(run, device=loading.device)
+        refuse_if_unfit(plan)
+        loading = replace(loading, offload=plan.offload)
+    return run.family.load(run.source, run.info, loading)
+
+
+def _on_gpu(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 @dataclass(frozen=True)

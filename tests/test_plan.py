@@ -1,0 +1,98 @@
+"""The memory plan (gigadiff.runs.plan): weights counted exactly from the config files, activations traced on
+`meta` as live tensors, phases that follow the offload mode, a table without loading weights, and a refusal that
+names what would fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gigadiff.api import open_backend
+from gigadiff.backends.footprint import traced_peak
+from gigadiff.cli import app
+from gigadiff.errors import GigadiffError
+from gigadiff.options import RunRequest
+from gigadiff.runs.plan import GB, MemoryPlan, Phase, _phases, plan_run, refuse_if_unfit
+from gigadiff.runs.resolve import resolve
+
+
+def planned(folder, **fields):
+    request = RunRequest(prompt="a harbour", model=str(folder), size="512x256", steps=2, device="cpu", **fields)
+    return plan_run(resolve(request, writes=False))
+
+
+@pytest.mark.parametrize("model", ["tiny_flux_dir", "tiny_sdxl_dir", "tiny_qwen_image_dir"])
+def test_the_planned_weights_are_the_bytes_the_loaded_modules_hold(model, request):
+    folder = request.getfixturevalue(model)
+    plan = planned(folder)
+    pipe = open_backend(str(folder), "cpu").pipe
+    held = {name: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+            for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}  # fmt: skip
+    assert plan.weights == held
+
+
+def test_int8_quantization_plans_a_byte_per_linear_weight_and_a_scale_per_row(tiny_flux_dir):
+    plain, int8 = planned(tiny_flux_dir), planned(tiny_flux_dir, quantize="int8")
+    assert int8.weights["vae"] == plain.weights["vae"]
+    assert 0.25 * plain.weights["transformer"] < int8.weights["transformer"] < 0.5 * plain.weights["transformer"]
+
+
+def test_live_bytes_count_what_is_held_at_once_not_what_was_made():
+    def run():
+        a = torch.empty(1000, device="meta")  # 4000 bytes
+        b = a * 2  # 8000 live
+        del a
+        c = b + 1  # 8000 live again (a was dropped)
+        return c.view(10, 100)  # a view holds no new bytes
+
+    assert traced_peak(run) == 8000
+
+
+def test_attention_is_counted_as_a_fused_kernel_without_the_score_matrix():
+    q = torch.empty(1, 2, 4096, 64, device="meta")
+    peak = traced_peak(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert peak < 4 * 2 * 4096 * 64 * 2  # the output (and its log-sum-exp), not 2 x 4096 x 4096 scores
+
+
+WEIGHTS = {"text_encoder": 9 * GB, "text_encoder_2": GB // 4, "transformer": 12 * GB, "vae": GB // 4}
+BLOCKS = {"text_encoder": (GB // 4, GB // 2), "text_encoder_2": (GB // 64, GB // 16),
+          "transformer": (GB // 2, GB), "vae": (0, GB // 4)}  # fmt: skip
+LAYERS = {"text_encoder": GB // 8, "text_encoder_2": GB // 64, "transformer": GB // 8, "vae": GB // 64}
+
+
+def test_each_offload_mode_holds_less_on_the_device_than_the_last():
+    modes = ("none", "model", "group", "sequential")
+    phases = [_phases(mode, False, WEIGHTS, "transformer", BLOCKS, LAYERS, GB // 10, GB, GB // 8, GB) for mode in modes]
+    peaks = [max(p.device for p in each) for each in phases]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+    model = _phases("model", False, WEIGHTS, "transformer", BLOCKS, LAYERS, 0, GB, 0, 0)
+    assert [p.device for p in model] == [9 * GB, 13 * GB, GB // 4]  # one model at a time
+    assert all(p.host == sum(WEIGHTS.values()) for p in model)
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_what_would():
+    plan = MemoryPlan("cuda", "bf16", "none", 4, WEIGHTS, 0, 2 * GB, 0, GB,
+                      (Phase("encode", 22 * GB, 0), Phase("denoise", 14 * GB, 0), Phase("decode", 13 * GB, 0)),
+                      free=16 * GB, alternatives={"--offload model": 15 * GB, "--offload group": 4 * GB})  # fmt: skip
+    with pytest.raises(GigadiffError) as refused:
+        refuse_if_unfit(plan)
+    text = refused.value.render()
+    assert "needs 22.0 GB on the cuda at its peak (encode), and 16.0 GB are free" in text
+    assert "--offload group (4.0 GB)" in text and "--offload model" not in text  # 15 GB > 90% of 16
+
+
+def test_gigadiff_plan_prints_the_table_without_loading_weights(tiny_flux_dir, monkeypatch):
+    import diffusers
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", loaded)
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", loaded)
+    result = CliRunner().invoke(app, ["plan", "a harbour", "--model", str(tiny_flux_dir), "--size", "1024x512",
+                                      "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "memory plan on cpu in fp32" in result.output
+    for line in ("weights  transformer", "encode", "denoise", "decode"):
+        assert line in result.output
