@@ -174,3 +174,22 @@ def test_a_transformer_file_is_a_file_of_the_models_folder_named_never_a_path(ap
     assert queued_nothing(api)
     r = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd", "transformer": "flux-Q8_0.gguf"})
     assert r.status_code == 201, r.text  # found; loading it is the worker's (and fails there: not a real GGUF)
+
+
+def test_loras_are_files_of_the_models_folder_with_their_scales(api, config):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unet.x.lora_A.weight": torch.zeros(1, 1)}, str(config.models / "style.safetensors"))
+    for item in ("../style.safetensors", str(config.models / "style.safetensors"), "absent.safetensors", 3):
+        r = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd", "lora": [item]})
+        assert r.status_code == 400, r.text
+        assert str(config.models) not in r.json()["error"]
+    r = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd", "lora": ["style.safetensors:0.5"] * 17})
+    assert r.status_code == 400 and "at most 16 LoRAs" in r.json()["error"]
+    assert queued_nothing(api)
+    from gigadiff.serve.jobs import job_request
+
+    request = job_request({"prompt": "x", "model": "tiny-sd", "lora": ["style.safetensors:0.5"]}, config,
+                          config.data / "job")  # fmt: skip
+    assert request.lora == [f"{config.models / 'style.safetensors'}:0.5"]

@@ -64,6 +64,8 @@ class ModelInfo:
     attention_backends: bool = False
     """Its denoiser's attention dispatches through diffusers' attention backends (`--attention` applies: the
     FLUX, Z-Image and Qwen-Image transformers; the others call PyTorch's attention directly)."""
+    loras: bool = False
+    """Its diffusers pipeline loads LoRAs (`load_lora_weights`)."""
     diffusers_weights: bool = True
     """Its weights load through diffusers, so `--offload`, `--quantize` and `--transformer` apply (False: the
     ONNX terrain model)."""

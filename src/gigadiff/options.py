@@ -192,6 +192,9 @@ class RunRequest:
                                      metavar="FILE", group="device")  # fmt: skip
     compile: bool = option(False, "Compile the denoiser's repeated blocks with torch.compile (the first step takes "
                            "longer; every call has one shape, so they compile once).", group="device")  # fmt: skip
+    lora: list[str] | None = option(None, "A LoRA to apply, FILE.safetensors[:SCALE] (default scale 1); repeat for "
+                                    "several. Fused into the weights they adapt.", metavar="FILE[:SCALE]",
+                                    group="model", cli_type=list[str])  # fmt: skip
     attention: str = option("auto", "diffusers' attention backend for the DiTs: native, flash, sage, xformers, "
                             "flex, ... (installed separately); auto: the model's own.", metavar="BACKEND",
                             group="device", choices=ATTENTION_BACKENDS)  # fmt: skip

@@ -68,6 +68,8 @@ class Family:
     """The dtype its pipeline runs in on a GPU (`--dtype auto`)."""
     fp16_risk: ClassVar[str] = ""
     attention_backends: ClassVar[bool] = False
+    loras: ClassVar[bool] = True
+    """Its diffusers pipeline loads LoRAs (every family's but PixArt-Σ's)."""
     """Why fp16 overflows for it ("" if it does not)."""
     default_native: ClassVar[int] = 512
     default_steps: ClassVar[int] = 30
@@ -106,6 +108,7 @@ class Family:
             "gpu_dtype": self.gpu_dtype,
             "fp16_risk": self.fp16_risk,
             "attention_backends": self.attention_backends,
+            "loras": self.loras,
             "negative_required": self.negative_required,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
@@ -128,7 +131,7 @@ class Family:
 
         pipe = load_pipeline(source, self.single_file_pipeline, loading, info)
         backend = self.adapt(pipe, info)
-        backend.setup.update(loading.recorded())
+        backend.setup.update(loading.recorded(quantized="quantization" in backend.setup))
         park = getattr(backend, "park_text_encoders", None)
         if park is not None:
             park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings

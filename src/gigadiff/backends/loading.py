@@ -23,13 +23,19 @@ class Loading:
     """Compile the denoiser's repeated blocks (gigadiff.backends.speed)."""
     attention: str = "auto"
     """diffusers' attention backend for the denoiser (auto: the model's own)."""
+    loras: tuple[str, ...] = ()
+    """LoRA files with their scales, `FILE[:SCALE]` (gigadiff.backends.lora)."""
 
-    def recorded(self) -> dict[str, Any]:
+    def recorded(self, quantized: bool = False) -> dict[str, Any]:
         """What the metadata records of these choices beyond what the loaded model shows (its dtype, offloading
-        and quantization are read from it): the denoiser's file and digest, compilation, attention backend."""
+        and quantization are read from it): the denoiser's file and digest, compilation, attention backend, the
+        LoRAs (fused unless the weights are `quantized`)."""
+        from gigadiff.backends.lora import describe_loras, parse_lora
         from gigadiff.backends.quantized import describe_file
 
         record = describe_file(self.transformer) if self.transformer is not None else {}
+        if self.loras:
+            record["loras"] = describe_loras([parse_lora(text) for text in self.loras], fused=not quantized)
         if self.compile:
             record["compile"] = True
         if self.attention != "auto":

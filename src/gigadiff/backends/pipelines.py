@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import resolve_device, resolve_dtype
+from gigadiff.backends.lora import apply_loras, check_loras, parse_lora
 from gigadiff.backends.placement import host_tensor, place, placement
 from gigadiff.backends.quantized import DENOISERS, check_quantization, load_denoiser
 from gigadiff.backends.source import ModelSource, hub_cut_off
@@ -57,6 +58,8 @@ def load_pipeline(source: ModelSource, single_file_class: str, loading: Loading,
     check_quantization(loading.quantize, torch_device)
     if loading.attention != "auto":
         check_attention(loading.attention)
+    loras = [parse_lora(text) for text in loading.loras]
+    check_loras(source, loras)
     overrides = load_denoiser(source, loading.quantize, loading.transformer, torch_dtype, bool(_cut_off()))
     pipe = (
         _single_file(source, single_file_class, torch_dtype)
@@ -64,6 +67,7 @@ def load_pipeline(source: ModelSource, single_file_class: str, loading: Loading,
         else _pretrained(source, torch_dtype, overrides)
     )
     pipe.set_progress_bar_config(disable=True)
+    apply_loras(pipe, loras)
     place(pipe, torch_device, placement(offload, pipe, torch_device))
     denoiser = next(pipe.components[name] for name in DENOISERS if name in pipe.components)
     if loading.attention != "auto":

@@ -89,6 +89,7 @@ class PixArtBackend(TransformerBackend):
 
 class PixArtSigma(Family):
     name = "pixart-sigma"
+    loras = False
     pipelines = ("PixArtSigmaPipeline",)
     presets = (Preset("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", steps=20, guidance=4.5),)
     scheduler_kind = "ddpm"

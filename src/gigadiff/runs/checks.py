@@ -108,13 +108,16 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
     if r.dtype in ("fp16", "bf16") and info.gpu_dtype == "fp32":
         raise GigadiffError(f"model {name!r} runs in fp32 only; use {{dtype}} fp32 or auto", "dtype")
     if not info.diffusers_weights:
-        plain = (("quantize", "none"), ("transformer", None), ("compile", False), ("attention", "auto"))
+        plain = (("quantize", "none"), ("transformer", None), ("compile", False), ("attention", "auto"),
+                 ("lora", None))  # fmt: skip
         chosen = [f for f, default in plain if getattr(r, f) != default]
         if r.offload not in ("auto", "none"):
             chosen.append("offload")
         if chosen:
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
+    if r.lora and info.diffusers_weights and not info.loras:
+        raise GigadiffError(f"model {name!r} takes no LoRAs: its diffusers pipeline has no LoRA loader", "lora")
     if r.attention != "auto" and info.diffusers_weights and not info.attention_backends:
         raise GigadiffError(f"{{attention}}: model {name!r}'s attention calls PyTorch's directly, not through "
                             "diffusers' attention backends (they serve the FLUX, Z-Image and Qwen-Image "

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.device import check_device_name
 from gigadiff.backends.loading import Loading
+from gigadiff.backends.lora import check_lora_files
 from gigadiff.backends.quantized import check_transformer_file
 from gigadiff.backends.registry import find_model
 from gigadiff.backends.source import present
@@ -77,7 +78,8 @@ class Run:
     def loading(self, device: str | None = None) -> Loading:
         """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
         r = self.request
-        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.compile, r.attention)
+        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.compile, r.attention,
+                       tuple(r.lora or ()))  # fmt: skip
 
 
 def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
@@ -132,6 +134,8 @@ def _check_options(r: RunRequest) -> None:
                             "scale", "init", "size")  # fmt: skip
     if r.transformer is not None:
         check_transformer_file(r.transformer, r.quantize)
+    if r.lora:
+        check_lora_files(r.lora)
     if r.quantize in ("nf4", "fp8") and r.device in ("cpu", "mps"):
         raise GigadiffError(f"{{quantize}} {r.quantize} needs a CUDA GPU (device {r.device!r}); use {{quantize}} "
                             "int8", "quantize", "device")  # fmt: skip

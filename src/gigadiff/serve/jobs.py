@@ -71,6 +71,20 @@ def models_file(name: Any, config: ServeConfig, field: str, suffixes: tuple[str,
     raise GigadiffError(f"{{{field}}} must name a {kinds} file of {where}{have}", field)
 
 
+MAX_LORAS = 16
+"""LoRAs one job may stack (people use a handful)."""
+
+
+def _lora(item: Any, config: ServeConfig) -> str:
+    """A job's `NAME[:SCALE]` as the server's file with its scale."""
+    from gigadiff.backends.lora import parse_lora
+
+    if not isinstance(item, str):
+        raise GigadiffError("{lora} items are strings: NAME.safetensors[:SCALE]", "lora")
+    lora = parse_lora(item)
+    return f"{models_file(lora.path, config, 'lora', ('.safetensors',))}:{lora.scale:g}"
+
+
 def local_models(config: ServeConfig) -> list[str]:
     if config.models is None:
         return []
@@ -147,6 +161,10 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     fields["model"] = _model(fields.get("model", "sd15"), config)
     if fields.get("transformer") is not None:
         fields["transformer"] = models_file(fields["transformer"], config, "transformer", WEIGHT_FILES)
+    if fields.get("lora") is not None:
+        fields["lora"] = [_lora(item, config) for item in fields["lora"][: MAX_LORAS + 1]]
+        if len(fields["lora"]) > MAX_LORAS:
+            raise GigadiffError(f"{{lora}}: at most {MAX_LORAS} LoRAs a job", "lora")
     _check_size(fields, config)
     if fields.get("regions") is not None:
         _check_masks(fields["regions"], config)
