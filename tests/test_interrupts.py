@@ -69,7 +69,7 @@ def test_ctrl_c_at_random_moments(tiny_sd_dir, tmp_path):
     assert code == 0 and (tmp_path / "out.tif").is_file()
     for name in os.listdir(tmp_path):
         os.remove(tmp_path / name)
-    rng, n, interrupted = random.Random(0), 6, 0
+    rng, n, interrupted = random.Random(0), 4, 0
     for k in range(n):
         delay = (k + rng.random()) * total / n
         code, output, after = run_in_terminal(args, delay, tmp_path)
