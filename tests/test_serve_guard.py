@@ -193,3 +193,26 @@ def test_loras_are_files_of_the_models_folder_with_their_scales(api, config):
     request = job_request({"prompt": "x", "model": "tiny-sd", "lora": ["style.safetensors:0.5"]}, config,
                           config.data / "job")  # fmt: skip
     assert request.lora == [f"{config.models / 'style.safetensors'}:0.5"]
+
+
+def test_a_jobs_controlnet_is_a_models_folder_entry_and_its_image_a_data_url(api, config):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from gigadiff.serve.jobs import job_request
+
+    (config.models / "canny").mkdir(exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    for item in (f"../canny={url}", f"/etc={url}", "canny=/etc/passwd.png", f"absent={url}"):
+        r = api.post("/api/jobs", json={"prompt": "x", "model": "tiny-sd", "control": [item]})
+        assert r.status_code == 400, r.text
+        assert str(config.models) not in r.json()["error"]
+    assert queued_nothing(api)
+    request = job_request({"prompt": "x", "model": "tiny-sd", "control": [f"canny={url}:0.5"]}, config,
+                          config.data / "job")  # fmt: skip
+    assert request.control == [f"{config.models / 'canny'}={config.data / 'job' / 'control0.png'}:0.5:0:1"]
+    assert Image.open(config.data / "job" / "control0.png").size == (64, 64)

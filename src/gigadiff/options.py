@@ -192,6 +192,11 @@ class RunRequest:
                                      metavar="FILE", group="device")  # fmt: skip
     compile: bool = option(False, "Compile the denoiser's repeated blocks with torch.compile (the first step takes "
                            "longer; every call has one shape, so they compile once).", group="device")  # fmt: skip
+    control: list[str] | None = option(None, "A ControlNet and its image, MODEL=IMAGE[:SCALE[:START:END]] (a "
+                                       "diffusers ControlNet folder or hub id; the image is resized to the canvas "
+                                       "and each tile sees its crop); repeat for several. SD and SDXL.",
+                                       metavar="MODEL=IMAGE", group="guidance", cli_type=list[str],
+                                       image=True)  # fmt: skip
     lora: list[str] | None = option(None, "A LoRA to apply, FILE.safetensors[:SCALE] (default scale 1); repeat for "
                                     "several. Fused into the weights they adapt.", metavar="FILE[:SCALE]",
                                     group="model", cli_type=list[str])  # fmt: skip

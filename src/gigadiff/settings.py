@@ -53,6 +53,8 @@ class GenerationSettings:
     """img2img / upscaling: the picture to start from (resized to the canvas, encoded by the tiled VAE)."""
     strength: float | None
     """How much of the init image is repainted (with an init image; None without)."""
+    control: list[str] | None
+    """ControlNets with their images, MODEL=IMAGE[:SCALE[:START:END]] (gigadiff.backends.control)."""
     # Parsed and derived:
     width: int
     height: int
@@ -88,4 +90,4 @@ class GenerationSettings:
     def conditioning_options(self) -> dict[str, Any]:
         """What a backend's `condition` may read beside the prompt: guidance details, positions, family options."""
         return {"guidance_rescale": self.guidance_rescale, "true_cfg": self.true_cfg, "positions": self.positions,
-                **self.family_options}  # fmt: skip
+                "control": self.control or [], **self.family_options}  # fmt: skip

@@ -42,6 +42,10 @@ class DiffusersBackend:
         quantization = describe_quantization(denoiser)
         self.info = replace(info, fingerprint=weights_fingerprint(denoiser, pipe.vae, quantization=quantization))
         self.codec = self.make_codec()
+        self.controlnets: dict[str, Any] = {}
+        """ControlNet models loaded beside the pipeline, by the name the run gives them (gigadiff.backends.control)."""
+        self.timesteps: list[float] = []
+        """The timesteps of the last schedule made (`scheduler`): where a step falls in its run."""
         self.setup: dict[str, Any] = {"dtype": dtype_name(self.dtype), "offload": self.offload, **quantization}
         """What the metadata records of how the model runs (gigadiff.backends.base.Backend.setup)."""
 
@@ -100,7 +104,13 @@ class DiffusersBackend:
             scheduler.set_timesteps(steps, device=self.device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
+        self.timesteps = [float(t) for t in scheduler.timesteps]
         return scheduler
+
+    def step_index(self, t: Any) -> int:
+        """The index of timestep `t` in the last schedule made (the nearest, for a solver's intermediate times)."""
+        value = float(t)
+        return min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - value), default=0)
 
     always_sigmas = False
     """Whether the family's pipeline gives its sigma schedule to every solver that accepts one (Z-Image), or

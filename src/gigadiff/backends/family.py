@@ -17,7 +17,7 @@ Adding a family is one such module and one line in gigadiff.backends.registry. N
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from gigadiff.errors import GigadiffError
 from gigadiff.facts import GuidanceKind, ModelInfo, PositionKind, SchedulerKind, ShiftRule, VaeEngine
@@ -68,6 +68,7 @@ class Family:
     """The dtype its pipeline runs in on a GPU (`--dtype auto`)."""
     fp16_risk: ClassVar[str] = ""
     attention_backends: ClassVar[bool] = False
+    controlnets: ClassVar[bool] = False
     loras: ClassVar[bool] = True
     """Its diffusers pipeline loads LoRAs (every family's but PixArt-Σ's)."""
     """Why fp16 overflows for it ("" if it does not)."""
@@ -109,6 +110,7 @@ class Family:
             "fp16_risk": self.fp16_risk,
             "attention_backends": self.attention_backends,
             "loras": self.loras,
+            "controlnets": self.controlnets,
             "negative_required": self.negative_required,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
@@ -132,6 +134,11 @@ class Family:
         pipe = load_pipeline(source, self.single_file_pipeline, loading, info)
         backend = self.adapt(pipe, info)
         backend.setup.update(loading.recorded(quantized="quantization" in backend.setup))
+        if loading.controlnets:
+            from gigadiff.backends.control import load_controlnets
+
+            adapter = cast(Any, backend)
+            adapter.controlnets.update(load_controlnets(loading.controlnets, self.name, adapter.dtype, adapter.device))
         park = getattr(backend, "park_text_encoders", None)
         if park is not None:
             park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings

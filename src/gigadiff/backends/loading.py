@@ -25,6 +25,8 @@ class Loading:
     """diffusers' attention backend for the denoiser (auto: the model's own)."""
     loras: tuple[str, ...] = ()
     """LoRA files with their scales, `FILE[:SCALE]` (gigadiff.backends.lora)."""
+    controlnets: tuple[str, ...] = ()
+    """ControlNet models to load beside the pipeline (gigadiff.backends.control; their images are the run's)."""
 
     def recorded(self, quantized: bool = False) -> dict[str, Any]:
         """What the metadata records of these choices beyond what the loaded model shows (its dtype, offloading
@@ -36,6 +38,8 @@ class Loading:
         record = describe_file(self.transformer) if self.transformer is not None else {}
         if self.loras:
             record["loras"] = describe_loras([parse_lora(text) for text in self.loras], fused=not quantized)
+        if self.controlnets:
+            record["controlnets"] = list(self.controlnets)
         if self.compile:
             record["compile"] = True
         if self.attention != "auto":

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import DiffusersBackend
+from gigadiff.backends.control import Control, parse_control, prepare_controls
 from gigadiff.facts import ModelInfo
 from gigadiff.lazy import no_grad, torch
 
@@ -36,6 +37,7 @@ class UNetConditioning:
     guidance_rescale: float
     canvas_px: tuple[int, int]
     timestep_cond: torch_types.Tensor | None
+    controls: tuple[Control, ...] = ()
 
     @property
     def cfg(self) -> bool:
@@ -82,7 +84,16 @@ class UNetBackend(DiffusersBackend):
             timestep_cond = self.pipe.get_guidance_scale_embedding(
                 w, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(self.device, self.dtype)
+        controls: tuple[Control, ...] = ()
+        if options.get("control"):
+            from diffusers.image_processor import VaeImageProcessor
+
+            processor = VaeImageProcessor(vae_scale_factor=self.info.vae_scale_factor, do_convert_rgb=True,
+                                          do_normalize=False)  # fmt: skip
+            specs = [parse_control(text) for text in options["control"]]
+            controls = prepare_controls(specs, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return UNetConditioning(
+            controls=controls,
             prompt_embeds=embeds,
             negative_embeds=negative_embeds if cfg else None,
             pooled=pooled,
@@ -114,8 +125,28 @@ class UNetBackend(DiffusersBackend):
     def run(self, x: torch_types.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile],
             inputs: Any) -> torch_types.Tensor:  # fmt: skip
         embeds, added, timestep_cond = inputs
-        return self.unet(x.to(self.device, self.dtype), t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
-                         added_cond_kwargs=added, return_dict=False)[0].float()  # fmt: skip
+        x = x.to(self.device, self.dtype)
+        down, mid = self.control_residuals(x, t, cond, tiles, embeds, added)
+        return self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         return_dict=False)[0].float()  # fmt: skip
+
+    def control_residuals(self, x: torch_types.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile],
+                          embeds: torch_types.Tensor, added: Any) -> tuple[Any, Any]:  # fmt: skip
+        """The residuals the run's ControlNets acting at `t` add to the UNet's blocks, each fed its tiles' crops of
+        its image (summed over ControlNets, as MultiControlNet does); (None, None) when none acts."""
+        index, steps = self.step_index(t), max(1, len(self.timesteps))
+        down: list[torch_types.Tensor] | None = None
+        mid: torch_types.Tensor | None = None
+        for control in cond.controls:
+            if not control.acts(index, steps):
+                continue
+            d, m = control.model(x, t, encoder_hidden_states=embeds, controlnet_cond=control.crops(tiles,
+                                 self.info.vae_scale_factor), conditioning_scale=control.scale, guess_mode=False,
+                                 added_cond_kwargs=added, return_dict=False)  # fmt: skip
+            down = list(d) if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            mid = m if mid is None else mid + m
+        return down, mid
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
                 cond: UNetConditioning) -> torch_types.Tensor:  # fmt: skip

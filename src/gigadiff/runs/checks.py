@@ -116,6 +116,9 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
         if chosen:
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
+    if r.control and not info.controlnets:
+        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD and SDXL so far; model {name!r} is a "
+                            f"{info.family} model", "control")  # fmt: skip
     if r.lora and info.diffusers_weights and not info.loras:
         raise GigadiffError(f"model {name!r} takes no LoRAs: its diffusers pipeline has no LoRA loader", "lora")
     if r.attention != "auto" and info.diffusers_weights and not info.attention_backends:
@@ -228,13 +231,15 @@ def resolved_coherence(r: RunRequest, info: ModelInfo, width: int, height: int) 
     """Resolve "auto" and check an explicit "progressive" against the run (raises GigadiffError)."""
     beyond = max(width, height) > 2 * info.native_size
     stages = min(width, height) > info.native_size
-    if r.coherence == "auto":
-        usable = info.can_encode and r.init is None
+    if r.coherence == "auto":  # a ControlNet gives the composition itself, at the final size
+        usable = info.can_encode and r.init is None and not r.control
         return "progressive" if beyond and stages and usable else "none"
     if r.coherence == "progressive":
         reason = None
         if not info.can_encode:
             reason = f"model {info.name!r} cannot encode images (stages are decoded, enlarged and encoded again)"
+        elif r.control:
+            reason = "ControlNets hold each tile to its crop of the control image at the final size"
         elif not stages:
             reason = f"the shorter side must exceed the model's native size ({info.native_size}px) to have stages"
         if reason:

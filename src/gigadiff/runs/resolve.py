@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gigadiff.backends.control import check_controls, parse_control
 from gigadiff.backends.device import check_device_name
 from gigadiff.backends.loading import Loading
 from gigadiff.backends.lora import check_lora_files
@@ -78,8 +79,9 @@ class Run:
     def loading(self, device: str | None = None) -> Loading:
         """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
         r = self.request
+        controlnets = tuple(dict.fromkeys(parse_control(text).model for text in r.control or ()))
         return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.compile, r.attention,
-                       tuple(r.lora or ()))  # fmt: skip
+                       tuple(r.lora or ()), controlnets)  # fmt: skip
 
 
 def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
@@ -136,6 +138,8 @@ def _check_options(r: RunRequest) -> None:
         check_transformer_file(r.transformer, r.quantize)
     if r.lora:
         check_lora_files(r.lora)
+    if r.control:
+        check_controls(r.control)
     if r.quantize in ("nf4", "fp8") and r.device in ("cpu", "mps"):
         raise GigadiffError(f"{{quantize}} {r.quantize} needs a CUDA GPU (device {r.device!r}); use {{quantize}} "
                             "int8", "quantize", "device")  # fmt: skip

@@ -75,6 +75,32 @@ MAX_LORAS = 16
 """LoRAs one job may stack (people use a handful)."""
 
 
+MAX_CONTROLS = 4
+"""ControlNets one job may stack."""
+
+
+def _control(item: Any, index: int, folder: Path, config: ServeConfig) -> str:
+    """A job's `NAME=data:image/...[:SCALE[:START:END]]`: the ControlNet a folder of the models folder, its image
+    written into the job's folder (held to the side limit first)."""
+    from gigadiff.backends.control import parse_control
+    from gigadiff.io.images import data_url_bytes
+
+    if not isinstance(item, str):
+        raise GigadiffError("{control} items are strings: NAME=data:image/...;base64,...[:SCALE[:START:END]]",
+                            "control")  # fmt: skip
+    spec = parse_control(item)
+    if config.models is None or not _MODEL_NAME.match(spec.model) or not (config.models / spec.model).is_dir():
+        names = sorted(p.name for p in config.models.iterdir() if p.is_dir()) if config.models else []
+        raise GigadiffError(f"{{control}} must name a ControlNet folder of the server's models folder "
+                            f"({', '.join(names) or 'none'})", "control")  # fmt: skip
+    what = f"{{control}} {spec.model}: image"
+    data = data_url_bytes(spec.image, what, "control")
+    _within_side(data, what, "control", config)
+    path = folder / f"control{index}.png"
+    path.write_bytes(data)
+    return f"{config.models / spec.model}={path}:{spec.scale:g}:{spec.start:g}:{spec.end:g}"
+
+
 def _lora(item: Any, config: ServeConfig) -> str:
     """A job's `NAME[:SCALE]` as the server's file with its scale."""
     from gigadiff.backends.lora import parse_lora
@@ -169,6 +195,11 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     if fields.get("regions") is not None:
         _check_masks(fields["regions"], config)
     folder.mkdir(parents=True, exist_ok=True)
+    if fields.get("control") is not None:
+        items = fields["control"]
+        if len(items) > MAX_CONTROLS:
+            raise GigadiffError(f"{{control}}: at most {MAX_CONTROLS} ControlNets a job", "control")
+        fields["control"] = [_control(item, i, folder, config) for i, item in enumerate(items)]
     if fields.get("init") is not None:
         fields["init"] = _init_image(fields["init"], folder, config)
         if fields.get("size") is None:  # the canvas is the init image's size times the scale

@@ -1,0 +1,126 @@
+"""ControlNets per tile: `--control MODEL=IMAGE[:SCALE[:START:END]]`, repeatable.
+
+The control image is resized to the canvas once, as the family's ControlNet pipeline resizes it to its image
+(diffusers' image processor, values in [0, 1]); every tile's ControlNet then sees the crop of the image under its
+window, so a tiled run holds each tile to its own part of the picture, and a one-tile run is the pipeline's run.
+The conditioning scale and the fraction of the schedule where a ControlNet acts (START to END) are taken as the
+pipelines take them (`controlnet_conditioning_scale`, `control_guidance_start/end`: a step i of n acts when
+i/n >= START and (i+1)/n <= END). Several ControlNets add their residuals, as diffusers' MultiControlNet does.
+
+The ControlNet models load with the pipeline (`Loading.controlnets`); the images and their scales are the run's
+(they determine the picture), passed to `condition` in its options. Preprocessors (edges, depth, pose) are the
+user's: the image is the control itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gigadiff.errors import GigadiffError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gigadiff.geometry import Tile
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    model: str
+    image: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def parse_control(text: str) -> ControlSpec:
+    """`MODEL=IMAGE[:SCALE[:START:END]]` (numbers only where what follows a colon is one: paths may hold colons)."""
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    model, equals, rest = text.partition("=")
+    if not equals or not model or not rest:
+        raise GigadiffError(f"{{control}} {shown!r} must be MODEL=IMAGE[:SCALE[:START:END]]", "control")
+    parts = rest.rsplit(":", 3)
+    numbers: list[float] = []
+    while len(parts) > 1:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    image = ":".join(parts)
+    if len(numbers) not in (0, 1, 3):
+        raise GigadiffError(f"{{control}} {shown!r}: give SCALE, or SCALE:START:END", "control")
+    spec = ControlSpec(model, image, *numbers)
+    if not (0 <= spec.start < spec.end <= 1):
+        raise GigadiffError(f"{{control}} {shown!r}: START and END must satisfy 0 <= START < END <= 1", "control")
+    if not -10 <= spec.scale <= 10:
+        raise GigadiffError(f"{{control}} {shown!r}: SCALE must lie in [-10, 10]", "control")
+    return spec
+
+
+def check_controls(texts: list[str] | tuple[str, ...], allow_files: bool = True) -> list[ControlSpec]:
+    """The `--control` values parsed, their images readable (before anything loads)."""
+    from gigadiff.io.images import image_size
+
+    specs = [parse_control(text) for text in texts]
+    for spec in specs:
+        if allow_files and not spec.image.startswith("data:") and not Path(spec.image).expanduser().is_file():
+            raise GigadiffError(f"{{control}} image {spec.image} does not exist", "control")
+        image_size(spec.image)
+    return specs
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet of a run: its model, its image at canvas size [1, 3, H, W] on the device, when it acts."""
+
+    model: Any
+    image: torch.Tensor
+    scale: float
+    start: float
+    end: float
+
+    def acts(self, index: int, steps: int) -> bool:
+        return not (index / steps < self.start or (index + 1) / steps > self.end)
+
+    def crops(self, tiles: Sequence[Tile], factor: int) -> torch.Tensor:
+        """The image under each tile's window [N, 3, h*factor, w*factor]."""
+        import torch
+
+        return torch.cat([self.image[:, :, t.y * factor : (t.y + t.h) * factor, t.x * factor : (t.x + t.w) * factor]
+                          for t in tiles])  # fmt: skip
+
+
+def load_controlnets(models: tuple[str, ...], family: str, dtype: Any, device: Any) -> dict[str, Any]:
+    """The ControlNet models by their names as given, on `device` in `dtype`."""
+    import diffusers
+
+    loaded: dict[str, Any] = {}
+    for name in models:
+        path = Path(name).expanduser()
+        try:
+            model = diffusers.ControlNetModel.from_pretrained(str(path) if path.exists() else name, dtype=dtype)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise GigadiffError(f"{{control}}: cannot load ControlNet {name!r} for {family}: {first}",
+                                "control") from e  # fmt: skip
+        loaded[name] = model.to(device).eval()
+    return loaded
+
+
+def prepare_controls(specs: list[ControlSpec], models: dict[str, Any], processor: Any, canvas_px: tuple[int, int],
+                     device: Any, dtype: Any) -> tuple[Control, ...]:  # fmt: skip
+    """Each spec's image resized to the canvas (h, w) by the pipeline's control image processor."""
+    from gigadiff.io.images import open_image
+
+    controls = []
+    for spec in specs:
+        if spec.model not in models:
+            raise GigadiffError(f"{{control}}: ControlNet {spec.model!r} was not loaded with the model", "control")
+        with open_image(spec.image) as im:
+            image = processor.preprocess(im.convert("RGB"), height=canvas_px[0], width=canvas_px[1])
+        controls.append(Control(models[spec.model], image.to(device, dtype), spec.scale, spec.start, spec.end))
+    return tuple(controls)

@@ -1,0 +1,146 @@
+"""ControlNets per tile (gigadiff.backends.control): one tile equal to diffusers' ControlNet pipelines of SD and
+SDXL (scale, and a start/end window of the schedule); on a tiled canvas each tile's ControlNet sees the crop of
+the control image under its window; a control image split in two colours paints two different halves; refusals
+before any weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from gigadiff.api import generate_result, open_backend
+from gigadiff.backends.control import parse_control
+from gigadiff.cli import app
+from gigadiff.errors import GigadiffError
+from tests.helpers.families import CASES, PROMPT, SIZE, STEPS
+
+FOLDERS = {"sd": "tiny_sd_dir", "sdxl": "tiny_sdxl_dir"}
+
+
+def tiny_controlnet(folder, out, seed: int = 0):
+    """A ControlNet made from the model's UNet (as diffusers' `from_unet` does), its zero convolutions (the image
+    embedding's last one among them) given seeded weights so that it acts and its image matters, saved as a
+    diffusers folder."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        zero_initialised = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                            controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
+        for block in zero_initialised:
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
+def control_image(path, width: int = SIZE, height: int = SIZE, split: bool = False):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    if split:
+        pixels[:, : width // 2] = (220, 30, 30)
+        pixels[:, width // 2 :] = (30, 30, 220)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def diffusers_latents(family, folder, net, image, scale, start, end):
+    import diffusers
+    from diffusers import ControlNetModel, DiffusionPipeline
+
+    base = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    cls = (
+        diffusers.StableDiffusionControlNetPipeline if family == "sd" else diffusers.StableDiffusionXLControlNetPipeline
+    )
+    pipe = cls(**base.components, controlnet=ControlNetModel.from_pretrained(str(net)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
+                output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
+                **CASES[family].theirs).images.float()  # fmt: skip
+
+
+@pytest.mark.parametrize(("scale", "start", "end"), [(0.8, 0.0, 1.0), (1.2, 0.3, 0.7)], ids=["whole", "window"])
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_one_tile_equals_the_controlnet_pipeline(family, scale, start, end, request, tmp_path):
+    folder = request.getfixturevalue(FOLDERS[family])
+    net = tiny_controlnet(folder, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png")
+    spec = f"{net}={image}:{scale}:{start}:{end}"
+    backend = open_backend(str(folder), "cpu", controlnets=(str(net),))
+    got = generate_result(PROMPT, model=backend, size=f"{SIZE}x{SIZE}", steps=STEPS, seed=3, control=[spec],
+                          **CASES[family].ours)  # fmt: skip
+    theirs = diffusers_latents(family, folder, net, image, scale, start, end)
+    assert (got.latents - theirs).abs().max() <= 1e-4 * max(1.0, float(theirs.abs().max()))
+    plain = generate_result(PROMPT, model=backend, size=f"{SIZE}x{SIZE}", steps=STEPS, seed=3, **CASES[family].ours)
+    assert not torch.equal(got.latents, plain.latents)  # the ControlNet acted
+
+
+def test_each_tile_sees_the_crop_of_the_control_image_under_its_window(tiny_sd_dir, tmp_path):
+    net = tiny_controlnet(tiny_sd_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    backend = open_backend(str(tiny_sd_dir), "cpu", controlnets=(str(net),))
+    seen = []
+    controlnet = backend.controlnets[str(net)]
+    controlnet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["controlnet_cond"].clone()),
+                                         with_kwargs=True)  # fmt: skip
+    generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=3, tile=256, overlap=128, shift=False,
+                    tile_batch=1, control=[f"{net}={image}"], **CASES["sd"].ours)  # fmt: skip
+    canvas = torch.from_numpy(np.asarray(Image.open(image), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert len(seen) == 3  # three 256-px windows with 128 px of overlap, one per call
+    for x, crop in zip((0, 128, 256), seen, strict=True):
+        expected = canvas[:, :, x : x + 256]
+        assert torch.allclose(crop[0], expected, atol=1 / 255), f"the tile at x={x} saw another part of the image"
+        assert torch.equal(crop[1], crop[0])  # both guidance passes see the same crop
+
+
+def test_a_two_colour_control_image_paints_each_half_as_its_colour_does(tiny_sd_dir, tmp_path):
+    """Left red, right blue: the left half comes out as under an all-red image, the right as under an all-blue one
+    (each tile's ControlNet sees only its crop), not as one image's average."""
+    net = tiny_controlnet(tiny_sd_dir, tmp_path / "net")
+    backend = open_backend(str(tiny_sd_dir), "cpu", controlnets=(str(net),))
+    run = {"size": "512x256", "steps": 2, "seed": 3, "tile": 256, "overlap": 64, "shift": False, **CASES["sd"].ours}
+
+    def painted(colours):
+        pixels = np.zeros((256, 512, 3), dtype=np.uint8)
+        pixels[:, :256], pixels[:, 256:] = colours
+        path = tmp_path / f"{colours[0]}-{colours[1]}.png"
+        Image.fromarray(pixels).save(path)
+        return generate_result(PROMPT, model=backend, control=[f"{net}={path}:2"], **run).latents
+
+    red, blue = (220, 30, 30), (30, 30, 220)
+    split, all_red, all_blue = painted((red, blue)), painted((red, red)), painted((blue, blue))
+    left, right = (slice(None), slice(None), slice(None), slice(0, 24)), (Ellipsis, slice(40, 64))
+    assert (split[left] - all_red[left]).abs().mean() < 0.25 * (split[left] - all_blue[left]).abs().mean()
+    assert (split[right] - all_blue[right]).abs().mean() < 0.25 * (split[right] - all_red[right]).abs().mean()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("net", "must be MODEL=IMAGE"), ("net=a.png:1:0.8:0.2", "START < END"), ("net=a.png:1:0.5", "SCALE:START:END"),
+     ("net=a.png:30", "SCALE must lie in")],
+)  # fmt: skip
+def test_a_malformed_control_is_refused(text, message):
+    with pytest.raises(GigadiffError, match=message):
+        parse_control(text)
+
+
+def test_a_control_path_with_colons_keeps_them():
+    spec = parse_control("C:/nets/canny=D:/images/edges.png:0.5:0.1:0.9")
+    assert (spec.model, spec.image) == ("C:/nets/canny", "D:/images/edges.png")
+    assert (spec.scale, spec.start, spec.end) == (0.5, 0.1, 0.9)
+
+
+def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_flux_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    image = control_image(tmp_path / "edges.png")
+    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_flux_dir), "--control",
+                                      f"net={image}", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2 and "ControlNets run per tile on SD and SDXL so far" in result.output
+    result = CliRunner().invoke(app, ["generate", "x", "--control", "net=absent.png", "--device", "cpu"])
+    assert result.exit_code == 2 and "--control image absent.png does not exist" in " ".join(result.output.split())
