@@ -163,6 +163,10 @@ class RunRequest:
     strength: float | None = option(None, "img2img: how much to repaint, in (0, 1] (default 0.8; upscale 0.35).",
                                     group="img2img", defaults={UPSCALE: 0.35}, above=0, maximum=1,
                                     image=True)  # fmt: skip
+    upscaler: str | None = option(None, "upscale: enlarge with this super-resolution network first (ESRGAN, "
+                                  "Real-ESRGAN, SwinIR, HAT, DAT, ... .pth/.safetensors, loaded by spandrel; run "
+                                  "in tiles), then repaint.", metavar="FILE", group="img2img", commands=(UPSCALE,),
+                                  image=True)  # fmt: skip
     scale: float | None = option(None, "With --init and no --size: the output is the image's size times this "
                                  "(rounded to the model's multiple).", group="img2img", defaults={UPSCALE: 2.0},
                                  above=0)  # fmt: skip

@@ -53,6 +53,8 @@ class GenerationSettings:
     """img2img / upscaling: the picture to start from (resized to the canvas, encoded by the tiled VAE)."""
     strength: float | None
     """How much of the init image is repainted (with an init image; None without)."""
+    upscaler: str | None
+    """A super-resolution network the init image goes through before it is resized (gigadiff.backends.upscaler)."""
     control: list[str] | None
     """ControlNets with their images, MODEL=IMAGE[:SCALE[:START:END]] (gigadiff.backends.control)."""
     # Parsed and derived:

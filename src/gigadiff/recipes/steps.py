@@ -79,7 +79,12 @@ def encoded_init(ctx: RunContext, generator: torch.Generator | None = None) -> t
     """The init image resized to the canvas and encoded (tiled) into latents [1, C, H/f, W/f]."""
     s = ctx.settings
     assert s.init is not None
-    image = load_resized(s.init, s.width, s.height)
+    if s.upscaler:
+        from gigadiff.backends.upscaler import upscaled_init
+
+        image = upscaled_init(s.init, s.upscaler, s.width, s.height, ctx.backend.device)
+    else:
+        image = load_resized(s.init, s.width, s.height)
     return ctx.backend.codec.encode(image, generator, ctx.vae, ctx.events).to(ctx.backend.device, torch.float32)
 
 

@@ -59,6 +59,10 @@ def load(run: Run, ranks: Ranks) -> Backend:
     """The run's model, loaded on this rank's device. On a GPU its memory plan comes first (gigadiff.runs.plan): a
     run that cannot fit is refused before any weights load, and `--offload auto` takes the plan's mode."""
     loading = run.loading(rank_device(run.request.device, ranks))
+    if run.request.upscaler is not None:  # a file spandrel cannot read is refused before the model's weights load
+        from gigadiff.backends.upscaler import load_upscaler
+
+        load_upscaler(run.request.upscaler, "cpu")
     if run.info.diffusers_weights and run.source.root is not None and _on_gpu(loading.device):
         from gigadiff.runs.plan import plan_run, refuse_if_unfit
 

@@ -24,6 +24,7 @@ from gigadiff.backends.lora import check_lora_files
 from gigadiff.backends.quantized import check_transformer_file
 from gigadiff.backends.registry import find_model
 from gigadiff.backends.source import present
+from gigadiff.backends.upscaler import check_upscaler_file
 from gigadiff.errors import GigadiffError, Note
 from gigadiff.io.files import check_outputs, relief_path, sidecar_path
 from gigadiff.options import RunRequest
@@ -140,6 +141,8 @@ def _check_options(r: RunRequest) -> None:
         check_lora_files(r.lora)
     if r.control:
         check_controls(r.control)
+    if r.upscaler is not None:
+        check_upscaler_file(r.upscaler)
     if r.quantize in ("nf4", "fp8") and r.device in ("cpu", "mps"):
         raise GigadiffError(f"{{quantize}} {r.quantize} needs a CUDA GPU (device {r.device!r}); use {{quantize}} "
                             "int8", "quantize", "device")  # fmt: skip

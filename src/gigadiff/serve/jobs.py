@@ -187,6 +187,10 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
     fields["model"] = _model(fields.get("model", "sd15"), config)
     if fields.get("transformer") is not None:
         fields["transformer"] = models_file(fields["transformer"], config, "transformer", WEIGHT_FILES)
+    if fields.get("upscaler") is not None:
+        from gigadiff.backends.upscaler import UPSCALER_FILES
+
+        fields["upscaler"] = models_file(fields["upscaler"], config, "upscaler", UPSCALER_FILES)
     if fields.get("lora") is not None:
         fields["lora"] = [_lora(item, config) for item in fields["lora"][: MAX_LORAS + 1]]
         if len(fields["lora"]) > MAX_LORAS:
