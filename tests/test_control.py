@@ -144,3 +144,14 @@ def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_f
     assert result.exit_code == 2 and "ControlNets run per tile on SD and SDXL so far" in result.output
     result = CliRunner().invoke(app, ["generate", "x", "--control", "net=absent.png", "--device", "cpu"])
     assert result.exit_code == 2 and "--control image absent.png does not exist" in " ".join(result.output.split())
+
+
+def test_upscale_holds_a_tile_controlnet_to_its_own_image(tiny_sd_dir, tmp_path):
+    from gigadiff.options import RunRequest
+    from gigadiff.runs.resolve import resolve
+
+    photo = control_image(tmp_path / "photo.png", 128, 128)
+    request = RunRequest(model=str(tiny_sd_dir), init=str(photo), control=["tile-net:0.6", f"canny={photo}"],
+                         device="cpu")  # fmt: skip
+    run = resolve(request, "upscale", writes=False)
+    assert run.settings.control == [f"tile-net={photo}:0.6", f"canny={photo}"]

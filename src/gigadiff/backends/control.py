@@ -36,21 +36,35 @@ class ControlSpec:
     end: float = 1.0
 
 
+def _numbers_off(text: str) -> tuple[str, list[str]]:
+    """`text` without its trailing `:NUMBER` parts (at most three), and those numbers as written."""
+    parts = text.rsplit(":", 3)
+    numbers: list[str] = []
+    while len(parts) > 1:
+        try:
+            float(parts[-1])
+        except ValueError:
+            break
+        numbers.insert(0, parts.pop())
+    return ":".join(parts), numbers
+
+
+def with_image(text: str, image: str) -> str:
+    """`MODEL[:SCALE[:START:END]]` given `image`: `MODEL=IMAGE[:SCALE[:START:END]]` (unchanged when it has one)."""
+    if "=" in text:
+        return text
+    model, numbers = _numbers_off(text)
+    return ":".join([f"{model}={image}", *numbers])
+
+
 def parse_control(text: str) -> ControlSpec:
     """`MODEL=IMAGE[:SCALE[:START:END]]` (numbers only where what follows a colon is one: paths may hold colons)."""
     shown = text if len(text) <= 80 else text[:77] + "..."
     model, equals, rest = text.partition("=")
     if not equals or not model or not rest:
         raise GigadiffError(f"{{control}} {shown!r} must be MODEL=IMAGE[:SCALE[:START:END]]", "control")
-    parts = rest.rsplit(":", 3)
-    numbers: list[float] = []
-    while len(parts) > 1:
-        try:
-            numbers.insert(0, float(parts[-1]))
-        except ValueError:
-            break
-        parts.pop()
-    image = ":".join(parts)
+    image, written = _numbers_off(rest)
+    numbers = [float(n) for n in written]
     if len(numbers) not in (0, 1, 3):
         raise GigadiffError(f"{{control}} {shown!r}: give SCALE, or SCALE:START:END", "control")
     spec = ControlSpec(model, image, *numbers)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.control import check_controls, parse_control
+from gigadiff.backends.control import check_controls, parse_control, with_image
 from gigadiff.backends.device import check_device_name
 from gigadiff.backends.loading import Loading
 from gigadiff.backends.lora import check_lora_files
@@ -124,6 +124,14 @@ def _output(request: RunRequest, command: str) -> Path:
     return path
 
 
+def with_init_controls(r: RunRequest) -> RunRequest:
+    """img2img and `upscale`: a `--control MODEL` given without an image is held to the init image itself (a tile
+    ControlNet keeping each repainted tile to the picture, as the tiled upscalers of other tools do)."""
+    if not r.control or r.init is None or all("=" in item for item in r.control):
+        return r
+    return r.replace(control=[with_image(item, r.init) for item in r.control])
+
+
 def _check_options(r: RunRequest) -> None:
     """The request's own values: each option against its declaration, then those no other check covers."""
     check_relations(r)
@@ -189,6 +197,7 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
     (which therefore exists); writes: False where the caller keeps the result in memory (the Python API without
     an output): the record then names no output, and no output is checked.
     """
+    request = with_init_controls(request)
     _check_options(request)
     regions = _regions(request, allow_files)
     source, family, info = described or find_model(request.model)
