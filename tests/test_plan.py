@@ -15,6 +15,7 @@ from gigadiff.errors import GigadiffError
 from gigadiff.options import RunRequest
 from gigadiff.runs.plan import GB, MemoryPlan, Phase, _phases, plan_run, refuse_if_unfit
 from gigadiff.runs.resolve import resolve
+from tests.helpers.families import CASES
 
 
 def planned(folder, **fields):
@@ -96,3 +97,17 @@ def test_gigadiff_plan_prints_the_table_without_loading_weights(tiny_flux_dir, m
     assert "memory plan on cpu in fp32" in result.output
     for line in ("weights  transformer", "encode", "denoise", "decode"):
         assert line in result.output
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case.build is not None])
+def test_every_familys_activations_are_traced(name, tmp_path_factory):
+    """Each family's own encoding (or, where it reads its data, the shapes it gives) and one denoiser call run on
+    `meta`: no family is planned on weights alone."""
+    from tests.helpers.tiny import save_tiny
+
+    build = CASES[name].build
+    assert build is not None
+    folder = save_tiny(build(), tmp_path_factory.mktemp("plans") / name)
+    plan = planned(folder, **{k: v for k, v in CASES[name].ours.items() if k in ("guidance", "negative")})
+    assert not plan.untraced
+    assert plan.activations > 0 and plan.vae_work > 0

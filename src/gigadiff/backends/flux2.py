@@ -101,6 +101,25 @@ class Flux2Backend(TransformerBackend):
         embedded = guidance if self.transformer.config.guidance_embeds else None
         return Flux2Conditioning(embeds, text_ids, negative, embedded, scale, options.get("positions") == "global")
 
+    def planned_condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> Flux2Conditioning:  # fmt: skip
+        """Its pipeline pads every prompt to its token limit (its encoder's masks read data, which `meta` tensors do
+        not have): hidden states and text ids of that length."""
+        scale = 0.0 if guidance is None else guidance
+        tokens = self.prompt_options().get("max_sequence_length", 512)
+
+        def text() -> tuple[torch_types.Tensor, torch_types.Tensor]:
+            width = self.transformer.config.joint_attention_dim
+            return (torch.empty(1, tokens, width, device=self.device, dtype=self.dtype),
+                    torch.zeros(1, tokens, 4, device=self.device, dtype=torch.long))  # fmt: skip
+
+        negative = text() if self.info.guidance_kind == "cfg" and self.info.runs_cfg(scale, "") else None
+        embedded = guidance if self.transformer.config.guidance_embeds else None
+        embeds, text_ids = text()
+        return Flux2Conditioning(embeds, text_ids, negative, embedded, scale, options.get("positions") == "global")
+
     def branch_inputs(self, cond: Flux2Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's text embeddings and text ids, per tile."""
         text = (cond.embeds, cond.text_ids) if branch else cond.negative

@@ -53,6 +53,22 @@ class PixArtBackend(TransformerBackend):
         )  # fmt: skip
         return PixArtConditioning((embeds, mask), (negative, negative_mask) if cfg else None, scale)
 
+    def planned_condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> PixArtConditioning:  # fmt: skip
+        """Its pipeline pads every prompt to its token limit: hidden states of that length, every token counting
+        (the encoder's mask handling reads data, which `meta` tensors do not have)."""
+        scale = 0.0 if guidance is None else guidance
+        tokens = self.prompt_options().get("max_sequence_length", 300)
+        width = self.transformer.config.caption_channels
+
+        def text() -> Text:
+            return (torch.empty(1, tokens, width, device=self.device, dtype=self.dtype),
+                    torch.ones(1, tokens, device=self.device, dtype=torch.long))  # fmt: skip
+
+        return PixArtConditioning(text(), text() if self.info.runs_cfg(scale, negative_prompt) else None, scale)
+
     extra_inputs: Mapping[str, Any] = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     """Transformer inputs beyond latents, text and timestep (PixArt's micro-conditions, unused by Σ)."""
     timestep_scale = 1.0

@@ -84,6 +84,23 @@ class ZImageBackend(TransformerBackend):
                                                    **self.prompt_options())  # fmt: skip
         return ZImageConditioning(embeds, negative if cfg else None, scale, options.get("positions") == "global")
 
+    def planned_condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> ZImageConditioning:  # fmt: skip
+        """Its encoder keeps each prompt's tokens by its mask, which `meta` tensors do not have: caption features of
+        the prompt's token count (at most the pipeline's limit)."""
+        scale = 0.0 if guidance is None else guidance
+        limit = self.prompt_options().get("max_sequence_length", 512)
+        width = self.transformer.config.cap_feat_dim
+
+        def caption(words: str) -> list[torch_types.Tensor]:
+            tokens = max(1, min(limit, len(self.pipe.tokenizer(words).input_ids)))
+            return [torch.empty(tokens, width, device=self.device, dtype=self.dtype)]
+
+        negative = caption(negative_prompt) if self.info.runs_cfg(scale, negative_prompt) else None
+        return ZImageConditioning(caption(prompt), negative, scale, options.get("positions") == "global")
+
     guidance_order = (1, 0)  # its pipeline batches [cond..., uncond...]
 
     def branch_inputs(self, cond: ZImageConditioning, branch: int, tiles: Sequence[Tile]) -> Any:

@@ -73,6 +73,8 @@ class MemoryPlan:
     """Free device memory (CUDA), or None where unknown (CPU: the host's, see `host_free`)."""
     alternatives: dict[str, int] = field(default_factory=dict)
     """What other choices would peak at on the device (`--offload model`, `--tile-batch 1`, ...)."""
+    untraced: str = ""
+    """Why the activations could not be traced ("" when they were): the plan then counts weights and buffers."""
 
     @property
     def peak(self) -> int:
@@ -153,8 +155,6 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
         held.append(backend.planned_condition(settings.prompt, settings.negative, settings.guidance, (h, w),
                                               settings.conditioning_options))  # fmt: skip
 
-    encode_peak = traced_peak(encode)
-    cond = held[0]
     factor = info.vae_scale_factor
     tile = settings.tile // factor
     batch = settings.tile_batch
@@ -164,7 +164,14 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
         t = torch.tensor(500.0)
         return traced_peak(lambda: backend.predict(x, t, cond, [Tile(0, 0, tile, tile)] * n))
 
-    activations = call(batch)
+    untraced = ""
+    try:
+        encode_peak = traced_peak(encode)
+        cond = held[0]
+        activations = call(batch)
+    except RuntimeError as e:  # an encoder that reads its data (masks' lengths): weights only, said so
+        encode_peak = activations = 0
+        untraced = f"{info.family}'s prompt encoding reads its data ({str(e)[:60]}), which meta tensors do not have"
     canvas = CANVAS_COPIES * 4 * info.latent_channels * (h // factor) * (w // factor)
     vae = modules.get("vae")
     whole_decode = 0
@@ -188,10 +195,10 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
     else:
         mode = wanted
     plan = MemoryPlan(where.type, dtype_name(dtype), mode, batch, weights, encode_peak, activations, canvas,
-                      vae_work, phases(mode, activations), free)  # fmt: skip
+                      vae_work, phases(mode, activations), free, untraced=untraced)  # fmt: skip
     if not cpu:
         alternatives = {f"--offload {m}": max(p.device for p in phases(m, activations)) for m in MODES if m != mode}
-        if batch > 1:
+        if batch > 1 and not untraced:
             alternatives["--tile-batch 1"] = max(p.device for p in phases(mode, call(1)))
         plan = replace(plan, alternatives=alternatives)
     return plan
@@ -260,9 +267,10 @@ def render(plan: MemoryPlan) -> str:
     where = "device" if plan.device != "cpu" else "process (CPU)"
     lines = [f"memory plan on {plan.device} in {plan.dtype}, offload {plan.offload}, tile batch {plan.tile_batch}", ""]
     lines += [f"  weights  {name:<16} {gb(size)}" for name, size in sorted(plan.weights.items())]
+    traced = (f"encode {gb(plan.encode_activations)}, one call of {plan.tile_batch} tiles {gb(plan.activations)}"
+              if not plan.untraced else f"not traced: {plan.untraced}")  # fmt: skip
     lines += [
-        f"  activations  encode {gb(plan.encode_activations)}, one call of {plan.tile_batch} tiles "
-        f"{gb(plan.activations)}",
+        f"  activations  {traced}",
         f"  canvas and fusion buffers {gb(plan.canvas)}, VAE tiles {gb(plan.vae_work)}",
         "",
         f"  {'phase':<8} {where:>16} {'host':>10}",
