@@ -155,3 +155,14 @@ def test_upscale_holds_a_tile_controlnet_to_its_own_image(tiny_sd_dir, tmp_path)
                          device="cpu")  # fmt: skip
     run = resolve(request, "upscale", writes=False)
     assert run.settings.control == [f"tile-net={photo}:0.6", f"canny={photo}"]
+
+
+def test_metrics_says_which_controlnets_made_an_image(tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = tiny_controlnet(tiny_sd_dir, tmp_path / "canny")
+    image = control_image(tmp_path / "edges.png", 128, 128)
+    args = ["--size", "128x128", "--steps", "1", "--device", "cpu", "--control", f"{net}={image}:0.7:0:0.5"]
+    made = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sd_dir), *args, "-o", "a.png", "-q"])
+    assert made.exit_code == 0, made.output
+    report = CliRunner().invoke(app, ["metrics", "a.png"])
+    assert "ControlNets canny x0.7 (0-0.5)" in report.output

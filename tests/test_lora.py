@@ -156,3 +156,7 @@ def test_the_cli_takes_repeated_loras_and_records_them(tiny_sd_dir, tmp_path, mo
     assert [(r["file"], r["scale"]) for r in meta["model_setup"]["loras"]] == [("a.safetensors", 0.5),
                                                                               ("b.safetensors", 1.0)]  # fmt: skip
     assert meta["request"]["lora"] == [f"{first}:0.5", str(second)]
+    report = CliRunner().invoke(app, ["metrics", "a.png"])
+    assert report.exit_code == 0, report.output
+    assert "made with: model " in report.output and "(fp32, offload none)" in report.output
+    assert "LoRAs a.safetensors x0.5, b.safetensors x1" in report.output

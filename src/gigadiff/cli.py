@@ -335,6 +335,8 @@ def metrics(
             check_outputs([json_out], overwrite)
         report = image_report(image, tile, overlap, crops)
         typer.echo(f"{report.path}: {report.width}x{report.height}")
+        if report.made_with:
+            typer.echo(f"made with: {report.made_with}")
         if report.seams is None:
             typer.echo("seam score: no tile grid known (not a gigadiff output with metadata; give --tile)")
         else:

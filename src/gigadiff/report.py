@@ -50,6 +50,8 @@ class ImageReport:
     """Whether the image was made to tile (its metadata says so), so that its edge continuity is a seam measure."""
     duplication: Duplication
     grid: GridAnisotropy
+    made_with: str = ""
+    """What made it, from its metadata: model, weights, LoRAs, ControlNets, upscaler ("" without metadata)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,4 +115,29 @@ def image_report(path: Path, tile: int | None = None, overlap: int = 0, crops: i
     seams = measure_seams(pixels, rows, cols) if rows or cols else None
     tileable = meta is not None and meta.get("tileable", "none") != "none"
     return ImageReport(str(path), width, height, source if seams else "none", seams, edge_continuity(pixels),
-                       tileable, duplication(pixels, crops), grid_anisotropy(pixels))  # fmt: skip
+                       tileable, duplication(pixels, crops), grid_anisotropy(pixels),
+                       made_with(meta) if meta else "")  # fmt: skip
+
+
+def made_with(meta: dict[str, Any]) -> str:
+    """One line of what made an output: its model and how it ran, the LoRAs (file x scale), the ControlNets (with
+    scale and schedule window) and the upscaler that went into it."""
+    setup = meta.get("model_setup", {})
+    quantized = setup.get("quantization")
+    how = [setup.get("dtype", meta.get("dtype", "")), f"offload {setup['offload']}" if setup.get("offload") else "",
+           f"{quantized} {'/'.join(setup.get('quantized_types', []))}".strip() if quantized else "",
+           setup.get("transformer", "")]  # fmt: skip
+    parts = [f"model {meta.get('model', '?')} ({', '.join(h for h in how if h)})"]
+    loras = setup.get("loras") or []
+    if loras:
+        parts.append("LoRAs " + ", ".join(f"{lora['file']} x{lora['scale']:g}" for lora in loras))
+    controls = meta.get("control") or []
+    if controls:
+        from gigadiff.backends.control import parse_control
+
+        specs = [parse_control(text) for text in controls]
+        parts.append("ControlNets " + ", ".join(f"{Path(s.model).name} x{s.scale:g} ({s.start:g}-{s.end:g})"
+                                                for s in specs))  # fmt: skip
+    if meta.get("upscaler"):
+        parts.append(f"upscaler {Path(meta['upscaler']).name}")
+    return "; ".join(parts)
