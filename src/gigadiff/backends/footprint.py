@@ -1,10 +1,10 @@
 """What a model occupies, found without its weights: parameter bytes from the weight files' headers, and the
 activation memory of one denoiser call traced on the `meta` device.
 
-Weights: each component's safetensors headers (8 bytes of length, then JSON with every tensor's dtype and shape)
-give its element counts; the bytes are what the run holds: floating tensors in the run's dtype, a GGUF file's
-tensors as stored (its float ones in the run's dtype), int8/fp8 weights one byte each plus a scale per row, nf4
-half a byte plus a scale per 64.
+Weights: each component's modules built from its config on the `meta` device (or, for a `--transformer` file,
+its header) give its tensors' shapes; the bytes are what the run holds: floating tensors in the run's dtype, a
+GGUF file's tensors as stored (its float ones in the run's dtype), int8/fp8 weights one byte each plus a scale per
+row, nf4 half a byte plus a scale per 64.
 
 Activations: the family's own code (condition, then one `predict` of a tile batch) runs on a pipeline whose
 components are built from their configs on the `meta` device, where tensors have shapes and dtypes but no
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import struct
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from gigadiff.backends.source import safetensors_header
 
 if TYPE_CHECKING:
     import torch
@@ -34,23 +34,6 @@ FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 QUANTIZED_BYTES = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5}
 """Bytes per element of a quantized weight (scales aside)."""
 NF4_BLOCK = 64
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header: dict[str, Any] = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
-def tensor_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype, shape) of every tensor in a component folder's safetensors files."""
-    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        for name, entry in safetensors_header(file).items():
-            shapes[name] = (entry["dtype"], tuple(entry["shape"]))
-    return shapes
 
 
 def held_bytes(shapes: dict[str, tuple[str, tuple[int, ...]]], item_bytes: int, quantize: str = "none") -> int:
@@ -80,27 +63,14 @@ def gguf_bytes(path: Path, item_bytes: int) -> int:
     return sum(int(t.n_elements) * item_bytes if t.tensor_type in plain else int(t.n_bytes) for t in reader.tensors)
 
 
-def component_bytes(root: Path, index: dict[str, Any], item_bytes: int, denoiser: str, quantize: str = "none",
-                    transformer: str | None = None) -> dict[str, int]:  # fmt: skip
-    """Bytes each module component of the model in folder `root` holds when loaded (see the module docstring)."""
-    sizes: dict[str, int] = {}
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or not (root / name).is_dir():
-            continue
-        if name == denoiser and transformer is not None:
-            file = Path(transformer).expanduser()
-            sizes[name] = (gguf_bytes(file, item_bytes) if file.suffix == ".gguf"
-                           else held_bytes(dict(_file_shapes(file)), item_bytes))  # fmt: skip
-            continue
-        shapes = tensor_shapes(root / name)
-        if shapes:
-            sizes[name] = held_bytes(shapes, item_bytes, quantize if name == denoiser else "none")
-    return sizes
-
-
-def _file_shapes(file: Path) -> Iterator[tuple[str, tuple[str, tuple[int, ...]]]]:
-    for name, entry in safetensors_header(file).items():
-        yield name, (entry["dtype"], tuple(entry["shape"]))
+def file_bytes(path: str, item_bytes: int) -> int:
+    """Bytes the denoiser in a single file (`--transformer`) holds: a GGUF's as `gguf_bytes` counts them, a
+    .safetensors file's floating tensors in the run's dtype."""
+    file = Path(path).expanduser()
+    if file.suffix == ".gguf":
+        return gguf_bytes(file, item_bytes)
+    header = safetensors_header(file, "--transformer file", "transformer")
+    return held_bytes({name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}, item_bytes)
 
 
 def meta_pipeline(root: Path, index: dict[str, Any], dtype: torch.dtype) -> Any:

@@ -249,6 +249,12 @@ def read_index(root: Path, model: str) -> dict[str, Any]:
 
 def safetensors_keys(path: Path) -> tuple[str, ...]:
     """The tensor names of a .safetensors file, from its header alone; a damaged file is a clear error."""
+    return tuple(safetensors_header(path))
+
+
+def safetensors_header(path: Path, role: str = "checkpoint", field: str = "model") -> dict[str, Any]:
+    """A .safetensors file's header (name -> dtype, shape, offsets; its `__metadata__` left out), read alone; a
+    damaged file is a clear error naming it as `role` and the option `field`."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -260,9 +266,9 @@ def safetensors_keys(path: Path) -> tuple[str, ...]:
             raise ValueError("header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise GigadiffError(
-            f"checkpoint {path} is not a readable .safetensors file (damaged or not safetensors: {e})", "model"
+            f"{role} {path} is not a readable .safetensors file (damaged or not safetensors: {e})", field
         ) from None
-    return tuple(k for k in header if k != "__metadata__")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def locate(model: str, builtins: tuple[str, ...], presets: dict[str, str], gated: Collection[str] = (),

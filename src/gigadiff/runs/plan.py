@@ -122,7 +122,7 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
     import torch
 
     from gigadiff.backends.device import dtype_name, resolve_device, resolve_dtype
-    from gigadiff.backends.footprint import component_bytes, meta_pipeline, traced_peak
+    from gigadiff.backends.footprint import file_bytes, held_bytes, meta_pipeline, traced_peak
     from gigadiff.backends.pipelines import quiet_libraries
     from gigadiff.backends.quantized import denoiser_name
     from gigadiff.geometry import Tile
@@ -139,14 +139,10 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
     denoiser_key = denoiser_name(source)
     pipe = meta_pipeline(source.root, source.index, dtype)
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    from gigadiff.backends.footprint import held_bytes
-
     weights = {n: held_bytes(module_shapes(m), item, request.quantize if n == denoiser_key else "none")
                for n, m in modules.items()}  # fmt: skip
     if request.transformer is not None:
-        weights[denoiser_key] = component_bytes(source.root, {denoiser_key: source.index[denoiser_key]}, item,
-                                                denoiser_key, transformer=request.transformer).get(
-                                                    denoiser_key, weights[denoiser_key])  # fmt: skip
+        weights[denoiser_key] = file_bytes(request.transformer, item)
     backend: Any = run.family.adapt(pipe, info)  # a DiffusersBackend: the plan needs a diffusers pipeline
     held: list[Any] = []
     h, w = settings.height, settings.width
