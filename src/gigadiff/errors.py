@@ -20,6 +20,13 @@ from dataclasses import dataclass
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
+def first_line(e: BaseException, limit: int | None = 300) -> str:
+    """The first line of a library's exception (its type's name if it has no text), cut at `limit` characters:
+    what a one-line error quotes of the cause."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
 def render(template: str, fields: tuple[str, ...], name: Callable[[str], str] = str) -> str:
     """`template` with every named field written as `name(field)` (the API's plain names by default)."""
     if not fields:

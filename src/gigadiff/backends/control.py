@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,7 @@ def load_controlnets(models: tuple[str, ...], family: str, dtype: Any, device: A
         try:
             model = diffusers.ControlNetModel.from_pretrained(str(path) if path.exists() else name, dtype=dtype)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             raise GigadiffError(f"{{control}}: cannot load ControlNet {name!r} for {family}: {first}",
                                 "control") from e  # fmt: skip
         loaded[name] = model.to(device).eval()

@@ -15,13 +15,12 @@ quantizers hold (GGUF, torchao, bitsandbytes) cannot take a fused product: there
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, first_line
 
 if TYPE_CHECKING:
     from gigadiff.backends.source import ModelSource
@@ -94,7 +93,7 @@ def check_loras(source: ModelSource, loras: list[Lora]) -> None:
         try:
             converted = cls.lora_state_dict(str(Path(lora.path).expanduser()))
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             raise GigadiffError(f"{{lora}} {lora.name} cannot be read as a LoRA of {cls.__name__}: {first}",
                                 "lora") from e  # fmt: skip
         state = converted[0] if isinstance(converted, tuple) else converted
@@ -151,13 +150,7 @@ def apply_loras(pipe: Any, loras: list[Lora]) -> None:
 
 def describe_loras(loras: list[Lora], fused: bool) -> list[dict[str, Any]]:
     """What the metadata records of each LoRA: file name, scale, SHA-256 (A1111's hash is its first 10 digits)."""
-    return [{"file": lora.name, "scale": lora.scale, "sha256": _sha256(Path(lora.path).expanduser()), "fused": fused}
-            for lora in loras]  # fmt: skip
+    from gigadiff.io.files import file_sha256
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(2**24):
-            h.update(chunk)
-    return h.hexdigest()
+    return [{"file": lora.name, "scale": lora.scale, "sha256": file_sha256(Path(lora.path).expanduser()),
+             "fused": fused} for lora in loras]  # fmt: skip

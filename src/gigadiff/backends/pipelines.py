@@ -18,7 +18,7 @@ from gigadiff.backends.placement import host_tensor, place, placement
 from gigadiff.backends.quantized import DENOISERS, check_quantization, load_denoiser
 from gigadiff.backends.source import ModelSource, hub_cut_off
 from gigadiff.backends.speed import check_attention, compile_denoiser, set_attention
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -77,11 +77,6 @@ def load_pipeline(source: ModelSource, single_file_class: str, loading: Loading,
     return pipe
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:limit]
-
-
 def _pretrained(source: ModelSource, dtype: torch.dtype, overrides: dict[str, Any]) -> Any:
     from diffusers import DiffusionPipeline
 
@@ -93,7 +88,7 @@ def _pretrained(source: ModelSource, dtype: torch.dtype, overrides: dict[str, An
             local_files_only=source.kind == "folder" or bool(cut_off), **overrides,
         )  # fmt: skip
     except Exception as e:
-        raise GigadiffError(f"cannot load model {source.name!r}: {_first_line(e)}{cut_off}", "model") from e
+        raise GigadiffError(f"cannot load model {source.name!r}: {first_line(e)}{cut_off}", "model") from e
 
 
 def _cut_off() -> str:
@@ -111,7 +106,7 @@ def _single_file(source: ModelSource, class_name: str, dtype: torch.dtype) -> An
         return cls.from_single_file(source.location, dtype=dtype, local_files_only=bool(cut_off))
     except Exception as e:  # the config lookup needs the hub unless it is cached; a damaged file fails here too
         raise GigadiffError(
-            f"cannot load checkpoint {source.location} as {class_name}: {_first_line(e, 200)}{cut_off}. Single-file "
+            f"cannot load checkpoint {source.location} as {class_name}: {first_line(e, 200)}{cut_off}. Single-file "
             "checkpoints need their model's config from the hub cache; convert it to a diffusers folder on a "
             "connected machine, or pass that folder with {model}",
             "model",

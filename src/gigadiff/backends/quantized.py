@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,7 @@ def load_denoiser(source: ModelSource, quantize: str, transformer: str | None, d
         model = cls.from_single_file(path, config=str(source.root), subfolder=name, quantization_config=config,
                                      dtype=dtype, local_files_only=local_only)  # fmt: skip
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise GigadiffError(f"cannot load {{transformer}} {path} as the {cls.__name__} of {source.name!r}: {first}",
                             "transformer") from e  # fmt: skip
     return {name: model}

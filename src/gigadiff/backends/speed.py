@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, first_line
 
 
 def compile_denoiser(denoiser: Any) -> int:
@@ -44,7 +44,7 @@ def check_attention(name: str) -> None:
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
     except (ImportError, RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e, None)
         raise GigadiffError(f"{{attention}} {name}: {first}", "attention") from e
 
 

@@ -113,13 +113,9 @@ def heights_to_model(heights: torch_types.Tensor) -> torch_types.Tensor:
 
 
 def file_fingerprint(path: Path) -> str:
-    import hashlib
+    from gigadiff.io.files import file_sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ def load_upscaler(path: str, device: Any) -> Any:
     try:
         descriptor = spandrel.ModelLoader(device=device).load_from_file(str(Path(path).expanduser()))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         raise GigadiffError(f"{{upscaler}} {Path(path).name} is not a network spandrel knows: {first}",
                             "upscaler") from e  # fmt: skip
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.input_channels != 3:

@@ -86,3 +86,14 @@ def publish(path: Path, write: Callable[[Path], object], overwrite: bool) -> Non
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         interrupts.released(tmp)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex (read in blocks: model files are gigabytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
