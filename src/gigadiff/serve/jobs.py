@@ -45,13 +45,21 @@ def _model(name: Any, config: ServeConfig) -> str:
         raise GigadiffError("{model} must be a preset, a hub id or a model of the server's models folder", "model")
     if name in presets() or name in builtin_names():
         return name
-    if config.models is not None and _MODEL_NAME.match(name) and (config.models / name).is_dir():
-        return str(config.models / name)
+    folder = models_folder_entry(name, config)
+    if folder is not None:
+        return str(folder)
     if _HUB_ID.match(name) and ".." not in name:
         return name
     known = ", ".join([*builtin_names(), *sorted(presets())])
     local = f", or a model in the server's models folder ({', '.join(local_models(config))})" if config.models else ""
     raise GigadiffError(f"unknown {{model}} {name!r}: use a preset ({known}), a hub id owner/name{local}", "model")
+
+
+def models_folder_entry(name: str, config: ServeConfig) -> Path | None:
+    """The folder `name` (a bare name, never a path) of the server's models folder, or None."""
+    if config.models is None or not _MODEL_NAME.match(name) or not (config.models / name).is_dir():
+        return None
+    return config.models / name
 
 
 WEIGHT_FILES = (".gguf", ".safetensors")
@@ -89,7 +97,8 @@ def _control(item: Any, index: int, folder: Path, config: ServeConfig) -> str:
         raise GigadiffError("{control} items are strings: NAME=data:image/...;base64,...[:SCALE[:START:END]]",
                             "control")  # fmt: skip
     spec = parse_control(item)
-    if config.models is None or not _MODEL_NAME.match(spec.model) or not (config.models / spec.model).is_dir():
+    net = models_folder_entry(spec.model, config)
+    if net is None:
         names = sorted(p.name for p in config.models.iterdir() if p.is_dir()) if config.models else []
         raise GigadiffError(f"{{control}} must name a ControlNet folder of the server's models folder "
                             f"({', '.join(names) or 'none'})", "control")  # fmt: skip
@@ -98,7 +107,7 @@ def _control(item: Any, index: int, folder: Path, config: ServeConfig) -> str:
     _within_side(data, what, "control", config)
     path = folder / f"control{index}.png"
     path.write_bytes(data)
-    return f"{config.models / spec.model}={path}:{spec.scale:g}:{spec.start:g}:{spec.end:g}"
+    return f"{net}={path}:{spec.scale:g}:{spec.start:g}:{spec.end:g}"
 
 
 def _lora(item: Any, config: ServeConfig) -> str:
@@ -192,9 +201,9 @@ def job_request(data: Any, config: ServeConfig, folder: Path, device: str = "aut
 
         fields["upscaler"] = models_file(fields["upscaler"], config, "upscaler", UPSCALER_FILES)
     if fields.get("lora") is not None:
-        fields["lora"] = [_lora(item, config) for item in fields["lora"][: MAX_LORAS + 1]]
         if len(fields["lora"]) > MAX_LORAS:
             raise GigadiffError(f"{{lora}}: at most {MAX_LORAS} LoRAs a job", "lora")
+        fields["lora"] = [_lora(item, config) for item in fields["lora"]]
     _check_size(fields, config)
     if fields.get("regions") is not None:
         _check_masks(fields["regions"], config)
