@@ -67,11 +67,13 @@ class Family:
     gpu_dtype: ClassVar[str] = "bf16"
     """The dtype its pipeline runs in on a GPU (`--dtype auto`)."""
     fp16_risk: ClassVar[str] = ""
+    """Why fp16 overflows for it ("" if it does not)."""
     attention_backends: ClassVar[bool] = False
+    """Its denoiser's attention dispatches through diffusers' attention backends (`--attention`)."""
     controlnets: ClassVar[bool] = False
+    """It runs ControlNets per tile (`--control`)."""
     loras: ClassVar[bool] = True
     """Its diffusers pipeline loads LoRAs (every family's but PixArt-Σ's)."""
-    """Why fp16 overflows for it ("" if it does not)."""
     default_native: ClassVar[int] = 512
     default_steps: ClassVar[int] = 30
     default_guidance: ClassVar[float] = 7.5
