@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
-ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0", "worker": "INTEGER", "client": "TEXT"}
+ADDED_COLUMNS = {"tiles_total": "INTEGER NOT NULL DEFAULT 0", "worker": "INTEGER", "client": "TEXT", "runs_on": "TEXT"}
 """Columns added to the jobs table since its first version, with their declarations."""
 EVENT_OMITS = ("id", "request", "worker", "client")
 """Columns an event does not repeat (a request may hold megabytes of data URLs)."""
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     tiles_total INTEGER NOT NULL DEFAULT 0,
     worker INTEGER,
     client TEXT,
+    runs_on TEXT,
     phase TEXT NOT NULL DEFAULT '',
     eta REAL,
     error TEXT,
@@ -88,6 +89,8 @@ class Job:
     """The process id of the worker running it (while it runs)."""
     client: str | None = None
     """Who submitted it (the client's address), for the per-client limit on waiting jobs."""
+    runs_on: str | None = None
+    """Where it runs, or last ran: its worker's device, or the Ray node (its address and id)."""
 
     def public(self) -> dict[str, Any]:
         """What the API shows of a job."""
@@ -215,15 +218,16 @@ class JobStore:
             rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
-    def claim(self, worker: int | None = None) -> Job | None:
-        """Take the oldest queued job for a worker (running from now, by process `worker`), or None."""
+    def claim(self, worker: int | None = None, runs_on: str | None = None) -> Job | None:
+        """Take the oldest queued job for a worker (running from now, by process `worker` on `runs_on`), or None."""
         with self._change() as db:
             row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is None:
                 return None
             now = time.time()
             db.execute("UPDATE jobs SET status = 'running', started = COALESCE(started, ?), attempts = attempts + 1, "
-                       "worker = ?, updated = ? WHERE id = ?", (now, worker, now, row["id"]))  # fmt: skip
+                       "worker = ?, runs_on = ?, updated = ? WHERE id = ?",
+                       (now, worker, runs_on, now, row["id"]))  # fmt: skip
             self._record(db, row["id"])
         return self.get(row["id"])
 
@@ -270,15 +274,18 @@ class JobStore:
         """Jobs left running by a killed server: see `orphaned`."""
         return self.orphaned(None, "the server stopped while it ran", max_attempts)
 
-    def orphaned(self, worker: int | None, reason: str, max_attempts: int) -> dict[str, list[str]]:
-        """The running jobs of a worker that died (every running job when `worker` is None: the server died):
+    def orphaned(self, worker: int | None, reason: str, max_attempts: int,
+                 job_id: str | None = None) -> dict[str, list[str]]:  # fmt: skip
+        """The running jobs of a worker that died (every running job when `worker` is None: the server died; only
+        job `job_id` if given: its Ray task was lost with its node):
         cancelled if their cancel was asked, failed with `reason` once tried `max_attempts` times (a job that kills
         its worker is not run forever), otherwise queued again to resume from their checkpoint. Returns the job
         ids by new status."""
         outcome: dict[str, list[str]] = {"queued": [], "failed": [], "cancelled": []}
         with self._change() as db:
             rows = db.execute("SELECT id, cancel, attempts FROM jobs WHERE status = 'running' AND "
-                              "(? IS NULL OR worker = ?)", (worker, worker)).fetchall()  # fmt: skip
+                              "(? IS NULL OR worker = ?) AND (? IS NULL OR id = ?)",
+                              (worker, worker, job_id, job_id)).fetchall()  # fmt: skip
             now = time.time()
             for row in rows:
                 if row["cancel"]:

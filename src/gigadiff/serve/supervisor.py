@@ -45,6 +45,9 @@ def death(process: Any) -> str:
 class Supervisor:
     """Start the workers, and replace any that dies until `stop`."""
 
+    tick_s = SUPERVISE_S
+    """How often it looks."""
+
     def __init__(self, config: ServeConfig, target: Callable[..., None]):
         self.config, self.target = config, target
         self.context = multiprocessing.get_context("spawn")
@@ -62,6 +65,10 @@ class Supervisor:
             self._start(device)
         self.thread.start()
 
+    def describe(self) -> str:
+        """Where jobs run, for the server's first line."""
+        return f"{len(self.config.devices)} worker(s) on {', '.join(self.config.devices)}"
+
     def _start(self, device: str) -> None:
         process = self.context.Process(target=self.target, args=(self.config, device, os.getpid()), daemon=True,
                                        name=f"gigadiff-worker-{device}")  # fmt: skip
@@ -78,17 +85,24 @@ class Supervisor:
 
     def _watch(self) -> None:
         expired = -math.inf
-        while not self.stopping.wait(SUPERVISE_S):
+        while not self.stopping.wait(self.tick_s):
             now = time.monotonic()
-            if now - expired >= EXPIRE_EVERY_S:
-                expired = now
-                self.expire()
-            for device, process in list(self.workers.items()):
-                if process is None:
-                    if now >= self.restart_at[device]:
-                        self._start(device)
-                elif not process.is_alive():
-                    self._lost(device, process)
+            try:
+                if now - expired >= EXPIRE_EVERY_S:
+                    expired = now
+                    self.expire()
+                self._tend(now)
+            except Exception:  # a database locked too long, a cluster briefly unreachable: look again next time
+                LOG.exception("the supervisor's look at its workers failed; it looks again in %.1f s", self.tick_s)
+
+    def _tend(self, now: float) -> None:
+        """Replace the workers that died (after their pause)."""
+        for device, process in list(self.workers.items()):
+            if process is None:
+                if now >= self.restart_at[device]:
+                    self._start(device)
+            elif not process.is_alive():
+                self._lost(device, process)
 
     def recover(self) -> dict[str, list[str]]:
         """The jobs a stopped server left running, settled as a dead worker's are (before any worker starts)."""

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gigadiff import interrupts
 from gigadiff.errors import GigadiffError
@@ -35,11 +35,42 @@ class ServerGone(BaseException):  # not the job's error: the process that owns t
     """The server process died: stop at once, leaving the job to be resumed by the next server."""
 
 
-class JobListener(NullListener):
-    """Records a job's progress and stops it when it is cancelled (or its server is gone)."""
+class Reporter(Protocol):
+    """Where a running job's progress, stop checks and outcome go."""
+
+    def progress(self, **values: Any) -> None: ...
+
+    def check(self) -> None:
+        """Raise ServerGone if the job's server is gone, interrupts.Interrupted if the job's cancel was asked."""
+
+    def finish(self, status: str, error: str | None = None, outputs: list[str] | None = None) -> None: ...
+
+
+class StoreReporter:
+    """A worker process's reporter: the job store, and the server as its parent process (a Ray task's reports go
+    to the server instead: gigadiff.serve.ray_pool)."""
 
     def __init__(self, store: JobStore, job_id: str, parent: int):
         self.store, self.job_id, self.parent = store, job_id, parent
+
+    def progress(self, **values: Any) -> None:
+        self.store.progress(self.job_id, **values)
+
+    def check(self) -> None:
+        if os.getppid() != self.parent:
+            raise ServerGone
+        if self.store.cancelled(self.job_id):
+            raise interrupts.Interrupted
+
+    def finish(self, status: str, error: str | None = None, outputs: list[str] | None = None) -> None:
+        self.store.finish(self.job_id, status, error=error, outputs=outputs)
+
+
+class JobListener(NullListener):
+    """Reports a job's progress and stops it when it is cancelled (or its server is gone)."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
         self.started = time.monotonic()
         self.tiles_done = self.tiles_total = 0
         self.step = self.steps = 0
@@ -47,18 +78,14 @@ class JobListener(NullListener):
         self.phase = ""
 
     def _stop_if_asked(self) -> None:
-        if os.getppid() != self.parent:
-            raise ServerGone
-        if self.store.cancelled(self.job_id):
-            raise interrupts.Interrupted
+        self.reporter.check()
 
     def _write(self, force: bool = False, **values: Any) -> None:
         now = time.monotonic()
         if force or now - self.last_write > 0.2 or values:
             done, total = self.tiles_done, self.tiles_total
             eta = (now - self.started) * (total - done) / done if done and total > done else None
-            self.store.progress(self.job_id, step=self.step, steps=self.steps, tiles=done, tiles_total=total, eta=eta,
-                                **values)  # fmt: skip
+            self.reporter.progress(step=self.step, steps=self.steps, tiles=done, tiles_total=total, eta=eta, **values)
             self.last_write = now
 
     def on_phase(self, name: str, total: int | None) -> None:
@@ -110,8 +137,9 @@ class ModelCache:
         return backend
 
 
-def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: ModelCache, parent: int) -> None:
-    """Run one claimed job to its end: done, failed (with the command line's message) or cancelled."""
+def run_job(job: Job, reporter: Reporter, config: ServeConfig, device: str, cache: ModelCache) -> None:
+    """Run one claimed job to its end: done, failed (with the command line's message) or cancelled, told to
+    `reporter`; ServerGone leaves it running, for the next server to resume."""
     from gigadiff.checkpoint import load_checkpoint
     from gigadiff.runs.execute import execute
 
@@ -127,26 +155,26 @@ def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: 
         run = resolve_job(job.request, config, folder, device, resuming=True)
         checkpoint = run.outputs.checkpoint
         resume = load_checkpoint(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
-        listener = JobListener(store, job.id, parent)
-        store.progress(job.id, phase="loading " + job.request.get("model", "sd15"))
+        listener = JobListener(reporter)
+        reporter.progress(phase="loading " + job.request.get("model", "sd15"))
         if run.request.processes > 1:
-            _run_processes(run, resume, store, job, parent)
+            _run_processes(run, resume, reporter)
         else:
             execute(run, cache.get(run), listener, resume=resume)
         relief = folder / "image.relief.png"
         if relief.is_file():
-            store.progress(job.id, phase="writing the relief's Deep Zoom pyramid")
+            reporter.progress(phase="writing the relief's Deep Zoom pyramid")
             write_pyramid(relief, folder / RELIEF_VIEW)
         others = sorted(p.name for p in folder.iterdir() if p.name.startswith("image.") and p.name != IMAGE)
-        store.finish(job.id, "done", outputs=[IMAGE, *others])
+        reporter.finish("done", outputs=[IMAGE, *others])
         LOG.info("job %s done in %s", job.id, took())
     except interrupts.Interrupted:
         shutil.rmtree(folder, ignore_errors=True)
-        store.finish(job.id, "cancelled")
+        reporter.finish("cancelled")
         LOG.info("job %s cancelled after %s", job.id, took())
     except GigadiffError as e:
         shutil.rmtree(folder, ignore_errors=True)
-        store.finish(job.id, "failed", error=message(e))
+        reporter.finish("failed", error=message(e))
         LOG.info("job %s failed after %s: %s", job.id, took(), message(e))
     except ServerGone:
         LOG.info("job %s left after %s for the next server to resume", job.id, took())
@@ -155,11 +183,11 @@ def run_job(job: Job, store: JobStore, config: ServeConfig, device: str, cache: 
         traceback.print_exc()
         shutil.rmtree(folder, ignore_errors=True)
         error = f"internal error: {type(e).__name__}: {str(e)[:500]}"
-        store.finish(job.id, "failed", error=error)
+        reporter.finish("failed", error=error)
         LOG.info("job %s failed after %s: %s", job.id, took(), error)
 
 
-def _run_processes(run: Any, resume: Any, store: JobStore, job: Job, parent: int) -> None:
+def _run_processes(run: Any, resume: Any, reporter: Reporter) -> None:
     """A job asking for several processes: run under torchrun on this machine (gigadiff.runs.spawn), watched
     for cancellation."""
     import json
@@ -174,16 +202,18 @@ def _run_processes(run: Any, resume: Any, store: JobStore, job: Job, parent: int
                f"--nproc-per-node={run.request.processes}", "-m", "gigadiff", "_run", f.name]  # fmt: skip
     if resume is not None:
         command += ["--resume", str(run.outputs.checkpoint)]
-    store.progress(job.id, phase=f"running on {run.request.processes} processes")
+    reporter.progress(phase=f"running on {run.request.processes} processes")
     output = run.outputs.image.parent / "processes.log"  # a file, never a pipe: a full pipe would hang the ranks
     with open(output, "w") as log:
         proc = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         while proc.poll() is None:
-            if os.getppid() != parent or store.cancelled(job.id):
+            try:
+                reporter.check()
+            except BaseException:  # cancelled, or the server is gone: the ranks stop too
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait()
-                raise ServerGone if os.getppid() != parent else interrupts.Interrupted
+                raise
             time.sleep(IDLE_S)
     finally:
         Path(f.name).unlink(missing_ok=True)
@@ -212,11 +242,11 @@ def main(config: ServeConfig, device: str, parent: int) -> None:
     cache = ModelCache(config.keep_models)
     try:
         while os.getppid() == parent:
-            job = store.claim(worker=os.getpid())
+            job = store.claim(worker=os.getpid(), runs_on=device)
             if job is None:
                 time.sleep(IDLE_S)
                 continue
             interrupts.reset()
-            run_job(job, store, config, device, cache, parent)
+            run_job(job, StoreReporter(store, job.id, parent), config, device, cache)
     except (ServerGone, KeyboardInterrupt):
         pass
