@@ -12,12 +12,17 @@ job's image equal to the same request run by the command line, and no hostile re
 Printed: p50/p99/max latency of the polls made while the worker was busy (target p99 < 100 ms), the hostile
 requests sent and how they were answered, and the wall time. Table plus JSON.
 
-    python bench/serve.py [--clients 20] [--jobs-per-client 2] [--calm] [--json bench/results/serve.json]
+With `--ray`, the server runs its jobs on a Ray cluster of two one-CPU nodes simulated on this machine (on the
+loopback address): instead of a worker, the node running the long job is removed mid-job and a fresh node joins,
+as an operator would replace a lost machine; the same checks hold.
+
+    python bench/serve.py [--clients 20] [--jobs-per-client 2] [--calm] [--ray] [--json bench/results/serve.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +146,40 @@ def cli_image(model: Path, request: dict, out: Path) -> np.ndarray:
     return tifffile.imread(out)
 
 
+def killable(job: Any, cluster: Any) -> bool:
+    """The long job is past two steps (it checkpoints every step) and placed: on a worker, or a Ray node."""
+    placed = job.worker is not None if cluster is None else (job.runs_on or "").startswith("ray node")
+    return job.step >= 2 and placed
+
+
+@contextlib.contextmanager
+def simulated_cluster(wanted: bool) -> Iterator[Any]:
+    """A Ray cluster of two one-CPU nodes on 127.0.0.1 (and a head with no CPU), or None."""
+    if not wanted:
+        yield None
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on the loopback address, never the machine's interface
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--jobs-per-client", type=int, default=2)
     parser.add_argument("--calm", action="store_true", help="no worker killed and no hostile client")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/serve.json"))
+    parser.add_argument("--ray", action="store_true", help="jobs on a simulated two-node Ray cluster")
+    parser.add_argument("--json", type=Path, default=None, help="default: bench/results/serve[-ray].json")
     args = parser.parse_args()
+    args.json = args.json or Path(f"bench/results/serve{'-ray' if args.ray else ''}.json")
     import tifffile
 
     from gigadiff.serve.client import Client
@@ -154,11 +187,12 @@ def main() -> None:
     from tests.helpers.served import served
     from tests.helpers.tiny import save_tiny, tiny_sd_pipeline
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, simulated_cluster(args.ray) as cluster:
         models = Path(tmp) / "models"
         model = save_tiny(tiny_sd_pipeline(seed=0), models / "tiny-sd")
         data = Path(tmp) / "data"
-        with served(data, "--models", str(models)) as (url, _):
+        where = ("--ray", cluster.address) if cluster is not None else ()
+        with served(data, "--models", str(models), *where) as (url, _):
             client = Client(url)
             started = time.perf_counter()
             long_id = client.submit(LONG)
@@ -170,9 +204,14 @@ def main() -> None:
             hostile = context.Process(target=hostile_client, args=(url, stop, shared))
             if not args.calm:
                 hostile.start()
-                while store.get(long_id).step < 2:  # it checkpoints every step: kill it after two
+                while not killable(store.get(long_id), cluster):
                     time.sleep(0.05)
-                os.kill(store.get(long_id).worker, signal.SIGKILL)
+                if cluster is None:
+                    os.kill(store.get(long_id).worker, signal.SIGKILL)
+                else:
+                    node = next(n for n in cluster.list_all_nodes() if n.node_id[:12] in store.get(long_id).runs_on)
+                    cluster.remove_node(node)
+                    cluster.add_node(num_cpus=1)
             polls: list[tuple[float, float, bool]] = []
             ids: dict[int, str] = {}
             lock = threading.Lock()
@@ -196,6 +235,10 @@ def main() -> None:
         claimed = {job_id: store.get(job_id).attempts for job_id in jobs}
         long_runs = claimed.pop(long_id)
         equal = 0
+        if cluster is not None:  # a Ray task gets one thread per CPU it asked for: the CLI's sums must be alike
+            import torch
+
+            torch.set_num_threads(1)
         for seed, image in images.items():
             equal += int(np.array_equal(image, cli_image(model, {**JOB, "seed": seed}, Path(tmp) / f"cli-{seed}.tif")))
     busy = np.array([elapsed for _, elapsed, running in polls if running] or [elapsed for _, elapsed, _ in polls])

@@ -385,8 +385,18 @@ def serve(
         Path | None, typer.Option(help="A folder of diffusers models jobs may name by folder name.")
     ] = None,
     devices: Annotated[
-        str, typer.Option(help="One worker per device, comma-separated (auto, cuda:0,cuda:1, cpu).")
-    ] = "auto",
+        str | None,
+        typer.Option(
+            help="One worker per device, comma-separated (auto, cuda:0,cuda:1, cpu).  [default: auto]",
+            show_default=False,
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Run jobs on the Ray cluster at this address instead (--data shared by its nodes).", show_default=False
+        ),
+    ] = None,
     max_side: Annotated[int, typer.Option(help="Largest canvas side (px) a job may ask for.")] = 16384,
     max_steps: Annotated[int, typer.Option(help="Most steps a job may ask for.")] = 200,
     max_processes: Annotated[int, typer.Option(help="Most processes (torchrun) a job may ask for.")] = 8,
@@ -407,11 +417,15 @@ def serve(
     from gigadiff.serve.server import serve as run_server
 
     with reported_errors("serve"):
+        if ray is not None and devices is not None:
+            raise GigadiffError("{devices} names this machine's workers; with {ray} the cluster's nodes run the jobs "
+                                "(each on the GPUs Ray gives it)", "devices", "ray")  # fmt: skip
+        devices = devices or "auto"
         config = ServeConfig(data=data, host=host, port=port, token=ServeConfig.token_from_env(token), models=models,
                              devices=tuple(d.strip() for d in devices.split(",") if d.strip()), max_side=max_side,
                              max_steps=max_steps, max_processes=max_processes, max_request_mb=max_request_mb,
                              keep_models=keep_models, max_queued=max_queued, max_attempts=max_attempts,
-                             keep_days=keep_days, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
+                             keep_days=keep_days, tls_cert=tls_cert, tls_key=tls_key, ray=ray)  # fmt: skip
         run_server(config, announce=lambda line: typer.echo(line))
 
 

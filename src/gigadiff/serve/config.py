@@ -24,6 +24,9 @@ class ServeConfig:
     """A folder of diffusers models clients may name (by folder name); besides it, presets and hub ids."""
     devices: tuple[str, ...] = ("auto",)
     """One worker process per device, each running jobs in order."""
+    ray: str | None = None
+    """The address of a Ray cluster to run jobs on instead (gigadiff.serve.ray_pool); `data` must then be a folder
+    every node of it sees at the same path."""
     max_side: int = 16384
     max_steps: int = 200
     max_request_mb: float = 8.0

@@ -87,15 +87,17 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
     """Run the service until it is stopped (Ctrl-C or SIGTERM)."""
     import uvicorn
 
-    from gigadiff.serve import log
+    from gigadiff.serve import log, ray_pool
     from gigadiff.serve.app import VIEWER_SETUP, create_app, viewer_installed
     from gigadiff.serve.supervisor import Supervisor
 
+    if config.ray is not None:  # joined before anything is made: a cluster that is not there stops the server here
+        ray_pool.connect(config.ray)
     sock = bind(config.host, config.port)
     with locked(config):
         config.jobs.mkdir(parents=True, exist_ok=True)
         log.setup()
-        supervisor = Supervisor(config, worker_process)
+        supervisor = Supervisor(config, worker_process) if config.ray is None else ray_pool.RaySupervisor(config)
         recovered = supervisor.recover()
         app = create_app(config)
         supervisor.start()
@@ -104,7 +106,7 @@ def serve(config: ServeConfig, announce: Any = print) -> None:
         scheme = "https" if config.tls else "http"
         interrupted = ", ".join(f"{len(jobs)} {status}" for status, jobs in recovered.items() if jobs)
         announce(f"gigadiff serve: {scheme}://{shown}:{port}/ (API docs at /docs), data in {config.data}, "
-                 f"{len(config.devices)} worker(s) on {', '.join(config.devices)}"
+                 f"{supervisor.describe()}"
                  + (f"; jobs the last server left running: {interrupted}" if interrupted else ""))  # fmt: skip
         if not viewer_installed():
             announce(f"warning: the page's Deep Zoom viewer is not installed (run: {VIEWER_SETUP}); the API works")

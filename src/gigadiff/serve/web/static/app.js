@@ -87,6 +87,7 @@ function render(job) {
     const step = Math.min(job.step + 1, job.steps);
     detail = `step ${step}/${job.steps} · ${job.tiles}/${job.tiles_total} tiles${eta(job.eta)}` + (job.phase ? ` · ${job.phase}` : "");
   }
+  if (job.status === "running" && job.runs_on) detail += ` · on ${job.runs_on}`;
   if (job.status === "queued") detail = "waiting for a worker";
   if (job.status === "failed") detail = job.error || "failed";
   if (job.status === "done") detail = `done · ${job.outputs.join(", ")}`;
