@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from gigadiff.serve.app import create_app
 from gigadiff.serve.config import ServeConfig
-from gigadiff.serve.guard import host_name, refusal
+from gigadiff.serve.guard import BAD_REQUESTS, BAD_REQUESTS_WINDOW_S, RecentFailures, host_name, refusal
 from tests.helpers.served import LOCAL
 
 
@@ -216,3 +216,41 @@ def test_a_jobs_controlnet_is_a_models_folder_entry_and_its_image_a_data_url(api
                           config.data / "job")  # fmt: skip
     assert request.control == [f"{config.models / 'canny'}={config.data / 'job' / 'control0.png'}:0.5:0:1"]
     assert Image.open(config.data / "job" / "control0.png").size == (64, 64)
+
+
+def test_failures_leave_the_window_in_order_and_each_address_has_its_own():
+    now = [0.0]
+    failures = RecentFailures(3, 10.0, clock=lambda: now[0])
+    for t in (0.0, 1.0, 2.0):
+        now[0] = t
+        assert failures.wait("a") == 0
+        failures.failed("a")
+    assert failures.wait("a") == 8.0 and failures.wait("b") == 0  # until the failure of t=0 leaves the window
+    now[0] = 10.0
+    assert failures.wait("a") == 0
+    failures.failed("a")
+    assert failures.wait("a") == 1.0  # now the failure of t=1 is the one to wait for
+
+
+def test_an_address_whose_requests_keep_failing_is_answered_429_before_its_requests_are_read(config):
+    app = create_app(config)
+    hostile = TestClient(app, base_url=LOCAL, client=("203.0.113.9", 40000))
+    honest = TestClient(app, base_url=LOCAL, client=("198.51.100.7", 40000))
+    for _ in range(BAD_REQUESTS):
+        assert (
+            hostile.post(
+                "/api/jobs", content=b'{"steps": NaN}', headers={"Content-Type": "application/json"}
+            ).status_code
+            == 400
+        )
+    refused = hostile.post("/api/jobs", json={"prompt": "a valid job", "model": "sd15"})
+    assert refused.status_code == 429 and set(refused.json()) == {"error"}
+    assert refused.json()["error"].startswith("too many failed requests from this address: retry in ")
+    assert 1 <= int(refused.headers["retry-after"]) <= BAD_REQUESTS_WINDOW_S
+    assert refused.headers["x-frame-options"] == "DENY"
+    assert hostile.get("/api/jobs").status_code == 429
+    assert honest.get("/api/jobs").status_code == 200 and queued_nothing(honest)
+    assert hostile.get("/api/jobs/nothing-here").status_code == 429
+    assert honest.get("/api/jobs/nothing-here").status_code == 404  # a 404 is no failure: it counts for nobody
+    for _ in range(BAD_REQUESTS * 2):
+        assert honest.get("/api/jobs/nothing-here").status_code == 404

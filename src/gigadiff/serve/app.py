@@ -20,7 +20,15 @@ from starlette.exceptions import HTTPException
 
 from gigadiff import __version__
 from gigadiff.serve.config import ServeConfig
-from gigadiff.serve.guard import answer_headers, refusal
+from gigadiff.serve.guard import (
+    BAD_REQUESTS,
+    BAD_REQUESTS_WINDOW_S,
+    THROTTLED,
+    RecentFailures,
+    answer_headers,
+    refusal,
+    throttled,
+)
 from gigadiff.serve.routes.common import ApiError, error
 from gigadiff.serve.routes.images import images_router
 from gigadiff.serve.routes.jobs import jobs_router
@@ -51,9 +59,19 @@ def create_app(config: ServeConfig) -> FastAPI:
         where = "; ".join(f"{'.'.join(str(p) for p in x.get('loc', ()))}: {x.get('msg', '')}" for x in e.errors())
         return error(400, f"invalid request ({where})")
 
+    failing = RecentFailures(BAD_REQUESTS, BAD_REQUESTS_WINDOW_S)
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         path = request.scope.get("path", "")  # never request.url: older Starlette rebuilt it from Host
+        client = request.client.host if request.client else "?"
+        wait = failing.wait(client)
+        if wait > 0:  # answered before anything of the request is read
+            status, message, headers = throttled(wait)
+            response = error(status, message)
+            response.headers.update(headers)
+            response.headers.update(answer_headers(path))
+            return response
         refused = refusal(request.scope, config)
         if refused is None:
             response = await call_next(request)
@@ -61,6 +79,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             response = RedirectResponse("/login", status_code=303)
         else:
             response = error(*refused)
+        if response.status_code in THROTTLED:
+            failing.failed(client)
         response.headers.update(answer_headers(path))
         return response
 

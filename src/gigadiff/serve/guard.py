@@ -11,12 +11,21 @@ changes state (any method but GET, HEAD and OPTIONS) from a browser carries an O
 server's own; and a job must be sent as `application/json`, a content type a cross-origin page cannot send
 without the browser asking first (a preflight this server never grants). Clients that are not browsers (the
 Python client, curl) send no Origin and pass.
+
+A client address whose requests keep failing (malformed, refused, unauthorised: `THROTTLED`) is answered 429
+at once, before its body is read, until its failures leave the window: a hostile client looping over expensive
+bad requests then costs the server almost nothing, and the honest clients' answers stay quick. The unit is the
+address, as for the login's limit and the queue's per-client limit (behind a reverse proxy every client shares
+the proxy's).
 """
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from http.cookies import SimpleCookie
 from urllib.parse import urlsplit
 
@@ -40,6 +49,49 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'
 """The Content-Security-Policy of every answer but the API documentation's (whose pages load their scripts
 from a CDN): the page runs only this server's scripts, and no other site may frame it."""
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
+
+BAD_REQUESTS, BAD_REQUESTS_WINDOW_S = 30, 10.0
+"""A client address with this many failed requests within the window is answered 429 until the oldest leaves."""
+THROTTLED = frozenset({400, 401, 403, 405, 411, 413, 415, 421, 422, 431})
+"""The answers that count as a client's failure (a 404 does not: a page may ask for what is not there yet)."""
+
+
+class RecentFailures:
+    """Failures per client address within a sliding window: an address with `limit` of them within `window_s`
+    waits until the oldest leaves the window. At most KEEP addresses are remembered (the oldest forgotten first),
+    so that many addresses cannot grow it without bound."""
+
+    KEEP = 10000
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self.failures: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str) -> deque[float]:
+        times = self.failures.get(client, deque())
+        while times and times[0] <= self.clock() - self.window_s:
+            times.popleft()
+        return times
+
+    def wait(self, client: str) -> float:
+        """Seconds until `client` may be answered again (0: now)."""
+        times = self._recent(client)
+        if len(times) < self.limit:
+            return 0.0
+        return times[len(times) - self.limit] + self.window_s - self.clock()
+
+    def failed(self, client: str) -> None:
+        if client not in self.failures and len(self.failures) >= self.KEEP:
+            self.failures.pop(next(iter(self.failures)))
+        times = self._recent(client)
+        times.append(self.clock())
+        self.failures[client] = times
+
+
+def throttled(wait_s: float) -> tuple[int, str, dict[str, str]]:
+    """The 429 of a client that waits `wait_s` seconds: status, message and its Retry-After."""
+    seconds = max(1, math.ceil(wait_s))
+    return 429, f"too many failed requests from this address: retry in {seconds} s", {"Retry-After": str(seconds)}
 
 
 def headers_of(scope: Mapping) -> dict[str, str]:

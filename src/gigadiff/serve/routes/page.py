@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import secrets
-import time
-from collections import deque
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gigadiff.serve.config import ServeConfig
-from gigadiff.serve.guard import COOKIE
+from gigadiff.serve.guard import COOKIE, RecentFailures
 from gigadiff.serve.routes.common import error, read_bounded
 
 WEB = Path(__file__).parent.parent / "web"
@@ -23,31 +21,6 @@ LOGIN_BODY_BYTES = 4096
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
 LOGIN_FAILURES, LOGIN_WINDOW_S = 5, 60.0
 """A client address with this many wrong tokens within the window waits until the oldest leaves it."""
-
-
-class LoginAttempts:
-    """Wrong tokens per client address, for a rate limit on guessing (at most `KEEP` addresses remembered)."""
-
-    KEEP = 10000
-
-    def __init__(self) -> None:
-        self.failures: dict[str, deque[float]] = {}
-
-    def _recent(self, client: str) -> deque[float]:
-        times = self.failures.get(client, deque())
-        while times and times[0] < time.monotonic() - LOGIN_WINDOW_S:
-            times.popleft()
-        return times
-
-    def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= LOGIN_FAILURES
-
-    def failed(self, client: str) -> None:
-        if client not in self.failures and len(self.failures) >= self.KEEP:
-            self.failures.pop(next(iter(self.failures)))
-        times = self._recent(client)
-        times.append(time.monotonic())
-        self.failures[client] = times
 
 
 def viewer_installed() -> bool:
@@ -65,14 +38,14 @@ def page_router(config: ServeConfig) -> APIRouter:
     def login_page() -> HTMLResponse:
         return HTMLResponse((WEB / "login.html").read_text())
 
-    attempts = LoginAttempts()
+    attempts = RecentFailures(LOGIN_FAILURES, LOGIN_WINDOW_S)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
         from urllib.parse import parse_qs
 
         client = request.client.host if request.client else "?"
-        if attempts.blocked(client):
+        if attempts.wait(client) > 0:
             return RedirectResponse("/login?wait=1", status_code=303)
         body = await read_bounded(request, LOGIN_BODY_BYTES)
         if body is None:
