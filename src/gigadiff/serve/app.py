@@ -66,11 +66,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         path = request.scope.get("path", "")  # never request.url: older Starlette rebuilt it from Host
         client = request.client.host if request.client else "?"
         wait = failing.wait(client)
+        response: Response
         if wait > 0:  # answered before anything of the request is read
             status, message, headers = throttled(wait)
             response = error(status, message)
-            response.headers.update(headers)
-            response.headers.update(answer_headers(path))
+            response.headers.update({**headers, **answer_headers(path)})
             return response
         refused = refusal(request.scope, config)
         if refused is None:
