@@ -64,8 +64,8 @@ class ModelInfo:
     attention_backends: bool = False
     """Its denoiser's attention dispatches through diffusers' attention backends (`--attention` applies: the
     FLUX, Z-Image and Qwen-Image transformers; the others call PyTorch's attention directly)."""
-    controlnets: bool = False
-    """It runs ControlNets per tile (`--control`: the UNet families so far)."""
+    controlnet_class: str | None = None
+    """The diffusers class of its ControlNets, which it runs per tile (`--control`), or None: it takes none."""
     loras: bool = False
     """Its diffusers pipeline loads LoRAs (`load_lora_weights`)."""
     diffusers_weights: bool = True

@@ -129,6 +129,9 @@ class DiffusersBackend:
     ) -> Any:  # fmt: skip
         raise NotImplementedError
 
+    def drawn_conditioning(self, cond: Any, generator: Any, tiling: Any, listener: Any = None) -> Any:
+        return cond
+
     def planned_condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
         options: Mapping[str, Any],

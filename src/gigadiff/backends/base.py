@@ -89,6 +89,13 @@ class Backend(Protocol):
         """Encode everything the model is conditioned on for one generation of a canvas of canvas_px (h, w)."""
         ...
 
+    def drawn_conditioning(self, cond: Any, generator: torch.Generator, tiling: VaeTiling,
+                           listener: Listener | None = None) -> Any:  # fmt: skip
+        """`cond` with the parts its pipeline draws from the run's generator before the noise (FLUX.1's ControlNet
+        images, encoded by sampling the VAE's posterior); `cond` itself for most models. Called once per run, before
+        the noise (on a resume, with the generator as seeded), so that a one-tile run draws what the pipeline does."""
+        ...
+
     def branches(self, cond: Any) -> int:
         """Model passes per tile: 2 with classifier-free guidance (unconditional, conditional), else 1."""
         ...

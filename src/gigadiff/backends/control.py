@@ -24,6 +24,7 @@ from gigadiff.errors import GigadiffError, first_line
 if TYPE_CHECKING:
     import torch
 
+    from gigadiff.facts import ModelInfo
     from gigadiff.geometry import Tile
 
 
@@ -108,18 +109,52 @@ class Control:
                           for t in tiles])  # fmt: skip
 
 
-def load_controlnets(models: tuple[str, ...], family: str, dtype: Any, device: Any) -> dict[str, Any]:
-    """The ControlNet models by their names as given, on `device` in `dtype`."""
+def _config(name: str) -> dict[str, Any] | None:
+    """A local ControlNet folder's config.json (None for a hub id, or a folder without one)."""
+    import json
+
+    config = Path(name).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return dict(json.loads(config.read_text()))
+    except (OSError, ValueError) as e:
+        raise GigadiffError(f"{{control}}: ControlNet {name!r} has an unreadable config.json ({first_line(e)})",
+                            "control") from None  # fmt: skip
+
+
+def check_controlnet_class(name: str, info: ModelInfo) -> None:
+    """Refuse, before any weights load, a local ControlNet made for another family (its config names its class:
+    loaded as the wrong class, its weights would be left out and random ones used) or one this run cannot drive
+    (a union ControlNet, which needs a control mode per image)."""
+    config = _config(name)
+    if config is None:
+        return
+    kind = config.get("_class_name")
+    if kind is not None and kind != info.controlnet_class:
+        raise GigadiffError(f"{{control}}: ControlNet {name!r} is a {kind}; model {info.name!r} ({info.family}) takes "
+                            f"a {info.controlnet_class}", "control")  # fmt: skip
+    if config.get("num_mode") is not None:
+        raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet (one network, several kinds of "
+                            "control image chosen by a mode), which gigadiff does not drive yet",
+                            "control")  # fmt: skip
+
+
+def load_controlnets(models: tuple[str, ...], info: ModelInfo, dtype: Any, device: Any) -> dict[str, Any]:
+    """The ControlNet models (of the family's class) by their names as given, on `device` in `dtype`."""
     import diffusers
 
+    assert info.controlnet_class is not None
+    cls = getattr(diffusers, info.controlnet_class)
     loaded: dict[str, Any] = {}
     for name in models:
+        check_controlnet_class(name, info)
         path = Path(name).expanduser()
         try:
-            model = diffusers.ControlNetModel.from_pretrained(str(path) if path.exists() else name, dtype=dtype)
+            model = cls.from_pretrained(str(path) if path.exists() else name, dtype=dtype)
         except Exception as e:
             first = first_line(e, 200)
-            raise GigadiffError(f"{{control}}: cannot load ControlNet {name!r} for {family}: {first}",
+            raise GigadiffError(f"{{control}}: cannot load ControlNet {name!r} for {info.family}: {first}",
                                 "control") from e  # fmt: skip
         loaded[name] = model.to(device).eval()
     return loaded

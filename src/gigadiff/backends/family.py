@@ -70,8 +70,8 @@ class Family:
     """Why fp16 overflows for it ("" if it does not)."""
     attention_backends: ClassVar[bool] = False
     """Its denoiser's attention dispatches through diffusers' attention backends (`--attention`)."""
-    controlnets: ClassVar[bool] = False
-    """It runs ControlNets per tile (`--control`)."""
+    controlnet_class: ClassVar[str | None] = None
+    """The diffusers class of its ControlNets, which it runs per tile (`--control`); None: it takes none."""
     loras: ClassVar[bool] = True
     """Its diffusers pipeline loads LoRAs (every family's but PixArt-Σ's)."""
     default_native: ClassVar[int] = 512
@@ -112,7 +112,7 @@ class Family:
             "fp16_risk": self.fp16_risk,
             "attention_backends": self.attention_backends,
             "loras": self.loras,
-            "controlnets": self.controlnets,
+            "controlnet_class": self.controlnet_class,
             "negative_required": self.negative_required,
             "native_size": self.default_native,
             "default_steps": self.default_steps,
@@ -140,7 +140,7 @@ class Family:
             from gigadiff.backends.control import load_controlnets
 
             adapter = cast(Any, backend)
-            adapter.controlnets.update(load_controlnets(loading.controlnets, self.name, adapter.dtype, adapter.device))
+            adapter.controlnets.update(load_controlnets(loading.controlnets, info, adapter.dtype, adapter.device))
         park = getattr(backend, "park_text_encoders", None)
         if park is not None:
             park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings

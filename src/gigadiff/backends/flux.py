@@ -8,6 +8,12 @@
   packed into 2x2 tokens for the transformer and its velocity unpacked again, so tiles, overlaps and shifts
   are multiples of 2 latent pixels (16 image pixels) and the scheduler steps the canvas elementwise exactly
   as it would step the packed sequence.
+- **ControlNets** (`--control`, FluxControlNetModel): the control image is resized to the canvas as
+  FluxControlNetPipeline resizes it; InstantX-style nets (no hint block) take it VAE-encoded, sampled from the
+  posterior with the run's generator before the noise as the pipeline does (`drawn_conditioning`), each tile the
+  packed crop of those latents under its window; XLabs-style nets (a hint block) take each tile's crop of the
+  pixels and repeat their block residuals over the transformer's blocks. The nets see the prompt (never the
+  negative of true CFG, as in the pipeline); several add their residuals, as FluxMultiControlNetModel does.
 - **Positions**: RoPE ids (0, row, col) per token. Tile-local by default: every tile is a crop the size the
   model was trained on, with the ids of a whole image at that size. `--positions global` gives every tile its
   canvas coordinates instead; FLUX's transformer takes one set of ids per call, so tiles then run one per call
@@ -17,10 +23,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, Shared, TransformerBackend
+from gigadiff.backends.control import Control, parse_control, prepare_controls
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.backends.flow import grid_ids, pack, unpack
 from gigadiff.lazy import no_grad, torch
@@ -50,6 +57,10 @@ class FluxConditioning(NegativeGuided):
     scale: float
     """The true classifier-free guidance scale."""
     global_positions: bool
+    controls: tuple[Control, ...] = ()
+    control_guidance: float | None = None
+    """The guidance scale as given, for ControlNets that embed it (their pipeline gives it whatever the
+    transformer takes)."""
 
 
 class FluxBackend(TransformerBackend):
@@ -66,8 +77,21 @@ class FluxBackend(TransformerBackend):
         if self.info.runs_cfg(true_cfg, negative_prompt):
             negative = self.pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=self.device, **prompting)
         embedded = guidance if self.transformer.config.guidance_embeds else None
+        controls: tuple[Control, ...] = ()
+        if options.get("control"):
+            from diffusers.image_processor import VaeImageProcessor
+
+            processor = VaeImageProcessor(vae_scale_factor=self.info.vae_scale_factor * 2)  # the pipeline's: [-1, 1]
+            specs = [parse_control(text) for text in options["control"]]
+            controls = prepare_controls(specs, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return FluxConditioning(embeds, pooled, text_ids, negative, embedded, true_cfg,
-                                options.get("positions") == "global")  # fmt: skip
+                                options.get("positions") == "global", controls, guidance)  # fmt: skip
+
+    def drawn_conditioning(self, cond: FluxConditioning, generator: Any, tiling: Any, listener: Any = None) -> Any:
+        """InstantX-style ControlNets' images encoded (tiled), a posterior sample drawn with `generator`."""
+        encoded = tuple(replace(c, image=self.codec.encode(c.image.float(), generator, tiling, listener).to(self.dtype))
+                        if _takes_latents(c) else c for c in cond.controls)  # fmt: skip
+        return replace(cond, controls=encoded) if cond.controls else cond
 
     def branch_inputs(self, cond: FluxConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's T5 embeddings and CLIP pooled embedding per tile, and its text ids (shared)."""
@@ -98,17 +122,58 @@ class FluxBackend(TransformerBackend):
         if cond.guidance is not None:
             guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
         timestep = torch.as_tensor(t, device=self.device).expand(n).to(embeds.dtype)
+        hidden = pack(x.to(self.device, self.transformer.dtype))
+        blocks, singles, repeat = self.control_residuals(hidden, t, timestep, cond, tiles, ids)
         out = self.transformer(
-            hidden_states=pack(x.to(self.device, self.transformer.dtype)),
+            hidden_states=hidden,
             timestep=timestep / 1000,
             guidance=guidance,
             pooled_projections=pooled,
             encoder_hidden_states=embeds,
             txt_ids=text_ids,
             img_ids=ids,
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=singles,
+            controlnet_blocks_repeat=repeat,
             return_dict=False,
         )[0]
         return unpack(out.float(), h, w)
+
+    def control_residuals(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor,
+                          cond: FluxConditioning, tiles: Sequence[Tile],
+                          ids: torch_types.Tensor) -> tuple[Any, Any, bool]:  # fmt: skip
+        """The block residuals of the ControlNets acting at this step (summed), each fed its tiles' crops, with
+        whether the transformer repeats them over its blocks (XLabs-style nets); (None, None, False) when none
+        acts."""
+        index, steps = self.step_index(t), max(1, len(self.timesteps))
+        blocks: Any = None
+        singles: Any = None
+        repeat = False
+        n = hidden.shape[0]
+        for control in cond.controls:
+            if not control.acts(index, steps):
+                continue
+            latent = _takes_latents(control)
+            crops = control.crops(tiles, 1 if latent else self.info.vae_scale_factor)
+            guidance = None
+            if control.model.config.guidance_embeds:
+                guidance = torch.full([n], float(cond.control_guidance or 0.0), device=self.device)
+            b, s = control.model(hidden_states=hidden, controlnet_cond=pack(crops) if latent else crops,
+                                 conditioning_scale=control.scale, timestep=timestep / 1000, guidance=guidance,
+                                 pooled_projections=cond.pooled.expand(n, -1),
+                                 encoder_hidden_states=cond.embeds.expand(n, -1, -1), txt_ids=cond.text_ids,
+                                 img_ids=ids, return_dict=False)  # fmt: skip
+            blocks = b if blocks is None else [p + q for p, q in zip(blocks, b, strict=True)]
+            if s is not None:
+                singles = s if singles is None else [p + q for p, q in zip(singles, s, strict=True)]
+            repeat = not latent
+        return blocks, singles, repeat
+
+
+def _takes_latents(control: Control) -> bool:
+    """An InstantX-style FLUX ControlNet (no hint block) takes the VAE's latents of its image; an XLabs-style one
+    its pixels."""
+    return control.model.input_hint_block is None
 
 
 class Flux(Family):
@@ -126,6 +191,7 @@ class Flux(Family):
     scheduler_kind = "flow"
     guidance_kind = "embedded"
     negative_required = True  # its pipeline's true CFG runs only with a negative prompt
+    controlnet_class = "FluxControlNetModel"
     positions = "rope"
     latent_multiple = 2
     default_native = 1024

@@ -33,7 +33,7 @@ class StableDiffusion(Family):
         Preset("sd21", "stabilityai/stable-diffusion-2-1", steps=30, guidance=7.5),
     )
     sdxl: ClassVar[bool] = False
-    controlnets = True
+    controlnet_class = "ControlNetModel"
     gpu_dtype = "fp16"  # as their pipelines are run; SDXL's VAE is upcast while it runs (force_upcast)
 
     def matches(self, source: ModelSource) -> bool:

@@ -182,6 +182,9 @@ class TerrainBackend:
     ) -> TerrainConditioning:  # fmt: skip
         return TerrainConditioning(difficulty_label(options.get("difficulty", DEFAULT_DIFFICULTY)))
 
+    def drawn_conditioning(self, cond: TerrainConditioning, generator: Any, tiling: Any, listener: Any = None) -> Any:
+        return cond
+
     def branches(self, cond: TerrainConditioning) -> int:
         return 1
 

@@ -257,6 +257,8 @@ def _stage(ctx: RunContext, reference: torch.Tensor, index: int, weights: list[t
     cond = ctx.condition(s.prompt, s.negative, s.guidance)
     scheduler = prepared_scheduler(ctx)
     generator = seeded_generator((s.seed + index) % 2**64)  # each stage its own, reproducible noise
+    draws = seeded_generator((s.seed + index) % 2**64) if ctx.resume is not None else generator
+    cond = ctx.backend.drawn_conditioning(cond, draws, ctx.vae, ctx.events)
     first = denoising_start(scheduler, s, info)
     if ctx.resume is None:
         init = encoded_init(ctx, generator) if s.init else None

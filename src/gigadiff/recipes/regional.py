@@ -37,7 +37,10 @@ def region_layers(ctx: RunContext, background_cond: Any, weights: list[torch.Ten
     layers = [Layer(background_cond, background_weight(weights), skip_below=1.5 * BACKGROUND_FLOOR)]
     for region, weight in zip(ctx.settings.regions, weights, strict=True):
         guidance = region.guidance if region.guidance is not None else ctx.settings.guidance
-        layers.append(Layer(ctx.condition(region.prompt, region.negative_prompt, guidance), weight))
+        cond = ctx.condition(region.prompt, region.negative_prompt, guidance)
+        # the same draws as the background's (a generator as seeded): every layer holds one encoded control image
+        cond = ctx.backend.drawn_conditioning(cond, seeded_generator(ctx.settings.seed), ctx.vae, ctx.events)
+        layers.append(Layer(cond, weight))
     return layers
 
 

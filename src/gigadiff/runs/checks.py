@@ -116,9 +116,14 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
         if chosen:
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
-    if r.control and not info.controlnets:
-        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD and SDXL so far; model {name!r} is a "
-                            f"{info.family} model", "control")  # fmt: skip
+    if r.control and info.controlnet_class is None:
+        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL and FLUX.1 so far; model {name!r} is "
+                            f"a {info.family} model", "control")  # fmt: skip
+    if r.control:
+        from gigadiff.backends.control import check_controlnet_class, parse_control
+
+        for model in dict.fromkeys(parse_control(text).model for text in r.control):
+            check_controlnet_class(model, info)
     if r.lora and info.diffusers_weights and not info.loras:
         raise GigadiffError(f"model {name!r} takes no LoRAs: its diffusers pipeline has no LoRA loader", "lora")
     if r.attention != "auto" and info.diffusers_weights and not info.attention_backends:

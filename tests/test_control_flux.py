@@ -1,0 +1,107 @@
+"""FLUX.1 ControlNets per tile (gigadiff.backends.flux): one tile equal to FluxControlNetPipeline, with an
+InstantX-style net (the control image VAE-encoded, sampled with the run's generator before the noise) and an
+XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), in fp32 and bf16, with a
+scale and a start/end window; on a tiled canvas each tile's net sees the crop of the encoded image under its
+window; a ControlNet of another family is refused before any weights load."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from gigadiff.api import generate_result, open_backend
+from gigadiff.backends.flow import unpack
+from gigadiff.cli import app
+from tests.helpers.families import CASES, PROMPT, SIZE, STEPS
+from tests.test_control import control_image, tiny_controlnet
+
+
+def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0):
+    """A ControlNet of the tiny FLUX.1 transformer (its first blocks' weights, as diffusers' `from_transformer`
+    takes them), its zero-initialised layers given seeded weights so that it acts; `hint`: XLabs-style, with a
+    hint block that reads the control image's pixels."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
+    c = transformer.config
+    controlnet = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                      attention_head_dim=c.attention_head_dim,
+                                                      num_attention_heads=c.num_attention_heads)  # fmt: skip
+    if hint:  # the same network with a hint block before its embedder
+        weights = controlnet.state_dict()
+        controlnet = FluxControlNetModel.from_config({**controlnet.config, "conditioning_embedding_channels": 16})
+        controlnet.load_state_dict(weights, strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks,
+                      controlnet.controlnet_x_embedder]:  # fmt: skip
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
+def pipeline_latents(folder, net, image, scale, start, end, dtype):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
+
+    base = FluxPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    pipe = FluxControlNetPipeline(**base.components, controlnet=FluxControlNetModel.from_pretrained(
+        str(net), dtype=dtype))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(PROMPT, control_image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                  controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
+                  output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
+                  guidance_scale=3.5)  # fmt: skip
+    return unpack(result.images.float(), SIZE // 8, SIZE // 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("style", "scale", "start", "end"), [("instantx", 0.8, 0.0, 1.0), ("instantx", 1.2, 0.3, 0.7),
+                                                              ("xlabs", 0.7, 0.0, 1.0)],
+                         ids=["instantx", "instantx-window", "xlabs"])  # fmt: skip
+def test_one_tile_equals_flux_controlnet_pipeline(style, scale, start, end, dtype, tiny_flux_dir, tmp_path):
+    net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net", hint=style == "xlabs")
+    image = control_image(tmp_path / "edges.png")
+    backend = open_backend(
+        str(tiny_flux_dir), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16", controlnets=(str(net),)
+    )
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES["flux"].ours}
+    got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
+    theirs = pipeline_latents(tiny_flux_dir, net, image, scale, start, end, dtype)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
+    plain = generate_result(PROMPT, model=backend, **run).latents
+    assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
+
+
+def test_each_tile_sees_the_packed_crop_of_the_encoded_control_image_under_its_window(tiny_flux_dir, tmp_path):
+    net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    backend = open_backend(str(tiny_flux_dir), "cpu", controlnets=(str(net),))
+    seen = []
+    backend.controlnets[str(net)].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["controlnet_cond"].clone()), with_kwargs=True)  # fmt: skip
+    generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=3, tile=256, overlap=128, shift=False,
+                    tile_batch=1, control=[f"{net}={image}"], **CASES["flux"].ours)  # fmt: skip
+    assert len(seen) == 3  # three 256-px windows with 128 px of overlap, one per call
+    crops = [unpack(c.float(), 32, 32) for c in seen]  # each [1, 16, 32, 32]: 256 px of latents
+    assert crops[0].shape == (1, 16, 32, 32)
+    for left, right in itertools.pairwise(crops):  # neighbours share 16 latent columns
+        assert torch.equal(left[..., 16:], right[..., :16]), "two tiles saw different images over their overlap"
+    assert not torch.equal(crops[0][..., :16], crops[2][..., 16:]), "every tile saw the same crop"
+
+
+def test_a_controlnet_of_another_family_is_refused_before_any_weights(tiny_flux_dir, tiny_sd_dir, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    image = control_image(tmp_path / "edges.png")
+    sd_net = tiny_controlnet(tiny_sd_dir, tmp_path / "sd-net")
+    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_flux_dir), "--control",
+                                      f"{sd_net}={image}", "--device", "cpu"])  # fmt: skip
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is a ControlNetModel; model" in said and "takes a FluxControlNetModel" in said
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"
