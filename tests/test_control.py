@@ -141,7 +141,8 @@ def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_s
     image = control_image(tmp_path / "edges.png")
     result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sd3_dir), "--control",
                                       f"net={image}", "--device", "cpu"])  # fmt: skip
-    assert result.exit_code == 2 and "ControlNets run per tile on SD, SDXL and FLUX.1 so far" in result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "ControlNets run per tile on SD, SDXL, FLUX.1 and Qwen-Image so far" in said
     result = CliRunner().invoke(app, ["generate", "x", "--control", "net=absent.png", "--device", "cpu"])
     assert result.exit_code == 2 and "--control image absent.png does not exist" in " ".join(result.output.split())
 

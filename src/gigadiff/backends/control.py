@@ -14,7 +14,7 @@ user's: the image is the control itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +109,46 @@ class Control:
                           for t in tiles])  # fmt: skip
 
 
+def run_controls(options: Any, models: dict[str, Any], processor: Any, canvas_px: tuple[int, int], device: Any,
+                 dtype: Any) -> tuple[Control, ...]:  # fmt: skip
+    """The run's `--control` values (`options["control"]`) with their images at canvas size by the family
+    pipeline's control image `processor`; () without any."""
+    if not options.get("control"):
+        return ()
+    specs = [parse_control(text) for text in options["control"]]
+    return prepare_controls(specs, models, processor, canvas_px, device, dtype)
+
+
+def pipeline_processor(vae_scale_factor: int) -> Any:
+    """The control image processor of the DiT ControlNet pipelines (FLUX.1, Qwen-Image): sides multiples of two
+    latent pixels, values in [-1, 1]."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
+
+
+def summed_residuals(total: Any, residuals: Any) -> Any:
+    """Residuals of several ControlNets summed, block by block (None: none yet), as diffusers' multi-ControlNet
+    models sum them."""
+    if residuals is None:
+        return total
+    if total is None:
+        return list(residuals) if isinstance(residuals, (list, tuple)) else residuals
+    if isinstance(residuals, (list, tuple)):
+        return [a + b for a, b in zip(total, residuals, strict=True)]
+    return total + residuals
+
+
+def encoded_controls(controls: tuple[Control, ...], takes_latents: Callable[[Control], bool], codec: Any,
+                     generator: Any, tiling: Any, listener: Any, dtype: Any) -> tuple[Control, ...]:  # fmt: skip
+    """The controls whose nets read latents with their image VAE-encoded (tiled), a posterior sample drawn with
+    `generator` as the DiT ControlNet pipelines draw it; the others as they are."""
+    from dataclasses import replace
+
+    return tuple(replace(c, image=codec.encode(c.image.float(), generator, tiling, listener).to(dtype))
+                 if takes_latents(c) else c for c in controls)  # fmt: skip
+
+
 def _config(name: str) -> dict[str, Any] | None:
     """A local ControlNet folder's config.json (None for a hub id, or a folder without one)."""
     import json
@@ -134,6 +174,9 @@ def check_controlnet_class(name: str, info: ModelInfo) -> None:
     if kind is not None and kind != info.controlnet_class:
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is a {kind}; model {info.name!r} ({info.family}) takes "
                             f"a {info.controlnet_class}", "control")  # fmt: skip
+    if config.get("extra_condition_channels"):
+        raise GigadiffError(f"{{control}}: ControlNet {name!r} is an inpainting ControlNet (it reads a mask beside its "
+                            "image), which gigadiff does not drive yet", "control")  # fmt: skip
     if config.get("num_mode") is not None:
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet (one network, several kinds of "
                             "control image chosen by a mode), which gigadiff does not drive yet",

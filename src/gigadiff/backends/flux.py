@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, Shared, TransformerBackend
-from gigadiff.backends.control import Control, parse_control, prepare_controls
+from gigadiff.backends.control import Control, encoded_controls, pipeline_processor, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.backends.flow import grid_ids, pack, unpack
 from gigadiff.lazy import no_grad, torch
@@ -79,19 +79,17 @@ class FluxBackend(TransformerBackend):
         embedded = guidance if self.transformer.config.guidance_embeds else None
         controls: tuple[Control, ...] = ()
         if options.get("control"):
-            from diffusers.image_processor import VaeImageProcessor
-
-            processor = VaeImageProcessor(vae_scale_factor=self.info.vae_scale_factor * 2)  # the pipeline's: [-1, 1]
-            specs = [parse_control(text) for text in options["control"]]
-            controls = prepare_controls(specs, self.controlnets, processor, canvas_px, self.device, self.dtype)
+            processor = pipeline_processor(self.info.vae_scale_factor)
+            controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return FluxConditioning(embeds, pooled, text_ids, negative, embedded, true_cfg,
                                 options.get("positions") == "global", controls, guidance)  # fmt: skip
 
     def drawn_conditioning(self, cond: FluxConditioning, generator: Any, tiling: Any, listener: Any = None) -> Any:
         """InstantX-style ControlNets' images encoded (tiled), a posterior sample drawn with `generator`."""
-        encoded = tuple(replace(c, image=self.codec.encode(c.image.float(), generator, tiling, listener).to(self.dtype))
-                        if _takes_latents(c) else c for c in cond.controls)  # fmt: skip
-        return replace(cond, controls=encoded) if cond.controls else cond
+        if not cond.controls:
+            return cond
+        controls = encoded_controls(cond.controls, _takes_latents, self.codec, generator, tiling, listener, self.dtype)
+        return replace(cond, controls=controls)
 
     def branch_inputs(self, cond: FluxConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's T5 embeddings and CLIP pooled embedding per tile, and its text ids (shared)."""
@@ -163,10 +161,7 @@ class FluxBackend(TransformerBackend):
                                  pooled_projections=cond.pooled.expand(n, -1),
                                  encoder_hidden_states=cond.embeds.expand(n, -1, -1), txt_ids=cond.text_ids,
                                  img_ids=ids, return_dict=False)  # fmt: skip
-            blocks = b if blocks is None else [p + q for p, q in zip(blocks, b, strict=True)]
-            if s is not None:
-                singles = s if singles is None else [p + q for p, q in zip(singles, s, strict=True)]
-            repeat = not latent
+            blocks, singles, repeat = summed_residuals(blocks, b), summed_residuals(singles, s), not latent
         return blocks, singles, repeat
 
 

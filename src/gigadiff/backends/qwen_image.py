@@ -7,6 +7,9 @@
   guided velocity is scaled back to the norm of its conditional one. Per token, so per tile.
 - **Packing**: as FLUX.1 (gigadiff.backends.flow.pack), noise drawn unpacked ([B, 1, C, H, W] in the pipeline
   holds the same numbers).
+- **ControlNets** (`--control`, QwenImageControlNetModel): as FLUX.1's InstantX-style nets (gigadiff.backends.flux):
+  the image VAE-encoded with the run's generator before the noise, each tile the packed crop of its latents, the
+  prompt given to the nets in both guidance passes, as its pipeline does.
 - **Positions**: rotary, centred: a tile's image positions run from -h/2 to h/2 around its centre, and the text
   positions follow the image's largest index. That is what the transformer builds by itself for every tile
   (local positions). `--positions global` gives every tile its place around the CANVAS centre, and the text
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
+from gigadiff.backends.control import Control, encoded_controls, pipeline_processor, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule
 from gigadiff.backends.flow import pack, unpack
 from gigadiff.lazy import no_grad, torch
@@ -50,6 +54,7 @@ class QwenImageConditioning(NegativeGuided):
     scale: float
     canvas_tokens: tuple[int, int] | None
     """(rows, columns) of the canvas in tokens with global positions; None: tile-local positions."""
+    controls: tuple[Control, ...] = ()
 
 
 def centred_rope(embed: Any, canvas: tuple[int, int], corner: tuple[int, int], shape: tuple[int, int],
@@ -76,6 +81,16 @@ def centred_rope(embed: Any, canvas: tuple[int, int], corner: tuple[int, int], s
     return image.to(device), text.to(device)
 
 
+def _canvas_positions(embed: Any, canvas: tuple[int, int], corner: tuple[int, int],
+                      shape: tuple[int, int]) -> contextlib.AbstractContextManager[Any]:  # fmt: skip
+    """`embed` (a QwenEmbedRope) giving a tile of `shape` tokens at `corner` its place on the canvas."""
+
+    def positions(video_fhw: Any, device: Any = None, max_txt_seq_len: Any = None) -> Any:
+        return centred_rope(embed, canvas, corner, shape, int(max_txt_seq_len), device)
+
+    return instance_override(embed, "forward", positions)
+
+
 class QwenImageBackend(TransformerBackend):
     def vae_networks(self) -> tuple[Network, Network]:
         return qwen_vae_networks(self.pipe.vae)
@@ -95,7 +110,20 @@ class QwenImageBackend(TransformerBackend):
         canvas = None
         if options.get("positions") == "global":  # (rows, columns) of the canvas in tokens
             canvas = (canvas_px[0] // token_px, canvas_px[1] // token_px)
-        return QwenImageConditioning(tuple(text), None if negative is None else tuple(negative), scale, canvas)
+        controls: tuple[Control, ...] = ()
+        if options.get("control"):
+            processor = pipeline_processor(self.info.vae_scale_factor)
+            controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        return QwenImageConditioning(tuple(text), None if negative is None else tuple(negative), scale, canvas,
+                                     controls)  # fmt: skip
+
+    def drawn_conditioning(self, cond: QwenImageConditioning, generator: Any, tiling: Any,
+                           listener: Any = None) -> Any:  # fmt: skip
+        """The ControlNets' images encoded (tiled), a posterior sample drawn with `generator`, as its pipeline."""
+        if not cond.controls:
+            return cond
+        controls = encoded_controls(cond.controls, lambda c: True, self.codec, generator, tiling, listener, self.dtype)
+        return replace(cond, controls=controls)
 
     def planned_condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
@@ -136,25 +164,44 @@ class QwenImageBackend(TransformerBackend):
         n, _, h, w = x.shape
         embeds, mask = inputs
         timestep = torch.as_tensor(t, device=self.device, dtype=torch.float32).expand(n)
-        context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        canvas = cond.canvas_tokens
-        if canvas is not None:
-            embed, corner = self.transformer.pos_embed, (tiles[0].y // 2, tiles[0].x // 2)
-
-            def positions(video_fhw: Any, device: Any = None, max_txt_seq_len: Any = None) -> Any:
-                return centred_rope(embed, canvas, corner, (h // 2, w // 2), int(max_txt_seq_len), device)
-
-            context = instance_override(embed, "forward", positions)
-        with context:
+        shapes = [[(1, h // 2, w // 2)]] * n
+        hidden = pack(x.to(self.device, self.transformer.dtype))
+        with contextlib.ExitStack() as stack:
+            canvas = cond.canvas_tokens
+            if canvas is not None:  # the transformer's positions, and its ControlNets'
+                corner = (tiles[0].y // 2, tiles[0].x // 2)
+                for model in (self.transformer, *(c.model for c in cond.controls)):
+                    stack.enter_context(_canvas_positions(model.pos_embed, canvas, corner, (h // 2, w // 2)))
+            blocks = self.control_residuals(hidden, t, timestep, cond, tiles, shapes)
             out = self.transformer(
-                hidden_states=pack(x.to(self.device, self.transformer.dtype)),
+                hidden_states=hidden,
                 timestep=timestep / 1000,
                 encoder_hidden_states=embeds,
                 encoder_hidden_states_mask=mask,
-                img_shapes=[[(1, h // 2, w // 2)]] * n,
+                img_shapes=shapes,
+                controlnet_block_samples=blocks,
                 return_dict=False,
             )[0]
         return unpack(out.float(), h, w)
+
+    def control_residuals(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor,
+                          cond: QwenImageConditioning, tiles: Sequence[Tile], shapes: Any) -> Any:  # fmt: skip
+        """The block residuals of the ControlNets acting at this step (summed), each fed the packed crops of its
+        image's latents under the tiles, with the prompt (the pipeline gives its nets the prompt in both
+        guidance passes); None when none acts."""
+        index, steps = self.step_index(t), max(1, len(self.timesteps))
+        n = hidden.shape[0]
+        embeds, mask = cond.text
+        blocks: Any = None
+        for control in cond.controls:
+            if control.acts(index, steps):
+                residuals = control.model(hidden_states=hidden, controlnet_cond=pack(control.crops(tiles, 1)),
+                                          conditioning_scale=control.scale, timestep=timestep / 1000,
+                                          encoder_hidden_states=embeds.expand(n, -1, -1),
+                                          encoder_hidden_states_mask=None if mask is None else mask.expand(n, -1),
+                                          img_shapes=shapes, return_dict=False)  # fmt: skip
+                blocks = summed_residuals(blocks, residuals)
+        return blocks
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
                 cond: QwenImageConditioning) -> torch_types.Tensor:  # fmt: skip
@@ -237,6 +284,7 @@ class QwenImage(Family):
     scheduler_kind = "flow"
     guidance_kind = "cfg"
     negative_required = True  # its pipeline guides only with a negative prompt
+    controlnet_class = "QwenImageControlNetModel"
     positions = "rope"
     latent_multiple = 2
     vae = "AutoencoderKLQwenImage"

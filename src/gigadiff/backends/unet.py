@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import DiffusersBackend
-from gigadiff.backends.control import Control, parse_control, prepare_controls
+from gigadiff.backends.control import Control, run_controls, summed_residuals
 from gigadiff.facts import ModelInfo
 from gigadiff.lazy import no_grad, torch
 
@@ -90,8 +90,7 @@ class UNetBackend(DiffusersBackend):
 
             processor = VaeImageProcessor(vae_scale_factor=self.info.vae_scale_factor, do_convert_rgb=True,
                                           do_normalize=False)  # fmt: skip
-            specs = [parse_control(text) for text in options["control"]]
-            controls = prepare_controls(specs, self.controlnets, processor, canvas_px, self.device, self.dtype)
+            controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return UNetConditioning(
             controls=controls,
             prompt_embeds=embeds,
@@ -144,8 +143,7 @@ class UNetBackend(DiffusersBackend):
             d, m = control.model(x, t, encoder_hidden_states=embeds, controlnet_cond=control.crops(tiles,
                                  self.info.vae_scale_factor), conditioning_scale=control.scale, guess_mode=False,
                                  added_cond_kwargs=added, return_dict=False)  # fmt: skip
-            down = list(d) if down is None else [a + b for a, b in zip(down, d, strict=True)]
-            mid = m if mid is None else mid + m
+            down, mid = summed_residuals(down, d), summed_residuals(mid, m)
         return down, mid
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,

@@ -1,6 +1,7 @@
-"""FLUX.1 ControlNets per tile (gigadiff.backends.flux): one tile equal to FluxControlNetPipeline, with an
+"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image): one tile equal to FluxControlNetPipeline, with an
 InstantX-style net (the control image VAE-encoded, sampled with the run's generator before the noise) and an
-XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), in fp32 and bf16, with a
+XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), and to
+QwenImageControlNetPipeline (with true CFG: its nets see the prompt in both passes), in fp32 and bf16, with a
 scale and a start/end window; on a tiled canvas each tile's net sees the crop of the encoded image under its
 window; a ControlNet of another family is refused before any weights load."""
 
@@ -45,6 +46,39 @@ def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0):
     return out
 
 
+def tiny_qwen_controlnet(folder, out, seed: int = 0):
+    """A ControlNet of the tiny Qwen-Image transformer (as `from_transformer` makes one), its zero-initialised
+    layers given seeded weights."""
+    from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
+    c = transformer.config
+    controlnet = QwenImageControlNetModel.from_transformer(transformer, num_layers=1,
+                                                           attention_head_dim=c.attention_head_dim,
+                                                           num_attention_heads=c.num_attention_heads)  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder]:
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
+def qwen_pipeline_latents(folder, net, image, scale, start, end, dtype):
+    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline, QwenImagePipeline
+
+    base = QwenImagePipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    pipe = QwenImageControlNetPipeline(**base.components, controlnet=QwenImageControlNetModel.from_pretrained(
+        str(net), dtype=dtype))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(PROMPT, control_image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                  controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
+                  output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
+                  **CASES["qwen-image"].theirs)  # fmt: skip
+    return unpack(result.images.float(), SIZE // 8, SIZE // 8)
+
+
 def pipeline_latents(folder, net, image, scale, start, end, dtype):
     from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 
@@ -57,6 +91,23 @@ def pipeline_latents(folder, net, image, scale, start, end, dtype):
                   output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
                   guidance_scale=3.5)  # fmt: skip
     return unpack(result.images.float(), SIZE // 8, SIZE // 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("scale", "start", "end"), [(0.9, 0.0, 1.0), (1.3, 0.3, 0.7)], ids=["whole", "window"])
+def test_one_tile_equals_qwen_image_controlnet_pipeline(scale, start, end, dtype, tiny_qwen_image_dir, tmp_path):
+    net = tiny_qwen_controlnet(tiny_qwen_image_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png")
+    backend = open_backend(
+        str(tiny_qwen_image_dir), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16", controlnets=(str(net),)
+    )
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES["qwen-image"].ours}
+    got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
+    theirs = qwen_pipeline_latents(tiny_qwen_image_dir, net, image, scale, start, end, dtype)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
+    plain = generate_result(PROMPT, model=backend, **run).latents
+    assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
