@@ -43,7 +43,7 @@ class FakeTask:
         self.amount = amount
         return self
 
-    def remote(self, job, config, board) -> object:
+    def remote(self, job, config, board, server_address) -> object:
         self.sent.append((job.id, self.amount))
         return object()
 

@@ -110,8 +110,9 @@ _CACHE: Any = None
 """The models this Ray worker process keeps between the jobs it runs (Ray reuses CPU task processes)."""
 
 
-def run_on_ray(job: Job, config: ServeConfig, board: Any) -> None:
-    """One job as a Ray task: run as a worker process runs it, on the node Ray placed it on."""
+def run_on_ray(job: Job, config: ServeConfig, board: Any, server_address: str) -> None:
+    """One job as a Ray task: run as a worker process runs it, on the node Ray placed it on (below the API's CPU
+    priority on the server's own machine, as a worker process)."""
     import ray
 
     from gigadiff import interrupts
@@ -122,8 +123,10 @@ def run_on_ray(job: Job, config: ServeConfig, board: Any) -> None:
     if _CACHE is None:
         _CACHE = worker.ModelCache(config.keep_models)
     reporter = BoardReporter(board, job.id)
-    context = ray.get_runtime_context()
-    reporter.progress(runs_on=f"ray node {ray.util.get_node_ip_address()} {context.get_node_id()[:12]}")
+    context, address = ray.get_runtime_context(), ray.util.get_node_ip_address()
+    if address == server_address:
+        worker.lower_priority()
+    reporter.progress(runs_on=f"ray node {address} {context.get_node_id()[:12]}")
     device = "cuda" if ray.get_gpu_ids() else "cpu"
     interrupts.reset()
     worker.run_job(job, reporter, config, device, _CACHE)
@@ -181,6 +184,8 @@ class RaySupervisor(Supervisor):
         self.address = config.ray
         self.board: Any = None
         self.task: Any = None
+        self.here = ""
+        """The server machine's address in the cluster (its tasks there run below the API's CPU priority)."""
         self.tasks: dict[Any, Job] = {}
         """The job of each task in flight."""
         self.cancelling: set[str] = set()
@@ -193,6 +198,7 @@ class RaySupervisor(Supervisor):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = ray.get_runtime_context().get_node_id()
+        self.here = ray.util.get_node_ip_address()  # the server machine's address in the cluster
         self.board = (ray.remote(Board).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
             here, soft=False)).remote())  # fmt: skip
         self.task = ray.remote(max_retries=0)(run_on_ray)  # a lost job's attempts are counted here
@@ -261,7 +267,8 @@ class RaySupervisor(Supervisor):
                 LOG.info("job %s failed: %s", job.id, error)
                 continue
             amount = {"num_gpus": processes} if self.resource == "GPU" else {"num_cpus": processes}
-            self.tasks[self.task.options(**amount).remote(job, self.config, self.board)] = job
+            task = self.task.options(**amount).remote(job, self.config, self.board, self.here)
+            self.tasks[task] = job
             busy += processes
 
     def stop(self, grace_s: float) -> None:

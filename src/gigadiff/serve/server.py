@@ -61,18 +61,12 @@ def locked(config: ServeConfig) -> Iterator[None]:
         lock.close()
 
 
-WORKER_NICENESS = 10
-"""Workers (and the torchrun processes they start) run at a lower CPU priority than the API: a job's tile
-compute is throughput work, a status poll is latency work, and on a CPU device or a busy host they share cores.
-With nothing else to run, the worker gets the cores all the same."""
-
-
 def worker_process(config: ServeConfig, device: str, parent: int) -> None:
     """A worker's entry point: Ctrl-C is the server's to handle; SIGTERM (the server stopping) ends it."""
     from gigadiff.serve import log, worker
 
     log.setup()
-    os.nice(WORKER_NICENESS)
+    worker.lower_priority()
 
     def stop(signum: int, frame: Any) -> None:
         raise worker.ServerGone

@@ -29,6 +29,15 @@ from gigadiff.serve.log import LOG, describe
 from gigadiff.serve.store import Job, JobStore
 
 IDLE_S = 0.2
+WORKER_NICENESS = 10
+"""Workers (and the torchrun processes they start; Ray tasks on the server's machine) run at a lower CPU priority
+than the API: a job's tile compute is throughput work, a status poll is latency work, and on a CPU device or a
+busy host they share cores. With nothing else to run, the worker gets the cores all the same."""
+
+
+def lower_priority() -> None:
+    """This process at the workers' priority (set, not added: a Ray worker process runs many tasks)."""
+    os.setpriority(os.PRIO_PROCESS, 0, max(WORKER_NICENESS, os.getpriority(os.PRIO_PROCESS, 0)))
 
 
 class ServerGone(BaseException):  # not the job's error: the process that owns the job is gone
