@@ -93,8 +93,10 @@ def pipeline_latents(folder, net, image, scale, start, end, dtype):
     return unpack(result.images.float(), SIZE // 8, SIZE // 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("scale", "start", "end"), [(0.9, 0.0, 1.0), (1.3, 0.3, 0.7)], ids=["whole", "window"])
+@pytest.mark.parametrize(("scale", "start", "end", "dtype"),
+                         [(0.9, 0.0, 1.0, torch.float32), (1.3, 0.3, 0.7, torch.float32),
+                          (0.9, 0.0, 1.0, torch.bfloat16)],
+                         ids=["whole-fp32", "window-fp32", "whole-bf16"])  # fmt: skip
 def test_one_tile_equals_qwen_image_controlnet_pipeline(scale, start, end, dtype, tiny_qwen_image_dir, tmp_path):
     net = tiny_qwen_controlnet(tiny_qwen_image_dir, tmp_path / "net")
     image = control_image(tmp_path / "edges.png")
@@ -110,10 +112,12 @@ def test_one_tile_equals_qwen_image_controlnet_pipeline(scale, start, end, dtype
     assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("style", "scale", "start", "end"), [("instantx", 0.8, 0.0, 1.0), ("instantx", 1.2, 0.3, 0.7),
-                                                              ("xlabs", 0.7, 0.0, 1.0)],
-                         ids=["instantx", "instantx-window", "xlabs"])  # fmt: skip
+@pytest.mark.parametrize(("style", "scale", "start", "end", "dtype"),
+                         [("instantx", 0.8, 0.0, 1.0, torch.float32), ("instantx", 1.2, 0.3, 0.7, torch.float32),
+                          ("xlabs", 0.7, 0.0, 1.0, torch.float32), ("instantx", 0.8, 0.0, 1.0, torch.bfloat16),
+                          ("xlabs", 0.7, 0.0, 1.0, torch.bfloat16)],
+                         ids=["instantx-fp32", "instantx-window-fp32", "xlabs-fp32", "instantx-bf16",
+                              "xlabs-bf16"])  # fmt: skip
 def test_one_tile_equals_flux_controlnet_pipeline(style, scale, start, end, dtype, tiny_flux_dir, tmp_path):
     net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net", hint=style == "xlabs")
     image = control_image(tmp_path / "edges.png")
