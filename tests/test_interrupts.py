@@ -118,3 +118,37 @@ def test_an_interrupted_publish_leaves_nothing(tmp_path):
         assert list(tmp_path.iterdir()) == []
     finally:
         interrupts.reset()
+
+
+def test_once_a_runs_first_output_is_in_place_an_interrupt_lets_the_others_follow(tmp_path):
+    """A Ctrl-C after the image is placed neither stops the run short of its sidecar nor makes it say
+    "interrupted" beside a complete image: the run is committed."""
+    from gigadiff.io.files import publish
+
+    interrupts.reset()
+    try:
+        with interrupts.final_outputs():
+            publish(tmp_path / "image.png", lambda tmp: tmp.write_text("image"), False)
+            interrupts._on_sigint(signal.SIGINT, None)  # noted, not raised (no deadline either)
+            assert interrupts.requested()
+            publish(tmp_path / "image.json", lambda tmp: tmp.write_text("{}"), False)
+        interrupts.check()  # it goes on to say what it wrote
+        assert sorted(os.listdir(tmp_path)) == ["image.json", "image.png"]
+    finally:
+        interrupts.reset()
+
+
+def test_an_interrupt_before_the_first_output_places_none_and_checkpoints_never_commit(tmp_path):
+    from gigadiff.io.files import publish
+
+    interrupts.reset()
+    try:
+        publish(tmp_path / "run.checkpoint.safetensors", lambda tmp: tmp.write_text("x"), True)  # outside a commit
+        interrupts._requested.set()
+        with pytest.raises(interrupts.Interrupted):
+            interrupts.check()
+        with interrupts.final_outputs(), pytest.raises(interrupts.Interrupted):
+            publish(tmp_path / "image.png", lambda tmp: tmp.write_text("image"), False)
+        assert sorted(os.listdir(tmp_path)) == ["run.checkpoint.safetensors"]
+    finally:
+        interrupts.reset()

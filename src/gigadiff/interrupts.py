@@ -14,7 +14,10 @@ So the first SIGINT here
    with 130 anyway. A second Ctrl-C ends it the same way at once.
 
 Outputs are written to temporary files and renamed into place (gigadiff.io.files), and `publish` calls
-`check()` before the rename: an interrupted run never leaves a file under an output's name.
+`check()` before the rename: an interrupted run never leaves a file under an output's name. A run's outputs are
+placed as a group (`final_outputs`): once the first of them (the image) is in place, the run is committed, and an
+interrupt no longer stops it: the others (sidecar, latents) follow and the run reports what it wrote, rather than
+saying "interrupted" beside a complete image or leaving an image without its sidecar.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -34,6 +38,10 @@ _requested = threading.Event()
 _reported = threading.Event()
 _temporary: set[Path] = set()
 _checkpoint: list[Path] = []
+_placing = threading.Event()
+"""Inside a run's `final_outputs`."""
+_committed = threading.Event()
+"""The first of a run's final outputs is in place: the others follow, and the run reports them, whatever happens."""
 
 
 class Interrupted(BaseException):  # not an error: what the user asked for
@@ -45,9 +53,29 @@ def requested() -> bool:
 
 
 def check() -> None:
-    """Raise `Interrupted` if the user has interrupted the run (a safe point of a long computation)."""
-    if _requested.is_set():
+    """Raise `Interrupted` if the user has interrupted the run (a safe point of a long computation), unless the
+    run's outputs are committed."""
+    if _requested.is_set() and not _committed.is_set():
         raise Interrupted
+
+
+@contextlib.contextmanager
+def final_outputs() -> Iterator[None]:
+    """A run's outputs being placed: see `placing`. A committed run stays so until `reset` (or the process ends):
+    it still has to say what it wrote."""
+    _placing.set()
+    try:
+        yield
+    finally:
+        _placing.clear()
+
+
+def placing() -> None:
+    """An output is about to be renamed into place: stop here if interrupted; else, inside `final_outputs`, the run
+    is committed from here on (a SIGINT before this call stops the run with nothing placed)."""
+    check()
+    if _placing.is_set():
+        _committed.set()
 
 
 def message() -> str:
@@ -92,6 +120,9 @@ def _force_exit() -> None:
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    if _committed.is_set():  # the outputs are being placed: they all will be, then the run ends
+        _requested.set()
+        return
     if _requested.is_set():  # the second Ctrl-C: at once
         _force_exit()
     _requested.set()
@@ -112,3 +143,5 @@ def reset() -> None:
     _reported.clear()
     _temporary.clear()
     _checkpoint.clear()
+    _placing.clear()
+    _committed.clear()

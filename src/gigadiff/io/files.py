@@ -69,7 +69,7 @@ def publish(path: Path, write: Callable[[Path], object], overwrite: bool) -> Non
     interrupts.temporary(tmp)
     try:
         write(tmp)
-        interrupts.check()  # an interrupted run never moves a file into place
+        interrupts.placing()  # an interrupted run never moves a file into place (unless its outputs are committed)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         if overwrite:
             os.replace(tmp, path)
