@@ -65,32 +65,40 @@ def tiny_qwen_controlnet(folder, out, seed: int = 0):
     return out
 
 
-def qwen_pipeline_latents(folder, net, image, scale, start, end, dtype):
-    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline, QwenImagePipeline
+PIPELINES = {
+    "flux": ("FluxPipeline", "FluxControlNetPipeline", "FluxControlNetModel"),
+    "qwen-image": ("QwenImagePipeline", "QwenImageControlNetPipeline", "QwenImageControlNetModel"),
+}
+"""Each family's base pipeline, ControlNet pipeline and ControlNet class."""
 
-    base = QwenImagePipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-    pipe = QwenImageControlNetPipeline(**base.components, controlnet=QwenImageControlNetModel.from_pretrained(
-        str(net), dtype=dtype))  # fmt: skip
+
+def pipeline_latents(family, folder, net, image, scale, start, end, dtype):
+    """The family's ControlNet pipeline's latents (unpacked) for one tile, seeded as the runs are."""
+    import diffusers
+
+    base_class, pipeline_class, net_class = (getattr(diffusers, name) for name in PIPELINES[family])
+    base = base_class.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    pipe = pipeline_class(**base.components, controlnet=net_class.from_pretrained(str(net), dtype=dtype))
     pipe.set_progress_bar_config(disable=True)
     result = pipe(PROMPT, control_image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
                   controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
                   output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
-                  **CASES["qwen-image"].theirs)  # fmt: skip
+                  **CASES[family].theirs)  # fmt: skip
     return unpack(result.images.float(), SIZE // 8, SIZE // 8)
 
 
-def pipeline_latents(folder, net, image, scale, start, end, dtype):
-    from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
-
-    base = FluxPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-    pipe = FluxControlNetPipeline(**base.components, controlnet=FluxControlNetModel.from_pretrained(
-        str(net), dtype=dtype))  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    result = pipe(PROMPT, control_image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                  controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
-                  output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
-                  guidance_scale=3.5)  # fmt: skip
-    return unpack(result.images.float(), SIZE // 8, SIZE // 8)
+def assert_one_tile_equals_the_pipeline(family, folder, net, image, scale, start, end, dtype):
+    """gigadiff's one-tile run with the ControlNet equals the family's ControlNet pipeline (fp32: 1e-4, bf16: 2e-2
+    of the latents' range), and differs from the run without it by far more (the net acts)."""
+    backend = open_backend(str(folder), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16",
+                           controlnets=(str(net),))  # fmt: skip
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES[family].ours}
+    got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
+    theirs = pipeline_latents(family, folder, net, image, scale, start, end, dtype)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
+    plain = generate_result(PROMPT, model=backend, **run).latents
+    assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
 
 
 @pytest.mark.parametrize(("scale", "start", "end", "dtype"),
@@ -100,16 +108,7 @@ def pipeline_latents(folder, net, image, scale, start, end, dtype):
 def test_one_tile_equals_qwen_image_controlnet_pipeline(scale, start, end, dtype, tiny_qwen_image_dir, tmp_path):
     net = tiny_qwen_controlnet(tiny_qwen_image_dir, tmp_path / "net")
     image = control_image(tmp_path / "edges.png")
-    backend = open_backend(
-        str(tiny_qwen_image_dir), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16", controlnets=(str(net),)
-    )
-    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES["qwen-image"].ours}
-    got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
-    theirs = qwen_pipeline_latents(tiny_qwen_image_dir, net, image, scale, start, end, dtype)
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
-    plain = generate_result(PROMPT, model=backend, **run).latents
-    assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
+    assert_one_tile_equals_the_pipeline("qwen-image", tiny_qwen_image_dir, net, image, scale, start, end, dtype)
 
 
 @pytest.mark.parametrize(("style", "scale", "start", "end", "dtype"),
@@ -121,16 +120,7 @@ def test_one_tile_equals_qwen_image_controlnet_pipeline(scale, start, end, dtype
 def test_one_tile_equals_flux_controlnet_pipeline(style, scale, start, end, dtype, tiny_flux_dir, tmp_path):
     net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net", hint=style == "xlabs")
     image = control_image(tmp_path / "edges.png")
-    backend = open_backend(
-        str(tiny_flux_dir), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16", controlnets=(str(net),)
-    )
-    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES["flux"].ours}
-    got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
-    theirs = pipeline_latents(tiny_flux_dir, net, image, scale, start, end, dtype)
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
-    plain = generate_result(PROMPT, model=backend, **run).latents
-    assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
+    assert_one_tile_equals_the_pipeline("flux", tiny_flux_dir, net, image, scale, start, end, dtype)
 
 
 def test_each_tile_sees_the_packed_crop_of_the_encoded_control_image_under_its_window(tiny_flux_dir, tmp_path):
@@ -160,3 +150,26 @@ def test_a_controlnet_of_another_family_is_refused_before_any_weights(tiny_flux_
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "is a ControlNetModel; model" in said and "takes a FluxControlNetModel" in said
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"
+
+
+def test_regions_share_the_runs_encoded_control_image(tiny_flux_dir, tmp_path):
+    """The control image is VAE-encoded once per run, whatever the number of regional prompts: each region's
+    layer holds the run's encoded image (the same draws), not an encoding of its own."""
+    net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    backend = open_backend(str(tiny_flux_dir), "cpu", controlnets=(str(net),))
+    encodes = []
+    encode = backend.codec.encode
+    backend.codec.encode = lambda *args, **kwargs: encodes.append(1) or encode(*args, **kwargs)
+    regions = [{"prompt": "a red barn", "box": [0, 0, 256, 256]}, {"prompt": "a pond", "box": [256, 0, 512, 256]}]
+    seen = []
+    backend.controlnets[str(net)].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["controlnet_cond"].clone()), with_kwargs=True)  # fmt: skip
+    generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=3, tile=256, overlap=128, shift=False,
+                    tile_batch=1, regions=regions, control=[f"{net}={image}"], **CASES["flux"].ours)  # fmt: skip
+    assert len(encodes) == 1, f"the control image was encoded {len(encodes)} times"
+    distinct = []
+    for crop in seen:
+        if not any(torch.equal(crop, d) for d in distinct):
+            distinct.append(crop)
+    assert len(seen) > 3 and len(distinct) == 3, "every layer's ControlNet sees one of the three windows' crops"

@@ -26,6 +26,7 @@ from gigadiff.schedulers import make_scheduler
 if TYPE_CHECKING:
     import torch as torch_types
 
+    from gigadiff.backends.control import Control
     from gigadiff.geometry import Tile
 
 
@@ -111,6 +112,18 @@ class DiffusersBackend:
         """The index of timestep `t` in the last schedule made (the nearest, for a solver's intermediate times)."""
         value = float(t)
         return min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - value), default=0)
+
+    def acting(self, controls: Sequence[Control], t: Any) -> list[Control]:
+        """The ControlNets acting at timestep `t` (within their window of the schedule, counted as the pipelines
+        count steps)."""
+        index, steps = self.step_index(t), max(1, len(self.timesteps))
+        return [c for c in controls if c.acts(index, steps)]
+
+    def drawn_like(self, cond: Any, drawn: Any) -> Any:
+        """`cond` holding what `drawn` (a conditioning of the same run, after `drawn_conditioning`) drew: a region's
+        conditioning shares the run's encoded control images instead of encoding them again. `cond` itself for
+        families that draw nothing."""
+        return cond
 
     always_sigmas = False
     """Whether the family's pipeline gives its sigma schedule to every solver that accepts one (Z-Image), or

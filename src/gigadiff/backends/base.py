@@ -96,6 +96,11 @@ class Backend(Protocol):
         the noise (on a resume, with the generator as seeded), so that a one-tile run draws what the pipeline does."""
         ...
 
+    def drawn_like(self, cond: Any, drawn: Any) -> Any:
+        """`cond` holding what `drawn` (a conditioning of the same run, after `drawn_conditioning`) drew: a region's
+        conditioning shares the run's drawn parts instead of drawing them again."""
+        ...
+
     def branches(self, cond: Any) -> int:
         """Model passes per tile: 2 with classifier-free guidance (unconditional, conditional), else 1."""
         ...

@@ -109,14 +109,21 @@ class Control:
                           for t in tiles])  # fmt: skip
 
 
-def run_controls(options: Any, models: dict[str, Any], processor: Any, canvas_px: tuple[int, int], device: Any,
-                 dtype: Any) -> tuple[Control, ...]:  # fmt: skip
+def run_controls(options: Any, models: dict[str, Any], processor: Callable[[], Any], canvas_px: tuple[int, int],
+                 device: Any, dtype: Any) -> tuple[Control, ...]:  # fmt: skip
     """The run's `--control` values (`options["control"]`) with their images at canvas size by the family
-    pipeline's control image `processor`; () without any."""
+    pipeline's control image processor (made by `processor`, only when there are any); () without any."""
     if not options.get("control"):
         return ()
     specs = [parse_control(text) for text in options["control"]]
-    return prepare_controls(specs, models, processor, canvas_px, device, dtype)
+    return prepare_controls(specs, models, processor(), canvas_px, device, dtype)
+
+
+def unet_processor(vae_scale_factor: int) -> Any:
+    """The control image processor of the SD and SDXL ControlNet pipelines: RGB, values in [0, 1]."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_convert_rgb=True, do_normalize=False)
 
 
 def pipeline_processor(vae_scale_factor: int) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, Shared, TransformerBackend
@@ -77,10 +78,8 @@ class FluxBackend(TransformerBackend):
         if self.info.runs_cfg(true_cfg, negative_prompt):
             negative = self.pipe.encode_prompt(prompt=negative_prompt, prompt_2=None, device=self.device, **prompting)
         embedded = guidance if self.transformer.config.guidance_embeds else None
-        controls: tuple[Control, ...] = ()
-        if options.get("control"):
-            processor = pipeline_processor(self.info.vae_scale_factor)
-            controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        processor = partial(pipeline_processor, self.info.vae_scale_factor)
+        controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return FluxConditioning(embeds, pooled, text_ids, negative, embedded, true_cfg,
                                 options.get("positions") == "global", controls, guidance)  # fmt: skip
 
@@ -90,6 +89,9 @@ class FluxBackend(TransformerBackend):
             return cond
         controls = encoded_controls(cond.controls, _takes_latents, self.codec, generator, tiling, listener, self.dtype)
         return replace(cond, controls=controls)
+
+    def drawn_like(self, cond: FluxConditioning, drawn: FluxConditioning) -> FluxConditioning:
+        return replace(cond, controls=drawn.controls)
 
     def branch_inputs(self, cond: FluxConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's T5 embeddings and CLIP pooled embedding per tile, and its text ids (shared)."""
@@ -143,14 +145,11 @@ class FluxBackend(TransformerBackend):
         """The block residuals of the ControlNets acting at this step (summed), each fed its tiles' crops, with
         whether the transformer repeats them over its blocks (XLabs-style nets); (None, None, False) when none
         acts."""
-        index, steps = self.step_index(t), max(1, len(self.timesteps))
         blocks: Any = None
         singles: Any = None
         repeat = False
         n = hidden.shape[0]
-        for control in cond.controls:
-            if not control.acts(index, steps):
-                continue
+        for control in self.acting(cond.controls, t):
             latent = _takes_latents(control)
             crops = control.crops(tiles, 1 if latent else self.info.vae_scale_factor)
             guidance = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
@@ -110,10 +111,8 @@ class QwenImageBackend(TransformerBackend):
         canvas = None
         if options.get("positions") == "global":  # (rows, columns) of the canvas in tokens
             canvas = (canvas_px[0] // token_px, canvas_px[1] // token_px)
-        controls: tuple[Control, ...] = ()
-        if options.get("control"):
-            processor = pipeline_processor(self.info.vae_scale_factor)
-            controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        processor = partial(pipeline_processor, self.info.vae_scale_factor)
+        controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return QwenImageConditioning(tuple(text), None if negative is None else tuple(negative), scale, canvas,
                                      controls)  # fmt: skip
 
@@ -124,6 +123,9 @@ class QwenImageBackend(TransformerBackend):
             return cond
         controls = encoded_controls(cond.controls, lambda c: True, self.codec, generator, tiling, listener, self.dtype)
         return replace(cond, controls=controls)
+
+    def drawn_like(self, cond: QwenImageConditioning, drawn: QwenImageConditioning) -> QwenImageConditioning:
+        return replace(cond, controls=drawn.controls)
 
     def planned_condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
@@ -189,18 +191,16 @@ class QwenImageBackend(TransformerBackend):
         """The block residuals of the ControlNets acting at this step (summed), each fed the packed crops of its
         image's latents under the tiles, with the prompt (the pipeline gives its nets the prompt in both
         guidance passes); None when none acts."""
-        index, steps = self.step_index(t), max(1, len(self.timesteps))
         n = hidden.shape[0]
         embeds, mask = cond.text
         blocks: Any = None
-        for control in cond.controls:
-            if control.acts(index, steps):
-                residuals = control.model(hidden_states=hidden, controlnet_cond=pack(control.crops(tiles, 1)),
-                                          conditioning_scale=control.scale, timestep=timestep / 1000,
-                                          encoder_hidden_states=embeds.expand(n, -1, -1),
-                                          encoder_hidden_states_mask=None if mask is None else mask.expand(n, -1),
-                                          img_shapes=shapes, return_dict=False)  # fmt: skip
-                blocks = summed_residuals(blocks, residuals)
+        for control in self.acting(cond.controls, t):
+            residuals = control.model(hidden_states=hidden, controlnet_cond=pack(control.crops(tiles, 1)),
+                                      conditioning_scale=control.scale, timestep=timestep / 1000,
+                                      encoder_hidden_states=embeds.expand(n, -1, -1),
+                                      encoder_hidden_states_mask=None if mask is None else mask.expand(n, -1),
+                                      img_shapes=shapes, return_dict=False)  # fmt: skip
+            blocks = summed_residuals(blocks, residuals)
         return blocks
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,

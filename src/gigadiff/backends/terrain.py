@@ -185,6 +185,9 @@ class TerrainBackend:
     def drawn_conditioning(self, cond: TerrainConditioning, generator: Any, tiling: Any, listener: Any = None) -> Any:
         return cond
 
+    def drawn_like(self, cond: TerrainConditioning, drawn: TerrainConditioning) -> TerrainConditioning:
+        return cond
+
     def branches(self, cond: TerrainConditioning) -> int:
         return 1
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import DiffusersBackend
-from gigadiff.backends.control import Control, run_controls, summed_residuals
+from gigadiff.backends.control import Control, run_controls, summed_residuals, unet_processor
 from gigadiff.facts import ModelInfo
 from gigadiff.lazy import no_grad, torch
 
@@ -84,13 +85,8 @@ class UNetBackend(DiffusersBackend):
             timestep_cond = self.pipe.get_guidance_scale_embedding(
                 w, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(self.device, self.dtype)
-        controls: tuple[Control, ...] = ()
-        if options.get("control"):
-            from diffusers.image_processor import VaeImageProcessor
-
-            processor = VaeImageProcessor(vae_scale_factor=self.info.vae_scale_factor, do_convert_rgb=True,
-                                          do_normalize=False)  # fmt: skip
-            controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        processor = partial(unet_processor, self.info.vae_scale_factor)
+        controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return UNetConditioning(
             controls=controls,
             prompt_embeds=embeds,
@@ -134,12 +130,9 @@ class UNetBackend(DiffusersBackend):
                           embeds: torch_types.Tensor, added: Any) -> tuple[Any, Any]:  # fmt: skip
         """The residuals the run's ControlNets acting at `t` add to the UNet's blocks, each fed its tiles' crops of
         its image (summed over ControlNets, as MultiControlNet does); (None, None) when none acts."""
-        index, steps = self.step_index(t), max(1, len(self.timesteps))
         down: list[torch_types.Tensor] | None = None
         mid: torch_types.Tensor | None = None
-        for control in cond.controls:
-            if not control.acts(index, steps):
-                continue
+        for control in self.acting(cond.controls, t):
             d, m = control.model(x, t, encoder_hidden_states=embeds, controlnet_cond=control.crops(tiles,
                                  self.info.vae_scale_factor), conditioning_scale=control.scale, guess_mode=False,
                                  added_cond_kwargs=added, return_dict=False)  # fmt: skip

@@ -50,6 +50,7 @@ from gigadiff.recipes.steps import (
     CheckpointWriter,
     canvas_denoiser,
     denoising_start,
+    drawn,
     encoded_init,
     initial_noise,
     noised,
@@ -256,9 +257,9 @@ def _stage(ctx: RunContext, reference: torch.Tensor, index: int, weights: list[t
     s, info = ctx.settings, ctx.backend.info
     cond = ctx.condition(s.prompt, s.negative, s.guidance)
     scheduler = prepared_scheduler(ctx)
-    generator = seeded_generator((s.seed + index) % 2**64)  # each stage its own, reproducible noise
-    draws = seeded_generator((s.seed + index) % 2**64) if ctx.resume is not None else generator
-    cond = ctx.backend.drawn_conditioning(cond, draws, ctx.vae, ctx.events)
+    seed = (s.seed + index) % 2**64
+    generator = seeded_generator(seed)  # each stage its own, reproducible noise
+    cond = drawn(ctx, cond, generator, seed)
     first = denoising_start(scheduler, s, info)
     if ctx.resume is None:
         init = encoded_init(ctx, generator) if s.init else None

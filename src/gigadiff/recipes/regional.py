@@ -32,15 +32,14 @@ def region_weights(
 
 
 def region_layers(ctx: RunContext, background_cond: Any, weights: list[torch.Tensor]) -> list[Layer]:
-    """The background layer (weights: what the regions leave) followed by one layer per region."""
+    """The background layer (weights: what the regions leave) followed by one layer per region (`background_cond`
+    has drawn what it draws: the regions share it)."""
     weights = [w.to(ctx.backend.device) for w in weights]
     layers = [Layer(background_cond, background_weight(weights), skip_below=1.5 * BACKGROUND_FLOOR)]
     for region, weight in zip(ctx.settings.regions, weights, strict=True):
         guidance = region.guidance if region.guidance is not None else ctx.settings.guidance
         cond = ctx.condition(region.prompt, region.negative_prompt, guidance)
-        # the same draws as the background's (a generator as seeded): every layer holds one encoded control image
-        cond = ctx.backend.drawn_conditioning(cond, seeded_generator(ctx.settings.seed), ctx.vae, ctx.events)
-        layers.append(Layer(cond, weight))
+        layers.append(Layer(ctx.backend.drawn_like(cond, background_cond), weight))  # one encoded control image
     return layers
 
 

@@ -17,7 +17,7 @@ from gigadiff.events import Listeners, NullListener
 from gigadiff.facts import ModelInfo, SchedulerKind
 from gigadiff.grids import grid_plan
 from gigadiff.io.images import load_resized
-from gigadiff.noise import canvas_noise
+from gigadiff.noise import canvas_noise, seeded_generator
 from gigadiff.recipes.context import RunContext
 from gigadiff.recipes.regional import region_layers, with_region_seeds
 from gigadiff.sampler import CanvasDenoiser, Denoiser, sample
@@ -86,6 +86,13 @@ def encoded_init(ctx: RunContext, generator: torch.Generator | None = None) -> t
     else:
         image = load_resized(s.init, s.width, s.height)
     return ctx.backend.codec.encode(image, generator, ctx.vae, ctx.events).to(ctx.backend.device, torch.float32)
+
+
+def drawn(ctx: RunContext, cond: Any, generator: torch.Generator, seed: int) -> Any:
+    """`cond` with what it draws from the run's generator (FLUX.1's and Qwen-Image's ControlNet images), drawn
+    before the noise as diffusers draws it; on a resume, from a generator seeded with `seed`: the same draws."""
+    draws = seeded_generator(seed) if ctx.resume is not None else generator
+    return ctx.backend.drawn_conditioning(cond, draws, ctx.vae, ctx.events)
 
 
 def canvas_denoiser(ctx: RunContext, cond: Any, weights: list[torch.Tensor]) -> CanvasDenoiser:

@@ -18,6 +18,7 @@ from gigadiff.recipes.steps import (
     canvas_denoiser,
     cropped,
     denoising_start,
+    drawn,
     encoded_init,
     initial_noise,
     noised,
@@ -43,9 +44,7 @@ def text_to_image(ctx: RunContext, weights: list[torch.Tensor] | None = None) ->
     if weights is None:
         weights = region_weights(s, info.vae_scale_factor)
     weights = [padded(w[None, None], pad)[0, 0] for w in weights]
-    # as diffusers: what the conditioning draws (FLUX ControlNet images) comes first from the generator
-    draws = seeded_generator(s.seed) if ctx.resume is not None else generator
-    cond = ctx.backend.drawn_conditioning(cond, draws, ctx.vae, ctx.events)
+    cond = drawn(ctx, cond, generator, s.seed)
     if ctx.resume is not None:
         latents, first = resumed(ctx, scheduler, generator)
     else:

@@ -86,9 +86,6 @@ class JobListener(NullListener):
         self.last_write = 0.0
         self.phase = ""
 
-    def _stop_if_asked(self) -> None:
-        self.reporter.check()
-
     def _write(self, force: bool = False, **values: Any) -> None:
         now = time.monotonic()
         if force or now - self.last_write > 0.2 or values:
@@ -98,15 +95,15 @@ class JobListener(NullListener):
             self.last_write = now
 
     def on_phase(self, name: str, total: int | None) -> None:
-        self._stop_if_asked()
+        self.reporter.check()
         self.phase = name
         self._write(phase=name)
 
     def on_advance(self, count: int) -> None:
-        self._stop_if_asked()
+        self.reporter.check()
 
     def on_step_start(self, step: int, total_steps: int, tiles: int, first_step: int = 0) -> None:
-        self._stop_if_asked()
+        self.reporter.check()
         if self.tiles_total == 0 or step == first_step:
             self.tiles_total += (total_steps - step) * tiles
         self.step, self.steps = step - first_step, total_steps - first_step
@@ -116,7 +113,7 @@ class JobListener(NullListener):
 
     def on_tiles_done(self, count: int) -> None:
         self.tiles_done += count
-        self._stop_if_asked()
+        self.reporter.check()
         self._write()
 
     def on_step_end(self, step: int, latents: Any) -> None:
