@@ -136,13 +136,13 @@ def test_a_control_path_with_colons_keeps_them():
     assert (spec.scale, spec.start, spec.end) == (0.5, 0.1, 0.9)
 
 
-def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_sd3_dir, tmp_path, monkeypatch):
+def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_pixart_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     image = control_image(tmp_path / "edges.png")
-    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sd3_dir), "--control",
+    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_pixart_dir), "--control",
                                       f"net={image}", "--device", "cpu"])  # fmt: skip
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "ControlNets run per tile on SD, SDXL, FLUX.1 and Qwen-Image so far" in said
+    assert result.exit_code == 2 and "ControlNets run per tile on SD, SDXL, SD3, FLUX.1 and Qwen-Image so far" in said
     result = CliRunner().invoke(app, ["generate", "x", "--control", "net=absent.png", "--device", "cpu"])
     assert result.exit_code == 2 and "--control image absent.png does not exist" in " ".join(result.output.split())
 

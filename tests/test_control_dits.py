@@ -1,9 +1,10 @@
-"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image): one tile equal to FluxControlNetPipeline, with an
+"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image, SD3): one tile equal to FluxControlNetPipeline, with an
 InstantX-style net (the control image VAE-encoded, sampled with the run's generator before the noise) and an
 XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), and to
-QwenImageControlNetPipeline (with true CFG: its nets see the prompt in both passes), in fp32 and bf16, with a
-scale and a start/end window; on a tiled canvas each tile's net sees the crop of the encoded image under its
-window; a ControlNet of another family is refused before any weights load."""
+QwenImageControlNetPipeline (with true CFG: its nets see the prompt in both passes) and to
+StableDiffusion3ControlNetPipeline (InstantX-style, shifted and SD3.5 Large-style nets, tile and global positions),
+in fp32 and bf16, with a scale and a start/end window; on a tiled canvas each tile's net sees the crop of the
+encoded image under its window; a ControlNet of another family is refused before any weights load."""
 
 from __future__ import annotations
 
@@ -65,14 +66,59 @@ def tiny_qwen_controlnet(folder, out, seed: int = 0):
     return out
 
 
+def tiny_sd3_controlnet(folder, out, style: str = "instantx", seed: int = 0):
+    """A ControlNet of the tiny SD3 transformer, its zero-initialised layers given seeded weights: `instantx` as
+    `from_transformer` makes one (zero pooled embeddings, latents without the VAE's shift), `shifted` the same net
+    fed the pooled embedding and shifted latents, `sd35-large` as SD3.5 Large's nets (no patch embedding or text
+    embedder of its own: the pipeline lends it the transformer's patch embedding)."""
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(str(folder), subfolder="transformer")
+    controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+    if style != "instantx":
+        large = {"use_pos_embed": False, "joint_attention_dim": None} if style == "sd35-large" else {}
+        weights = controlnet.state_dict()
+        torch.manual_seed(seed)
+        controlnet = SD3ControlNetModel.from_config({**controlnet.config, "force_zeros_for_pooled_projection": False,
+                                                     **large})  # fmt: skip
+        controlnet.load_state_dict({k: v for k, v in weights.items() if k in controlnet.state_dict()}, strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_blocks, controlnet.pos_embed_input]:
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
+def sharp_posterior(folder, out):
+    """A copy of a pipeline folder whose VAE's posterior has (almost) no variance: StableDiffusion3ControlNet-
+    Pipeline samples the control image's encoding from torch's global generator, once per guidance pass, where
+    gigadiff draws one sample with the run's generator; with a sharp posterior both are its mean."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    shutil.copytree(folder, out)
+    vae = AutoencoderKL.from_pretrained(str(out), subfolder="vae")
+    moments = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    half = moments.out_channels // 2
+    with torch.no_grad():
+        moments.weight[half:] = 0
+        moments.bias[half:] = -30.0  # log-variance: a standard deviation of 3e-7
+    vae.save_pretrained(str(out / "vae"))
+    return out
+
+
 PIPELINES = {
     "flux": ("FluxPipeline", "FluxControlNetPipeline", "FluxControlNetModel"),
+    "sd3": ("StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel"),
     "qwen-image": ("QwenImagePipeline", "QwenImageControlNetPipeline", "QwenImageControlNetModel"),
 }
 """Each family's base pipeline, ControlNet pipeline and ControlNet class."""
 
 
-def pipeline_latents(family, folder, net, image, scale, start, end, dtype):
+def pipeline_latents(family, folder, net, image, scale, start, end, dtype, theirs=None):
     """The family's ControlNet pipeline's latents (unpacked) for one tile, seeded as the runs are."""
     import diffusers
 
@@ -83,16 +129,17 @@ def pipeline_latents(family, folder, net, image, scale, start, end, dtype):
     result = pipe(PROMPT, control_image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
                   controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
                   output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
-                  **CASES[family].theirs)  # fmt: skip
-    return unpack(result.images.float(), SIZE // 8, SIZE // 8)
+                  **(CASES[family].theirs if theirs is None else theirs))  # fmt: skip
+    latents = result.images.float()
+    return latents if latents.ndim == 4 else unpack(latents, SIZE // 8, SIZE // 8)
 
 
-def assert_one_tile_equals_the_pipeline(family, folder, net, image, scale, start, end, dtype):
-    """gigadiff's one-tile run with the ControlNet equals the family's ControlNet pipeline (fp32: 1e-4, bf16: 2e-2
-    of the latents' range), and differs from the run without it by far more (the net acts)."""
+def assert_one_tile_equals_the_pipeline(family, folder, net, image, scale, start, end, dtype, **options):
+    """gigadiff's one-tile run with the ControlNet (and `options`) equals the family's ControlNet pipeline (fp32:
+    1e-4, bf16: 2e-2 of the latents' range), and differs from the run without it by far more (the net acts)."""
     backend = open_backend(str(folder), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16",
                            controlnets=(str(net),))  # fmt: skip
-    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES[family].ours}
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES[family].ours, **options}
     got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
     theirs = pipeline_latents(family, folder, net, image, scale, start, end, dtype)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
@@ -121,6 +168,45 @@ def test_one_tile_equals_flux_controlnet_pipeline(style, scale, start, end, dtyp
     net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net", hint=style == "xlabs")
     image = control_image(tmp_path / "edges.png")
     assert_one_tile_equals_the_pipeline("flux", tiny_flux_dir, net, image, scale, start, end, dtype)
+
+
+@pytest.mark.parametrize(("style", "scale", "start", "end", "dtype", "positions"),
+                         [("instantx", 0.8, 0.0, 1.0, torch.float32, "local"),
+                          ("instantx", 1.2, 0.3, 0.7, torch.float32, "local"),
+                          ("instantx", 0.8, 0.0, 1.0, torch.bfloat16, "local"),
+                          ("instantx", 0.8, 0.0, 1.0, torch.float32, "global"),
+                          ("shifted", 0.8, 0.0, 1.0, torch.float32, "local"),
+                          ("sd35-large", 0.8, 0.0, 1.0, torch.float32, "local"),
+                          ("sd35-large", 0.8, 0.0, 1.0, torch.bfloat16, "global")],
+                         ids=["instantx-fp32", "instantx-window-fp32", "instantx-bf16", "instantx-global-fp32",
+                              "shifted-fp32", "sd35-large-fp32", "sd35-large-global-bf16"])  # fmt: skip
+def test_one_tile_equals_sd3_controlnet_pipeline(style, scale, start, end, dtype, positions, tiny_sd3_dir, tmp_path):
+    folder = sharp_posterior(tiny_sd3_dir, tmp_path / "sd3")
+    net = tiny_sd3_controlnet(folder, tmp_path / "net", style=style)
+    image = control_image(tmp_path / "edges.png")
+    assert_one_tile_equals_the_pipeline("sd3", folder, net, image, scale, start, end, dtype, positions=positions)
+
+
+def test_sd3_tiles_see_their_crops_and_their_own_place_on_the_controlnets_position_table(tiny_sd3_dir, tmp_path):
+    """With global positions each tile's ControlNet reads the crop of the encoded image under its window and its
+    tokens take the positions of that window on the net's own table (as the transformer's do)."""
+    net = tiny_sd3_controlnet(tiny_sd3_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    backend = open_backend(str(tiny_sd3_dir), "cpu", controlnets=(str(net),))
+    model = backend.controlnets[str(net)]
+    seen, positions = [], []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["controlnet_cond"].clone()), with_kwargs=True)  # fmt: skip
+    model.pos_embed.register_forward_hook(lambda m, args, out: positions.append(m.cropped_pos_embed(32, 32).clone()))
+    generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=3, tile=256, overlap=128, shift=False,
+                    tile_batch=1, positions="global", control=[f"{net}={image}"], guidance=1.0)  # fmt: skip
+    assert len(seen) == 3 and seen[0].shape == (1, 16, 32, 32)
+    for left, right in itertools.pairwise(seen):  # neighbours share 16 latent columns
+        assert torch.equal(left[..., 16:], right[..., :16]), "two tiles saw different images over their overlap"
+    table = model.pos_embed.pos_embed.reshape(1, 48, 48, -1)  # the net's whole table, 48 patches a side
+    for k, crop in enumerate(positions):  # the canvas (16x32 patches) sits centred: rows 16..32, columns 8..40
+        expected = table[:, 16:32, 8 + 8 * k : 24 + 8 * k].reshape(1, 256, -1)
+        assert torch.equal(crop, expected), f"tile {k} took another place on the ControlNet's table"
 
 
 def test_each_tile_sees_the_packed_crop_of_the_encoded_control_image_under_its_window(tiny_flux_dir, tmp_path):
@@ -173,3 +259,18 @@ def test_regions_share_the_runs_encoded_control_image(tiny_flux_dir, tmp_path):
         if not any(torch.equal(crop, d) for d in distinct):
             distinct.append(crop)
     assert len(seen) > 3 and len(distinct) == 3, "every layer's ControlNet sees one of the three windows' crops"
+
+
+def test_an_sd3_inpainting_controlnet_is_refused_before_any_weights(tiny_sd3_dir, tmp_path, monkeypatch):
+    """SD3's inpainting ControlNets read a mask beside the image (extra conditioning channels): refused, named."""
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    monkeypatch.chdir(tmp_path)
+    transformer = SD3Transformer2DModel.from_pretrained(str(tiny_sd3_dir), subfolder="transformer")
+    SD3ControlNetModel.from_transformer(transformer, num_layers=1).save_pretrained(str(tmp_path / "inpaint"))
+    image = control_image(tmp_path / "edges.png")
+    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sd3_dir), "--control",
+                                      f"{tmp_path / 'inpaint'}={image}", "--device", "cpu"])  # fmt: skip
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is an inpainting ControlNet (it reads a mask beside its image)" in said
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"

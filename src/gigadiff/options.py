@@ -198,7 +198,7 @@ class RunRequest:
                            "longer; every call has one shape, so they compile once).", group="device")  # fmt: skip
     control: list[str] | None = option(None, "A ControlNet and its image, MODEL=IMAGE[:SCALE[:START:END]] (a "
                                        "diffusers ControlNet folder or hub id; the image is resized to the canvas "
-                                       "and each tile sees its crop); repeat for several. SD, SDXL, FLUX.1, "
+                                       "and each tile sees its crop); repeat for several. SD, SDXL, SD3, FLUX.1, "
                                        "Qwen-Image.",
                                        metavar="MODEL=IMAGE", group="guidance", cli_type=list[str],
                                        image=True)  # fmt: skip

@@ -113,6 +113,11 @@ class DiffusersBackend:
         value = float(t)
         return min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - value), default=0)
 
+    def add_controlnets(self, models: Mapping[str, Any]) -> None:
+        """ControlNets loaded with the pipeline, by the names the runs give them (families adapt them here to
+        what their pipelines give their nets)."""
+        self.controlnets.update(models)
+
     def acting(self, controls: Sequence[Control], t: Any) -> list[Control]:
         """The ControlNets acting at timestep `t` (within their window of the schedule, counted as the pipelines
         count steps)."""

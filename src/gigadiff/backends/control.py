@@ -181,7 +181,7 @@ def check_controlnet_class(name: str, info: ModelInfo) -> None:
     if kind is not None and kind != info.controlnet_class:
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is a {kind}; model {info.name!r} ({info.family}) takes "
                             f"a {info.controlnet_class}", "control")  # fmt: skip
-    if config.get("extra_condition_channels"):
+    if config.get("extra_condition_channels") or config.get("extra_conditioning_channels"):
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is an inpainting ControlNet (it reads a mask beside its "
                             "image), which gigadiff does not drive yet", "control")  # fmt: skip
     if config.get("num_mode") is not None:

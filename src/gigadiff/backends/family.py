@@ -140,7 +140,7 @@ class Family:
             from gigadiff.backends.control import load_controlnets
 
             adapter = cast(Any, backend)
-            adapter.controlnets.update(load_controlnets(loading.controlnets, info, adapter.dtype, adapter.device))
+            adapter.add_controlnets(load_controlnets(loading.controlnets, info, adapter.dtype, adapter.device))
         park = getattr(backend, "park_text_encoders", None)
         if park is not None:
             park("cpu")  # a pipeline gigadiff loaded: its text encoders wait on the host between encodings

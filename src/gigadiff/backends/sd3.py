@@ -11,16 +11,26 @@
   and each tile takes the crop at its own place on it, so neighbouring tiles agree on every token's position;
   the canvas must then fit the table (192 patches: 3072 px for SD3 Medium and SD3.5 Large, 384: 6144 px for
   SD3.5 Medium), and the patch embedding takes one crop per call, so tiles run one per call.
+- **ControlNets** (`--control`, SD3ControlNetModel): the control image is resized to the canvas as
+  StableDiffusion3ControlNetPipeline resizes it, VAE-encoded (tiled) once per run and each tile's net fed the crop
+  of those latents under its window, with the pass's prompt and pooled embedding (zeros, and latents without
+  the VAE's shift, for InstantX-style nets that ask for it), its own position table cropped as the
+  transformer's. The pipeline draws the encoding's posterior sample from torch's global generator, one sample per
+  guidance pass; gigadiff draws one from a generator seeded from the run's seed, so runs repeat and the run's
+  noise stays the pipeline's. SD3.5's large ControlNets, which
+  have no patch embedding of their own, get a copy of the transformer's, as the pipeline gives them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
+from gigadiff.backends.control import Control, encoded_controls, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.lazy import no_grad, torch
 from gigadiff.overrides import instance_override
@@ -43,6 +53,7 @@ class SD3Conditioning(NegativeGuided):
     global_positions: bool
     canvas_patches: tuple[int, int]
     """The canvas in patches (rows, columns): where it sits on the position table with global positions."""
+    controls: tuple[Control, ...] = ()
 
 
 def table_crop(table_size: int, canvas: tuple[int, int], tile: Tile, patch: int) -> tuple[int, int]:
@@ -64,6 +75,10 @@ def crop_at(embedding: Any, corner: tuple[int, int]) -> contextlib.AbstractConte
         return table[:, top : top + h, left : left + w, :].reshape(1, h * w, -1)
 
     return instance_override(embedding, "cropped_pos_embed", cropped)
+
+
+POSTERIOR_SEED_OFFSET = 0x5D3C
+"""Added to the run's seed to seed the control images' posterior draws (a stream apart from the noise)."""
 
 
 class SD3Backend(TransformerBackend):
@@ -88,8 +103,40 @@ class SD3Backend(TransformerBackend):
         )  # fmt: skip
         f = self.info.vae_scale_factor * self.patch
         canvas = (canvas_px[0] // f, canvas_px[1] // f)
+        processor = partial(_control_processor, self.info.vae_scale_factor)
+        controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        if options.get("positions") == "global":
+            for control in controls:
+                _check_table(control.model.pos_embed, canvas, f)
         return SD3Conditioning(embeds, pooled, (negative, negative_pooled) if cfg else None, scale,
-                               options.get("positions") == "global", canvas)  # fmt: skip
+                               options.get("positions") == "global", canvas, controls)  # fmt: skip
+
+    def add_controlnets(self, models: Mapping[str, Any]) -> None:
+        """SD3.5's large ControlNets (`use_pos_embed` off) read the tokens through a copy of the transformer's
+        patch embedding, as StableDiffusion3ControlNetPipeline gives them one."""
+        for model in models.values():
+            if model.pos_embed is None:
+                model.pos_embed = model._get_pos_embed_from_transformer(self.transformer).to(model.device, model.dtype)
+        super().add_controlnets(models)
+
+    def drawn_conditioning(self, cond: SD3Conditioning, generator: Any, tiling: Any, listener: Any = None) -> Any:
+        """The control images VAE-encoded (tiled); InstantX-style nets (zero pooled embeddings) take the latents
+        without the VAE's shift, as the pipeline gives them. The pipeline draws the posterior sample from torch's
+        global generator, not the run's, so the run's noise is drawn as if nothing came before it: the sample is
+        drawn from a generator of its own, seeded from the run's seed (the same draws on a resume)."""
+        if not cond.controls:
+            return cond
+        from gigadiff.noise import seeded_generator
+
+        draws = seeded_generator(generator.initial_seed() + POSTERIOR_SEED_OFFSET)
+        encoded = encoded_controls(cond.controls, lambda c: True, self.codec, draws, tiling, listener, self.dtype)
+        config = self.pipe.vae.config
+        unshift = float(config.get("shift_factor") or 0.0) * float(config.get("scaling_factor") or 1.0)
+        controls = tuple(replace(c, image=c.image + unshift) if _zero_pooled(c) else c for c in encoded)
+        return replace(cond, controls=controls)
+
+    def drawn_like(self, cond: SD3Conditioning, drawn: SD3Conditioning) -> SD3Conditioning:
+        return replace(cond, controls=drawn.controls)
 
     def branch_inputs(self, cond: SD3Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's joint text embeddings and pooled CLIP embedding, per tile."""
@@ -105,21 +152,65 @@ class SD3Backend(TransformerBackend):
             inputs: Any) -> torch_types.Tensor:  # fmt: skip
         """The transformer's velocity for tiles x [N, C, h, w]."""
         embeds, pooled = inputs
-        context: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if cond.global_positions:
-            corner = table_crop(self.transformer.pos_embed.pos_embed_max_size, cond.canvas_patches, tiles[0],
-                                self.patch)  # fmt: skip
-            context = crop_at(self.transformer.pos_embed, corner)
+        hidden = x.to(self.device, self.transformer.dtype)
         timestep = torch.as_tensor(t, device=self.device).expand(x.shape[0])
-        with context:
+        with contextlib.ExitStack() as stack:
+            if cond.global_positions:  # the transformer's table and each ControlNet's, cropped at the tile
+                tables = [c.model.pos_embed for c in cond.controls if c.model.pos_embed.pos_embed_max_size]
+                for embedding in (self.transformer.pos_embed, *tables):
+                    corner = table_crop(embedding.pos_embed_max_size, cond.canvas_patches, tiles[0], self.patch)
+                    stack.enter_context(crop_at(embedding, corner))
+            blocks = self.control_residuals(hidden, t, timestep, embeds, pooled, cond, tiles)
             out = self.transformer(
-                hidden_states=x.to(self.device, self.transformer.dtype),
+                hidden_states=hidden,
                 timestep=timestep,
                 encoder_hidden_states=embeds,
                 pooled_projections=pooled,
+                block_controlnet_hidden_states=blocks,
                 return_dict=False,
             )[0]
         return out.float()
+
+    def control_residuals(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor,
+                          embeds: torch_types.Tensor, pooled: torch_types.Tensor, cond: SD3Conditioning,
+                          tiles: Sequence[Tile]) -> Any:  # fmt: skip
+        """The block residuals of the ControlNets acting at this step (summed), each fed its tiles' crops of the
+        encoded image with the call's prompt (None for nets without a text embedder) and pooled embedding (zeros
+        for InstantX-style nets); None when none acts."""
+        blocks: Any = None
+        for control in self.acting(cond.controls, t):
+            config = control.model.config
+            residuals = control.model(hidden_states=hidden, controlnet_cond=control.crops(tiles, 1),
+                                      conditioning_scale=control.scale, timestep=timestep,
+                                      encoder_hidden_states=embeds if config.joint_attention_dim is not None else None,
+                                      pooled_projections=torch.zeros_like(pooled) if _zero_pooled(control) else pooled,
+                                      return_dict=False)[0]  # fmt: skip
+            blocks = summed_residuals(blocks, residuals)
+        return blocks
+
+
+def _check_table(embedding: Any, canvas: tuple[int, int], patch_px: int) -> None:
+    """Refuse global positions on a canvas larger than a ControlNet's own position table (it can be smaller than
+    the transformer's), before the first step."""
+    from gigadiff.errors import GigadiffError
+
+    size = embedding.pos_embed_max_size
+    if size and max(canvas) > size:
+        raise GigadiffError(f"{{positions}} global: a ControlNet's position table covers {size * patch_px}px a side, "
+                            f"the canvas is {max(canvas) * patch_px}px; use smaller canvases or tile-local "
+                            "positions", "positions")  # fmt: skip
+
+
+def _zero_pooled(control: Control) -> bool:
+    """An InstantX-style SD3 ControlNet: zero pooled embeddings, latents without the VAE's shift."""
+    return bool(control.model.config.force_zeros_for_pooled_projection)
+
+
+def _control_processor(vae_scale_factor: int) -> Any:
+    """StableDiffusion3ControlNetPipeline's control image processor: values in [-1, 1]."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor)
 
 
 class StableDiffusion3(Family):
@@ -137,6 +228,7 @@ class StableDiffusion3(Family):
     scheduler_kind = "flow"
     guidance_kind = "cfg"
     positions = "table"
+    controlnet_class = "SD3ControlNetModel"
     latent_multiple = 2
     default_native = 1024
     default_steps = 28

@@ -117,8 +117,8 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
     if r.control and info.controlnet_class is None:
-        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, FLUX.1 and Qwen-Image so far; model "
-                            f"{name!r} is a {info.family} model", "control")  # fmt: skip
+        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, SD3, FLUX.1 and Qwen-Image so "
+                            f"far; model {name!r} is a {info.family} model", "control")  # fmt: skip
     if r.control:
         from gigadiff.backends.control import check_controlnet_class, parse_control
 
