@@ -13,7 +13,8 @@ from gigadiff.events import NullListener
 from gigadiff.executors.local import LocalExecutor
 from gigadiff.facts import ModelInfo
 from gigadiff.geometry import GridPlan
-from gigadiff.levels import LevelConsensus, gaussian_lowpass, level_field, piecewise_linear
+from gigadiff.levels import LevelConsensus, level_field, piecewise_linear
+from gigadiff.lowpass import gaussian_lowpass
 from gigadiff.metrics import grid_anisotropy
 from gigadiff.sampler import CanvasDenoiser
 

@@ -179,3 +179,45 @@ def test_grid_anisotropy_flags_tile_plateaus_and_passes_isotropic_relief():
     assert abs(np.log(smooth.ratio)) < 3 * smooth.null_sd
     plateaus = _plateaus(rng.normal(size=25) * 0.3, [0, 96, 192, 288, 384], 128, 8)
     assert grid_anisotropy(plateaus + texture).ratio > 3
+
+
+def test_coverage_counts_the_tiles_over_each_pixel_round_a_wrapped_ring():
+    from gigadiff.geometry import Tile, TileGrid
+    from gigadiff.metrics import coverage
+
+    grid = TileGrid(4, 10, (Tile(0, 0, 4, 6), Tile(0, 4, 4, 6)))
+    assert coverage(grid)[0].tolist() == [1, 1, 1, 1, 2, 2, 1, 1, 1, 1]
+    ring = TileGrid(4, 10, (Tile(0, 0, 4, 6), Tile(0, 6, 4, 6)), (False, True))  # the second wraps to 0..1
+    assert coverage(ring)[0].tolist() == [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_band_texture_is_about_one_on_noise_and_low_where_two_unrelated_fields_are_averaged():
+    from gigadiff.metrics import band_texture
+
+    rng = np.random.default_rng(2)
+    image, other = rng.normal(size=(2, 256, 256))
+    band = np.zeros((256, 256), dtype=bool)
+    band[:, 96:160] = True
+    same = band_texture(image, band)
+    assert same.gradient == pytest.approx(1.0, abs=0.05) and same.highpass == pytest.approx(1.0, abs=0.05)
+    averaged = image.copy()
+    averaged[band] = (image[band] + other[band]) / 2  # the mean of independent detail: half its energy
+    smoothed = band_texture(averaged, band)
+    assert smoothed.gradient == pytest.approx(0.5, abs=0.05) and smoothed.highpass == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="pixels under one tile and pixels under several"):
+        band_texture(image, np.ones((256, 256), dtype=bool))
+
+
+def test_line_contrast_finds_a_planted_line_and_passes_noise():
+    from gigadiff.metrics import line_contrast
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(512, 512))
+    assert line_contrast(image).ratio < 1.15
+    lined = image.copy()
+    lined[:, 200:] += 1.5  # a cliff between columns 199 and 200
+    found = line_contrast(lined)
+    assert (found.axis, found.at) == ("column", 200) and found.ratio > 1.3  # noise alone: 1.15 at most
+    lined = image.copy()
+    lined[300:, :] += 1.5
+    assert (line_contrast(lined).axis, line_contrast(lined).at) == ("row", 300)

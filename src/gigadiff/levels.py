@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gigadiff.backends.base import Backend
 from gigadiff.events import Listener
 from gigadiff.executors.local import Batch, TileExecutor
 from gigadiff.fusion import gather_tile
 from gigadiff.geometry import GridPlan, Tile, TileGrid
+from gigadiff.lowpass import gaussian_lowpass
 from gigadiff.sampler import CanvasDenoiser
 
 PROBE_SHIFTS = (-3.0, -1.0, 1.0, 3.0)
@@ -51,40 +51,6 @@ WIDTH_PER_TILE = 1 / (2 * math.sqrt(math.pi))
 over an effective area 4 pi sigma^2 = T^2, one tile's, so the field varies as much as the tile means the model
 reads. A narrower one lets blurred noise paint its own blobs (at T / 8: 5x the variance, a map of round
 peaks); a wider one leaves more of the tile-scale level to the windows (measured on the terrain model)."""
-
-
-def gaussian_lowpass(
-    x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False), edges: str = "reflect"
-) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] with standard deviation `sigma` px, truncated at 3 sigma.
-
-    A wrapped axis is blurred round its ring. At an unwrapped edge, "reflect" mirrors the image (a constant
-    stays constant); "variance" averages only the pixels inside and divides by the square root of the kernel
-    mass they carry, so that the blur of white noise has the same variance at the edge as inside (mirroring
-    doubles it there, renormalising by the mass does too). On an axis shorter than the kernel, the kernel is
-    truncated to fit.
-    """
-    out = x
-    for axis, wraps in ((2, wrap[0]), (3, wrap[1])):
-        size = x.shape[axis]
-        radius = min(math.ceil(3 * sigma), size - 1 if not wraps else size // 2)
-        if radius < 1:
-            continue
-        taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-        kernel = torch.exp(-(taps**2) / (2 * sigma * sigma))
-        kernel = (kernel / kernel.sum()).to(x.dtype)
-        channels = x.shape[1]
-        if axis == 2:
-            pad, weight = (0, 0, radius, radius), kernel.view(1, 1, -1, 1)
-        else:
-            pad, weight = (radius, radius, 0, 0), kernel.view(1, 1, 1, -1)
-        mode = "circular" if wraps else ("constant" if edges == "variance" else "reflect")
-        out = F.conv2d(F.pad(out, pad, mode=mode), weight.expand(channels, 1, *weight.shape[2:]), groups=channels)
-        if edges == "variance" and not wraps:
-            ones = torch.ones((1, 1, *out.shape[2:]), dtype=x.dtype, device=x.device)
-            mass = F.conv2d(F.pad(ones, pad), weight)
-            out = out / mass.sqrt()
-    return out
 
 
 def level_field(x: torch.Tensor, sigma: float, wrap: tuple[bool, bool] = (False, False)) -> torch.Tensor:

@@ -11,6 +11,11 @@ wedges round the two axes against the oblique directions, averaged per octave: a
 well above for a grid of straight edges. `null_sd` is the spread of the log of the same ratio for wedges at
 oblique angles (chance).
 
+Band texture: texture energy (gradient, and a 2-px high-pass) in the pixels two or more tiles cover against
+the pixels one tile covers: about 1 when overlap bands read like the interior, below 1 where fusion averaged
+unrelated detail smooth, above 1 where cross-fades between unrelated relief add slopes. Line contrast: the
+strongest single row or column boundary against the boundaries 1-4 px beside it (a straight line in a relief).
+
 Edge continuity: for output meant to tile (textures, 360-degree panoramas), the mean squared step from the
 last column to the first (or last row to first), divided by the mean squared step between neighbouring
 columns (rows) inside the image. About 1 when copies placed side by side show no seam (one line against the
@@ -152,6 +157,80 @@ GRID_WEDGE = 2.0
 """Half-width (degrees) of the wedges round each axis and round each reference angle."""
 GRID_REFERENCES = tuple(range(10, 81, 5))
 """Oblique angles (degrees) whose wedges give the chance spread."""
+
+
+@dataclass(frozen=True)
+class BandTexture:
+    """Texture energy in tile overlaps against the texture under one tile: about 1 when the bands read like the
+    interior, below 1 when fusion smoothed them (the mean of independent detail), above 1 when it creased them."""
+
+    gradient: float
+    """Mean squared gradient (both axes) in the bands / the same under one tile."""
+    highpass: float
+    """Mean squared high-pass (the image less its Gaussian blur of HIGHPASS_SIGMA px), bands / one tile."""
+
+
+HIGHPASS_SIGMA = 2.0
+
+
+def coverage(grid: TileGrid) -> np.ndarray:
+    """How many of `grid`'s tiles cover each canvas pixel ([height, width] ints; round a wrapped axis's ring)."""
+    from gigadiff.geometry import wrapped_pieces
+
+    count = np.zeros((grid.height, grid.width), dtype=np.int64)
+    for tile in grid:
+        for _, (rows, cols) in wrapped_pieces(tile, grid.height, grid.width):
+            count[rows, cols] += 1
+    return count
+
+
+def band_texture(image: np.ndarray, overlapped: np.ndarray, edge: int = 4) -> BandTexture:
+    """BandTexture of a [H, W] image whose pixels under two or more tiles are `overlapped` ([H, W] bools),
+    pixels within `edge` px of the image's border left out of both."""
+    import torch
+
+    from gigadiff.lowpass import gaussian_lowpass
+
+    img = np.asarray(image, dtype=np.float64)
+    gy, gx = np.gradient(img)
+    gradient = gy**2 + gx**2
+    blurred = gaussian_lowpass(torch.from_numpy(img)[None, None], HIGHPASS_SIGMA)[0, 0].numpy()
+    highpass = np.asarray((img - blurred) ** 2)
+    inner = np.zeros(img.shape, dtype=bool)
+    inner[edge:-edge, edge:-edge] = True
+    band, single = overlapped & inner, ~overlapped & inner
+    if not band.any() or not single.any():
+        raise ValueError("band_texture needs pixels under one tile and pixels under several")
+    return BandTexture(float(gradient[band].mean() / gradient[single].mean()),
+                       float(highpass[band].mean() / highpass[single].mean()))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LineContrast:
+    """The strongest straight line: the row or column boundary whose mean |step| across it is highest against
+    the boundaries `LINE_NEIGHBOURS` px to either side of it (a relief shows a ratio of 1.25 as a line)."""
+
+    ratio: float
+    axis: str
+    """"column" (a vertical line between columns at - 1 and at) or "row"."""
+    at: int
+
+
+LINE_NEIGHBOURS = (1, 2, 3, 4)
+
+
+def line_contrast(image: np.ndarray, edge: int = 5) -> LineContrast:
+    """LineContrast of a [H, W] image over every row and column boundary at least `edge` px from its border."""
+    img = np.asarray(image, dtype=np.float64)
+    best = LineContrast(0.0, "column", 0)
+    for axis, name in ((1, "column"), (0, "row")):
+        steps = np.abs(np.diff(img, axis=axis)).mean(axis=1 - axis)  # entry k: between k and k + 1
+        for k in range(edge, steps.size - edge):
+            near = [steps[k + d] for d in LINE_NEIGHBOURS] + [steps[k - d] for d in LINE_NEIGHBOURS]
+            ratio = float(steps[k] / np.mean(near))
+            if ratio > best.ratio:
+                best = LineContrast(ratio, name, k + 1)
+    return best
 
 
 @dataclass(frozen=True)
