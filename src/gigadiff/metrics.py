@@ -193,7 +193,7 @@ def band_texture(image: np.ndarray, overlapped: np.ndarray, edge: int = 4) -> Ba
 
     img = np.asarray(image, dtype=np.float64)
     gy, gx = np.gradient(img)
-    gradient = gy**2 + gx**2
+    gradient = np.asarray(gy**2 + gx**2)
     blurred = gaussian_lowpass(torch.from_numpy(img)[None, None], HIGHPASS_SIGMA)[0, 0].numpy()
     highpass = np.asarray((img - blurred) ** 2)
     inner = np.zeros(img.shape, dtype=bool)
