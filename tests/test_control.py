@@ -49,7 +49,7 @@ def control_image(path, width: int = SIZE, height: int = SIZE, split: bool = Fal
     return path
 
 
-def diffusers_latents(family, folder, net, image, scale, start, end):
+def diffusers_latents(family, folder, net, image, scale, start, end, **extra):
     import diffusers
     from diffusers import ControlNetModel, DiffusionPipeline
 
@@ -62,7 +62,7 @@ def diffusers_latents(family, folder, net, image, scale, start, end):
     return pipe(PROMPT, image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
                 controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
                 output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
-                **CASES[family].theirs).images.float()  # fmt: skip
+                **CASES[family].theirs, **extra).images.float()  # fmt: skip
 
 
 @pytest.mark.parametrize(("scale", "start", "end"), [(0.8, 0.0, 1.0), (1.2, 0.3, 0.7)], ids=["whole", "window"])
@@ -79,6 +79,34 @@ def test_one_tile_equals_the_controlnet_pipeline(family, scale, start, end, requ
     assert (got.latents - theirs).abs().max() <= 1e-4 * max(1.0, float(theirs.abs().max()))
     plain = generate_result(PROMPT, model=backend, size=f"{SIZE}x{SIZE}", steps=STEPS, seed=3, **CASES[family].ours)
     assert not torch.equal(got.latents, plain.latents)  # the ControlNet acted
+
+
+@pytest.mark.parametrize("family", list(FOLDERS))
+def test_guess_mode_equals_the_pipelines_guess_mode(family, request, tmp_path):
+    """--guess-mode: the ControlNet sees the prompted pass only (the other gets no residual) and its residuals
+    are scaled up from the shallowest block, as the pipelines' guess_mode; with a tiled batch of both passes."""
+    folder = request.getfixturevalue(FOLDERS[family])
+    net = tiny_controlnet(folder, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png")
+    backend = open_backend(str(folder), "cpu", controlnets=(str(net),))
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, "control": [f"{net}={image}:0.9"], **CASES[family].ours}
+    got = generate_result(PROMPT, model=backend, guess_mode=True, **run).latents
+    theirs = diffusers_latents(family, folder, net, image, 0.9, 0.0, 1.0, guess_mode=True)
+    assert (got - theirs).abs().max() <= 1e-4 * max(1.0, float(theirs.abs().max()))
+    plain = generate_result(PROMPT, model=backend, **run).latents
+    assert (plain - theirs).abs().max() > 1e-2, "guess mode changed nothing: the test shows nothing"
+
+
+def test_guess_mode_is_refused_without_a_controlnet_or_where_no_pipeline_has_it(tiny_flux_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["generate", "x", "--guess-mode", "--device", "cpu"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--guess-mode changes how ControlNets act: give a --control" in said
+    image = control_image(tmp_path / "edges.png")
+    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_flux_dir), "--guess-mode", "--control",
+                                      f"net={image}", "--device", "cpu"])  # fmt: skip
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--guess-mode is SD's and SDXL's ControlNet pipelines' option" in said
 
 
 def test_each_tile_sees_the_crop_of_the_control_image_under_its_window(tiny_sd_dir, tmp_path):

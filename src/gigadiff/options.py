@@ -202,6 +202,9 @@ class RunRequest:
                                        "Qwen-Image.",
                                        metavar="MODEL=IMAGE", group="guidance", cli_type=list[str],
                                        image=True)  # fmt: skip
+    guess_mode: bool = option(False, "ControlNets of SD/SDXL act on the prompted pass only, scaled up block by block "
+                              "(the pipelines' guess_mode: the image matters more than the prompt).",
+                              group="guidance", image=True)  # fmt: skip
     lora: list[str] | None = option(None, "A LoRA to apply, FILE.safetensors[:SCALE] (default scale 1); repeat for "
                                     "several. Fused into the weights they adapt.", metavar="FILE[:SCALE]",
                                     group="model", cli_type=list[str])  # fmt: skip

@@ -57,6 +57,8 @@ class GenerationSettings:
     """A super-resolution network the init image goes through before it is resized (gigadiff.backends.upscaler)."""
     control: list[str] | None
     """ControlNets with their images, MODEL=IMAGE[:SCALE[:START:END]] (gigadiff.backends.control)."""
+    guess_mode: bool
+    """SD/SDXL ControlNets on the prompted pass only, their residuals scaled up from the shallowest block."""
     # Parsed and derived:
     width: int
     height: int
@@ -86,10 +88,11 @@ class GenerationSettings:
         sigmas = raw.get("sigmas")
         raw["sigmas"] = tuple(sigmas) if sigmas is not None else None
         raw["regions"] = tuple(Region.from_dict(r) for r in raw.get("regions") or ())
+        raw.setdefault("guess_mode", False)  # outputs made before the option
         return cls(**raw)
 
     @property
     def conditioning_options(self) -> dict[str, Any]:
         """What a backend's `condition` may read beside the prompt: guidance details, positions, family options."""
         return {"guidance_rescale": self.guidance_rescale, "true_cfg": self.true_cfg, "positions": self.positions,
-                "control": self.control or [], **self.family_options}  # fmt: skip
+                "control": self.control or [], "guess_mode": self.guess_mode, **self.family_options}  # fmt: skip

@@ -39,10 +39,20 @@ class UNetConditioning:
     canvas_px: tuple[int, int]
     timestep_cond: torch_types.Tensor | None
     controls: tuple[Control, ...] = ()
+    guess_mode: bool = False
+    """ControlNets on the prompted pass only, scaled up from the shallowest block (the pipelines' guess_mode, also
+    forced by a net whose config pools its conditions, as the pipelines force it)."""
 
     @property
     def cfg(self) -> bool:
         return self.negative_embeds is not None
+
+
+def _scattered(values: torch_types.Tensor, rows: list[int], n: int) -> torch_types.Tensor:
+    """[n, ...] zeros with `values` ([len(rows), ...]) at `rows`."""
+    out = values.new_zeros((n, *values.shape[1:]))
+    out[rows] = values
+    return out
 
 
 def rescale_guidance(guided: torch_types.Tensor, cond: torch_types.Tensor, factor: float) -> torch_types.Tensor:
@@ -87,8 +97,10 @@ class UNetBackend(DiffusersBackend):
             ).to(self.device, self.dtype)
         processor = partial(unet_processor, self.info.vae_scale_factor)
         controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        pooled_conditions = bool(controls) and bool(controls[0].model.config.get("global_pool_conditions"))
         return UNetConditioning(
             controls=controls,
+            guess_mode=bool(options.get("guess_mode")) or pooled_conditions,
             prompt_embeds=embeds,
             negative_embeds=negative_embeds if cfg else None,
             pooled=pooled,
@@ -115,28 +127,45 @@ class UNetBackend(DiffusersBackend):
             assert pooled is not None
             added = {"text_embeds": pooled.expand(n, -1), "time_ids": self.time_ids(tiles, cond)}
         timestep_cond = None if cond.timestep_cond is None else cond.timestep_cond.expand(n, -1)
-        return embeds.expand(n, -1, -1), added, timestep_cond
+        prompted = torch.full((n,), branch == 1, dtype=torch.bool, device=self.device)
+        return embeds.expand(n, -1, -1), added, timestep_cond, prompted
 
     def run(self, x: torch_types.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile],
             inputs: Any) -> torch_types.Tensor:  # fmt: skip
-        embeds, added, timestep_cond = inputs
+        embeds, added, timestep_cond, prompted = inputs
         x = x.to(self.device, self.dtype)
-        down, mid = self.control_residuals(x, t, cond, tiles, embeds, added)
+        down, mid = self.control_residuals(x, t, cond, tiles, embeds, added, prompted)
         return self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
                          down_block_additional_residuals=down, mid_block_additional_residual=mid,
                          return_dict=False)[0].float()  # fmt: skip
 
     def control_residuals(self, x: torch_types.Tensor, t: Any, cond: UNetConditioning, tiles: Sequence[Tile],
-                          embeds: torch_types.Tensor, added: Any) -> tuple[Any, Any]:  # fmt: skip
+                          embeds: torch_types.Tensor, added: Any,
+                          prompted: torch_types.Tensor) -> tuple[Any, Any]:  # fmt: skip
         """The residuals the run's ControlNets acting at `t` add to the UNet's blocks, each fed its tiles' crops of
-        its image (summed over ControlNets, as MultiControlNet does); (None, None) when none acts."""
+        its image (summed over ControlNets, as MultiControlNet does); (None, None) when none acts. In guess mode
+        the nets see only the rows of the prompted pass (`prompted`), and the other rows get no residual."""
+        acting = self.acting(cond.controls, t)
+        if not acting:
+            return None, None
+        rows = prompted.nonzero().flatten().tolist() if cond.guess_mode else list(range(len(tiles)))
+        if not rows:
+            return None, None
+        subset = len(rows) < len(tiles)
+        if subset:
+            x, embeds = x[rows], embeds[rows]
+            added = None if added is None else {k: v[rows] for k, v in added.items()}
         down: list[torch_types.Tensor] | None = None
         mid: torch_types.Tensor | None = None
-        for control in self.acting(cond.controls, t):
-            d, m = control.model(x, t, encoder_hidden_states=embeds, controlnet_cond=control.crops(tiles,
-                                 self.info.vae_scale_factor), conditioning_scale=control.scale, guess_mode=False,
+        for control in acting:
+            d, m = control.model(x, t, encoder_hidden_states=embeds,
+                                 controlnet_cond=control.crops([tiles[i] for i in rows], self.info.vae_scale_factor),
+                                 conditioning_scale=control.scale, guess_mode=cond.guess_mode,
                                  added_cond_kwargs=added, return_dict=False)  # fmt: skip
             down, mid = summed_residuals(down, d), summed_residuals(mid, m)
+        if subset and down is not None and mid is not None:  # the unprompted rows: zeros, as the pipelines give
+            down = [_scattered(r, rows, len(tiles)) for r in down]
+            mid = _scattered(mid, rows, len(tiles))
         return down, mid
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,

@@ -119,6 +119,11 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
     if r.control and info.controlnet_class is None:
         raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, SD3, FLUX.1 and Qwen-Image so "
                             f"far; model {name!r} is a {info.family} model", "control")  # fmt: skip
+    if r.guess_mode and not r.control:
+        raise GigadiffError("{guess_mode} changes how ControlNets act: give a {control}", "guess_mode", "control")
+    if r.guess_mode and info.controlnet_class != "ControlNetModel":
+        raise GigadiffError(f"{{guess_mode}} is SD's and SDXL's ControlNet pipelines' option; model {name!r}'s "
+                            "pipeline has none", "guess_mode")  # fmt: skip
     if r.control:
         from gigadiff.backends.control import check_controlnet_class, parse_control
 
