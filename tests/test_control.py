@@ -170,7 +170,7 @@ def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_p
     result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_pixart_dir), "--control",
                                       f"net={image}", "--device", "cpu"])  # fmt: skip
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "ControlNets run per tile on SD, SDXL, SD3, FLUX.1 and Qwen-Image so far" in said
+    assert result.exit_code == 2 and "run per tile on SD, SDXL, SD3, FLUX.1, Qwen-Image and SANA so far" in said
     result = CliRunner().invoke(app, ["generate", "x", "--control", "net=absent.png", "--device", "cpu"])
     assert result.exit_code == 2 and "--control image absent.png does not exist" in " ".join(result.output.split())
 

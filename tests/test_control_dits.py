@@ -1,10 +1,11 @@
-"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image, SD3): one tile equal to FluxControlNetPipeline, with an
+"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image, SD3, SANA): one tile equal to FluxControlNetPipeline, with an
 InstantX-style net (the control image VAE-encoded, sampled with the run's generator before the noise) and an
 XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), and to
 QwenImageControlNetPipeline (with true CFG: its nets see the prompt in both passes) and to
 StableDiffusion3ControlNetPipeline (InstantX-style, shifted and SD3.5 Large-style nets, tile and global positions),
-in fp32 and bf16, with a scale and a start/end window; on a tiled canvas each tile's net sees the crop of the
-encoded image under its window; a ControlNet of another family is refused before any weights load."""
+and to SanaControlNetPipeline, in fp32 and bf16, with a scale and a start/end window; on a tiled canvas each tile's
+net sees the crop of the encoded image under its window; a ControlNet of another family is refused before any
+weights load."""
 
 from __future__ import annotations
 
@@ -91,6 +92,28 @@ def tiny_sd3_controlnet(folder, out, style: str = "instantx", seed: int = 0):
     return out
 
 
+def tiny_sana_controlnet(folder, out, seed: int = 0):
+    """A ControlNet of the tiny SANA transformer (its widths; diffusers has no `from_transformer` for SANA): its
+    first block's weights copied, its zero-initialised layers given seeded weights."""
+    import inspect
+
+    from diffusers import SanaControlNetModel, SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
+    takes = inspect.signature(SanaControlNetModel.__init__).parameters
+    config = {k: v for k, v in transformer.config.items() if k in takes}
+    torch.manual_seed(seed)
+    controlnet = SanaControlNetModel(**{**config, "num_layers": 1})
+    controlnet.load_state_dict(transformer.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_blocks, controlnet.input_block]:
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)  # acts well beyond bf16's rounding
+    controlnet.save_pretrained(str(out))
+    return out
+
+
 def sharp_posterior(folder, out):
     """A copy of a pipeline folder whose VAE's posterior has (almost) no variance: StableDiffusion3ControlNet-
     Pipeline samples the control image's encoding from torch's global generator, once per guidance pass, where
@@ -113,6 +136,7 @@ def sharp_posterior(folder, out):
 PIPELINES = {
     "flux": ("FluxPipeline", "FluxControlNetPipeline", "FluxControlNetModel"),
     "sd3": ("StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel"),
+    "sana": ("SanaPipeline", "SanaControlNetPipeline", "SanaControlNetModel"),
     "qwen-image": ("QwenImagePipeline", "QwenImageControlNetPipeline", "QwenImageControlNetModel"),
 }
 """Each family's base pipeline, ControlNet pipeline and ControlNet class."""
@@ -126,9 +150,10 @@ def pipeline_latents(family, folder, net, image, scale, start, end, dtype, their
     base = base_class.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
     pipe = pipeline_class(**base.components, controlnet=net_class.from_pretrained(str(net), dtype=dtype))
     pipe.set_progress_bar_config(disable=True)
+    window = {} if (start, end) == (0.0, 1.0) else {"control_guidance_start": start, "control_guidance_end": end}
     result = pipe(PROMPT, control_image=Image.open(image), height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                  controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
-                  output_type="latent", generator=torch.Generator("cpu").manual_seed(3),
+                  controlnet_conditioning_scale=scale, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(3), **window,
                   **(CASES[family].theirs if theirs is None else theirs))  # fmt: skip
     latents = result.images.float()
     return latents if latents.ndim == 4 else unpack(latents, SIZE // 8, SIZE // 8)
@@ -185,6 +210,14 @@ def test_one_tile_equals_sd3_controlnet_pipeline(style, scale, start, end, dtype
     net = tiny_sd3_controlnet(folder, tmp_path / "net", style=style)
     image = control_image(tmp_path / "edges.png")
     assert_one_tile_equals_the_pipeline("sd3", folder, net, image, scale, start, end, dtype, positions=positions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_tile_equals_sana_controlnet_pipeline(dtype, tiny_sana_dir, tmp_path):
+    """SANA's pipeline takes no schedule window: the whole schedule, scale 0.8."""
+    net = tiny_sana_controlnet(tiny_sana_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png")
+    assert_one_tile_equals_the_pipeline("sana", tiny_sana_dir, net, image, 0.8, 0.0, 1.0, dtype)
 
 
 def test_sd3_tiles_see_their_crops_and_their_own_place_on_the_controlnets_position_table(tiny_sd3_dir, tmp_path):
@@ -273,4 +306,23 @@ def test_an_sd3_inpainting_controlnet_is_refused_before_any_weights(tiny_sd3_dir
                                       f"{tmp_path / 'inpaint'}={image}", "--device", "cpu"])  # fmt: skip
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "is an inpainting ControlNet (it reads a mask beside its image)" in said
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"
+
+
+def test_an_sd3_controlnet_whose_table_is_smaller_than_the_canvas_is_refused_before_loading(tiny_sd3_dir, tmp_path,
+                                                                                            monkeypatch):  # fmt: skip
+    """With global positions a ControlNet's own position table must cover the canvas, as the transformer's must:
+    read from its config before anything loads."""
+    from diffusers import SD3ControlNetModel
+
+    monkeypatch.chdir(tmp_path)
+    net = tiny_sd3_controlnet(tiny_sd3_dir, tmp_path / "net")
+    config = {**SD3ControlNetModel.load_config(str(net)), "pos_embed_max_size": 16}  # 16 patches: 256 px
+    SD3ControlNetModel.from_config(config).save_pretrained(str(tmp_path / "small"))
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    args = ["generate", "x", "--model", str(tiny_sd3_dir), "--size", "512x256", "--control",
+            f"{tmp_path / 'small'}={image}", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--positions", "global"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "a ControlNet's position table covers 256px a side, the canvas is 512x256" in said
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"

@@ -190,6 +190,25 @@ def check_controlnet_class(name: str, info: ModelInfo) -> None:
                             "control")  # fmt: skip
 
 
+def check_controlnet_table(name: str, info: ModelInfo, width: int, height: int) -> None:
+    """With global positions, refuse (before any weights load) a local ControlNet whose own position table is
+    smaller than the canvas (SD3's nets carry one; those that borrow the transformer's are checked with it)."""
+    config = _config(name)
+    if config is None or config.get("use_pos_embed") is False:
+        return
+    size, patch = config.get("pos_embed_max_size"), config.get("patch_size")
+    if size and patch:
+        refuse_small_table(int(size) * int(patch) * info.vae_scale_factor, width, height)
+
+
+def refuse_small_table(table_px: int, width: int, height: int) -> None:
+    """The refusal of global positions on a canvas larger than a ControlNet's position table (table_px a side)."""
+    if max(width, height) > table_px:
+        raise GigadiffError(f"{{positions}} global: a ControlNet's position table covers {table_px}px a side, the "
+                            f"canvas is {width}x{height}; use {{positions}} local (any size) or a smaller {{size}}",
+                            "positions", "size")  # fmt: skip
+
+
 def load_controlnets(models: tuple[str, ...], info: ModelInfo, dtype: Any, device: Any) -> dict[str, Any]:
     """The ControlNet models (of the family's class) by their names as given, on `device` in `dtype`."""
     import diffusers

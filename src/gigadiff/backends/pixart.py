@@ -81,6 +81,11 @@ class PixArtBackend(TransformerBackend):
         embeds, mask = text
         return embeds.expand(len(tiles), -1, -1), mask.expand(len(tiles), -1)
 
+    def control_inputs(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor,
+                       cond: PixArtConditioning, tiles: Sequence[Tile], inputs: Any) -> dict[str, Any]:  # fmt: skip
+        """The transformer's ControlNet inputs for this call (none: PixArt-Σ's pipelines have no ControlNet)."""
+        return {}
+
     def run(self, x: torch_types.Tensor, t: Any, cond: PixArtConditioning, tiles: Sequence[Tile],
             inputs: Any) -> torch_types.Tensor:  # fmt: skip
         embeds, mask = inputs
@@ -89,13 +94,15 @@ class PixArtBackend(TransformerBackend):
         timestep = (timestep[None] if timestep.ndim == 0 else timestep).expand(n)
         if self.timestep_scale != 1.0:
             timestep = timestep * self.timestep_scale
+        hidden = x.to(self.device, self.transformer.dtype)
         out = self.transformer(
-            x.to(self.device, self.transformer.dtype),
+            hidden,
             encoder_hidden_states=embeds,
             encoder_attention_mask=mask,
             timestep=timestep,
             return_dict=False,
             **self.extra_inputs,
+            **self.control_inputs(hidden, t, timestep, cond, tiles, inputs),
         )[0]
         channels = x.shape[1]
         if out.shape[1] == 2 * channels:  # learned variance: the noise is the first half

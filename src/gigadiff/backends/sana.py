@@ -10,6 +10,10 @@ autoencoder (DC-AE, 32x, 32 channels), Gemma-2 prompts.
   `timestep_scale`, as the pipeline does.
 - **Schedule**: flow matching with the model's fixed shift, through its own DPM-Solver (flow sigmas), no sigma
   schedule imposed (the pipeline passes none).
+- **ControlNets** (`--control`, SanaControlNetModel): the control image is resized to the canvas as
+  SanaControlNetPipeline resizes it, encoded by the DC-AE (tiled, deterministic: the encoder has no posterior) once
+  per run, and each tile's net reads the crop of those latents under its window with the pass's prompt; its block
+  residuals go to the transformer's blocks. The pipeline takes no schedule window: a START:END is gigadiff's.
 - **VAE**: AutoencoderDC (convolutions, per-pixel RMS norms, ReLU linear attention in its deep stages), tiled by
   gigadiff.vae.halo: each linear attention's whole-image summary (the sum of v kᵀ over positions, per head) is
   gathered tile by tile, exactly, so tiled equals whole in both modes.
@@ -18,18 +22,37 @@ autoencoder (DC-AE, 32x, 32 channels), Gemma-2 prompts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from gigadiff.backends.control import Control, encoded_controls, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule
-from gigadiff.backends.pixart import PixArtBackend
+from gigadiff.backends.pixart import PixArtBackend, PixArtConditioning
+from gigadiff.lazy import no_grad
 
 if TYPE_CHECKING:
+    import torch as torch_types
+
     from gigadiff.backends.base import Backend
     from gigadiff.backends.source import ModelSource
     from gigadiff.facts import ModelInfo
+    from gigadiff.geometry import Tile
     from gigadiff.vae.halo import Network
+
+
+@dataclass(frozen=True)
+class SanaConditioning(PixArtConditioning):
+    controls: tuple[Control, ...] = ()
+
+
+def _control_processor(vae_scale_factor: int) -> Any:
+    """SanaControlNetPipeline's control image processor."""
+    from diffusers.image_processor import PixArtImageProcessor
+
+    return PixArtImageProcessor(vae_scale_factor=vae_scale_factor)
 
 
 class SanaBackend(PixArtBackend):
@@ -40,6 +63,43 @@ class SanaBackend(PixArtBackend):
         self.timestep_scale = float(getattr(self.transformer.config, "timestep_scale", 1.0) or 1.0)
 
     samples_posterior = False
+
+    @no_grad
+    def condition(
+        self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
+        options: Mapping[str, Any],
+    ) -> SanaConditioning:  # fmt: skip
+        base = super().condition(prompt, negative_prompt, guidance, canvas_px, options)
+        processor = partial(_control_processor, self.info.vae_scale_factor)
+        controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        return SanaConditioning(base.text, base.negative, base.scale, controls)
+
+    def drawn_conditioning(self, cond: Any, generator: Any, tiling: Any, listener: Any = None) -> Any:
+        """The control images encoded by the DC-AE (tiled), once per run (it draws nothing)."""
+        if not getattr(cond, "controls", ()):
+            return cond
+        encoded = encoded_controls(cond.controls, lambda c: True, self.codec, generator, tiling, listener, self.dtype)
+        return replace(cond, controls=encoded)
+
+    def drawn_like(self, cond: Any, drawn: Any) -> Any:
+        return replace(cond, controls=drawn.controls) if getattr(cond, "controls", ()) else cond
+
+    def control_inputs(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor, cond: Any,
+                       tiles: Sequence[Tile], inputs: Any) -> dict[str, Any]:  # fmt: skip
+        """The block residuals of the ControlNets acting at `t` (summed), each fed its tiles' crops of the encoded
+        image with the call's prompt; none when none acts."""
+        embeds, mask = inputs
+        blocks: Any = None
+        for control in self.acting(getattr(cond, "controls", ()), t):
+            dtype = control.model.dtype
+            residuals = control.model(hidden.to(dtype), encoder_hidden_states=embeds.to(dtype),
+                                      encoder_attention_mask=mask, timestep=timestep,
+                                      controlnet_cond=control.crops(tiles, 1), conditioning_scale=control.scale,
+                                      return_dict=False)[0]  # fmt: skip
+            blocks = summed_residuals(blocks, residuals)
+        if blocks is None:
+            return {}
+        return {"controlnet_block_samples": tuple(b.to(self.transformer.dtype) for b in blocks)}
 
     def vae_networks(self) -> tuple[Network, Network]:
         return dc_ae_networks(self.pipe.vae)
@@ -139,6 +199,7 @@ class Sana(Family):
     latent_multiple = 1
     vae = "AutoencoderDC"
     vae_engine = "halo"
+    controlnet_class = "SanaControlNetModel"
     default_native = 1024
     default_steps = 20
     default_guidance = 4.5

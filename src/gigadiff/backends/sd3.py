@@ -191,14 +191,11 @@ class SD3Backend(TransformerBackend):
 
 def _check_table(embedding: Any, canvas: tuple[int, int], patch_px: int) -> None:
     """Refuse global positions on a canvas larger than a ControlNet's own position table (it can be smaller than
-    the transformer's), before the first step."""
-    from gigadiff.errors import GigadiffError
+    the transformer's) before the first step: a net from the hub, whose config was not read before loading."""
+    from gigadiff.backends.control import refuse_small_table
 
-    size = embedding.pos_embed_max_size
-    if size and max(canvas) > size:
-        raise GigadiffError(f"{{positions}} global: a ControlNet's position table covers {size * patch_px}px a side, "
-                            f"the canvas is {max(canvas) * patch_px}px; use smaller canvases or tile-local "
-                            "positions", "positions")  # fmt: skip
+    if embedding.pos_embed_max_size:
+        refuse_small_table(embedding.pos_embed_max_size * patch_px, canvas[1] * patch_px, canvas[0] * patch_px)
 
 
 def _zero_pooled(control: Control) -> bool:

@@ -117,8 +117,8 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
     if r.control and info.controlnet_class is None:
-        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, SD3, FLUX.1 and Qwen-Image so "
-                            f"far; model {name!r} is a {info.family} model", "control")  # fmt: skip
+        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, SD3, FLUX.1, Qwen-Image and "
+                            f"SANA so far; model {name!r} is a {info.family} model", "control")  # fmt: skip
     if r.guess_mode and not r.control:
         raise GigadiffError("{guess_mode} changes how ControlNets act: give a {control}", "guess_mode", "control")
     if r.guess_mode and info.controlnet_class != "ControlNetModel":
@@ -214,6 +214,11 @@ def check_geometry(r: RunRequest, info: ModelInfo, width: int, height: int) -> N
             f"is {width}x{height}; use {{positions}} local (any size) or a smaller {{size}}",
             "positions", "size",
         )  # fmt: skip
+    if r.positions == "global" and r.control:
+        from gigadiff.backends.control import check_controlnet_table, parse_control
+
+        for model in dict.fromkeys(parse_control(text).model for text in r.control):
+            check_controlnet_table(model, info, width, height)
     rim = info.edge_margin * info.vae_scale_factor
     if rim and r.overlap < 2 * rim and r.tile < max(width, height):
         raise GigadiffError(
