@@ -170,7 +170,7 @@ def test_controlnets_are_refused_before_the_weights_where_they_do_not_run(tiny_p
     result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_pixart_dir), "--control",
                                       f"net={image}", "--device", "cpu"])  # fmt: skip
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "run per tile on SD, SDXL, SD3, FLUX.1, Qwen-Image and SANA so far" in said
+    assert result.exit_code == 2 and "on SD, SDXL, SD3, FLUX.1, Qwen-Image, SANA and Z-Image so far" in said
     result = CliRunner().invoke(app, ["generate", "x", "--control", "net=absent.png", "--device", "cpu"])
     assert result.exit_code == 2 and "--control image absent.png does not exist" in " ".join(result.output.split())
 
@@ -195,3 +195,15 @@ def test_metrics_says_which_controlnets_made_an_image(tiny_sd_dir, tmp_path, mon
     assert made.exit_code == 0, made.output
     report = CliRunner().invoke(app, ["metrics", "a.png"])
     assert "ControlNets canny x0.7 (0-0.5)" in report.output
+
+
+def test_residuals_of_several_controlnets_add_block_by_block():
+    """As diffusers' multi-ControlNets sum them: lists per block, single tensors, and Z-Image's blocks by index."""
+    from gigadiff.backends.control import summed_residuals
+
+    one, two = torch.ones(2), torch.full((2,), 2.0)
+    assert summed_residuals(None, None) is None
+    assert [r.tolist() for r in summed_residuals(summed_residuals(None, (one, two)), [two, one])] == [[3, 3], [3, 3]]
+    assert summed_residuals(one, two).tolist() == [3, 3]
+    merged = summed_residuals(summed_residuals(None, {0: one, 2: two}), {2: one, 5: one})
+    assert {k: v.tolist() for k, v in merged.items()} == {0: [1, 1], 2: [3, 3], 5: [1, 1]}

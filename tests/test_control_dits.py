@@ -1,11 +1,11 @@
-"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image, SD3, SANA): one tile equal to FluxControlNetPipeline, with an
-InstantX-style net (the control image VAE-encoded, sampled with the run's generator before the noise) and an
-XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), and to
-QwenImageControlNetPipeline (with true CFG: its nets see the prompt in both passes) and to
+"""ControlNets of the DiTs per tile (FLUX.1, Qwen-Image, SD3, SANA, Z-Image): one tile equal to
+FluxControlNetPipeline, with an InstantX-style net (the control image VAE-encoded, sampled with the run's generator
+before the noise) and an XLabs-style one (the pixels through its hint block, residuals repeated over the blocks), to
+QwenImageControlNetPipeline (with true CFG: its nets see the prompt in both passes), to
 StableDiffusion3ControlNetPipeline (InstantX-style, shifted and SD3.5 Large-style nets, tile and global positions),
-and to SanaControlNetPipeline, in fp32 and bf16, with a scale and a start/end window; on a tiled canvas each tile's
-net sees the crop of the encoded image under its window; a ControlNet of another family is refused before any
-weights load."""
+and to SanaControlNetPipeline and ZImageControlNetPipeline, in fp32 and bf16, with a scale and a start/end window;
+on a tiled canvas each tile's net sees the crop of the encoded image under its window; a ControlNet of another
+family is refused before any weights load."""
 
 from __future__ import annotations
 
@@ -114,6 +114,27 @@ def tiny_sana_controlnet(folder, out, seed: int = 0):
     return out
 
 
+def tiny_z_image_controlnet(folder, out, control_in_dim: int = 16, seed: int = 0):
+    """A ControlNet of the tiny Z-Image transformer's widths (its control layers beside both of its layers),
+    seeded; `control_in_dim` above the latents' 16 channels: version 2.0's layout (the latents zero-padded)."""
+    from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+
+    c = ZImageTransformer2DModel.load_config(str(folder), subfolder="transformer")
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(control_layers_places=[0, 1], control_in_dim=control_in_dim,
+                                       all_patch_size=tuple(c["all_patch_size"]),
+                                       all_f_patch_size=tuple(c["all_f_patch_size"]), dim=c["dim"],
+                                       n_refiner_layers=c["n_refiner_layers"], n_heads=c["n_heads"],
+                                       n_kv_heads=c["n_kv_heads"])  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            if not p.any():  # the zero-initialised projections that make a fresh net act as none
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
 def sharp_posterior(folder, out):
     """A copy of a pipeline folder whose VAE's posterior has (almost) no variance: StableDiffusion3ControlNet-
     Pipeline samples the control image's encoding from torch's global generator, once per guidance pass, where
@@ -137,6 +158,7 @@ PIPELINES = {
     "flux": ("FluxPipeline", "FluxControlNetPipeline", "FluxControlNetModel"),
     "sd3": ("StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel"),
     "sana": ("SanaPipeline", "SanaControlNetPipeline", "SanaControlNetModel"),
+    "z-image": ("ZImagePipeline", "ZImageControlNetPipeline", "ZImageControlNetModel"),
     "qwen-image": ("QwenImagePipeline", "QwenImageControlNetPipeline", "QwenImageControlNetModel"),
 }
 """Each family's base pipeline, ControlNet pipeline and ControlNet class."""
@@ -218,6 +240,15 @@ def test_one_tile_equals_sana_controlnet_pipeline(dtype, tiny_sana_dir, tmp_path
     net = tiny_sana_controlnet(tiny_sana_dir, tmp_path / "net")
     image = control_image(tmp_path / "edges.png")
     assert_one_tile_equals_the_pipeline("sana", tiny_sana_dir, net, image, 0.8, 0.0, 1.0, dtype)
+
+
+@pytest.mark.parametrize(("control_in_dim", "dtype"), [(16, torch.float32), (16, torch.bfloat16), (24, torch.float32)],
+                         ids=["fp32", "bf16", "v2-padded-fp32"])  # fmt: skip
+def test_one_tile_equals_z_image_controlnet_pipeline(control_in_dim, dtype, tiny_z_image_dir, tmp_path):
+    """Z-Image's pipeline takes no schedule window: the whole schedule, scale 0.75 (its default)."""
+    net = tiny_z_image_controlnet(tiny_z_image_dir, tmp_path / "net", control_in_dim)
+    image = control_image(tmp_path / "edges.png")
+    assert_one_tile_equals_the_pipeline("z-image", tiny_z_image_dir, net, image, 0.75, 0.0, 1.0, dtype)
 
 
 def test_sd3_tiles_see_their_crops_and_their_own_place_on_the_controlnets_position_table(tiny_sd3_dir, tmp_path):

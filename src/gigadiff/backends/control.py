@@ -141,6 +141,11 @@ def summed_residuals(total: Any, residuals: Any) -> Any:
         return total
     if total is None:
         return list(residuals) if isinstance(residuals, (list, tuple)) else residuals
+    if isinstance(residuals, dict):  # keyed by the block they join (Z-Image)
+        merged = dict(total)
+        for k, v in residuals.items():
+            merged[k] = merged[k] + v if k in merged else v
+        return merged
     if isinstance(residuals, (list, tuple)):
         return [a + b for a, b in zip(total, residuals, strict=True)]
     return total + residuals

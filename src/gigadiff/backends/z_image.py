@@ -10,16 +10,24 @@
   tokens. Tile-local by default. With `--positions global` every tile's rows and columns are offset by its
   place on the canvas, up to the transformer's precomputed rotary table (axes_lens: 512 tokens, 8192 px, for
   the released model).
+- **ControlNets** (`--control`, ZImageControlNetModel, which shares the transformer's embedders and refiners as
+  ZImageControlNetPipeline makes it): the control image is resized to the canvas as that pipeline resizes it,
+  VAE-encoded (tiled, the posterior's mode, as the pipeline takes it) once per run and zero-padded to the net's
+  `control_in_dim` channels; each tile's net reads the crop of those latents with the pass's caption, its
+  positions offset as the transformer's with `--positions global`; its block samples join the transformer's
+  layers. The pipeline takes no schedule window: a START:END is gigadiff's.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
+from gigadiff.backends.control import Control, encoded_controls, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.lazy import no_grad, torch
 from gigadiff.overrides import instance_override
@@ -39,6 +47,7 @@ class ZImageConditioning(NegativeGuided):
     negative: list[torch_types.Tensor] | None
     scale: float
     global_positions: bool
+    controls: tuple[Control, ...] = ()
 
 
 def offset_positions(
@@ -82,7 +91,28 @@ class ZImageBackend(TransformerBackend):
         embeds, negative = self.pipe.encode_prompt(prompt=prompt, device=self.device, do_classifier_free_guidance=cfg,
                                                    negative_prompt=negative_prompt or None,
                                                    **self.prompt_options())  # fmt: skip
-        return ZImageConditioning(embeds, negative if cfg else None, scale, options.get("positions") == "global")
+        processor = partial(_control_processor, 2 * self.info.vae_scale_factor)
+        controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
+        return ZImageConditioning(embeds, negative if cfg else None, scale, options.get("positions") == "global",
+                                  controls)  # fmt: skip
+
+    def add_controlnets(self, models: Mapping[str, Any]) -> None:
+        """Each net shares the transformer's embedders and refiners, as ZImageControlNetPipeline makes it."""
+        for model in models.values():
+            type(model).from_transformer(model, self.transformer)
+        super().add_controlnets(models)
+
+    def drawn_conditioning(self, cond: ZImageConditioning, generator: Any, tiling: Any, listener: Any = None) -> Any:
+        """The control images VAE-encoded (tiled; the posterior's mode, drawing nothing) and zero-padded to each
+        net's `control_in_dim` channels (its version 2.0 reads more channels than the latents have)."""
+        if not cond.controls:
+            return cond
+        encoded = encoded_controls(cond.controls, lambda c: True, self.codec, None, tiling, listener, self.dtype)
+        controls = tuple(replace(c, image=_padded(c.image, int(c.model.config.control_in_dim))) for c in encoded)
+        return replace(cond, controls=controls)
+
+    def drawn_like(self, cond: ZImageConditioning, drawn: ZImageConditioning) -> ZImageConditioning:
+        return replace(cond, controls=drawn.controls)
 
     def planned_condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
@@ -116,18 +146,37 @@ class ZImageBackend(TransformerBackend):
         timestep = (1000 - torch.as_tensor(t, device=self.device).expand(n)) / 1000
         images = list(x.to(self.device, self.transformer.dtype).unsqueeze(2).unbind(dim=0))
         offsets = [(t_.y // self.patch, t_.x // self.patch) for t_ in tiles]
-        with (
-            offset_positions(self.transformer, offsets, self.patch)
-            if cond.global_positions
-            else contextlib.nullcontext()
-        ):
-            out = self.transformer(images, timestep, inputs, return_dict=False)[0]
+        with contextlib.ExitStack() as stack:
+            if cond.global_positions:  # the transformer's positions and each ControlNet's
+                for model in (self.transformer, *(c.model for c in cond.controls)):
+                    stack.enter_context(offset_positions(model, offsets, self.patch))
+            blocks: Any = None
+            for control in self.acting(cond.controls, t):
+                crops = list(control.crops(tiles, 1).unsqueeze(2).unbind(dim=0))
+                blocks = summed_residuals(blocks, control.model(images, timestep, inputs, crops,
+                                                                conditioning_scale=control.scale))  # fmt: skip
+            out = self.transformer(images, timestep, inputs, controlnet_block_samples=blocks, return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor,
                 cond: ZImageConditioning) -> torch_types.Tensor:  # fmt: skip
         """Z-Image's guidance: cond + scale x (cond - uncond)."""
         return cond_out + cond.scale * (cond_out - uncond)
+
+
+def _control_processor(vae_scale_factor: int) -> Any:
+    """ZImageControlNetPipeline's control image processor (sizes on whole 2x2 patches of the VAE's pixels)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+
+
+def _padded(latents: torch_types.Tensor, channels: int) -> torch_types.Tensor:
+    """[1, C, H, W] latents with zero channels up to `channels`."""
+    if latents.shape[1] >= channels:
+        return latents
+    extra = latents.new_zeros((latents.shape[0], channels - latents.shape[1], *latents.shape[2:]))
+    return torch.cat([latents, extra], dim=1)
 
 
 class ZImage(Family):
@@ -142,6 +191,7 @@ class ZImage(Family):
     cfg_above = 0.0  # its pipeline guides at any scale above 0
     positions = "rope"
     latent_multiple = 2
+    controlnet_class = "ZImageControlNetModel"
     default_native = 1024
     default_steps = 50
     default_guidance = 5.0

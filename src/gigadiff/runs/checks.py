@@ -117,8 +117,8 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
             named = ", ".join(f"{{{f}}}" for f in chosen)
             raise GigadiffError(f"model {name!r} is not a diffusers model: {named} do not apply to it", *chosen)
     if r.control and info.controlnet_class is None:
-        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, SD3, FLUX.1, Qwen-Image and "
-                            f"SANA so far; model {name!r} is a {info.family} model", "control")  # fmt: skip
+        raise GigadiffError(f"{{control}}: ControlNets run per tile on SD, SDXL, SD3, FLUX.1, Qwen-Image, "
+                            f"SANA and Z-Image so far; model {name!r} is a {info.family} model", "control")  # fmt: skip
     if r.guess_mode and not r.control:
         raise GigadiffError("{guess_mode} changes how ControlNets act: give a {control}", "guess_mode", "control")
     if r.guess_mode and info.controlnet_class != "ControlNetModel":
