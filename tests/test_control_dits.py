@@ -181,18 +181,21 @@ def pipeline_latents(family, folder, net, image, scale, start, end, dtype, their
     return latents if latents.ndim == 4 else unpack(latents, SIZE // 8, SIZE // 8)
 
 
-def assert_one_tile_equals_the_pipeline(family, folder, net, image, scale, start, end, dtype, **options):
-    """gigadiff's one-tile run with the ControlNet (and `options`) equals the family's ControlNet pipeline (fp32:
-    1e-4, bf16: 2e-2 of the latents' range), and differs from the run without it by far more (the net acts)."""
+def assert_one_tile_equals_the_pipeline(family, folder, net, image, scale, start, end, dtype, theirs_options=None,
+                                        **options):  # fmt: skip
+    """gigadiff's one-tile run with the ControlNet (and `options`) equals the family's ControlNet pipeline (given
+    `theirs_options` instead of the family's own, if any; fp32: 1e-4, bf16: 2e-2 of the latents' range), and
+    differs from the run without it by far more (the net acts). Returns the backend."""
     backend = open_backend(str(folder), "cpu", dtype="fp32" if dtype == torch.float32 else "bf16",
                            controlnets=(str(net),))  # fmt: skip
     run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES[family].ours, **options}
     got = generate_result(PROMPT, model=backend, control=[f"{net}={image}:{scale}:{start}:{end}"], **run).latents
-    theirs = pipeline_latents(family, folder, net, image, scale, start, end, dtype)
+    theirs = pipeline_latents(family, folder, net, image, scale, start, end, dtype, theirs_options)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
     plain = generate_result(PROMPT, model=backend, **run).latents
     assert (plain - theirs).abs().max() > 20 * tolerance, "the ControlNet changed nothing: the test proves nothing"
+    return backend
 
 
 @pytest.mark.parametrize(("scale", "start", "end", "dtype"),
@@ -271,6 +274,29 @@ def test_sd3_tiles_see_their_crops_and_their_own_place_on_the_controlnets_positi
     for k, crop in enumerate(positions):  # the canvas (16x32 patches) sits centred: rows 16..32, columns 8..40
         expected = table[:, 16:32, 8 + 8 * k : 24 + 8 * k].reshape(1, 256, -1)
         assert torch.equal(crop, expected), f"tile {k} took another place on the ControlNet's table"
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen-image"])
+def test_true_guidance_runs_each_controlnet_once_per_tile_as_the_pipelines_do(family, request, tmp_path):
+    """The pipelines feed their nets the prompt and reuse the residuals in the negative pass: with true guidance
+    (FLUX.1 --true-cfg, both passes in one call; Qwen-Image, a call per pass) each net runs once per tile and step,
+    and the image is the pipeline's."""
+    folder = request.getfixturevalue("tiny_flux_dir" if family == "flux" else "tiny_qwen_image_dir")
+    make = tiny_flux_controlnet if family == "flux" else tiny_qwen_controlnet
+    net = make(folder, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png")
+    ours, theirs = {}, None
+    if family == "flux":
+        ours = {"true_cfg": 2.0, "negative": "fog"}
+        theirs = {**CASES["flux"].theirs, "true_cfg_scale": 2.0, "negative_prompt": "fog"}
+    backend = assert_one_tile_equals_the_pipeline(family, folder, net, image, 0.8, 0.0, 1.0, torch.float32,
+                                                  theirs, **ours)  # fmt: skip
+    rows = []
+    backend.controlnets[str(net)].register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)  # fmt: skip
+    generate_result(PROMPT, model=backend, size=f"{SIZE}x{SIZE}", steps=STEPS, seed=3, control=[f"{net}={image}"],
+                    **{**CASES[family].ours, **ours})  # fmt: skip
+    assert rows == [1] * STEPS, f"the ControlNet ran on {rows} rows a step for one tile"
 
 
 def test_each_tile_sees_the_packed_crop_of_the_encoded_control_image_under_its_window(tiny_flux_dir, tmp_path):

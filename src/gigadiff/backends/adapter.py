@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ class DiffusersBackend:
         """ControlNet models loaded beside the pipeline, by the name the run gives them (gigadiff.backends.control)."""
         self.timesteps: list[float] = []
         """The timesteps of the last schedule made (`scheduler`): where a step falls in its run."""
+        self._pass_memo: dict[Any, Any] | None = None
         self.setup: dict[str, Any] = {"dtype": dtype_name(self.dtype), "offload": self.offload, **quantization}
         """What the metadata records of how the model runs (gigadiff.backends.base.Backend.setup)."""
 
@@ -215,17 +216,52 @@ class DiffusersBackend:
         if self.branches(cond) == 1:
             return self.predict_branch(latent_tiles, t, cond, tiles, 1)
         if not self.batches(cond):
-            uncond = self.predict_branch(latent_tiles, t, cond, tiles, 0)
-            return self.combine(uncond, self.predict_branch(latent_tiles, t, cond, tiles, 1), cond)
+            self._pass_memo = {}
+            try:
+                uncond = self.predict_branch(latent_tiles, t, cond, tiles, 0)
+                return self.combine(uncond, self.predict_branch(latent_tiles, t, cond, tiles, 1), cond)
+            finally:
+                self._pass_memo = None
         first, second = self.guidance_order
         inputs = joined(self.branch_inputs(cond, first, tiles), self.branch_inputs(cond, second, tiles))
         both = self._calls(torch.cat([latent_tiles, latent_tiles]), t, cond, [*tiles, *tiles], inputs)
         out = dict(zip(self.guidance_order, both.chunk(2), strict=True))
         return self.combine(out[0], out[1], cond)
 
+    def pass_shared(self, hidden: torch_types.Tensor, t: Any, tiles: Sequence[Tile],
+                    compute: Callable[[torch_types.Tensor, Sequence[Tile]], Any]) -> Any:  # fmt: skip
+        """`compute(hidden, tiles)` for what does not depend on the guidance pass: the DiT ControlNet pipelines feed
+        their nets the prompt (never the negative) and reuse the residuals in both passes. Computed once per tile:
+        a call holding both passes (its halves the same tiles and latents) computes one half and repeats it; with
+        the passes in calls of their own, the first pass's call computes and the other's reuses it (within one
+        `predict`)."""
+        n = len(tiles)
+        if n % 2 == 0 and list(tiles[: n // 2]) == list(tiles[n // 2 :]) and torch.equal(hidden[: n // 2],
+                                                                                         hidden[n // 2 :]):  # fmt: skip
+            return _doubled(compute(hidden[: n // 2], tiles[: n // 2]))
+        if self._pass_memo is None:
+            return compute(hidden, tiles)
+        key = (float(t), tuple(tiles))
+        if key not in self._pass_memo:
+            self._pass_memo[key] = compute(hidden, tiles)
+        return self._pass_memo[key]
+
     def combine(self, uncond: torch_types.Tensor, cond_out: torch_types.Tensor, cond: Any) -> torch_types.Tensor:
         """Classifier-free guidance: uncond + scale x (cond - uncond)."""
         return uncond + cond.scale * (cond_out - uncond)
+
+
+def _doubled(values: Any) -> Any:
+    """Every tensor of `values` (tensors, lists, tuples, dicts of them, None) repeated along its batch axis."""
+    if values is None:
+        return None
+    if isinstance(values, dict):
+        return {k: _doubled(v) for k, v in values.items()}
+    if isinstance(values, (list, tuple)):
+        return type(values)(_doubled(v) for v in values)
+    if isinstance(values, torch.Tensor):
+        return torch.cat([values, values])
+    return values
 
 
 PROMPT_DEFAULTS = ("max_sequence_length", "complex_human_instruction")

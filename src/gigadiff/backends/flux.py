@@ -123,7 +123,8 @@ class FluxBackend(TransformerBackend):
             guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
         timestep = torch.as_tensor(t, device=self.device).expand(n).to(embeds.dtype)
         hidden = pack(x.to(self.device, self.transformer.dtype))
-        blocks, singles, repeat = self.control_residuals(hidden, t, timestep, cond, tiles, ids)
+        blocks, singles, repeat = self.pass_shared(hidden, t, tiles, lambda rows, part: self.control_residuals(
+            rows, t, timestep[: len(part)], cond, part, ids))  # fmt: skip
         out = self.transformer(
             hidden_states=hidden,
             timestep=timestep / 1000,
@@ -142,9 +143,9 @@ class FluxBackend(TransformerBackend):
     def control_residuals(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor,
                           cond: FluxConditioning, tiles: Sequence[Tile],
                           ids: torch_types.Tensor) -> tuple[Any, Any, bool]:  # fmt: skip
-        """The block residuals of the ControlNets acting at this step (summed), each fed its tiles' crops, with
-        whether the transformer repeats them over its blocks (XLabs-style nets); (None, None, False) when none
-        acts."""
+        """The block residuals of the ControlNets acting at this step (summed), each fed its tiles' crops and the
+        prompt (in both passes of true guidance, as the pipeline: `run` computes them once for both), with whether
+        the transformer repeats them over its blocks (XLabs-style nets); (None, None, False) when none acts."""
         blocks: Any = None
         singles: Any = None
         repeat = False

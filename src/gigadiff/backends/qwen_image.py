@@ -174,7 +174,8 @@ class QwenImageBackend(TransformerBackend):
                 corner = (tiles[0].y // 2, tiles[0].x // 2)
                 for model in (self.transformer, *(c.model for c in cond.controls)):
                     stack.enter_context(_canvas_positions(model.pos_embed, canvas, corner, (h // 2, w // 2)))
-            blocks = self.control_residuals(hidden, t, timestep, cond, tiles, shapes)
+            blocks = self.pass_shared(hidden, t, tiles, lambda rows, part: self.control_residuals(
+                rows, t, timestep[: len(part)], cond, part, shapes[: len(part)]))  # fmt: skip
             out = self.transformer(
                 hidden_states=hidden,
                 timestep=timestep / 1000,
@@ -190,7 +191,7 @@ class QwenImageBackend(TransformerBackend):
                           cond: QwenImageConditioning, tiles: Sequence[Tile], shapes: Any) -> Any:  # fmt: skip
         """The block residuals of the ControlNets acting at this step (summed), each fed the packed crops of its
         image's latents under the tiles, with the prompt (the pipeline gives its nets the prompt in both
-        guidance passes); None when none acts."""
+        guidance passes: `run` computes them once for both); None when none acts."""
         n = hidden.shape[0]
         embeds, mask = cond.text
         blocks: Any = None
