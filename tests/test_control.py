@@ -39,6 +39,30 @@ def tiny_controlnet(folder, out, seed: int = 0):
     return out
 
 
+def tiny_union_controlnet(folder, out, seed: int = 0):
+    """A union ControlNet (SDXL's ControlNetUnionModel) made from the tiny SDXL UNet, its task transformer as wide as
+    the UNet's first block, its zero-initialised layers given seeded weights."""
+    from diffusers import ControlNetUnionModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    made = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    width = unet.config.block_out_channels[0]
+    torch.manual_seed(seed)
+    config = {k: v for k, v in made.config.items() if k != "_use_default_values"}  # else the widths stay defaults
+    controlnet = ControlNetUnionModel.from_config({**config, "num_trans_channel": width, "num_proj_channel": width,
+                                                   "num_trans_head": 2})  # fmt: skip
+    mine = controlnet.state_dict()
+    controlnet.load_state_dict({k: v for k, v in made.state_dict().items() if mine[k].shape == v.shape},
+                               strict=False)  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
 def control_image(path, width: int = SIZE, height: int = SIZE, split: bool = False):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
@@ -109,6 +133,44 @@ def test_guess_mode_is_refused_without_a_controlnet_or_where_no_pipeline_has_it(
     assert result.exit_code == 2 and "--guess-mode is SD's and SDXL's ControlNet pipelines' option" in said
 
 
+def test_a_union_controlnet_equals_the_sdxl_union_pipeline_with_its_mode(tiny_sdxl_dir, tmp_path):
+    """MODEL#MODE: the union net told the kind of its image, as StableDiffusionXLControlNetUnionPipeline's
+    control_mode; another mode paints another image."""
+    from diffusers import ControlNetUnionModel, DiffusionPipeline, StableDiffusionXLControlNetUnionPipeline
+
+    net = tiny_union_controlnet(tiny_sdxl_dir, tmp_path / "union")
+    image = control_image(tmp_path / "edges.png")
+    backend = open_backend(str(tiny_sdxl_dir), "cpu", controlnets=(f"{net}#3",))
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES["sdxl"].ours}
+    got = generate_result(PROMPT, model=backend, control=[f"{net}#3={image}:0.9"], **run).latents
+    base = DiffusionPipeline.from_pretrained(str(tiny_sdxl_dir), local_files_only=True)
+    pipe = StableDiffusionXLControlNetUnionPipeline(
+        **base.components, controlnet=ControlNetUnionModel.from_pretrained(str(net))
+    )
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, control_image=[Image.open(image)], control_mode=[3], height=SIZE, width=SIZE,
+                  num_inference_steps=STEPS, controlnet_conditioning_scale=0.9, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(3), **CASES["sdxl"].theirs).images.float()  # fmt: skip
+    assert (got - theirs).abs().max() <= 1e-4 * max(1.0, float(theirs.abs().max()))
+    other = generate_result(PROMPT, model=backend, control=[f"{net}#1={image}:0.9"], **run).latents
+    assert (other - got).abs().max() > 1e-3, "the mode changed nothing: the test shows nothing"
+
+
+def test_a_union_controlnet_needs_its_mode_and_a_plain_one_takes_none(tiny_sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    union = tiny_union_controlnet(tiny_sdxl_dir, tmp_path / "union")
+    plain = tiny_controlnet(tiny_sdxl_dir, tmp_path / "plain")
+    image = control_image(tmp_path / "edges.png")
+    for control, message in [(f"{union}={image}", "is a union ControlNet of 6 control types: name the kind"),
+                             (f"{union}#6={image}", "MODE from 0 to 5 (#6 given)"),
+                             (f"{plain}#2={image}", "is not a union ControlNet: it takes no #MODE")]:  # fmt: skip
+        result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sdxl_dir), "--control", control,
+                                          "--device", "cpu"])  # fmt: skip
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in said, said
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"
+
+
 def test_each_tile_sees_the_crop_of_the_control_image_under_its_window(tiny_sd_dir, tmp_path):
     net = tiny_controlnet(tiny_sd_dir, tmp_path / "net")
     image = control_image(tmp_path / "edges.png", 512, 256)
@@ -150,8 +212,9 @@ def test_a_two_colour_control_image_paints_each_half_as_its_colour_does(tiny_sd_
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("net", "must be MODEL=IMAGE"), ("net=a.png:1:0.8:0.2", "START < END"), ("net=a.png:1:0.5", "SCALE:START:END"),
-     ("net=a.png:30", "SCALE must lie in")],
+    [("net", "must be MODEL\\[#MODE\\]=IMAGE"), ("net=a.png:1:0.8:0.2", "START < END"),
+     ("net=a.png:1:0.5", "SCALE:START:END"), ("net=a.png:30", "SCALE must lie in"),
+     ("net#99=a.png", "MODE 99 is not a union ControlNet's control type")],
 )  # fmt: skip
 def test_a_malformed_control_is_refused(text, message):
     with pytest.raises(GigadiffError, match=message):

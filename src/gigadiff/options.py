@@ -199,7 +199,8 @@ class RunRequest:
     control: list[str] | None = option(None, "A ControlNet and its image, MODEL=IMAGE[:SCALE[:START:END]] (a "
                                        "diffusers ControlNet folder or hub id; the image is resized to the canvas "
                                        "and each tile sees its crop); repeat for several. SD, SDXL, SD3, FLUX.1, "
-                                       "Qwen-Image, SANA, Z-Image.",
+                                       "Qwen-Image, SANA, Z-Image. MODEL#MODE: an SDXL union ControlNet told "
+                                       "the kind of its image.",
                                        metavar="MODEL=IMAGE", group="guidance", cli_type=list[str],
                                        image=True)  # fmt: skip
     guess_mode: bool = option(False, "ControlNets of SD/SDXL act on the prompted pass only, scaled up block by block "

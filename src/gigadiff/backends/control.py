@@ -1,4 +1,4 @@
-"""ControlNets per tile: `--control MODEL=IMAGE[:SCALE[:START:END]]`, repeatable.
+"""ControlNets per tile: `--control MODEL[#MODE]=IMAGE[:SCALE[:START:END]]`, repeatable.
 
 The control image is resized to the canvas once, as the family's ControlNet pipeline resizes it to its image
 (diffusers' image processor, values in [0, 1]); every tile's ControlNet then sees the crop of the image under its
@@ -10,6 +10,10 @@ i/n >= START and (i+1)/n <= END). Several ControlNets add their residuals, as di
 The ControlNet models load with the pipeline (`Loading.controlnets`); the images and their scales are the run's
 (they determine the picture), passed to `condition` in its options. Preprocessors (edges, depth, pose) are the
 user's: the image is the control itself.
+
+A union ControlNet (SDXL's ControlNetUnionModel: one network, several kinds of control image) takes its kind as
+`#MODE` after the model (the pipeline's `control_mode`, an index into the net's control types: for xinsir's
+union nets 0 pose, 1 depth, 2 soft edges, 3 lines, 4 normals, 5 segments, 6 tile).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ class ControlSpec:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: int | None = None
+    """A union ControlNet's kind of control image (`MODEL#MODE`); None for the others."""
+
+    @property
+    def loaded_as(self) -> str:
+        """The name the loader is given: the model, with a union net's `#MODE` (it picks a hub id's class)."""
+        return self.model if self.mode is None else f"{self.model}#{self.mode}"
 
 
 def _numbers_off(text: str) -> tuple[str, list[str]]:
@@ -59,16 +70,25 @@ def with_image(text: str, image: str) -> str:
 
 
 def parse_control(text: str) -> ControlSpec:
-    """`MODEL=IMAGE[:SCALE[:START:END]]` (numbers only where what follows a colon is one: paths may hold colons)."""
+    """`MODEL[#MODE]=IMAGE[:SCALE[:START:END]]` (numbers only where what follows a colon is one: paths may hold
+    colons; a mode only where what follows the model's last `#` is a whole number)."""
     shown = text if len(text) <= 80 else text[:77] + "..."
     model, equals, rest = text.partition("=")
     if not equals or not model or not rest:
-        raise GigadiffError(f"{{control}} {shown!r} must be MODEL=IMAGE[:SCALE[:START:END]]", "control")
+        raise GigadiffError(f"{{control}} {shown!r} must be MODEL[#MODE]=IMAGE[:SCALE[:START:END]]", "control")
     image, written = _numbers_off(rest)
     numbers = [float(n) for n in written]
     if len(numbers) not in (0, 1, 3):
         raise GigadiffError(f"{{control}} {shown!r}: give SCALE, or SCALE:START:END", "control")
-    spec = ControlSpec(model, image, *numbers)
+    mode = None
+    name, hash_, suffix = model.rpartition("#")
+    if hash_ and name and suffix.isdigit():
+        model, mode = name, int(suffix)
+        if mode > 63:
+            raise GigadiffError(f"{{control}} {shown!r}: MODE {mode} is not a union ControlNet's control type",
+                                "control")  # fmt: skip
+    scale, start, end = [*numbers, 0.0, 1.0][:3] if len(numbers) == 1 else (numbers or [1.0, 0.0, 1.0])
+    spec = ControlSpec(model, image, scale, start, end, mode)
     if not (0 <= spec.start < spec.end <= 1):
         raise GigadiffError(f"{{control}} {shown!r}: START and END must satisfy 0 <= START < END <= 1", "control")
     if not -10 <= spec.scale <= 10:
@@ -97,6 +117,8 @@ class Control:
     scale: float
     start: float
     end: float
+    mode: int | None = None
+    """A union ControlNet's control type (`ControlSpec.mode`)."""
 
     def acts(self, index: int, steps: int) -> bool:
         return not (index / steps < self.start or (index + 1) / steps > self.end)
@@ -175,23 +197,52 @@ def _config(name: str) -> dict[str, Any] | None:
                             "control") from None  # fmt: skip
 
 
-def check_controlnet_class(name: str, info: ModelInfo) -> None:
+UNION_CLASS = "ControlNetUnionModel"
+UNION_FAMILIES = ("sdxl",)
+"""The families whose diffusers pipelines drive union ControlNets (StableDiffusionXLControlNetUnionPipeline)."""
+
+
+def controlnet_class(name: str, info: ModelInfo, mode: int | None = None) -> str:
+    """The diffusers class a ControlNet loads as: the family's, or the union class on SDXL (from a local config,
+    or for a hub id given a `#MODE`)."""
+    assert info.controlnet_class is not None
+    config = _config(name) or {}
+    union = config.get("_class_name") == UNION_CLASS or (not config and mode is not None)
+    return UNION_CLASS if union and info.family in UNION_FAMILIES else info.controlnet_class
+
+
+def check_controlnet_class(name: str, info: ModelInfo, mode: int | None = None) -> None:
     """Refuse, before any weights load, a local ControlNet made for another family (its config names its class:
-    loaded as the wrong class, its weights would be left out and random ones used) or one this run cannot drive
-    (a union ControlNet, which needs a control mode per image)."""
+    loaded as the wrong class, its weights would be left out and random ones used), one this run cannot drive
+    (an inpainting net), a union net without its `#MODE` (or with one beyond its control types), and a `#MODE` on
+    a net that is not a union one."""
     config = _config(name)
     if config is None:
+        if mode is not None and info.family not in UNION_FAMILIES:
+            raise GigadiffError(f"{{control}}: #MODE is for union ControlNets, which run on SDXL only; model "
+                                f"{info.name!r} is a {info.family} model", "control")  # fmt: skip
         return
     kind = config.get("_class_name")
-    if kind is not None and kind != info.controlnet_class:
+    union = kind == UNION_CLASS and info.family in UNION_FAMILIES
+    if kind is not None and kind != info.controlnet_class and not union:
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is a {kind}; model {info.name!r} ({info.family}) takes "
                             f"a {info.controlnet_class}", "control")  # fmt: skip
     if config.get("extra_condition_channels") or config.get("extra_conditioning_channels"):
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is an inpainting ControlNet (it reads a mask beside its "
                             "image), which gigadiff does not drive yet", "control")  # fmt: skip
     if config.get("num_mode") is not None:
-        raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet (one network, several kinds of "
-                            "control image chosen by a mode), which gigadiff does not drive yet",
+        raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet of FLUX.1 (one network, several "
+                            "kinds of control image chosen by a mode), which gigadiff does not drive yet",
+                            "control")  # fmt: skip
+    if union:
+        types = int(config.get("num_control_type") or 6)
+        if mode is None or not 0 <= mode < types:
+            given = "no #MODE" if mode is None else f"#{mode}"
+            raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet of {types} control types: "
+                                f"name the kind of its image as {name}#MODE=IMAGE, MODE from 0 to {types - 1} "
+                                f"({given} given)", "control")  # fmt: skip
+    elif mode is not None:
+        raise GigadiffError(f"{{control}}: ControlNet {name!r} is not a union ControlNet: it takes no #MODE",
                             "control")  # fmt: skip
 
 
@@ -215,14 +266,16 @@ def refuse_small_table(table_px: int, width: int, height: int) -> None:
 
 
 def load_controlnets(models: tuple[str, ...], info: ModelInfo, dtype: Any, device: Any) -> dict[str, Any]:
-    """The ControlNet models (of the family's class) by their names as given, on `device` in `dtype`."""
+    """The ControlNet models (of the family's class, or the union class) by their names as given (a union net's
+    with its `#MODE`, which picks the class of a hub id), on `device` in `dtype`."""
     import diffusers
 
     assert info.controlnet_class is not None
-    cls = getattr(diffusers, info.controlnet_class)
     loaded: dict[str, Any] = {}
-    for name in models:
-        check_controlnet_class(name, info)
+    for given in models:
+        name, mode = _model_and_mode(given)
+        check_controlnet_class(name, info, mode)
+        cls = getattr(diffusers, controlnet_class(name, info, mode))
         path = Path(name).expanduser()
         try:
             model = cls.from_pretrained(str(path) if path.exists() else name, dtype=dtype)
@@ -232,6 +285,12 @@ def load_controlnets(models: tuple[str, ...], info: ModelInfo, dtype: Any, devic
                                 "control") from e  # fmt: skip
         loaded[name] = model.to(device).eval()
     return loaded
+
+
+def _model_and_mode(name: str) -> tuple[str, int | None]:
+    """A ControlNet's name as the run gives it to the loader, split from a union net's `#MODE`."""
+    spec = parse_control(f"{name}=_")
+    return spec.model, spec.mode
 
 
 def prepare_controls(specs: list[ControlSpec], models: dict[str, Any], processor: Any, canvas_px: tuple[int, int],
@@ -245,5 +304,6 @@ def prepare_controls(specs: list[ControlSpec], models: dict[str, Any], processor
             raise GigadiffError(f"{{control}}: ControlNet {spec.model!r} was not loaded with the model", "control")
         with open_image(spec.image) as im:
             image = processor.preprocess(im.convert("RGB"), height=canvas_px[0], width=canvas_px[1])
-        controls.append(Control(models[spec.model], image.to(device, dtype), spec.scale, spec.start, spec.end))
+        controls.append(Control(models[spec.model], image.to(device, dtype), spec.scale, spec.start, spec.end,
+                                spec.mode))  # fmt: skip
     return tuple(controls)

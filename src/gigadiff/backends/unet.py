@@ -158,10 +158,16 @@ class UNetBackend(DiffusersBackend):
         down: list[torch_types.Tensor] | None = None
         mid: torch_types.Tensor | None = None
         for control in acting:
-            d, m = control.model(x, t, encoder_hidden_states=embeds,
-                                 controlnet_cond=control.crops([tiles[i] for i in rows], self.info.vae_scale_factor),
+            crops: Any = control.crops([tiles[i] for i in rows], self.info.vae_scale_factor)
+            union: dict[str, Any] = {}
+            if control.mode is not None:  # a union net: its image in a list, its kind one-hot per row
+                kinds = torch.zeros(len(rows), control.model.config.num_control_type, device=self.device,
+                                    dtype=x.dtype)  # fmt: skip
+                kinds[:, control.mode] = 1
+                crops, union = [crops], {"control_type": kinds, "control_type_idx": [control.mode]}
+            d, m = control.model(x, t, encoder_hidden_states=embeds, controlnet_cond=crops,
                                  conditioning_scale=control.scale, guess_mode=cond.guess_mode,
-                                 added_cond_kwargs=added, return_dict=False)  # fmt: skip
+                                 added_cond_kwargs=added, return_dict=False, **union)  # fmt: skip
             down, mid = summed_residuals(down, d), summed_residuals(mid, m)
         if subset and down is not None and mid is not None:  # the unprompted rows: zeros, as the pipelines give
             down = [_scattered(r, rows, len(tiles)) for r in down]

@@ -127,8 +127,8 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
     if r.control:
         from gigadiff.backends.control import check_controlnet_class, parse_control
 
-        for model in dict.fromkeys(parse_control(text).model for text in r.control):
-            check_controlnet_class(model, info)
+        for spec in dict.fromkeys(parse_control(text) for text in r.control):
+            check_controlnet_class(spec.model, info, spec.mode)
     if r.lora and info.diffusers_weights and not info.loras:
         raise GigadiffError(f"model {name!r} takes no LoRAs: its diffusers pipeline has no LoRA loader", "lora")
     if r.attention != "auto" and info.diffusers_weights and not info.attention_backends:

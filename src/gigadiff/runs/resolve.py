@@ -80,7 +80,7 @@ class Run:
     def loading(self, device: str | None = None) -> Loading:
         """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
         r = self.request
-        controlnets = tuple(dict.fromkeys(parse_control(text).model for text in r.control or ()))
+        controlnets = tuple(dict.fromkeys(parse_control(text).loaded_as for text in r.control or ()))
         return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.compile, r.attention,
                        tuple(r.lora or ()), controlnets)  # fmt: skip
 

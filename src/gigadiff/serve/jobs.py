@@ -88,8 +88,8 @@ MAX_CONTROLS = 4
 
 
 def _control(item: Any, index: int, folder: Path, config: ServeConfig) -> str:
-    """A job's `NAME=data:image/...[:SCALE[:START:END]]`: the ControlNet a folder of the models folder, its image
-    written into the job's folder (held to the side limit first)."""
+    """A job's `NAME[#MODE]=data:image/...[:SCALE[:START:END]]`: the ControlNet a folder of the models folder (a
+    union net's mode kept), its image written into the job's folder (held to the side limit first)."""
     from gigadiff.backends.control import parse_control
     from gigadiff.io.images import data_url_bytes
 
@@ -107,7 +107,8 @@ def _control(item: Any, index: int, folder: Path, config: ServeConfig) -> str:
     _within_side(data, what, "control", config)
     path = folder / f"control{index}.png"
     path.write_bytes(data)
-    return f"{net}={path}:{spec.scale:g}:{spec.start:g}:{spec.end:g}"
+    mode = "" if spec.mode is None else f"#{spec.mode}"
+    return f"{net}{mode}={path}:{spec.scale:g}:{spec.start:g}:{spec.end:g}"
 
 
 def _lora(item: Any, config: ServeConfig) -> str:
