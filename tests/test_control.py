@@ -20,6 +20,17 @@ from tests.helpers.families import CASES, PROMPT, SIZE, STEPS
 FOLDERS = {"sd": "tiny_sd_dir", "sdxl": "tiny_sdxl_dir"}
 
 
+def saved_acting(controlnet, parameters, out, seed: int = 0, scale: float = 0.05):
+    """`controlnet` saved to `out` after its zero-initialised `parameters` (which make a fresh net act as none) are
+    given seeded normal weights times `scale`, in order, so that it acts and its image matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(parameters):
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    controlnet.save_pretrained(str(out))
+    return out
+
+
 def tiny_controlnet(folder, out, seed: int = 0):
     """A ControlNet made from the model's UNet (as diffusers' `from_unet` does), its zero convolutions (the image
     embedding's last one among them) given seeded weights so that it acts and its image matters, saved as a
@@ -28,15 +39,9 @@ def tiny_controlnet(folder, out, seed: int = 0):
 
     unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        zero_initialised = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                            controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
-        for block in zero_initialised:
-            for p in block.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    controlnet.save_pretrained(str(out))
-    return out
+    blocks = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+              controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
+    return saved_acting(controlnet, (p for block in blocks for p in block.parameters()), out, seed)
 
 
 def tiny_union_controlnet(folder, out, seed: int = 0):
@@ -54,13 +59,7 @@ def tiny_union_controlnet(folder, out, seed: int = 0):
     mine = controlnet.state_dict()
     controlnet.load_state_dict({k: v for k, v in made.state_dict().items() if mine[k].shape == v.shape},
                                strict=False)  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in controlnet.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    controlnet.save_pretrained(str(out))
-    return out
+    return saved_acting(controlnet, [p for p in controlnet.parameters() if not p.any()], out, seed)
 
 
 def control_image(path, width: int = SIZE, height: int = SIZE, split: bool = False):

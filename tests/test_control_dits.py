@@ -20,7 +20,7 @@ from gigadiff.api import generate_result, open_backend
 from gigadiff.backends.flow import unpack
 from gigadiff.cli import app
 from tests.helpers.families import CASES, PROMPT, SIZE, STEPS
-from tests.test_control import control_image, tiny_controlnet
+from tests.test_control import control_image, saved_acting, tiny_controlnet
 
 
 def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0):
@@ -38,14 +38,8 @@ def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0):
         weights = controlnet.state_dict()
         controlnet = FluxControlNetModel.from_config({**controlnet.config, "conditioning_embedding_channels": 16})
         controlnet.load_state_dict(weights, strict=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks,
-                      controlnet.controlnet_x_embedder]:  # fmt: skip
-            for p in block.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    controlnet.save_pretrained(str(out))
-    return out
+    blocks = [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder]
+    return saved_acting(controlnet, (p for block in blocks for p in block.parameters()), out, seed)
 
 
 def tiny_qwen_controlnet(folder, out, seed: int = 0):
@@ -58,13 +52,8 @@ def tiny_qwen_controlnet(folder, out, seed: int = 0):
     controlnet = QwenImageControlNetModel.from_transformer(transformer, num_layers=1,
                                                            attention_head_dim=c.attention_head_dim,
                                                            num_attention_heads=c.num_attention_heads)  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in [*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder]:
-            for p in block.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    controlnet.save_pretrained(str(out))
-    return out
+    blocks = [*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder]
+    return saved_acting(controlnet, (p for block in blocks for p in block.parameters()), out, seed)
 
 
 def tiny_sd3_controlnet(folder, out, style: str = "instantx", seed: int = 0):
@@ -83,13 +72,8 @@ def tiny_sd3_controlnet(folder, out, style: str = "instantx", seed: int = 0):
         controlnet = SD3ControlNetModel.from_config({**controlnet.config, "force_zeros_for_pooled_projection": False,
                                                      **large})  # fmt: skip
         controlnet.load_state_dict({k: v for k, v in weights.items() if k in controlnet.state_dict()}, strict=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in [*controlnet.controlnet_blocks, controlnet.pos_embed_input]:
-            for p in block.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    controlnet.save_pretrained(str(out))
-    return out
+    blocks = [*controlnet.controlnet_blocks, controlnet.pos_embed_input]
+    return saved_acting(controlnet, (p for block in blocks for p in block.parameters()), out, seed)
 
 
 def tiny_sana_controlnet(folder, out, seed: int = 0):
@@ -105,13 +89,9 @@ def tiny_sana_controlnet(folder, out, seed: int = 0):
     torch.manual_seed(seed)
     controlnet = SanaControlNetModel(**{**config, "num_layers": 1})
     controlnet.load_state_dict(transformer.state_dict(), strict=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in [*controlnet.controlnet_blocks, controlnet.input_block]:
-            for p in block.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)  # acts well beyond bf16's rounding
-    controlnet.save_pretrained(str(out))
-    return out
+    blocks = [*controlnet.controlnet_blocks, controlnet.input_block]
+    parameters = (p for block in blocks for p in block.parameters())
+    return saved_acting(controlnet, parameters, out, seed, scale=0.2)  # acts well beyond bf16's rounding
 
 
 def tiny_z_image_controlnet(folder, out, control_in_dim: int = 16, seed: int = 0):
@@ -126,13 +106,7 @@ def tiny_z_image_controlnet(folder, out, control_in_dim: int = 16, seed: int = 0
                                        all_f_patch_size=tuple(c["all_f_patch_size"]), dim=c["dim"],
                                        n_refiner_layers=c["n_refiner_layers"], n_heads=c["n_heads"],
                                        n_kv_heads=c["n_kv_heads"])  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in controlnet.parameters():
-            if not p.any():  # the zero-initialised projections that make a fresh net act as none
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    controlnet.save_pretrained(str(out))
-    return out
+    return saved_acting(controlnet, [p for p in controlnet.parameters() if not p.any()], out, seed, scale=0.2)
 
 
 def sharp_posterior(folder, out):

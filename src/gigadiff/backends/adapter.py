@@ -127,9 +127,9 @@ class DiffusersBackend:
 
     def drawn_like(self, cond: Any, drawn: Any) -> Any:
         """`cond` holding what `drawn` (a conditioning of the same run, after `drawn_conditioning`) drew: a region's
-        conditioning shares the run's encoded control images instead of encoding them again. `cond` itself for
-        families that draw nothing."""
-        return cond
+        conditioning shares the run's encoded control images instead of encoding them again. `cond` itself when it
+        holds no ControlNets."""
+        return replace(cond, controls=drawn.controls) if getattr(cond, "controls", ()) else cond
 
     always_sigmas = False
     """Whether the family's pipeline gives its sigma schedule to every solver that accepts one (Z-Image), or
@@ -228,13 +228,15 @@ class DiffusersBackend:
         out = dict(zip(self.guidance_order, both.chunk(2), strict=True))
         return self.combine(out[0], out[1], cond)
 
-    def pass_shared(self, hidden: torch_types.Tensor, t: Any, tiles: Sequence[Tile],
+    def pass_shared(self, hidden: torch_types.Tensor, t: Any, tiles: Sequence[Tile], controls: Sequence[Control],
                     compute: Callable[[torch_types.Tensor, Sequence[Tile]], Any]) -> Any:  # fmt: skip
         """`compute(hidden, tiles)` for what does not depend on the guidance pass: the DiT ControlNet pipelines feed
         their nets the prompt (never the negative) and reuse the residuals in both passes. Computed once per tile:
         a call holding both passes (its halves the same tiles and latents) computes one half and repeats it; with
         the passes in calls of their own, the first pass's call computes and the other's reuses it (within one
-        `predict`)."""
+        `predict`). Without `controls` acting at `t`, computed as it is (nothing to share, nothing compared)."""
+        if not self.acting(controls, t):
+            return compute(hidden, tiles)
         n = len(tiles)
         if n % 2 == 0 and list(tiles[: n // 2]) == list(tiles[n // 2 :]) and torch.equal(hidden[: n // 2],
                                                                                          hidden[n // 2 :]):  # fmt: skip

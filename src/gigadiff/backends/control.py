@@ -69,9 +69,15 @@ def with_image(text: str, image: str) -> str:
     return ":".join([f"{model}={image}", *numbers])
 
 
+def split_mode(model: str) -> tuple[str, int | None]:
+    """`MODEL[#MODE]` as (MODEL, MODE): a mode only where what follows the last `#` is a whole number."""
+    name, hash_, suffix = model.rpartition("#")
+    return (name, int(suffix)) if hash_ and name and suffix.isdigit() else (model, None)
+
+
 def parse_control(text: str) -> ControlSpec:
     """`MODEL[#MODE]=IMAGE[:SCALE[:START:END]]` (numbers only where what follows a colon is one: paths may hold
-    colons; a mode only where what follows the model's last `#` is a whole number)."""
+    colons; the mode as `split_mode` reads it)."""
     shown = text if len(text) <= 80 else text[:77] + "..."
     model, equals, rest = text.partition("=")
     if not equals or not model or not rest:
@@ -80,13 +86,10 @@ def parse_control(text: str) -> ControlSpec:
     numbers = [float(n) for n in written]
     if len(numbers) not in (0, 1, 3):
         raise GigadiffError(f"{{control}} {shown!r}: give SCALE, or SCALE:START:END", "control")
-    mode = None
-    name, hash_, suffix = model.rpartition("#")
-    if hash_ and name and suffix.isdigit():
-        model, mode = name, int(suffix)
-        if mode > 63:
-            raise GigadiffError(f"{{control}} {shown!r}: MODE {mode} is not a union ControlNet's control type",
-                                "control")  # fmt: skip
+    model, mode = split_mode(model)
+    if mode is not None and mode > 63:
+        raise GigadiffError(f"{{control}} {shown!r}: MODE {mode} is not a union ControlNet's control type",
+                            "control")  # fmt: skip
     scale, start, end = [*numbers, 0.0, 1.0][:3] if len(numbers) == 1 else (numbers or [1.0, 0.0, 1.0])
     spec = ControlSpec(model, image, scale, start, end, mode)
     if not (0 <= spec.start < spec.end <= 1):
@@ -149,7 +152,7 @@ def unet_processor(vae_scale_factor: int) -> Any:
 
 
 def pipeline_processor(vae_scale_factor: int) -> Any:
-    """The control image processor of the DiT ControlNet pipelines (FLUX.1, Qwen-Image): sides multiples of two
+    """The control image processor of the DiT ControlNet pipelines (FLUX.1, Qwen-Image, Z-Image): sides multiples of two
     latent pixels, values in [-1, 1]."""
     from diffusers.image_processor import VaeImageProcessor
 
@@ -273,7 +276,7 @@ def load_controlnets(models: tuple[str, ...], info: ModelInfo, dtype: Any, devic
     assert info.controlnet_class is not None
     loaded: dict[str, Any] = {}
     for given in models:
-        name, mode = _model_and_mode(given)
+        name, mode = split_mode(given)
         check_controlnet_class(name, info, mode)
         cls = getattr(diffusers, controlnet_class(name, info, mode))
         path = Path(name).expanduser()
@@ -285,12 +288,6 @@ def load_controlnets(models: tuple[str, ...], info: ModelInfo, dtype: Any, devic
                                 "control") from e  # fmt: skip
         loaded[name] = model.to(device).eval()
     return loaded
-
-
-def _model_and_mode(name: str) -> tuple[str, int | None]:
-    """A ControlNet's name as the run gives it to the loader, split from a union net's `#MODE`."""
-    spec = parse_control(f"{name}=_")
-    return spec.model, spec.mode
 
 
 def prepare_controls(specs: list[ControlSpec], models: dict[str, Any], processor: Any, canvas_px: tuple[int, int],

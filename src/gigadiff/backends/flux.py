@@ -90,9 +90,6 @@ class FluxBackend(TransformerBackend):
         controls = encoded_controls(cond.controls, _takes_latents, self.codec, generator, tiling, listener, self.dtype)
         return replace(cond, controls=controls)
 
-    def drawn_like(self, cond: FluxConditioning, drawn: FluxConditioning) -> FluxConditioning:
-        return replace(cond, controls=drawn.controls)
-
     def branch_inputs(self, cond: FluxConditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's T5 embeddings and CLIP pooled embedding per tile, and its text ids (shared)."""
         text = (cond.embeds, cond.pooled, cond.text_ids) if branch else cond.negative
@@ -123,8 +120,9 @@ class FluxBackend(TransformerBackend):
             guidance = torch.full([n], cond.guidance, device=self.device, dtype=torch.float32)
         timestep = torch.as_tensor(t, device=self.device).expand(n).to(embeds.dtype)
         hidden = pack(x.to(self.device, self.transformer.dtype))
-        blocks, singles, repeat = self.pass_shared(hidden, t, tiles, lambda rows, part: self.control_residuals(
-            rows, t, timestep[: len(part)], cond, part, ids))  # fmt: skip
+        blocks, singles, repeat = self.pass_shared(
+            hidden, t, tiles, cond.controls,
+            lambda rows, part: self.control_residuals(rows, t, timestep[: len(part)], cond, part, ids))  # fmt: skip
         out = self.transformer(
             hidden_states=hidden,
             timestep=timestep / 1000,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
+from gigadiff.backends.control import Control
 from gigadiff.backends.family import Family, Preset, vae_factor
 from gigadiff.lazy import no_grad, torch
 
@@ -37,6 +38,8 @@ class PixArtConditioning(NegativeGuided):
     text: Text
     negative: Text | None
     scale: float
+    controls: tuple[Control, ...] = ()
+    """SANA's ControlNets (gigadiff.backends.sana); PixArt-Σ's pipelines have none."""
 
 
 class PixArtBackend(TransformerBackend):

@@ -124,9 +124,6 @@ class QwenImageBackend(TransformerBackend):
         controls = encoded_controls(cond.controls, lambda c: True, self.codec, generator, tiling, listener, self.dtype)
         return replace(cond, controls=controls)
 
-    def drawn_like(self, cond: QwenImageConditioning, drawn: QwenImageConditioning) -> QwenImageConditioning:
-        return replace(cond, controls=drawn.controls)
-
     def planned_condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
         options: Mapping[str, Any],
@@ -174,7 +171,7 @@ class QwenImageBackend(TransformerBackend):
                 corner = (tiles[0].y // 2, tiles[0].x // 2)
                 for model in (self.transformer, *(c.model for c in cond.controls)):
                     stack.enter_context(_canvas_positions(model.pos_embed, canvas, corner, (h // 2, w // 2)))
-            blocks = self.pass_shared(hidden, t, tiles, lambda rows, part: self.control_residuals(
+            blocks = self.pass_shared(hidden, t, tiles, cond.controls, lambda rows, part: self.control_residuals(
                 rows, t, timestep[: len(part)], cond, part, shapes[: len(part)]))  # fmt: skip
             out = self.transformer(
                 hidden_states=hidden,

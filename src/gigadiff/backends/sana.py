@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from gigadiff.backends.control import Control, encoded_controls, run_controls, summed_residuals
+from gigadiff.backends.control import encoded_controls, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule
 from gigadiff.backends.pixart import PixArtBackend, PixArtConditioning
 from gigadiff.lazy import no_grad
@@ -41,11 +41,6 @@ if TYPE_CHECKING:
     from gigadiff.facts import ModelInfo
     from gigadiff.geometry import Tile
     from gigadiff.vae.halo import Network
-
-
-@dataclass(frozen=True)
-class SanaConditioning(PixArtConditioning):
-    controls: tuple[Control, ...] = ()
 
 
 def _control_processor(vae_scale_factor: int) -> Any:
@@ -68,29 +63,27 @@ class SanaBackend(PixArtBackend):
     def condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
         options: Mapping[str, Any],
-    ) -> SanaConditioning:  # fmt: skip
+    ) -> PixArtConditioning:  # fmt: skip
         base = super().condition(prompt, negative_prompt, guidance, canvas_px, options)
         processor = partial(_control_processor, self.info.vae_scale_factor)
         controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
-        return SanaConditioning(base.text, base.negative, base.scale, controls)
+        return replace(base, controls=controls)
 
-    def drawn_conditioning(self, cond: Any, generator: Any, tiling: Any, listener: Any = None) -> Any:
+    def drawn_conditioning(self, cond: PixArtConditioning, generator: Any, tiling: Any,
+                           listener: Any = None) -> Any:  # fmt: skip
         """The control images encoded by the DC-AE (tiled), once per run (it draws nothing)."""
-        if not getattr(cond, "controls", ()):
+        if not cond.controls:
             return cond
         encoded = encoded_controls(cond.controls, lambda c: True, self.codec, generator, tiling, listener, self.dtype)
         return replace(cond, controls=encoded)
 
-    def drawn_like(self, cond: Any, drawn: Any) -> Any:
-        return replace(cond, controls=drawn.controls) if getattr(cond, "controls", ()) else cond
-
-    def control_inputs(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor, cond: Any,
-                       tiles: Sequence[Tile], inputs: Any) -> dict[str, Any]:  # fmt: skip
+    def control_inputs(self, hidden: torch_types.Tensor, t: Any, timestep: torch_types.Tensor,
+                       cond: PixArtConditioning, tiles: Sequence[Tile], inputs: Any) -> dict[str, Any]:  # fmt: skip
         """The block residuals of the ControlNets acting at `t` (summed), each fed its tiles' crops of the encoded
         image with the call's prompt; none when none acts."""
         embeds, mask = inputs
         blocks: Any = None
-        for control in self.acting(getattr(cond, "controls", ()), t):
+        for control in self.acting(cond.controls, t):
             dtype = control.model.dtype
             residuals = control.model(hidden.to(dtype), encoder_hidden_states=embeds.to(dtype),
                                       encoder_attention_mask=mask, timestep=timestep,

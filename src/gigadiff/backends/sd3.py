@@ -135,9 +135,6 @@ class SD3Backend(TransformerBackend):
         controls = tuple(replace(c, image=c.image + unshift) if _zero_pooled(c) else c for c in encoded)
         return replace(cond, controls=controls)
 
-    def drawn_like(self, cond: SD3Conditioning, drawn: SD3Conditioning) -> SD3Conditioning:
-        return replace(cond, controls=drawn.controls)
-
     def branch_inputs(self, cond: SD3Conditioning, branch: int, tiles: Sequence[Tile]) -> Any:
         """A pass's joint text embeddings and pooled CLIP embedding, per tile."""
         text = (cond.embeds, cond.pooled) if branch else cond.negative

@@ -27,7 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.adapter import NegativeGuided, TransformerBackend
-from gigadiff.backends.control import Control, encoded_controls, run_controls, summed_residuals
+from gigadiff.backends.control import Control, encoded_controls, pipeline_processor, run_controls, summed_residuals
 from gigadiff.backends.family import Family, Preset, flow_shift_rule, vae_factor
 from gigadiff.lazy import no_grad, torch
 from gigadiff.overrides import instance_override
@@ -91,7 +91,7 @@ class ZImageBackend(TransformerBackend):
         embeds, negative = self.pipe.encode_prompt(prompt=prompt, device=self.device, do_classifier_free_guidance=cfg,
                                                    negative_prompt=negative_prompt or None,
                                                    **self.prompt_options())  # fmt: skip
-        processor = partial(_control_processor, 2 * self.info.vae_scale_factor)
+        processor = partial(pipeline_processor, self.info.vae_scale_factor)
         controls = run_controls(options, self.controlnets, processor, canvas_px, self.device, self.dtype)
         return ZImageConditioning(embeds, negative if cfg else None, scale, options.get("positions") == "global",
                                   controls)  # fmt: skip
@@ -110,9 +110,6 @@ class ZImageBackend(TransformerBackend):
         encoded = encoded_controls(cond.controls, lambda c: True, self.codec, None, tiling, listener, self.dtype)
         controls = tuple(replace(c, image=_padded(c.image, int(c.model.config.control_in_dim))) for c in encoded)
         return replace(cond, controls=controls)
-
-    def drawn_like(self, cond: ZImageConditioning, drawn: ZImageConditioning) -> ZImageConditioning:
-        return replace(cond, controls=drawn.controls)
 
     def planned_condition(
         self, prompt: str, negative_prompt: str, guidance: float | None, canvas_px: tuple[int, int],
@@ -162,13 +159,6 @@ class ZImageBackend(TransformerBackend):
                 cond: ZImageConditioning) -> torch_types.Tensor:  # fmt: skip
         """Z-Image's guidance: cond + scale x (cond - uncond)."""
         return cond_out + cond.scale * (cond_out - uncond)
-
-
-def _control_processor(vae_scale_factor: int) -> Any:
-    """ZImageControlNetPipeline's control image processor (sizes on whole 2x2 patches of the VAE's pixels)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor(vae_scale_factor=vae_scale_factor)
 
 
 def _padded(latents: torch_types.Tensor, channels: int) -> torch_types.Tensor:
