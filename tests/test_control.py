@@ -170,6 +170,16 @@ def test_a_union_controlnet_needs_its_mode_and_a_plain_one_takes_none(tiny_sdxl_
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["edges.png"], "nothing was written"
 
 
+def test_a_mode_is_refused_where_no_union_controlnet_runs(tiny_sd_dir, tmp_path, monkeypatch):
+    """A hub id's #MODE (its config unread before loading) on a family without union ControlNets."""
+    monkeypatch.chdir(tmp_path)
+    image = control_image(tmp_path / "edges.png")
+    result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sd_dir), "--control",
+                                      f"someone/union-net#2={image}", "--device", "cpu"])  # fmt: skip
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "#MODE is for union ControlNets, which run on SDXL only" in said, said
+
+
 def test_each_tile_sees_the_crop_of_the_control_image_under_its_window(tiny_sd_dir, tmp_path):
     net = tiny_controlnet(tiny_sd_dir, tmp_path / "net")
     image = control_image(tmp_path / "edges.png", 512, 256)
