@@ -10,10 +10,11 @@ from typer.testing import CliRunner
 
 from gigadiff.api import open_backend
 from gigadiff.backends.footprint import traced_peak
+from gigadiff.backends.placement import Phase, Residency, Work, phase_peaks
 from gigadiff.cli import app
 from gigadiff.errors import GigadiffError
 from gigadiff.options import RunRequest
-from gigadiff.runs.plan import GB, MemoryPlan, Phase, _phases, plan_run, refuse_if_unfit
+from gigadiff.runs.plan import GB, MemoryPlan, plan_run, refuse_if_unfit
 from gigadiff.runs.resolve import resolve
 from tests.helpers.families import CASES
 
@@ -60,14 +61,16 @@ WEIGHTS = {"text_encoder": 9 * GB, "text_encoder_2": GB // 4, "transformer": 12 
 BLOCKS = {"text_encoder": (GB // 4, GB // 2), "text_encoder_2": (GB // 64, GB // 16),
           "transformer": (GB // 2, GB), "vae": (0, GB // 4)}  # fmt: skip
 LAYERS = {"text_encoder": GB // 8, "text_encoder_2": GB // 64, "transformer": GB // 8, "vae": GB // 64}
+HELD = Residency(WEIGHTS, "transformer", BLOCKS, LAYERS)
 
 
 def test_each_offload_mode_holds_less_on_the_device_than_the_last():
     modes = ("none", "model", "group", "sequential")
-    phases = [_phases(mode, False, WEIGHTS, "transformer", BLOCKS, LAYERS, GB // 10, GB, GB // 8, GB) for mode in modes]
+    work = Work(GB // 10, GB, GB // 8, lambda resident: GB)
+    phases = [phase_peaks(mode, False, HELD, work) for mode in modes]
     peaks = [max(p.device for p in each) for each in phases]
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
-    model = _phases("model", False, WEIGHTS, "transformer", BLOCKS, LAYERS, 0, GB, 0, 0)
+    model = phase_peaks("model", False, HELD, Work(denoise=GB))
     assert [p.device for p in model] == [9 * GB, 13 * GB, GB // 4]  # one model at a time
     assert all(p.host == sum(WEIGHTS.values()) for p in model)
 
@@ -111,3 +114,41 @@ def test_every_familys_activations_are_traced(name, tmp_path_factory):
     plan = planned(folder, **{k: v for k, v in CASES[name].ours.items() if k in ("guidance", "negative")})
     assert not plan.untraced
     assert plan.activations > 0 and plan.vae_work > 0
+
+
+def test_a_plan_for_a_gpu_this_machine_lacks_says_whether_it_fits(tiny_flux_dir):
+    """`gigadiff plan --gpu-memory GB`: the plan on a CUDA card with that much free, in the dtype the family runs
+    in there (bf16 for FLUX), made on a machine without one."""
+
+    def plan(*extra: str):
+        return CliRunner().invoke(app, ["plan", "a harbour", "--model", str(tiny_flux_dir), "--size", "1024x512",
+                                        *extra])  # fmt: skip
+
+    roomy, tight, wrong = plan("--gpu-memory", "1"), plan("--gpu-memory", "0.01"), plan("--gpu-memory", "0")
+    assert roomy.exit_code == 0 and tight.exit_code == 0, roomy.output + tight.output
+    assert "memory plan on cuda in bf16" in roomy.output
+    assert "of 1.00 GB free: fits" in roomy.output
+    assert "of 10.2 MB free: does NOT fit" in tight.output and "alternatives: --offload" in tight.output
+    assert wrong.exit_code == 2 and "--gpu-memory must be more than 0" in wrong.output
+
+
+def test_the_decode_phase_fits_wherever_the_weights_leave_room_for_the_vae(tiny_flux_dir):
+    """The VAE's default budget is half of what is free when decoding starts (gigadiff.vae.budget): the plan counts
+    it so, so a run whose resident weights and canvas take 60% of the card still fits its decode (counting half of
+    the free memory before loading, as the run does not, would put it at 110%)."""
+    from dataclasses import replace
+
+    from gigadiff.runs.plan import footprint
+
+    request = RunRequest(prompt="a harbour", model=str(tiny_flux_dir), size="2048x2048", steps=2, device="cpu")
+    fp = footprint(resolve(request, writes=False), "cuda")
+    weights = {**fp.held.weights, "transformer": 12 * GB}  # FLUX.1-sized: budgets above the 0.25 GB floor
+    fp = replace(fp, held=replace(fp.held, weights=weights))
+    resident = weights["transformer"] + weights["vae"] + fp.canvas
+    free = int(resident / 0.6)
+    fp = replace(fp, whole_decode=free)  # a decode larger than any budget: the budget decides
+    plan = fp.plan(free, "none")
+    decode = plan.phases[-1]
+    assert plan.vae_work == (free - resident) // 2
+    assert decode.device == resident + plan.vae_work
+    assert plan.fits() and decode.device <= 0.81 * free

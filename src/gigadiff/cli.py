@@ -182,20 +182,38 @@ def request_command(command: str, help_text: str) -> None:
 request_command(GENERATE, "Generate an image of any size.")
 
 
-def plan_command() -> None:
-    """Register `plan`: generate's options, answered with the run's memory plan instead of an image."""
+MAX_GPU_MEMORY_GB = 4096
 
-    def handler(**values: Any) -> None:
+
+def plan_command() -> None:
+    """Register `plan`: generate's options, answered with the run's memory plan instead of an image; with
+    `--gpu-memory GB`, the plan on a CUDA GPU with that much free memory, present or not."""
+
+    def handler(gpu_memory: float | None = None, **values: Any) -> None:
         with reported_errors(GENERATE):
-            from gigadiff.runs.plan import plan_run, render
+            from gigadiff.runs.plan import GB, plan_run, render
             from gigadiff.runs.resolve import resolve
 
-            run = resolve(RunRequest(**values), GENERATE, writes=False)
-            typer.echo(render(plan_run(run)))
+            if gpu_memory is not None and not 0 < gpu_memory <= MAX_GPU_MEMORY_GB:
+                raise GigadiffError(f"--gpu-memory must be more than 0 and at most {MAX_GPU_MEMORY_GB} GB, got "
+                                    f"{gpu_memory:g}")  # fmt: skip
+            if gpu_memory is None:
+                run = resolve(RunRequest(**values), GENERATE, writes=False)
+                typer.echo(render(plan_run(run)))
+                return
+            device = values["device"] if str(values.get("device")).startswith("cuda") else "cuda"
+            run = resolve(RunRequest(**{**values, "device": "cpu"}), GENERATE, writes=False)
+            typer.echo(render(plan_run(run, free=int(gpu_memory * GB), device=device)))
 
     handler.__doc__ = ("Print the memory plan of a generate command, per phase on the device and the host, from "
                        "the model's config files: no weights are loaded.")  # fmt: skip
-    _register(handler, "plan", command_parameters(GENERATE))
+    gpu = typer.Option("--gpu-memory", help="Plan for a CUDA GPU with this many GB free (one this machine need "
+                       "not have: what a card would need).", metavar="GB", show_default=False)  # fmt: skip
+    kind = Optional[float]  # noqa: UP045 - typer needs a real object, not a string annotation
+    extra = inspect.Parameter("gpu_memory", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                              annotation=Annotated[kind, gpu])  # fmt: skip
+    params = command_parameters(GENERATE)
+    _register(handler, "plan", [*params[:1], extra, *params[1:]])
 
 
 plan_command()

@@ -54,6 +54,15 @@ def held_bytes(shapes: dict[str, tuple[str, tuple[int, ...]]], item_bytes: int, 
     return total
 
 
+def module_shapes(module: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A module's parameters and buffers as (safetensors dtype name, shape), from a `meta` module."""
+    import torch
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name: (names.get(t.dtype, "F32"), tuple(t.shape)) for name, t in tensors}
+
+
 def gguf_bytes(path: Path, item_bytes: int) -> int:
     """Bytes a GGUF denoiser holds: quantized tensors as stored, F32/F16 ones in the run's dtype."""
     import gguf

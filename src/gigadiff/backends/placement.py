@@ -18,6 +18,8 @@ itself (the canvas, noise, fusion buffers) goes to the pipeline's execution devi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -104,29 +106,131 @@ def _modules(pipe: Any) -> list[Any]:
     return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
 
 
-WORKING_SHARE = 0.25
-"""The share of the device's free memory `auto` leaves for what is not weights (a tile batch's activations, the
-canvas, the VAE's tiles; the VAE budget defaults to half the free memory but only while the VAE runs)."""
+FIT_MARGIN = 0.9
+"""The share of the free device memory a run may fill (the allocator's fragmentation, CUDA's workspace)."""
+MODES = ("none", "model", "group", "sequential")
+PHASES = ("encode", "denoise", "decode")
+UNPLANNED_WORK = 0.25
+"""Where no plan was made (a single-file checkpoint: no config files to trace), the share of the free memory
+counted for what is not weights (a tile batch's activations, the canvas)."""
 
 
-def choose_offload(sizes: dict[str, int], free_bytes: float) -> str:
-    """What `--offload auto` picks from the components' weight bytes (`sizes`, by pipeline component name) and the
-    device's free memory: nothing offloaded when the models fit together (text encoders come to the device all
-    together, while they encode); whole models in turn when the largest one fits; else blocks in turn."""
-    usable = free_bytes * (1 - WORKING_SHARE)
-    encoders = [size for name, size in sizes.items() if name.startswith("text_encoder")]
-    rest = sum(size for name, size in sizes.items() if not name.startswith("text_encoder"))
-    if rest + sum(encoders) <= usable:
-        return "none"
-    if max(sizes.values(), default=0) <= usable:
-        return "model"
-    return "group"
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    device: int
+    """Peak bytes on the device (on the CPU: in the process, beyond what it held before loading)."""
+    host: int
+    """Peak bytes of weights and buffers on the host beside (0 when the device is the CPU)."""
+
+
+@dataclass(frozen=True)
+class Residency:
+    """What each component's weights occupy, in the terms the offload modes move them by (bytes)."""
+
+    weights: dict[str, int]
+    """Each component's weights, by pipeline component name."""
+    denoiser: str
+    blocks: dict[str, tuple[int, int]]
+    """Per component: (its largest block, everything outside its block lists), as group offloading moves them."""
+    layers: dict[str, int]
+    """Per component: its largest layer, as sequential offloading moves them."""
+
+    @classmethod
+    def of(cls, modules: dict[str, Any], denoiser: str, item: int, weights: dict[str, int] | None = None) -> Residency:
+        """From the pipeline's modules (built on `meta` or loaded) in a dtype of `item` bytes per element; `weights`
+        where they are known better than the modules' own parameters (quantized, GGUF files)."""
+        held = weights or {name: sum(p.numel() * p.element_size() for p in m.parameters())
+                           for name, m in modules.items()}  # fmt: skip
+        return cls(held, denoiser, {n: largest_block(m, item) for n, m in modules.items()},
+                   {n: largest_layer(m, item) for n, m in modules.items()})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Work:
+    """The bytes a run needs beside its weights in each phase."""
+
+    encode: int = 0
+    """The prompt encoding's activations."""
+    denoise: int = 0
+    """One denoiser call's activations on a tile batch."""
+    canvas: int = 0
+    """The canvas and fusion buffers, held from denoising through decoding."""
+    decode: Callable[[int], int] = lambda resident: 0
+    """The VAE's working memory given the bytes resident on the device when it starts (its default budget is a
+    share of what is then free)."""
+
+
+def phase_peaks(mode: str, cpu: bool, held: Residency, work: Work) -> tuple[Phase, ...]:
+    """Each phase's device and host peaks under offload `mode`:
+
+    | offload | encode | denoise | decode |
+    | --- | --- | --- | --- |
+    | none | all modules | denoiser, VAE (text encoders parked on the host) | denoiser, VAE |
+    | model | one text encoder | denoiser | VAE |
+    | group | VAE, two blocks of a text encoder | VAE, two blocks of the denoiser and its other layers | VAE |
+    | sequential | VAE, one layer | VAE, one layer of the denoiser | VAE |
+
+    On the CPU the device is the host, so each phase holds every weight.
+    """
+    weights = held.weights
+    total = sum(weights.values())
+    encoders = {n: b for n, b in weights.items() if n.startswith("text_encoder")}
+    vae = weights.get("vae", 0)
+    den = weights.get(held.denoiser, 0)
+    if cpu:
+        return (Phase("encode", total + work.encode, 0), Phase("denoise", total + work.canvas + work.denoise, 0),
+                Phase("decode", total + work.canvas + work.decode(total + work.canvas), 0))  # fmt: skip
+    if mode == "none":
+        resident = total - sum(encoders.values())
+        encode, denoise, decode = total, resident, resident
+    elif mode == "model":
+        encode, denoise, decode = max(encoders.values(), default=0), den, vae
+    elif mode == "group":
+        encoder_block = max((2 * held.blocks[n][0] + held.blocks[n][1] for n in encoders), default=0)
+        largest, rest = held.blocks.get(held.denoiser, (0, 0))
+        encode, denoise, decode = vae + encoder_block, vae + 2 * largest + rest, vae
+    else:
+        encoder_layer = max((held.layers[n] for n in encoders), default=0)
+        encode, denoise, decode = vae + encoder_layer, vae + held.layers.get(held.denoiser, 0), vae
+    decode += work.canvas
+    device = (encode + work.encode, denoise + work.canvas + work.denoise, decode + work.decode(decode))
+    host = {"none": sum(encoders.values()), "model": total, "group": total, "sequential": total}[mode]
+    return tuple(Phase(name, d, host) for name, d in zip(PHASES, device, strict=True))
+
+
+def fits(phases: tuple[Phase, ...], free: int | None) -> bool:
+    return free is None or max(p.device for p in phases) <= free * FIT_MARGIN
+
+
+def auto_offload(held: Residency, work: Work, free: int | None) -> str:
+    """What `--offload auto` picks: the first of none, model, group whose every phase fits FIT_MARGIN of the free
+    device memory (group when none does: the plan then refuses the run or names what would fit)."""
+    return next((m for m in MODES[:3] if fits(phase_peaks(m, False, held, work), free)), "group")
+
+
+def largest_block(module: Any, item: int) -> tuple[int, int]:
+    """(bytes of the largest member of the module's block lists, bytes of everything outside those lists)."""
+    import torch
+
+    from gigadiff.backends.footprint import held_bytes, module_shapes
+
+    blocks = [b for child in module.modules() if isinstance(child, torch.nn.ModuleList) for b in child]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    largest = max((held_bytes(module_shapes(b), item) for b in blocks), default=0)
+    rest = sum(p.numel() * item for p in module.parameters() if id(p) not in in_blocks)
+    return largest, rest
+
+
+def largest_layer(module: Any, item: int) -> int:
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) * item for m in module.modules()), default=0)
 
 
 def placement(offload: str, pipe: Any, device: torch.device) -> str:
     """The offload mode a run on `device` uses for `--offload offload`: `none` on the CPU, where the weights are in
-    host memory already; `auto`: `none` on MPS (memory shared with the host), else `choose_offload` with the
-    GPU's free memory."""
+    host memory already; `auto` (where no plan chose before loading: gigadiff.runs.plan): `none` on MPS (memory
+    shared with the host), else `auto_offload` on the loaded components with UNPLANNED_WORK of the GPU's free
+    memory counted for the rest."""
     import torch
 
     if device.type == "cpu":
@@ -135,7 +239,10 @@ def placement(offload: str, pipe: Any, device: torch.device) -> str:
         return offload
     if device.type != "cuda":
         return "none"
-    sizes = {name: sum(p.numel() * p.element_size() for p in module.parameters())
-             for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}  # fmt: skip
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    from gigadiff.backends.quantized import DENOISERS
+
+    denoiser = next((name for name in DENOISERS if name in modules), "")
+    item = next(iter(modules[denoiser].parameters())).element_size() if denoiser else 2
     free, _ = torch.cuda.mem_get_info(device)
-    return choose_offload(sizes, free)
+    return auto_offload(Residency.of(modules, denoiser, item), Work(denoise=int(free * UNPLANNED_WORK)), free)

@@ -10,18 +10,13 @@ From the model's config files (its modules built on the `meta` device: exact par
   the solver's history);
 - the VAE phase: the tiled VAE's budget (`--vae-memory`), or less where the whole decode needs less.
 
-Each phase's peak follows from where the offload mode keeps the weights (gigadiff.backends.placement):
+Each phase's peak follows from where the offload mode keeps the weights (the table of
+gigadiff.backends.placement.phase_peaks). `--offload auto` takes the first of none, model, group whose peaks fit
+the free device memory (CUDA) with FIT_MARGIN to spare (placement.auto_offload, the one rule); a run that fits in no
+mode is refused before loading with what would make it fit.
 
-| offload | encode | denoise | decode |
-| --- | --- | --- | --- |
-| none | all modules | denoiser, VAE (text encoders parked on the host) | denoiser, VAE |
-| model | one text encoder | denoiser | VAE |
-| group | VAE, two blocks of a text encoder | VAE, two blocks of the denoiser and its other layers | VAE |
-| sequential | VAE, one layer | VAE, one layer of the denoiser | VAE |
-
-On the CPU the device is the host, so each phase holds every weight. `--offload auto` takes the first mode of
-none, model, group whose peaks fit the free device memory (CUDA) with FIT_MARGIN to spare; a run that fits in
-none is refused nowhere, one that fits in no mode is refused before loading with what would make it fit.
+A plan can be made for a GPU that is not in this machine (`free` given with a CUDA device): what a run would need
+on a card one has yet to buy or rent (bench/fit.py's table of models, canvases and cards).
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from gigadiff.backends.placement import FIT_MARGIN, MODES, Phase, Residency, Work, auto_offload, fits, phase_peaks
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
@@ -41,19 +37,6 @@ GB = 2**30
 CANVAS_COPIES = 6
 """Float32 canvases the sampler holds at once (latents, fused prediction and its weight sums, the solver's
 history and output)."""
-FIT_MARGIN = 0.9
-"""The share of the free device memory a plan may fill (the allocator's fragmentation, CUDA's workspace)."""
-MODES = ("none", "model", "group", "sequential")
-PHASES = ("encode", "denoise", "decode")
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    device: int
-    """Peak bytes on the device (on the CPU: in the process, beyond what it held before loading)."""
-    host: int
-    """Peak bytes of weights and buffers on the host beside (0 when the device is the CPU)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +64,7 @@ class MemoryPlan:
         return max(p.device for p in self.phases)
 
     def fits(self) -> bool:
-        return self.free is None or self.peak <= self.free * FIT_MARGIN
+        return fits(self.phases, self.free)
 
 
 def item_bytes(dtype: torch.dtype) -> int:
@@ -90,51 +73,96 @@ def item_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def module_shapes(module: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """A module's parameters and buffers as (safetensors dtype name, shape), from a `meta` module."""
-    import torch
+@dataclass(frozen=True)
+class Footprint:
+    """What a run occupies wherever its weights are placed: traced once (the costly part of a plan), then placed
+    for any free memory and offload mode (`plan`)."""
 
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    return {name: (names.get(t.dtype, "F32"), tuple(t.shape)) for name, t in tensors}
+    device: str
+    """The device type planned for ("cuda", "cpu", "mps")."""
+    dtype: str
+    held: Residency
+    tile_batch: int
+    encode_activations: int
+    activations: dict[int, int]
+    """One denoiser call's peak by tile batch (the run's, and 1)."""
+    canvas: int
+    whole_decode: int
+    """The peak of an untiled decode (0 where the VAE could not be traced): the tiled VAE never takes more."""
+    vae_memory: float | None
+    """`--vae-memory` GB, or None for the device's default budget."""
+    untraced: str = ""
 
+    def vae_work(self, resident: int, free: int | None) -> int:
+        """The tiled VAE's budget as the run will find it: `--vae-memory`, else (CUDA) half of what is free when
+        the decode starts (gigadiff.vae.budget), else the CPU's default; never more than the whole decode."""
+        from gigadiff.vae.budget import default_budget_gb
 
-def largest_block(module: Any, item: int) -> tuple[int, int]:
-    """(bytes of the largest member of the module's block lists, bytes of everything outside those lists)."""
-    import torch
+        left = None if free is None else free - resident
+        budget = (self.vae_memory or default_budget_gb(self.device, left)) * GB
+        return int(min(budget, self.whole_decode))
 
-    from gigadiff.backends.footprint import held_bytes
+    def work(self, free: int | None, batch: int | None = None) -> Work:
+        acts = self.activations[batch or self.tile_batch]
+        return Work(self.encode_activations, acts, self.canvas, lambda resident: self.vae_work(resident, free))
 
-    blocks = [b for child in module.modules() if isinstance(child, torch.nn.ModuleList) for b in child]
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    largest = max((held_bytes(module_shapes(b), item) for b in blocks), default=0)
-    rest = sum(p.numel() * item for p in module.parameters() if id(p) not in in_blocks)
-    return largest, rest
+    def peak(self, mode: str, free: int | None, batch: int | None = None) -> int:
+        return max(p.device for p in phase_peaks(mode, self.device == "cpu", self.held, self.work(free, batch)))
 
-
-def largest_layer(module: Any, item: int) -> int:
-    return max((sum(p.numel() for p in m.parameters(recurse=False)) * item for m in module.modules()), default=0)
+    def plan(self, free: int | None, offload: str = "auto") -> MemoryPlan:
+        """The plan on a device with `free` bytes free (None: unknown) under `--offload offload`."""
+        cpu = self.device == "cpu"
+        work = self.work(free)
+        mode = "none" if cpu else offload if offload != "auto" else auto_offload(self.held, work, free)
+        phases = phase_peaks(mode, cpu, self.held, work)
+        before_decode = phase_peaks(mode, cpu, self.held, replace(work, decode=lambda resident: 0))[-1].device
+        alternatives = {}
+        if not cpu:
+            alternatives = {f"--offload {m}": self.peak(m, free) for m in MODES if m != mode}
+            if 1 in self.activations and self.tile_batch > 1:
+                alternatives["--tile-batch 1"] = self.peak(mode, free, 1)
+        return MemoryPlan(self.device, self.dtype, mode, self.tile_batch, self.held.weights, self.encode_activations,
+                          self.activations[self.tile_batch], self.canvas, self.vae_work(before_decode, free), phases,
+                          free, alternatives, self.untraced)  # fmt: skip
 
 
 def plan_run(run: Run, free: int | None = None, device: str | None = None) -> MemoryPlan:
     """The memory plan of `run` (resolved) on its device (`device`: this rank's, else the request's); `free`: the
-    device's free bytes (default: asked of CUDA; unknown on the CPU)."""
+    device's free bytes (default: asked of CUDA; unknown on the CPU). With `free` given, a CUDA `device` need not
+    be present: the plan is then for such a GPU (bf16-capable)."""
     import torch
 
-    from gigadiff.backends.device import dtype_name, resolve_device, resolve_dtype
-    from gigadiff.backends.footprint import file_bytes, held_bytes, meta_pipeline, traced_peak
+    from gigadiff.backends.device import resolve_device
+
+    name = device or run.request.device
+    absent = free is not None and name.startswith("cuda") and not torch.cuda.is_available()
+    where = torch.device(name) if absent else resolve_device(name)
+    if free is None and where.type == "cuda":
+        free = torch.cuda.mem_get_info(where)[0]
+    return footprint(run, where.type).plan(free, run.request.offload)
+
+
+def footprint(run: Run, device_type: str) -> Footprint:
+    """The footprint of `run` (resolved) on a device of `device_type`, from its model's config files (see the
+    module docstring)."""
+    import torch
+
+    from gigadiff.backends.device import auto_dtype, dtype_name, resolve_dtype
+    from gigadiff.backends.footprint import file_bytes, held_bytes, meta_pipeline, module_shapes, traced_peak
     from gigadiff.backends.pipelines import quiet_libraries
     from gigadiff.backends.quantized import denoiser_name
     from gigadiff.geometry import Tile
-    from gigadiff.vae.budget import memory_budget
 
     request, settings, info, source = run.request, run.settings, run.info, run.source
     if source.root is None or not source.index:
         raise GigadiffError(f"model {info.name!r}: a memory plan needs a diffusers folder or hub model (its config "
                             "files)", "model")  # fmt: skip
     quiet_libraries()
-    where = resolve_device(device or request.device)
-    dtype = resolve_dtype(request.dtype, where, info.gpu_dtype, info.fp16_risk)
+    where = torch.device(device_type)
+    dtype_wanted = request.dtype
+    if dtype_wanted == "auto" and device_type == "cuda" and not torch.cuda.is_available():
+        dtype_wanted = auto_dtype(device_type, info.gpu_dtype, info.fp16_risk)  # a GPU planned for, not here
+    dtype = resolve_dtype(dtype_wanted, where, info.gpu_dtype, info.fp16_risk)
     item = item_bytes(dtype)
     denoiser_key = denoiser_name(source)
     pipe = meta_pipeline(source.root, source.index, dtype)
@@ -144,12 +172,12 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
     if request.transformer is not None:
         weights[denoiser_key] = file_bytes(request.transformer, item)
     backend: Any = run.family.adapt(pipe, info)  # a DiffusersBackend: the plan needs a diffusers pipeline
-    held: list[Any] = []
+    conditions: list[Any] = []
     h, w = settings.height, settings.width
 
     def encode() -> None:
-        held.append(backend.planned_condition(settings.prompt, settings.negative, settings.guidance, (h, w),
-                                              settings.conditioning_options))  # fmt: skip
+        conditions.append(backend.planned_condition(settings.prompt, settings.negative, settings.guidance, (h, w),
+                                                    settings.conditioning_options))  # fmt: skip
 
     factor = info.vae_scale_factor
     tile = settings.tile // factor
@@ -158,50 +186,22 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
     def call(n: int) -> int:
         x = torch.empty(n, info.latent_channels, tile, tile, device="meta", dtype=torch.float32)
         t = torch.tensor(500.0)
-        return traced_peak(lambda: backend.predict(x, t, cond, [Tile(0, 0, tile, tile)] * n))
+        return traced_peak(lambda: backend.predict(x, t, conditions[0], [Tile(0, 0, tile, tile)] * n))
 
     untraced = ""
     try:
         encode_peak = traced_peak(encode)
-        cond = held[0]
-        activations = call(batch)
+        activations = {batch: call(batch)}
+        if batch > 1 and device_type != "cpu":
+            activations[1] = call(1)
     except RuntimeError as e:  # an encoder that reads its data (masks' lengths): weights only, said so
-        encode_peak = activations = 0
+        encode_peak, activations = 0, {batch: 0}
         untraced = f"{info.family}'s prompt encoding reads its data ({str(e)[:60]}), which meta tensors do not have"
     canvas = CANVAS_COPIES * 4 * info.latent_channels * (h // factor) * (w // factor)
     vae = modules.get("vae")
-    whole_decode = 0
-    if vae is not None and hasattr(vae, "decode"):
-        whole_decode = _vae_peak(vae, h, w, dtype)
-    vae_work = min(int(memory_budget(request.vae_memory, where)), whole_decode) if whole_decode else 0
-    blocks = {n: largest_block(m, item) for n, m in modules.items()}
-    layers = {n: largest_layer(m, item) for n, m in modules.items()}
-    if free is None and where.type == "cuda":
-        free = torch.cuda.mem_get_info(where)[0]
-    cpu = where.type == "cpu"
-
-    def phases(mode: str, acts: int) -> tuple[Phase, ...]:
-        return _phases(mode, cpu, weights, denoiser_key, blocks, layers, encode_peak, acts, canvas, vae_work)
-
-    wanted = request.offload
-    if cpu:
-        mode = "none"
-    elif wanted == "auto":
-        mode = next((m for m in MODES[:3] if _fits(phases(m, activations), free)), "group")
-    else:
-        mode = wanted
-    plan = MemoryPlan(where.type, dtype_name(dtype), mode, batch, weights, encode_peak, activations, canvas,
-                      vae_work, phases(mode, activations), free, untraced=untraced)  # fmt: skip
-    if not cpu:
-        alternatives = {f"--offload {m}": max(p.device for p in phases(m, activations)) for m in MODES if m != mode}
-        if batch > 1 and not untraced:
-            alternatives["--tile-batch 1"] = max(p.device for p in phases(mode, call(1)))
-        plan = replace(plan, alternatives=alternatives)
-    return plan
-
-
-def _fits(phases: tuple[Phase, ...], free: int | None) -> bool:
-    return free is None or max(p.device for p in phases) <= free * FIT_MARGIN
+    whole_decode = _vae_peak(vae, h, w, dtype) if vae is not None and hasattr(vae, "decode") else 0
+    return Footprint(device_type, dtype_name(dtype), Residency.of(modules, denoiser_key, item, weights), batch,
+                     encode_peak, activations, canvas, whole_decode, request.vae_memory, untraced)  # fmt: skip
 
 
 def _vae_peak(vae: Any, height: int, width: int, dtype: Any) -> int:
@@ -223,35 +223,6 @@ def _vae_peak(vae: Any, height: int, width: int, dtype: Any) -> int:
         except Exception:
             continue
     return 0
-
-
-def _phases(mode: str, cpu: bool, weights: dict[str, int], denoiser: str, blocks: dict[str, tuple[int, int]],
-            layers: dict[str, int], encode_peak: int, activations: int, canvas: int,
-            vae_work: int) -> tuple[Phase, ...]:  # fmt: skip
-    """Each phase's device and host peaks under `mode` (see the module docstring's table)."""
-    total = sum(weights.values())
-    encoders = {n: b for n, b in weights.items() if n.startswith("text_encoder")}
-    vae = weights.get("vae", 0)
-    den = weights.get(denoiser, 0)
-    if cpu:
-        return (Phase("encode", total + encode_peak, 0), Phase("denoise", total + canvas + activations, 0),
-                Phase("decode", total + canvas + vae_work, 0))  # fmt: skip
-    if mode == "none":
-        resident = total - sum(encoders.values())
-        device = (total + encode_peak, resident + canvas + activations, resident + canvas + vae_work)
-    elif mode == "model":
-        device = (max(encoders.values(), default=0) + encode_peak, den + canvas + activations, vae + canvas + vae_work)
-    elif mode == "group":
-        encoder_block = max((2 * blocks[n][0] + blocks[n][1] for n in encoders), default=0)
-        largest, rest = blocks.get(denoiser, (0, 0))
-        device = (vae + encoder_block + encode_peak, vae + 2 * largest + rest + canvas + activations,
-                  vae + canvas + vae_work)  # fmt: skip
-    else:
-        encoder_layer = max((layers[n] for n in encoders), default=0)
-        device = (vae + encoder_layer + encode_peak, vae + layers.get(denoiser, 0) + canvas + activations,
-                  vae + canvas + vae_work)  # fmt: skip
-    host = {"none": sum(encoders.values()), "model": total, "group": total, "sequential": total}[mode]
-    return tuple(Phase(name, d, host) for name, d in zip(PHASES, device, strict=True))
 
 
 def render(plan: MemoryPlan) -> str:

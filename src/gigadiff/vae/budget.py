@@ -46,11 +46,23 @@ def memory_budget(memory_gb: float | None, device: torch.device) -> float:
 
 
 def default_memory_gb(device: torch.device) -> float:
-    """Half of what the device has free (CUDA), else 2 GB (CPU/MPS: the tiles share memory with everything else)."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(0.25, free / GB / 2)
-    return 2.0
+    """The budget when none is given, for the device's memory free now (`default_budget_gb`)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" and torch.cuda.is_available() else None
+    return default_budget_gb(device.type, free)
+
+
+DEFAULT_HOST_MEMORY_GB = 2.0
+"""The default budget on the CPU and MPS, where the tiles share memory with everything else."""
+MIN_DEVICE_GB = 0.25
+
+
+def default_budget_gb(device_type: str, free: int | None) -> float:
+    """Half of what a CUDA device has free (`free` bytes) when the VAE starts, at least MIN_DEVICE_GB; else
+    DEFAULT_HOST_MEMORY_GB. The memory plan (gigadiff.runs.plan) asks this with the memory its decode phase
+    leaves free."""
+    if device_type == "cuda" and free is not None:
+        return max(MIN_DEVICE_GB, free / GB / 2)
+    return DEFAULT_HOST_MEMORY_GB
 
 
 def available_ram() -> int:
