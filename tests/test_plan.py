@@ -152,3 +152,30 @@ def test_the_decode_phase_fits_wherever_the_weights_leave_room_for_the_vae(tiny_
     assert plan.vae_work == (free - resident) // 2
     assert decode.device == resident + plan.vae_work
     assert plan.fits() and decode.device <= 0.81 * free
+
+
+def test_a_default_tile_batch_that_does_not_fit_is_lowered_to_a_divisor_that_does(tiny_flux_dir):
+    """On a GPU the plan places the run before loading: where the default batch of 4 tiles per call does not fit
+    and 2 (a divisor: no call is padded) does, the run takes 2 and says so; a batch the request chose is never
+    changed: that run is refused, naming what would fit."""
+    from gigadiff.runs.plan import fit, footprint
+
+    def run(**fields):
+        request = RunRequest(prompt="a harbour", model=str(tiny_flux_dir), size="1536x1024", tile=512, steps=2,
+                             device="cpu", offload="model", vae_memory=0.002, **fields)  # fmt: skip
+        return resolve(request, writes=False)
+
+    default = run()
+    assert default.settings.tile_batch == 4 and not default.tile_batch_given
+    fp = footprint(default, "cuda")
+    four, two = (fp.plan(None, "model", batch).phases[1].device for batch in (4, 2))  # denoising's peaks
+    assert four > two
+    free = int((four + two) / 2 / 0.9)
+    assert not fp.plan(free, "model", 4).fits()
+    placed, plan = fit(default, "cuda", free)
+    assert plan.tile_batch == 2 and plan.fits() and plan.offload == "model"
+    assert placed.settings.tile_batch == 2 and placed.request.tile_batch == 2
+    assert "tiles run 2 per call (tile_batch 2)" in placed.notes[-1].render()
+    with pytest.raises(GigadiffError) as refused:
+        fit(run(tile_batch=4), "cuda", free)
+    assert "--tile-batch 1" in refused.value.render()

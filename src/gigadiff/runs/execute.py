@@ -55,20 +55,27 @@ def make_executor(tile_batch: int, ranks: Ranks, timeout_s: float, cfg_split: bo
     return LocalExecutor(tile_batch)
 
 
-def load(run: Run, ranks: Ranks) -> Backend:
-    """The run's model, loaded on this rank's device. On a GPU its memory plan comes first (gigadiff.runs.plan): a
-    run that cannot fit is refused before any weights load, and `--offload auto` takes the plan's mode."""
+def fitted(run: Run, device: str) -> tuple[Run, str | None]:
+    """The run as its memory plan on `device` places it (gigadiff.runs.plan.fit), and the offload mode to load
+    with; on a GPU only (elsewhere the run as it is, and None: `--offload` as asked)."""
+    if not (run.info.diffusers_weights and run.source.root is not None and _on_gpu(device)):
+        return run, None
+    from gigadiff.runs.plan import fit
+
+    run, plan = fit(run, device)
+    return run, plan.offload
+
+
+def load(run: Run, ranks: Ranks, offload: str | None = None) -> Backend:
+    """The run's model, loaded on this rank's device, its weights placed by `offload` (the plan's mode, from
+    `fitted`; None: `--offload` as asked)."""
     loading = run.loading(rank_device(run.request.device, ranks))
     if run.request.upscaler is not None:  # a file spandrel cannot read is refused before the model's weights load
         from gigadiff.backends.upscaler import load_upscaler
 
         load_upscaler(run.request.upscaler, "cpu")
-    if run.info.diffusers_weights and run.source.root is not None and _on_gpu(loading.device):
-        from gigadiff.runs.plan import plan_run, refuse_if_unfit
-
-        plan = plan_run(run, device=loading.device)
-        refuse_if_unfit(plan)
-        loading = replace(loading, offload=plan.offload)
+    if offload is not None:
+        loading = replace(loading, offload=offload)
     return run.family.load(run.source, run.info, loading)
 
 
@@ -122,7 +129,9 @@ def execute(
     interrupts.note_checkpoint(run.outputs.checkpoint)
     ranks = ranks or init_from_env(request.device, request.rank_timeout)
     started = time.perf_counter()
-    backend = backend or load(run, ranks)
+    if backend is None:
+        run, offload = fitted(run, rank_device(request.device, ranks))
+        backend = load(run, ranks, offload)
     if on_loaded is not None:
         on_loaded()
     settings = run.settings

@@ -21,18 +21,20 @@ on a card one has yet to buy or rent (bench/fit.py's table of models, canvases a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gigadiff.backends.placement import FIT_MARGIN, MODES, Phase, Residency, Work, auto_offload, fits, phase_peaks
-from gigadiff.errors import GigadiffError
+from gigadiff.errors import GigadiffError, Note
 
 if TYPE_CHECKING:
     import torch
 
     from gigadiff.runs.resolve import Run
 
+LOG = logging.getLogger("gigadiff")
 GB = 2**30
 CANVAS_COPIES = 6
 """Float32 canvases the sampler holds at once (latents, fused prediction and its weight sums, the solver's
@@ -85,7 +87,8 @@ class Footprint:
     tile_batch: int
     encode_activations: int
     activations: dict[int, int]
-    """One denoiser call's peak by tile batch (the run's, and 1)."""
+    """One denoiser call's peak by tile batch: the run's and, on a GPU, each of its divisors (batches that still
+    waste no call, gigadiff.grids.default_tile_batch)."""
     canvas: int
     whole_decode: int
     """The peak of an untiled decode (0 where the VAE could not be traced): the tiled VAE never takes more."""
@@ -109,10 +112,12 @@ class Footprint:
     def peak(self, mode: str, free: int | None, batch: int | None = None) -> int:
         return max(p.device for p in phase_peaks(mode, self.device == "cpu", self.held, self.work(free, batch)))
 
-    def plan(self, free: int | None, offload: str = "auto") -> MemoryPlan:
-        """The plan on a device with `free` bytes free (None: unknown) under `--offload offload`."""
+    def plan(self, free: int | None, offload: str = "auto", batch: int | None = None) -> MemoryPlan:
+        """The plan on a device with `free` bytes free (None: unknown) under `--offload offload`, with tile batch
+        `batch` (default: the run's)."""
         cpu = self.device == "cpu"
-        work = self.work(free)
+        batch = batch or self.tile_batch
+        work = self.work(free, batch)
         mode = "none" if cpu else offload if offload != "auto" else auto_offload(self.held, work, free)
         phases = phase_peaks(mode, cpu, self.held, work)
         before_decode = phase_peaks(mode, cpu, self.held, replace(work, decode=lambda resident: 0))[-1].device
@@ -121,9 +126,21 @@ class Footprint:
             alternatives = {f"--offload {m}": self.peak(m, free) for m in MODES if m != mode}
             if 1 in self.activations and self.tile_batch > 1:
                 alternatives["--tile-batch 1"] = self.peak(mode, free, 1)
-        return MemoryPlan(self.device, self.dtype, mode, self.tile_batch, self.held.weights, self.encode_activations,
-                          self.activations[self.tile_batch], self.canvas, self.vae_work(before_decode, free), phases,
-                          free, alternatives, self.untraced)  # fmt: skip
+        return MemoryPlan(self.device, self.dtype, mode, batch, self.held.weights, self.encode_activations,
+                          self.activations[batch], self.canvas, self.vae_work(before_decode, free), phases, free,
+                          alternatives, self.untraced)  # fmt: skip
+
+    def fitting(self, free: int | None, offload: str, lower_batch: bool) -> MemoryPlan:
+        """The fastest plan that fits: the least offloading (`auto`; else the one asked) and, with `lower_batch`,
+        the largest of the tile batch's divisors; where nothing fits, the plan as asked (to be refused)."""
+        modes = MODES[:3] if offload == "auto" and self.device != "cpu" else (offload,)
+        batches = sorted(self.activations, reverse=True) if lower_batch else [self.tile_batch]
+        for mode in modes:
+            for batch in batches:
+                plan = self.plan(free, mode, batch)
+                if plan.fits():
+                    return plan
+        return self.plan(free, offload)
 
 
 def plan_run(run: Run, free: int | None = None, device: str | None = None) -> MemoryPlan:
@@ -140,6 +157,26 @@ def plan_run(run: Run, free: int | None = None, device: str | None = None) -> Me
     if free is None and where.type == "cuda":
         free = torch.cuda.mem_get_info(where)[0]
     return footprint(run, where.type).plan(free, run.request.offload)
+
+
+def fit(run: Run, device: str, free: int | None = None) -> tuple[Run, MemoryPlan]:
+    """The run as its plan on GPU `device` (`free` bytes free; default: asked of CUDA) places it, before any
+    weights load: the fastest placement that fits (`Footprint.fitting`), a default tile batch lowered to one of its
+    divisors where that is what fits (said in a note), and a run that fits in no way refused naming what would."""
+    import torch
+
+    fp = footprint(run, "cuda")
+    if free is None:
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    plan = fp.fitting(free, run.request.offload, lower_batch=not run.tile_batch_given)
+    refuse_if_unfit(plan)
+    if plan.tile_batch != run.settings.tile_batch:
+        note = Note(f"the default tile batch ({run.settings.tile_batch}) does not fit the {free / GB:.1f} GB free on "
+                    f"the GPU: tiles run {plan.tile_batch} per call ({{tile_batch}} {plan.tile_batch})",
+                    ("tile_batch",))  # fmt: skip
+        LOG.warning("note: %s", note.render())
+        run = run.with_tile_batch(plan.tile_batch, note)
+    return run, plan
 
 
 def footprint(run: Run, device_type: str) -> Footprint:
@@ -191,9 +228,8 @@ def footprint(run: Run, device_type: str) -> Footprint:
     untraced = ""
     try:
         encode_peak = traced_peak(encode)
-        activations = {batch: call(batch)}
-        if batch > 1 and device_type != "cpu":
-            activations[1] = call(1)
+        divisors = [n for n in range(batch, 0, -1) if batch % n == 0] if device_type != "cpu" else [batch]
+        activations = {n: call(n) for n in divisors}
     except RuntimeError as e:  # an encoder that reads its data (masks' lengths): weights only, said so
         encode_peak, activations = 0, {batch: 0}
         untraced = f"{info.family}'s prompt encoding reads its data ({str(e)[:60]}), which meta tensors do not have"

@@ -13,7 +13,7 @@ after a restart).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,10 +72,17 @@ class Run:
     outputs: Outputs
     notes: tuple[Note, ...] = ()
     """What the run tells its user before it starts (gigadiff.runs.checks.notes)."""
+    tile_batch_given: bool = True
+    """Whether the request chose the tile batch (else the default, which the memory plan may lower)."""
 
     def record(self) -> dict[str, Any]:
         """The resolved request as JSON-safe data (see the module docstring)."""
         return self.request.to_dict()
+
+    def with_tile_batch(self, batch: int, note: Note) -> Run:
+        """The run with `batch` tiles per call (told by `note`)."""
+        return replace(self, request=self.request.replace(tile_batch=batch),
+                       settings=replace(self.settings, tile_batch=batch), notes=(*self.notes, note))  # fmt: skip
 
     def loading(self, device: str | None = None) -> Loading:
         """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
@@ -219,7 +226,8 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
         resolved, settings = settings_for(request, info, regions, _init_size(request, info))
     resolved = resolved.replace(output=str(outputs.image) if writes else None, regions=_recorded_regions(regions),
                                 checkpoint=str(outputs.checkpoint) if outputs.checkpoint else None)  # fmt: skip
-    return Run(resolved, settings, source, family, info, vae, outputs, notes(resolved, info))
+    return Run(resolved, settings, source, family, info, vae, outputs, notes(resolved, info),
+               tile_batch_given=request.tile_batch is not None)  # fmt: skip
 
 
 def _recorded_regions(regions: RegionSet | None) -> Any:

@@ -128,19 +128,28 @@ class ModelCache:
         self.size = size
         self.backends: OrderedDict[tuple[str, Any], Any] = OrderedDict()
 
-    def get(self, run: Any) -> Any:
-        from gigadiff.executors.launch import Ranks
-        from gigadiff.runs.execute import load
+    def get(self, run: Any) -> tuple[Any, Any]:
+        """(the run as its memory plan places it, its backend): loaded once per model and loading options; a
+        later run of a cached model takes the tile batch its first run's plan chose, where it left the default."""
+        from gigadiff.executors.launch import Ranks, rank_device
+        from gigadiff.runs.execute import fitted, load
 
         key = (run.request.model, run.loading())
         if key in self.backends:
             self.backends.move_to_end(key)
-            return self.backends[key]
-        backend = load(run, Ranks())
-        self.backends[key] = backend
+            backend, lowered = self.backends[key]
+            if lowered is not None and not run.tile_batch_given and lowered[0] < run.settings.tile_batch:
+                run = run.with_tile_batch(*lowered)
+            return run, backend
+        placed, offload = fitted(run, rank_device(run.request.device, Ranks()))
+        backend = load(placed, Ranks(), offload)
+        lowered = None
+        if placed.settings.tile_batch != run.settings.tile_batch:
+            lowered = (placed.settings.tile_batch, placed.notes[-1])
+        self.backends[key] = (backend, lowered)
         while len(self.backends) > self.size:
             self.backends.popitem(last=False)
-        return backend
+        return placed, backend
 
 
 def run_job(job: Job, reporter: Reporter, config: ServeConfig, device: str, cache: ModelCache) -> None:
@@ -166,7 +175,7 @@ def run_job(job: Job, reporter: Reporter, config: ServeConfig, device: str, cach
         if run.request.processes > 1:
             _run_processes(run, resume, reporter)
         else:
-            execute(run, cache.get(run), listener, resume=resume)
+            execute(*cache.get(run), listener, resume=resume)
         relief = folder / "image.relief.png"
         if relief.is_file():
             reporter.progress(phase="writing the relief's Deep Zoom pyramid")
