@@ -130,6 +130,8 @@ def test_a_plan_for_a_gpu_this_machine_lacks_says_whether_it_fits(tiny_flux_dir)
     assert "of 1.00 GB free: fits" in roomy.output
     assert "of 10.2 MB free: does NOT fit" in tight.output and "alternatives: --offload" in tight.output
     assert wrong.exit_code == 2 and "--gpu-memory must be more than 0" in wrong.output
+    nf4 = plan("--gpu-memory", "1", "--quantize", "nf4")  # CUDA-only quantization, planned for the card
+    assert nf4.exit_code == 0 and "memory plan on cuda" in nf4.output, nf4.output
 
 
 def test_the_decode_phase_fits_wherever_the_weights_leave_room_for_the_vae(tiny_flux_dir):

@@ -202,7 +202,7 @@ def plan_command() -> None:
                 typer.echo(render(plan_run(run)))
                 return
             device = values["device"] if str(values.get("device")).startswith("cuda") else "cuda"
-            run = resolve(RunRequest(**{**values, "device": "cpu"}), GENERATE, writes=False)
+            run = resolve(RunRequest(**{**values, "device": device}), GENERATE, writes=False)
             typer.echo(render(plan_run(run, free=int(gpu_memory * GB), device=device)))
 
     handler.__doc__ = ("Print the memory plan of a generate command, per phase on the device and the host, from "
