@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # Ray (serve --ray's tests) on 127.0.0.1 only, never the machine's own interface; read when Ray is imported
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on two cores: a thread per worker (and per process it starts)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from gigadiff.api import generate_result, open_backend
 from gigadiff.cli import app
+from gigadiff.options import RunRequest
 from tests.helpers.families import CASES, PROMPT, SIZE, STEPS, pipeline_latents
 
 FLUX = CASES["flux"]
@@ -127,11 +130,87 @@ def test_what_cannot_run_here_is_refused_before_any_weights_load(args, message, 
     assert message in out
 
 
-def test_a_gguf_given_as_the_model_says_to_pass_it_with_transformer(tmp_path):
-    path = tmp_path / "flux1-dev-Q8_0.gguf"
-    path.write_bytes(b"GGUF")
-    out = " ".join(_refused("--model", str(path)).split())
-    assert "holds only the denoiser" in out and "--transformer flux1-dev-Q8_0.gguf" in out
+def write_header_gguf(path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A GGUF file holding zero tensors of `shapes` (torch order) under these names: what the model is read from."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "model")
+    for name, shape in shapes.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+FLUX1 = {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (3072, 64)}
+GGUF_FILES = {
+    "flux-dev": {**FLUX1, "guidance_in.in_layer.bias": (3072,)},
+    "flux-schnell": FLUX1,
+    "sd35-large": {"joint_blocks.0.context_block.adaLN_modulation.1.bias": (14592,),
+                   "joint_blocks.37.x_block.mlp.fc1.weight": (9728, 2432)},
+    "z-image-turbo": {"layers.0.adaLN_modulation.0.weight": (15360, 256)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", list(GGUF_FILES))
+def test_a_gguf_given_as_the_model_runs_with_the_rest_of_the_model_it_belongs_to(preset, tmp_path):
+    """The file's tensor names and shapes (its header: these files hold zeros) say which model it is, as diffusers
+    reads single files: `--model x.gguf` is `--model PRESET --transformer x.gguf`."""
+    from gigadiff.runs.resolve import with_gguf_model
+
+    path = tmp_path / f"{preset}-Q8_0.gguf"
+    write_header_gguf(path, GGUF_FILES[preset])
+    request = with_gguf_model(RunRequest(prompt="a harbour", model=str(path)))
+    assert (request.model, request.transformer) == (preset, str(path))
+
+
+def test_a_gguf_model_runs_as_its_transformer_beside_that_model(tiny_flux_dir, tmp_path, monkeypatch):
+    """Through the command line: the same image as `--model FOLDER --transformer x.gguf` (the file's model is the
+    tiny folder here, standing for the hub model a real file names)."""
+    from diffusers import FluxTransformer2DModel
+
+    from gigadiff.runs import resolve
+
+    path = tmp_path / "flux-Q8_0.gguf"
+    write_gguf(FluxTransformer2DModel.from_pretrained(str(tiny_flux_dir), subfolder="transformer"), path, "Q8_0")
+    monkeypatch.setattr(resolve, "gguf_model", lambda file: str(tiny_flux_dir) if file == path else None)
+    monkeypatch.chdir(tmp_path)
+    run = ["generate", PROMPT, "--size", "256x256", "--steps", "1", "--seed", "3", "--device", "cpu", "--quiet"]
+    by_transformer = ["--model", str(tiny_flux_dir), "--transformer", str(path)]
+    for name, model in (("by-model.png", ["--model", str(path)]), ("by-transformer.png", by_transformer)):
+        result = CliRunner().invoke(app, [*run, *model, "-o", name])
+        assert result.exit_code == 0, result.output
+    by_model, by_transformer = (np.asarray(Image.open(tmp_path / n)) for n in ("by-model.png", "by-transformer.png"))
+    np.testing.assert_array_equal(by_model, by_transformer)
+    assert by_model.std() > 0
+
+
+@pytest.mark.parametrize(
+    ("write", "extra", "message"),
+    [
+        ("diffusers", (), "its tensors do not say which model it belongs to"),
+        ("bytes", (), "is not a readable GGUF file"),
+        ("absent", (), "absent.gguf does not exist"),
+        ("flux", ("--transformer", "other.gguf"), "is a GGUF transformer and --transformer another: give one"),
+    ],
+)
+def test_a_gguf_model_that_cannot_run_is_refused_saying_why(write, extra, message, tiny_flux_dir, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    from diffusers import FluxTransformer2DModel
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / ("absent.gguf" if write == "absent" else "model.gguf")
+    if write == "diffusers":  # diffusers' own tensor names: no single-file model type
+        write_gguf(FluxTransformer2DModel.from_pretrained(str(tiny_flux_dir), subfolder="transformer"), path, "Q8_0")
+    elif write == "bytes":
+        path.write_bytes(b"GGUF")
+    elif write == "flux":
+        write_header_gguf(path, GGUF_FILES["flux-dev"])
+        write_header_gguf(tmp_path / "other.gguf", GGUF_FILES["flux-dev"])
+    out = " ".join(_refused("--model", str(path), *extra).split())
+    assert message in out
 
 
 def test_a_gguf_is_not_quantized_again(tiny_flux_dir, tmp_path):

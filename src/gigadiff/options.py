@@ -98,7 +98,8 @@ class RunRequest:
     negative: str = option("", "Negative prompt.", group="guidance", defaults={UPSCALE: "blurry, soft, low detail"},
                            image=True)  # fmt: skip
     model: str = option("sd15", "A preset (sd15, sdxl, flux-dev, flux-schnell, z-image-turbo, ...), terrain "
-                        "(offline), a hub id, a diffusers folder or a single-file checkpoint.", "-m",
+                        "(offline), a hub id, a diffusers folder, a single-file checkpoint, or a GGUF transformer "
+                        "(FLUX, SD3/3.5, Z-Image: with the rest of its model from the hub).", "-m",
                         metavar="NAME|PATH", group="model")  # fmt: skip
     difficulty: float | None = option(None, "Terrain model only: difficulty from 1 (gentle) to 100 (rugged).",
                                       metavar="D", group="model", commands=(GENERATE,), minimum=1, maximum=100,

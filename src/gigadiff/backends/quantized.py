@@ -27,6 +27,29 @@ DENOISERS = ("transformer", "unet")
 """The pipeline components that are a family's denoiser."""
 SINGLE_FILES = (".gguf", ".safetensors")
 """What `--transformer` takes."""
+GGUF_MODELS = ("flux-dev", "flux-schnell", "flux-2-dev", "sd3", "sd35_medium", "sd35_large", "z-image-turbo")
+"""diffusers' single-file model types whose GGUF transformers `--model x.gguf` runs with the rest of their hub
+model (diffusers' default repository for the type)."""
+
+
+def gguf_base_repo(path: Path) -> str | None:
+    """The hub model a GGUF transformer belongs to, from its tensors' names and shapes (read from the file's header,
+    never its weights) as diffusers recognises single files; None for a file of no type in GGUF_MODELS (one
+    converted to diffusers' own names, or of a model gigadiff does not run from a GGUF alone)."""
+    import gguf
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+
+    class Shaped:
+        def __init__(self, shape: tuple[int, ...]):
+            self.shape = shape
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise GigadiffError(f"{{model}} {path} is not a readable GGUF file: {first_line(e)}", "model") from None
+    tensors = {t.name: Shaped(tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    kind = infer_diffusers_model_type(tensors)
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS[kind]["pretrained_model_name_or_path"] if kind in GGUF_MODELS else None
 
 
 def check_transformer_file(path: str, quantize: str) -> None:

@@ -24,6 +24,8 @@ from gigadiff.backends.z_image import ZImage
 from gigadiff.errors import GigadiffError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from gigadiff.backends.base import Backend
     from gigadiff.facts import ModelInfo
 
@@ -44,6 +46,15 @@ FAMILIES: tuple[Family, ...] = (
 
 def presets() -> dict[str, tuple[Family, Preset]]:
     return {p.name: (family, p) for family in FAMILIES for p in family.presets}
+
+
+def gguf_model(path: Path) -> str | None:
+    """What `--model x.gguf` runs: the preset (or hub id) of the model the GGUF transformer belongs to (see
+    gigadiff.backends.quantized.gguf_base_repo), None where the file does not say."""
+    from gigadiff.backends.quantized import gguf_base_repo
+
+    repo = gguf_base_repo(path)
+    return next((name for name, (_, p) in presets().items() if p.repo == repo), repo)
 
 
 def builtin_names() -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from gigadiff.backends.device import check_device_name
 from gigadiff.backends.loading import Loading
 from gigadiff.backends.lora import check_lora_files
 from gigadiff.backends.quantized import check_transformer_file
-from gigadiff.backends.registry import find_model
+from gigadiff.backends.registry import find_model, gguf_model
 from gigadiff.backends.source import present
 from gigadiff.backends.upscaler import check_upscaler_file
 from gigadiff.errors import GigadiffError, Note
@@ -131,6 +131,27 @@ def _output(request: RunRequest, command: str) -> Path:
     return path
 
 
+def with_gguf_model(r: RunRequest) -> RunRequest:
+    """`--model x.gguf`: a GGUF transformer run with the rest of the model it belongs to, as `--model MODEL
+    --transformer x.gguf` (the model read from the file's tensors: gigadiff.backends.registry.gguf_model)."""
+    path = Path(r.model).expanduser()
+    if path.suffix != ".gguf":
+        return r
+    if not path.is_file():
+        raise GigadiffError(f"{{model}} file {path} does not exist", "model")
+    if r.transformer is not None:
+        raise GigadiffError(f"{{model}} {path.name} is a GGUF transformer and {{transformer}} another: give one "
+                            "({transformer} beside the diffusers model it belongs to)", "model",
+                            "transformer")  # fmt: skip
+    base = gguf_model(path)
+    if base is None:
+        raise GigadiffError(f"{{model}} {path.name} is a GGUF file, which holds only the denoiser, and its tensors do "
+                            "not say which model it belongs to (FLUX.1, FLUX.2, SD3/3.5 and Z-Image files do): pass it "
+                            "with {transformer} beside the diffusers model it belongs to (e.g. --model qwen-image "
+                            f"--transformer {path.name})", "model", "transformer")  # fmt: skip
+    return r.replace(model=base, transformer=str(path))
+
+
 def with_init_controls(r: RunRequest) -> RunRequest:
     """img2img and `upscale`: a `--control MODEL` given without an image is held to the init image itself (a tile
     ControlNet keeping each repainted tile to the picture, as the tiled upscalers of other tools do)."""
@@ -204,7 +225,7 @@ def resolve(request: RunRequest, command: str = "generate", allow_files: bool = 
     (which therefore exists); writes: False where the caller keeps the result in memory (the Python API without
     an output): the record then names no output, and no output is checked.
     """
-    request = with_init_controls(request)
+    request = with_init_controls(with_gguf_model(request))
     _check_options(request)
     regions = _regions(request, allow_files)
     source, family, info = described or find_model(request.model)
