@@ -165,9 +165,12 @@ def fit(run: Run, device: str, free: int | None = None) -> tuple[Run, MemoryPlan
     divisors where that is what fits (said in a note), and a run that fits in no way refused naming what would."""
     import torch
 
-    fp = footprint(run, "cuda")
+    from gigadiff.backends.device import resolve_device
+
+    where = resolve_device(device) if free is None else torch.device(device)  # CUDA missing: said here
+    fp = footprint(run, where.type)
     if free is None:
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        free = torch.cuda.mem_get_info(where)[0]
     plan = fp.fitting(free, run.request.offload, lower_batch=not run.tile_batch_given)
     refuse_if_unfit(plan)
     if plan.tile_batch != run.settings.tile_batch:
