@@ -5,13 +5,14 @@ Each model is planned from its released configuration (the numbers below: block 
 denoiser, text encoders and VAE; facts from the models' published config files), built on the `meta` device:
 no weights are downloaded or allocated. The tokenizers are the tests' offline ones: the prompt is padded to the
 length each pipeline uses, so the traced activations have the real shapes. For every canvas and card the table
-gives the fastest configuration whose plan fits, trying in order: the family's dtype with nothing offloaded, the
-text encoders and VAE swapped in turn (`--offload model`), the denoiser quantized to 8 bits (int8; fp8 or a Q8_0
-GGUF take the same bytes), to 4 bits (nf4; Q4 GGUFs about the same), then block offloading (`--offload group`,
-in bf16, int8 and nf4), and last layer by layer (`--offload sequential`), each with the largest tile batch that
-fits (the default, else one of its divisors, as a run picks it). A cell gives that choice and its peak while
-encoding and denoising (weights, activations, canvas); the decode then takes half of what is left for the tiled
-VAE (the `--vae-memory` default), whatever the canvas.
+gives the configuration whose plan fits with the fewest quantized weights, then the least offloading: the family's
+dtype with nothing offloaded, the text encoders and VAE swapped in turn (`--offload model`), the denoiser quantized
+to 8 bits (int8; fp8 or a Q8_0 GGUF take the same bytes), then its text encoders too (`--quantize-text`), the
+same in 4 bits (nf4; Q4 GGUFs about the same), then block offloading (`--offload group`), and last layer by layer
+(`--offload sequential`), each with the largest tile batch that fits (the default, else one of its divisors, as
+a run picks it). A cell gives that choice and its peak while encoding and denoising (weights, activations,
+canvas); the decode then takes half of what is left for the tiled VAE (the `--vae-memory` default), whatever the
+canvas.
 
     python bench/fit.py [--quick]     # prints the table, writes bench/results/fit.json
 """
@@ -33,10 +34,11 @@ sys.path.insert(0, str(ROOT))
 GB = 2**30
 CARDS = (8, 12, 16, 24, 80)
 SIZES = (4096, 8192, 16384)
-CHOICES = (("none", "none"), ("model", "none"), ("none", "int8"), ("model", "int8"), ("none", "nf4"),
-           ("model", "nf4"), ("group", "none"), ("group", "int8"), ("group", "nf4"),
-           ("sequential", "none"))  # fmt: skip
-"""(offload, quantize) from the fastest to the slowest."""
+CHOICES = (("none", "none", "none"), ("model", "none", "none"), ("none", "int8", "none"), ("model", "int8", "none"),
+           ("none", "int8", "int8"), ("model", "int8", "int8"), ("none", "nf4", "none"), ("model", "nf4", "none"),
+           ("none", "nf4", "nf4"), ("model", "nf4", "nf4"), ("group", "none", "none"), ("group", "int8", "none"),
+           ("group", "nf4", "nf4"), ("sequential", "none", "none"))  # fmt: skip
+"""(offload, quantize, quantize_text): the fewest quantized weights first, then the least offloading."""
 
 
 def meta(cls: type, **config: Any) -> Any:
@@ -196,37 +198,41 @@ def released_folder(model: Model, root: Path) -> Path:
     return folder
 
 
-def footprint(folder: Path, model: Model, size: int, quantize: str) -> Any:
+def footprint(folder: Path, model: Model, size: int, quantize: str, quantize_text: str) -> Any:
     from gigadiff.options import RunRequest
     from gigadiff.runs.plan import footprint
     from gigadiff.runs.resolve import resolve
 
     request = RunRequest(prompt="a lighthouse on a cliff above a stormy sea at dusk", model=str(folder),
                          size=f"{size}x{size}", steps=28, seed=1, device="cuda", quantize=quantize,
-                         **model.options)  # fmt: skip
+                         quantize_text=quantize_text, **model.options)  # fmt: skip
     return footprint(resolve(request, writes=False), "cuda")
 
 
-def choose(prints: dict[str, Any], card: int) -> dict[str, Any] | None:
-    """The first (offload, quantize) whose plan fits `card` GB, as CHOICES orders them, with the largest tile batch
-    that fits (the default or one of its divisors, as a run picks it)."""
+def choose(prints: dict[tuple[str, str], Any], card: int) -> dict[str, Any] | None:
+    """The first (offload, quantize, quantize_text) whose plan fits `card` GB, as CHOICES orders them, with the
+    largest tile batch that fits (the default or one of its divisors, as a run picks it)."""
     free = card * GB
-    for offload, quantize in CHOICES:
-        plan = prints[quantize].fitting(free, offload, lower_batch=True)
+    for offload, quantize, text in CHOICES:
+        plan = prints[(quantize, text)].fitting(free, offload, lower_batch=True)
         if plan.fits():
             phases = {p.name: p.device / GB for p in plan.phases}
-            return {"offload": offload, "quantize": quantize, "tile_batch": plan.tile_batch, "dtype": plan.dtype,
-                    "phases_gb": phases, "model_gb": max(phases["encode"], phases["denoise"]),
+            return {"offload": offload, "quantize": quantize, "quantize_text": text, "tile_batch": plan.tile_batch,
+                    "dtype": plan.dtype, "phases_gb": phases, "model_gb": max(phases["encode"], phases["denoise"]),
                     "vae_gb": plan.vae_work / GB}  # fmt: skip
     return None
 
 
-def label(choice: dict[str, Any] | None) -> str:
+def label(choice: dict[str, Any] | None, gb: bool = True) -> str:
     if choice is None:
         return "no"
     parts = [choice["dtype"] if choice["quantize"] == "none" else choice["quantize"]]
+    if choice["quantize_text"] != "none":
+        parts.append(f"text {choice['quantize_text']}")
     if choice["offload"] != "none":
         parts.append(f"offload {choice['offload']}")
+    if not gb:
+        return ", ".join(parts)
     parts.append(f"b{choice['tile_batch']}")
     return f"{', '.join(parts)} ({choice['model_gb']:.1f} GB)"
 
@@ -245,8 +251,9 @@ def main() -> None:
             folder = released_folder(model, Path(tmp))
             for size in sizes:
                 start = time.perf_counter()
-                prints = {q: footprint(folder, model, size, q) for q in ("none", "int8", "nf4")}
-                base = prints["none"]
+                pairs = dict.fromkeys((q, t) for _, q, t in CHOICES)
+                prints = {(q, t): footprint(folder, model, size, q, t) for q, t in pairs}
+                base = prints[("none", "none")]
                 weights = {name: size_ / GB for name, size_ in base.held.weights.items()}
                 row = {"model": model.name, "size": size, "dtype": base.dtype, "weights_gb": weights,
                        "activations_gb": {str(b): v / GB for b, v in base.activations.items()},
@@ -265,6 +272,11 @@ def main() -> None:
     for row in rows:
         cells = " | ".join(label(row["cards"][str(card)]) for card in CARDS)
         print(f"| {row['model']} | {row['size']}² | {cells} |")
+    print("\n| model (16384²) | " + " | ".join(f"{c} GB" for c in CARDS) + " |")
+    print("| --- | " + " | ".join("---" for _ in CARDS) + " |")
+    for row in rows:
+        if row["size"] == SIZES[-1]:
+            print(f"| {row['model']} | " + " | ".join(label(row["cards"][str(c)], gb=False) for c in CARDS) + " |")
 
 
 if __name__ == "__main__":

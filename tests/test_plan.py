@@ -34,6 +34,18 @@ def test_the_planned_weights_are_the_bytes_the_loaded_modules_hold(model, reques
     assert plan.weights == held
 
 
+def test_quantized_text_encoders_are_planned_at_a_byte_per_linear_weight(tiny_flux_dir):
+    """`--quantize-text int8`: each encoder's linear layers shrink to a byte per weight and a scale per row (fp32
+    here); embeddings and norms stay, as transformers' quantizers leave them; the denoiser and VAE are untouched."""
+    plain, int8 = planned(tiny_flux_dir), planned(tiny_flux_dir, quantize_text="int8")
+    assert int8.weights["transformer"] == plain.weights["transformer"] and int8.weights["vae"] == plain.weights["vae"]
+    pipe = open_backend(str(tiny_flux_dir), "cpu").pipe
+    for name in ("text_encoder", "text_encoder_2"):
+        linears = [m.weight for m in pipe.components[name].modules() if isinstance(m, torch.nn.Linear)]
+        saved = sum(w.numel() * 3 - w.shape[0] * 4 for w in linears)
+        assert linears and plain.weights[name] - int8.weights[name] == saved
+
+
 def test_int8_quantization_plans_a_byte_per_linear_weight_and_a_scale_per_row(tiny_flux_dir):
     plain, int8 = planned(tiny_flux_dir), planned(tiny_flux_dir, quantize="int8")
     assert int8.weights["vae"] == plain.weights["vae"]

@@ -94,6 +94,28 @@ def test_int8_weights_paint_the_tile_the_pipeline_paints_with_the_same_int8_tran
     assert got.metadata["model_setup"]["quant_type"] == "Int8WeightOnlyConfig"
 
 
+def test_int8_text_encoders_paint_the_tile_the_pipeline_paints_with_the_same_int8_encoders(tiny_flux_dir):
+    """`--quantize-text int8`: the text encoders quantized by transformers' torchao config as they load, equal to
+    FluxPipeline given the same quantized encoders; the denoiser stays as it is."""
+    from diffusers import FluxPipeline
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import CLIPTextModel, T5EncoderModel, TorchAoConfig
+
+    got = one_tile(open_backend(str(tiny_flux_dir), "cpu", quantize_text="int8"))
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    encoders = {name: cls.from_pretrained(str(tiny_flux_dir), subfolder=name, quantization_config=config,
+                                          dtype=torch.float32)
+                for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel))}  # fmt: skip
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_dir), **encoders, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = FLUX.to_canvas(pipeline_latents(pipe, FLUX, "default", got.settings.mu), got)
+    assert (got.latents - theirs).abs().max() <= FLUX.tolerance * max(1.0, float(theirs.abs().max()))
+    plain = one_tile(open_backend(str(tiny_flux_dir), "cpu"))
+    assert not torch.equal(got.latents, plain.latents)  # the encoders' rounding reaches the picture
+    setup = got.metadata["model_setup"]
+    assert setup["text_encoders_quantized"] == "int8" and "quantization" not in setup  # the denoiser is plain
+
+
 def _refused(*args: str, prompt: tuple[str, ...] = ("a harbour",)) -> str:
     result = CliRunner().invoke(app, ["generate", *prompt, *args])
     assert result.exit_code == 2, result.output
@@ -119,6 +141,8 @@ def no_weights(monkeypatch):
         (("--quantize", "fp8", "--device", "cpu"), "--quantize fp8 needs a CUDA GPU"),
         (("--quantize", "nf4"), "--quantize nf4 uses bitsandbytes' CUDA kernels"),
         (("--quantize", "fp8"), "--quantize fp8 needs a GPU with fp8 arithmetic"),
+        (("--quantize-text", "nf4", "--device", "cpu"), "--quantize-text nf4 needs a CUDA GPU"),
+        (("--quantize-text", "nf4"), "--quantize-text nf4 uses bitsandbytes' CUDA kernels"),
         (("--transformer", "flux.bin"), "--transformer 'flux.bin' must be a .gguf or .safetensors file"),
         (("--transformer", "absent.gguf"), "--transformer file absent.gguf does not exist"),
     ],

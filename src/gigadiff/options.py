@@ -192,6 +192,9 @@ class RunRequest:
     quantize: str = option("none", "Quantize the denoiser's weights as they load: int8 (torchao; any device), fp8 "
                            "(torchao; GPUs with fp8, Ada or newer), nf4 (bitsandbytes; CUDA only).",
                            group="device", choices=QUANTIZATIONS)  # fmt: skip
+    quantize_text: str = option("none", "Quantize the text encoders' weights as they load, as --quantize does the "
+                                "denoiser's (a 24 B encoder such as FLUX.2's in nf4 fits beside it on 24 GB).",
+                                group="device", choices=QUANTIZATIONS)  # fmt: skip
     transformer: str | None = option(None, "The denoiser from this single file: a GGUF (Q8_0, Q4_K, ...) or a "
                                      ".safetensors checkpoint (fp8 ones too); the rest of the pipeline from --model.",
                                      metavar="FILE", group="device")  # fmt: skip

@@ -63,6 +63,23 @@ def module_shapes(module: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {name: (names.get(t.dtype, "F32"), tuple(t.shape)) for name, t in tensors}
 
 
+def module_bytes(module: Any, item_bytes: int, quantize: str = "none", keep: tuple[str, ...] = ("lm_head",)) -> int:
+    """Bytes a module (built on `meta`) holds once loaded in a dtype of `item_bytes` per element, the weights of
+    its linear layers quantized as `quantize` says, as diffusers' and transformers' quantizers do (embeddings,
+    norms and an output head named in `keep` stay as they are)."""
+    import torch
+
+    total = held_bytes(module_shapes(module), item_bytes)
+    if quantize == "none":
+        return total
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.rpartition(".")[2] not in keep:
+            count = layer.weight.numel()
+            scales = layer.weight.shape[0] * item_bytes if quantize != "nf4" else count // NF4_BLOCK * 4
+            total += int(count * QUANTIZED_BYTES[quantize]) + scales - count * item_bytes
+    return total
+
+
 def gguf_bytes(path: Path, item_bytes: int) -> int:
     """Bytes a GGUF denoiser holds: quantized tensors as stored, F32/F16 ones in the run's dtype."""
     import gguf

@@ -1,5 +1,6 @@
-"""How a model's weights are loaded and where they live: what `--device`, `--dtype`, `--offload`, `--quantize`
-and `--transformer` ask for, in one value that the run layer builds and every family's `load` takes."""
+"""How a model's weights are loaded and where they live: what `--device`, `--dtype`, `--offload`, `--quantize`,
+`--quantize-text` and `--transformer` ask for, in one value that the run layer builds and every family's `load`
+takes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class Loading:
     """none, int8, fp8 or nf4: the denoiser's weights quantized as they load (gigadiff.backends.quantized)."""
     transformer: str | None = None
     """A single file (GGUF or safetensors) holding the denoiser, the rest of the pipeline from the model."""
+    quantize_text: str = "none"
+    """none, int8, fp8 or nf4: the text encoders' weights quantized as they load."""
     compile: bool = False
     """Compile the denoiser's repeated blocks (gigadiff.backends.speed)."""
     attention: str = "auto"
@@ -44,4 +47,6 @@ class Loading:
             record["compile"] = True
         if self.attention != "auto":
             record["attention"] = self.attention
+        if self.quantize_text != "none":
+            record["text_encoders_quantized"] = self.quantize_text
         return record

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gigadiff.backends.device import resolve_device, resolve_dtype
 from gigadiff.backends.lora import apply_loras, check_loras, parse_lora
 from gigadiff.backends.placement import host_tensor, place, placement
-from gigadiff.backends.quantized import DENOISERS, check_quantization, load_denoiser
+from gigadiff.backends.quantized import DENOISERS, check_quantization, load_denoiser, load_text_encoders
 from gigadiff.backends.source import ModelSource, hub_cut_off
 from gigadiff.backends.speed import check_attention, compile_denoiser, set_attention
 from gigadiff.errors import GigadiffError, first_line
@@ -56,11 +56,13 @@ def load_pipeline(source: ModelSource, single_file_class: str, loading: Loading,
     torch_dtype = resolve_dtype(loading.dtype, torch_device,
                                 *((info.gpu_dtype, info.fp16_risk) if info else ("fp32", "")))  # fmt: skip
     check_quantization(loading.quantize, torch_device)
+    check_quantization(loading.quantize_text, torch_device, "quantize_text")
     if loading.attention != "auto":
         check_attention(loading.attention)
     loras = [parse_lora(text) for text in loading.loras]
     check_loras(source, loras)
     overrides = load_denoiser(source, loading.quantize, loading.transformer, torch_dtype, bool(_cut_off()))
+    overrides.update(load_text_encoders(source, loading.quantize_text, torch_dtype))
     pipe = (
         _single_file(source, single_file_class, torch_dtype)
         if source.kind == "file"

@@ -139,11 +139,19 @@ class Residency:
     @classmethod
     def of(cls, modules: dict[str, Any], denoiser: str, item: int, weights: dict[str, int] | None = None) -> Residency:
         """From the pipeline's modules (built on `meta` or loaded) in a dtype of `item` bytes per element; `weights`
-        where they are known better than the modules' own parameters (quantized, GGUF files)."""
+        where they are known better than the modules' own parameters (quantized, GGUF files), in which case the
+        blocks and layers shrink with their component's weights."""
+        plain = {name: sum(p.numel() * item for p in m.parameters()) for name, m in modules.items()}
         held = weights or {name: sum(p.numel() * p.element_size() for p in m.parameters())
                            for name, m in modules.items()}  # fmt: skip
-        return cls(held, denoiser, {n: largest_block(m, item) for n, m in modules.items()},
-                   {n: largest_layer(m, item) for n, m in modules.items()})  # fmt: skip
+        shrink = {n: held[n] / plain[n] if weights and plain[n] else 1.0 for n in modules}  # quantized weights
+
+        def scaled(size: int, name: str) -> int:
+            return int(size * min(1.0, shrink[name]))
+
+        blocks = {n: largest_block(m, item) for n, m in modules.items()}
+        return cls(held, denoiser, {n: (scaled(b, n), scaled(r, n)) for n, (b, r) in blocks.items()},
+                   {n: scaled(largest_layer(m, item), n) for n, m in modules.items()})  # fmt: skip
 
 
 @dataclass(frozen=True)

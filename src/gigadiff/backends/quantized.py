@@ -2,8 +2,10 @@
 (`--transformer`: a GGUF of FLUX.1, FLUX.2, Qwen-Image, Z-Image or SD3.5, or a .safetensors checkpoint such as an
 fp8 one), or quantized as it loads (`--quantize int8|fp8|nf4`), all through diffusers' quantizers.
 
-Only the denoiser is replaced or quantized: it is most of the weights (FLUX.1's 12 B of 17 B) and the only model
-called at every step; the text encoders run once per run and are offloaded between encodings, the VAE is small.
+The denoiser is most of the weights (FLUX.1's 12 B of 17 B) and the only model called at every step. The text
+encoders run once per run and are offloaded between encodings, but under model offloading each comes to the device
+whole, and FLUX.2's 24 B Mistral is larger than most cards: `--quantize-text` quantizes them as they load,
+through transformers' quantizers (the same int8/fp8/nf4). The VAE is small and stays as it is.
 A pre-quantized diffusers folder (a `quantization_config` in its configs) loads as it is, with no option.
 
 The checks that need no weights run first (`check_quantization`): nf4 needs bitsandbytes and CUDA, fp8 a GPU with
@@ -63,22 +65,25 @@ def check_transformer_file(path: str, quantize: str) -> None:
         raise GigadiffError("a GGUF file is quantized already: drop {quantize}", "quantize", "transformer")
 
 
-def check_quantization(quantize: str, device: torch.device) -> None:
-    """Refuse what cannot run on `device` before any weights load (see the module docstring)."""
+def check_quantization(quantize: str, device: torch.device, field: str = "quantize") -> None:
+    """Refuse what cannot run on `device` before any weights load (see the module docstring); `field`: the option
+    that asked (`quantize`, the denoiser's; `quantize_text`, the text encoders')."""
     import importlib.util
 
     import torch
 
+    option = "{" + field + "}"
     if quantize == "nf4":
         if device.type != "cuda":
-            raise GigadiffError("{quantize} nf4 uses bitsandbytes' CUDA kernels: it needs an NVIDIA GPU; use "
-                                "{quantize} int8 here, or a GGUF Q4 file with {transformer}", "quantize")  # fmt: skip
+            instead = " or a GGUF Q4 file with {transformer}" if field == "quantize" else ""
+            raise GigadiffError(f"{option} nf4 uses bitsandbytes' CUDA kernels: it needs an NVIDIA GPU; use {option} "
+                                f"int8 here{instead}", field)  # fmt: skip
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise GigadiffError("{quantize} nf4 needs bitsandbytes: pip install bitsandbytes", "quantize")
+            raise GigadiffError(f"{option} nf4 needs bitsandbytes: pip install bitsandbytes", field)
     if quantize == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        raise GigadiffError("{quantize} fp8 needs a GPU with fp8 arithmetic (compute capability 8.9: Ada, Hopper "
-                            "or newer); use {quantize} int8, or an fp8 checkpoint with {transformer} (its weights "
-                            "are upcast as they load)", "quantize")  # fmt: skip
+        instead = ", or an fp8 checkpoint with {transformer} (its weights are upcast as they load)"
+        raise GigadiffError(f"{option} fp8 needs a GPU with fp8 arithmetic (compute capability 8.9: Ada, Hopper or "
+                            f"newer); use {option} int8{instead if field == 'quantize' else ''}", field)  # fmt: skip
 
 
 def quantization_config(quantize: str, dtype: torch.dtype) -> Any:
@@ -93,6 +98,38 @@ def quantization_config(quantize: str, dtype: torch.dtype) -> Any:
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     return TorchAoConfig(Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig())
+
+
+def text_quantization_config(quantize: str, dtype: torch.dtype) -> Any:
+    """transformers' quantization config for `--quantize-text` (the text encoders are transformers models)."""
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig())
+
+
+def load_text_encoders(source: ModelSource, quantize: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The model's text encoders quantized as they load, as `from_pretrained`'s overrides ({} for `none`): they run
+    once per run, but a 24 B encoder (FLUX.2's Mistral) must come to the device whole under model offloading."""
+    import importlib
+
+    if quantize == "none":
+        return {}
+    if source.kind == "file" or source.root is None:
+        raise GigadiffError("{quantize_text} applies to a diffusers folder or hub model: convert the single-file "
+                            "checkpoint to a folder first", "quantize_text")  # fmt: skip
+    encoders = {name: spec for name, spec in source.index.items() if name.startswith("text_encoder")
+                and isinstance(spec, list) and spec[0] == "transformers"}  # fmt: skip
+    if not encoders:
+        raise GigadiffError(f"model {source.name!r} has no transformers text encoder to quantize", "quantize_text")
+    config = text_quantization_config(quantize, dtype)
+    return {name: getattr(importlib.import_module(library), class_name).from_pretrained(
+                str(source.root), subfolder=name, quantization_config=config, dtype=dtype, local_files_only=True)
+            for name, (library, class_name) in encoders.items()}  # fmt: skip
 
 
 def denoiser_name(source: ModelSource) -> str:

@@ -108,8 +108,8 @@ def check_capabilities(r: RunRequest, info: ModelInfo, regions: RegionSet | None
     if r.dtype in ("fp16", "bf16") and info.gpu_dtype == "fp32":
         raise GigadiffError(f"model {name!r} runs in fp32 only; use {{dtype}} fp32 or auto", "dtype")
     if not info.diffusers_weights:
-        plain = (("quantize", "none"), ("transformer", None), ("compile", False), ("attention", "auto"),
-                 ("lora", None))  # fmt: skip
+        plain = (("quantize", "none"), ("quantize_text", "none"), ("transformer", None), ("compile", False),
+                 ("attention", "auto"), ("lora", None))  # fmt: skip
         chosen = [f for f, default in plain if getattr(r, f) != default]
         if r.offload not in ("auto", "none"):
             chosen.append("offload")

@@ -188,7 +188,7 @@ def footprint(run: Run, device_type: str) -> Footprint:
     import torch
 
     from gigadiff.backends.device import auto_dtype, dtype_name, resolve_dtype
-    from gigadiff.backends.footprint import file_bytes, held_bytes, meta_pipeline, module_shapes, traced_peak
+    from gigadiff.backends.footprint import file_bytes, meta_pipeline, module_bytes, traced_peak
     from gigadiff.backends.pipelines import quiet_libraries
     from gigadiff.backends.quantized import denoiser_name
     from gigadiff.geometry import Tile
@@ -207,8 +207,12 @@ def footprint(run: Run, device_type: str) -> Footprint:
     denoiser_key = denoiser_name(source)
     pipe = meta_pipeline(source.root, source.index, dtype)
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    weights = {n: held_bytes(module_shapes(m), item, request.quantize if n == denoiser_key else "none")
-               for n, m in modules.items()}  # fmt: skip
+
+    def quantized_as(name: str) -> str:
+        return {denoiser_key: request.quantize}.get(name, request.quantize_text if name.startswith("text_encoder")
+                                                    else "none")  # fmt: skip
+
+    weights = {n: module_bytes(m, item, quantized_as(n)) for n, m in modules.items()}
     if request.transformer is not None:
         weights[denoiser_key] = file_bytes(request.transformer, item)
     backend: Any = run.family.adapt(pipe, info)  # a DiffusersBackend: the plan needs a diffusers pipeline

@@ -88,8 +88,8 @@ class Run:
         """How the model's weights load for this run (on `device`, one rank's, or the request's)."""
         r = self.request
         controlnets = tuple(dict.fromkeys(parse_control(text).loaded_as for text in r.control or ()))
-        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.compile, r.attention,
-                       tuple(r.lora or ()), controlnets)  # fmt: skip
+        return Loading(device or r.device, r.dtype, r.offload, r.quantize, r.transformer, r.quantize_text,
+                       r.compile, r.attention, tuple(r.lora or ()), controlnets)  # fmt: skip
 
 
 def init_size(path: str, scale: float, multiple: int) -> tuple[int, int]:
@@ -179,9 +179,11 @@ def _check_options(r: RunRequest) -> None:
         check_controls(r.control)
     if r.upscaler is not None:
         check_upscaler_file(r.upscaler)
-    if r.quantize in ("nf4", "fp8") and r.device in ("cpu", "mps"):
-        raise GigadiffError(f"{{quantize}} {r.quantize} needs a CUDA GPU (device {r.device!r}); use {{quantize}} "
-                            "int8", "quantize", "device")  # fmt: skip
+    for field in ("quantize", "quantize_text"):
+        chosen = getattr(r, field)
+        if chosen in ("nf4", "fp8") and r.device in ("cpu", "mps"):
+            raise GigadiffError(f"{{{field}}} {chosen} needs a CUDA GPU (device {r.device!r}); use {{{field}}} int8",
+                                field, "device")  # fmt: skip
 
 
 def _init_size(request: RunRequest, info: ModelInfo) -> tuple[int, int] | None:
