@@ -101,3 +101,38 @@ def test_every_change_of_a_job_is_an_event_in_order(tmp_path):
     assert store.events(job, numbers[-1]) == []
     now, last = store.watch(job.id)
     assert now.status == "done" and last == numbers[-1]
+
+
+def test_changes_made_together_are_one_transaction_kept_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The Ray supervisor's batch of reports: one connection and transaction for all, every change an event in
+    order; an error part-way keeps none of them."""
+    import pytest
+
+    store = JobStore(tmp_path / "jobs.db")
+    job = store.submit({"prompt": "x"})
+    store.claim()
+    _, before = store.watch(job.id)
+    opened = []
+    connect = store._connect
+
+    def counted():
+        opened.append(1)
+        return connect()
+
+    monkeypatch.setattr(store, "_connect", counted)
+    with store.together():
+        for step in (1, 2, 3):
+            store.progress(job.id, step=step, steps=3)
+        store.finish(job.id, "done", outputs=["image.tif"])
+    assert len(opened) == 1
+    monkeypatch.setattr(store, "_connect", connect)
+    assert [(j.status, j.step) for _, j in store.events(job, before)] == [("running", 1), ("running", 2),
+                                                                          ("running", 3), ("done", 3)]  # fmt: skip
+    second = store.submit({"prompt": "y"})
+    store.claim()
+    with pytest.raises(RuntimeError), store.together():
+        store.progress(second.id, step=1, steps=2)
+        raise RuntimeError("a report that cannot be applied")
+    assert store.get(second.id).step == 0
+    store.progress(second.id, step=2, steps=2)  # the store works on after
+    assert store.get(second.id).step == 2

@@ -244,13 +244,15 @@ class RaySupervisor(Supervisor):
         self._dispatch()
 
     def _apply(self, reports: list[tuple[str, str, dict[str, Any]]]) -> None:
-        for job_id, kind, values in reports:
-            if kind == "finish":
-                self.store.finish(job_id, **values)
-            else:
-                self.store.progress(job_id, **values)
-                if "runs_on" in values:
-                    LOG.info("job %s runs on %s", job_id, values["runs_on"])
+        """Move a batch of reports into the store in order, in one transaction."""
+        with self.store.together():
+            for job_id, kind, values in reports:
+                if kind == "finish":
+                    self.store.finish(job_id, **values)
+                else:
+                    self.store.progress(job_id, **values)
+                    if "runs_on" in values:
+                        LOG.info("job %s runs on %s", job_id, values["runs_on"])
 
     def _dispatch(self) -> None:
         """Claim queued jobs while the cluster has room for them, each a task asking for its processes."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -112,6 +113,8 @@ class JobStore:
 
     def __init__(self, path: Path):
         self.path = path
+        self._open = threading.local()
+        """This thread's transaction while `together` holds one open."""
         with self._connect() as db:
             db.executescript(SCHEMA)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
@@ -131,8 +134,25 @@ class JobStore:
             db.close()
 
     @contextmanager
+    def together(self) -> Iterator[None]:
+        """Changes made in this thread inside share one write transaction, all kept or (on an error) none: the
+        Ray supervisor moves each batch of its tasks' reports so, rather than a transaction (and a connection)
+        per report beside the API's reads."""
+        with self._change() as db:
+            self._open.db = db
+            try:
+                yield
+            finally:
+                self._open.db = None
+
+    @contextmanager
     def _change(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; `_record` inside it appends the changed jobs' states to the events."""
+        """A write transaction (inside `together`: its transaction); `_record` inside it appends the changed jobs'
+        states to the events."""
+        shared = getattr(self._open, "db", None)
+        if shared is not None:
+            yield shared
+            return
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
