@@ -96,3 +96,57 @@ def test_queue_watch_and_zoom_in_the_browser(tiny_sd_dir, tmp_path):
             assert not errors, errors  # no script error, no failed request (GPU notices of headless Chromium aside)
     finally:
         driver.quit()
+
+
+def test_the_form_sends_a_start_image_loras_and_a_controlnet_as_the_api_takes_them(tiny_sd_dir, tmp_path):
+    """The page's adapter fields: image files read into data URLs, LoRAs as a list of NAME[:SCALE], the ControlNet
+    as NAME=IMAGE:SCALE; the server accepts the job (its models folder has the files named); a ControlNet without
+    its image is refused on the page, before anything is sent."""
+    import json
+    import urllib.request
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny-sd").symlink_to(tiny_sd_dir)
+    (models / "style.safetensors").write_bytes(b"{}")  # named only: the API checks the file is there
+    (models / "canny").mkdir()
+    start, control = tmp_path / "start.png", tmp_path / "edges.png"
+    Image.new("RGB", (96, 64), (30, 90, 160)).save(start)
+    Image.new("RGB", (96, 64), (250, 250, 250)).save(control)
+    driver = _browser()
+    try:
+        with served(tmp_path / "data", "--models", str(models)) as (url, _):
+            driver.get(url + "/")
+            form = _until(lambda: driver.find_elements(By.ID, "job-form"), 10, "the form")[0]
+            form.find_element(By.NAME, "prompt").send_keys("a harbour")
+            model = form.find_element(By.NAME, "model")
+            model.clear()
+            model.send_keys("tiny-sd")
+            form.find_element(By.CSS_SELECTOR, "#adapters summary").click()
+            form.find_element(By.NAME, "control_model").send_keys("canny")
+            form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            error = driver.find_element(By.ID, "form-error")
+            _until(lambda: error.text, 10, "the page's refusal")
+            assert "give both the ControlNet and its control image" in error.text
+            assert not driver.find_elements(By.CSS_SELECTOR, "#queue .job")
+
+            form.find_element(By.NAME, "init").send_keys(str(start))
+            form.find_element(By.NAME, "strength").send_keys("0.55")
+            form.find_element(By.NAME, "lora").send_keys("style.safetensors:0.8, style.safetensors")
+            form.find_element(By.NAME, "control_image").send_keys(str(control))
+            form.find_element(By.NAME, "control_scale").send_keys("0.7")
+            form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            card = _until(lambda: driver.find_elements(By.CSS_SELECTOR, "#queue .job"), 10, "the job in the queue")[0]
+            assert error.text == ""
+            with urllib.request.urlopen(f"{url}/api/jobs/{card.get_attribute('data-id')}") as response:
+                request = json.load(response)["request"]
+            assert request["strength"] == 0.55
+            assert request["lora"] == ["style.safetensors:0.8", "style.safetensors"]
+            assert request["init"].startswith("data:image/png;base64,")
+            [item] = request["control"]
+            assert item.startswith("canny=data:image/png;base64,") and item.endswith(":0.7")
+    finally:
+        driver.quit()

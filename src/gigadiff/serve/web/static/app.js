@@ -2,7 +2,7 @@
 "use strict";
 
 const FORM_FIELDS = ["prompt", "negative", "model", "size", "scheduler", "coherence"];
-const NUMBER_FIELDS = ["steps", "seed", "guidance"];
+const NUMBER_FIELDS = ["steps", "seed", "guidance", "strength"];
 const FINISHED = ["done", "failed", "cancelled"];
 const cards = new Map(); // job id -> {element, source}
 let viewer = null;
@@ -16,7 +16,17 @@ async function api(path, options = {}) {
   return body;
 }
 
-function jobRequest(form) {
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+// The job as the API takes it: images as data URLs, LoRAs as a list, a ControlNet as NAME=IMAGE[:SCALE].
+async function jobRequest(form) {
   const data = {};
   for (const name of FORM_FIELDS) {
     const value = form.elements[name].value.trim();
@@ -25,6 +35,17 @@ function jobRequest(form) {
   for (const name of NUMBER_FIELDS) {
     const value = form.elements[name].value.trim();
     if (value) data[name] = Number(value);
+  }
+  const init = form.elements.init.files[0];
+  if (init) data.init = await dataUrl(init);
+  const loras = form.elements.lora.value.split(",").map((item) => item.trim()).filter(Boolean);
+  if (loras.length) data.lora = loras;
+  const controlModel = form.elements.control_model.value.trim();
+  const controlImage = form.elements.control_image.files[0];
+  if (controlModel || controlImage) {
+    if (!controlModel || !controlImage) throw new Error("ControlNet: give both the ControlNet and its control image");
+    const scale = form.elements.control_scale.value.trim();
+    data.control = [`${controlModel}=${await dataUrl(controlImage)}` + (scale ? `:${Number(scale)}` : "")];
   }
   const extra = form.elements.extra.value.trim();
   if (extra) {
@@ -40,7 +61,7 @@ async function submitJob(event) {
   const error = document.getElementById("form-error");
   error.textContent = "";
   try {
-    const data = jobRequest(event.target);
+    const data = await jobRequest(event.target);
     const job = await api("/api/jobs", {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(data),
     });
