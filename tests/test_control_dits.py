@@ -290,6 +290,34 @@ def test_each_tile_sees_the_packed_crop_of_the_encoded_control_image_under_its_w
     assert not torch.equal(crops[0][..., :16], crops[2][..., 16:]), "every tile saw the same crop"
 
 
+@pytest.mark.parametrize(("family", "make", "argument"),
+                         [("sana", tiny_sana_controlnet, "controlnet_cond"),
+                          ("z-image", tiny_z_image_controlnet, "control_context")],
+                         ids=["sana", "z-image"])  # fmt: skip
+def test_sana_and_z_image_tiles_see_the_crop_of_the_encoded_image_under_their_windows(family, make, argument, request,
+                                                                                      tmp_path):  # fmt: skip
+    """On a non-square canvas (512x256, three 256-px windows over 128 px of overlap) each tile's net reads its own
+    window of the one encoded control image: neighbours see the same latents where they overlap."""
+    folder = request.getfixturevalue("tiny_sana_dir" if family == "sana" else "tiny_z_image_dir")
+    net = make(folder, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    backend = open_backend(str(folder), "cpu", controlnets=(str(net),))
+    seen = []
+
+    def record(module, args, kwargs):
+        given = kwargs[argument] if argument in kwargs else args[3]  # the nets' fourth argument either way
+        seen.append(torch.stack(list(given)) if isinstance(given, list) else given.clone())
+
+    backend.controlnets[str(net)].register_forward_pre_hook(record, with_kwargs=True)
+    generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=3, tile=256, overlap=128, shift=False,
+                    tile_batch=1, control=[f"{net}={image}"], **{**CASES[family].ours, "guidance": 1.0})  # fmt: skip
+    assert len(seen) == 3  # one call per window (no guidance: one pass)
+    assert seen[0].shape[-2:] == (32, 32)  # 256 px of latents
+    for left, right in itertools.pairwise(seen):  # neighbours share 16 latent columns
+        assert torch.equal(left[..., 16:], right[..., :16]), "two tiles saw different images over their overlap"
+    assert not torch.equal(seen[0][..., :16], seen[2][..., 16:]), "every tile saw the same crop"
+
+
 def test_a_controlnet_of_another_family_is_refused_before_any_weights(tiny_flux_dir, tiny_sd_dir, tmp_path,
                                                                        monkeypatch):  # fmt: skip
     monkeypatch.chdir(tmp_path)
