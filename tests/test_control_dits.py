@@ -318,6 +318,36 @@ def test_sana_and_z_image_tiles_see_the_crop_of_the_encoded_image_under_their_wi
     assert not torch.equal(seen[0][..., :16], seen[2][..., 16:]), "every tile saw the same crop"
 
 
+def test_z_image_controlnets_take_their_tiles_canvas_positions_as_the_transformer_does(tiny_z_image_dir, tmp_path):
+    """With `--positions global` (no pipeline runs tiles to compare with) each tile's net reads its image tokens at
+    the very positions the transformer gives them: the tile's place on the canvas, 8 token columns apart here."""
+    net = tiny_z_image_controlnet(tiny_z_image_dir, tmp_path / "net")
+    image = control_image(tmp_path / "edges.png", 512, 256)
+    backend = open_backend(str(tiny_z_image_dir), "cpu", controlnets=(str(net),))
+    transformer, model = backend.pipe.transformer, backend.controlnets[str(net)]
+    rope, calls = transformer.rope_embedder, []
+
+    class Recorded:  # the rotary embedder both share, called with each sequence's position ids
+        def __init__(self, who):
+            self.who = who
+
+        def __call__(self, ids):
+            calls.append((self.who, ids.clone()))
+            return rope(ids)
+
+    transformer.rope_embedder, model.rope_embedder = Recorded("transformer"), Recorded("net")
+    generate_result(PROMPT, model=backend, size="512x256", steps=1, seed=3, tile=256, overlap=128, shift=False,
+                    tile_batch=1, positions="global", control=[f"{net}={image}"], guidance=1.0)  # fmt: skip
+    images = [(who, ids[:256]) for who, ids in calls if ids[0, 0] > 1]  # image tokens (16x16), not the caption's
+    assert [who for who, _ in images] == ["net", "transformer"] * 3
+    for k in range(3):
+        assert torch.equal(images[2 * k][1], images[2 * k + 1][1]), f"tile {k}: the net read other positions"
+    first = images[0][1]
+    for k in (1, 2):
+        assert torch.equal(images[2 * k][1][:, 2], first[:, 2] + 8 * k)  # columns: the tile's place
+        assert torch.equal(images[2 * k][1][:, 1], first[:, 1])  # rows: the one row of tiles
+
+
 def test_a_controlnet_of_another_family_is_refused_before_any_weights(tiny_flux_dir, tiny_sd_dir, tmp_path,
                                                                        monkeypatch):  # fmt: skip
     monkeypatch.chdir(tmp_path)
