@@ -177,7 +177,7 @@ def test_a_mode_is_refused_where_no_union_controlnet_runs(tiny_sd_dir, tmp_path,
     result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_sd_dir), "--control",
                                       f"someone/union-net#2={image}", "--device", "cpu"])  # fmt: skip
     said = " ".join(result.output.split())
-    assert result.exit_code == 2 and "#MODE is for union ControlNets, which run on SDXL only" in said, said
+    assert result.exit_code == 2 and "#MODE is for union ControlNets, which run on SDXL and FLUX.1 only" in said, said
 
 
 def test_each_tile_sees_the_crop_of_the_control_image_under_its_window(tiny_sd_dir, tmp_path):

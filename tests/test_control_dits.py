@@ -23,10 +23,11 @@ from tests.helpers.families import CASES, PROMPT, SIZE, STEPS
 from tests.test_control import control_image, saved_acting, tiny_controlnet
 
 
-def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0):
+def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0, modes: int | None = None):
     """A ControlNet of the tiny FLUX.1 transformer (its first blocks' weights, as diffusers' `from_transformer`
     takes them), its zero-initialised layers given seeded weights so that it acts; `hint`: XLabs-style, with a
-    hint block that reads the control image's pixels."""
+    hint block that reads the control image's pixels; `modes`: a union net of that many kinds of image (InstantX's
+    union layout: a seeded mode embedding prepended to the prompt)."""
     from diffusers import FluxControlNetModel, FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer")
@@ -37,6 +38,12 @@ def tiny_flux_controlnet(folder, out, hint: bool = False, seed: int = 0):
     if hint:  # the same network with a hint block before its embedder
         weights = controlnet.state_dict()
         controlnet = FluxControlNetModel.from_config({**controlnet.config, "conditioning_embedding_channels": 16})
+        controlnet.load_state_dict(weights, strict=False)
+    if modes:  # the same network with a mode embedding (its config's defaults not restored: num_mode is one)
+        weights = controlnet.state_dict()
+        config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+        torch.manual_seed(seed)
+        controlnet = FluxControlNetModel.from_config({**config, "num_mode": modes})
         controlnet.load_state_dict(weights, strict=False)
     blocks = [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder]
     return saved_acting(controlnet, (p for block in blocks for p in block.parameters()), out, seed)
@@ -346,6 +353,38 @@ def test_z_image_controlnets_take_their_tiles_canvas_positions_as_the_transforme
     for k in (1, 2):
         assert torch.equal(images[2 * k][1][:, 2], first[:, 2] + 8 * k)  # columns: the tile's place
         assert torch.equal(images[2 * k][1][:, 1], first[:, 1])  # rows: the one row of tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_flux_union_controlnet_equals_the_pipeline_with_its_mode(dtype, tiny_flux_dir, tmp_path):
+    """MODEL#MODE on FLUX.1: the union net told the kind of its image on every call, one per row, as
+    FluxControlNetPipeline's `control_mode` tells it; the tile equals that pipeline's."""
+    net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net", modes=7)
+    image = control_image(tmp_path / "edges.png")
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    run = {"size": f"{SIZE}x{SIZE}", "steps": STEPS, "seed": 3, **CASES["flux"].ours}
+    backend = open_backend(str(tiny_flux_dir), "cpu", dtype=name, controlnets=(f"{net}#2",))
+    told = []
+    backend.controlnets[str(net)].register_forward_pre_hook(
+        lambda m, args, kwargs: told.append(kwargs["controlnet_mode"].tolist()), with_kwargs=True)  # fmt: skip
+    got = generate_result(PROMPT, model=backend, control=[f"{net}#2={image}:0.8"], **run).latents
+    assert told == [[[2]]] * STEPS
+    theirs = pipeline_latents("flux", tiny_flux_dir, net, image, 0.8, 0.0, 1.0, dtype,
+                              {**CASES["flux"].theirs, "control_mode": 2})  # fmt: skip
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got - theirs).abs().max() <= tolerance * max(1.0, float(theirs.abs().max()))
+
+
+def test_a_flux_union_controlnet_needs_its_mode(tiny_flux_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    net = tiny_flux_controlnet(tiny_flux_dir, tmp_path / "net", modes=7)
+    image = control_image(tmp_path / "edges.png")
+    for control, message in [(f"{net}={image}", "is a union ControlNet of 7 control types: name the kind"),
+                             (f"{net}#7={image}", "MODE from 0 to 6 (#7 given)")]:  # fmt: skip
+        result = CliRunner().invoke(app, ["generate", "x", "--model", str(tiny_flux_dir), "--control", control,
+                                          "--device", "cpu"])  # fmt: skip
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in said, said
 
 
 def test_a_controlnet_of_another_family_is_refused_before_any_weights(tiny_flux_dir, tiny_sd_dir, tmp_path,

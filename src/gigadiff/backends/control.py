@@ -11,9 +11,11 @@ The ControlNet models load with the pipeline (`Loading.controlnets`); the images
 (they determine the picture), passed to `condition` in its options. Preprocessors (edges, depth, pose) are the
 user's: the image is the control itself.
 
-A union ControlNet (SDXL's ControlNetUnionModel: one network, several kinds of control image) takes its kind as
-`#MODE` after the model (the pipeline's `control_mode`, an index into the net's control types: for xinsir's
-union nets 0 pose, 1 depth, 2 soft edges, 3 lines, 4 normals, 5 segments, 6 tile).
+A union ControlNet (one network, several kinds of control image: SDXL's ControlNetUnionModel, FLUX.1's
+FluxControlNetModel with `num_mode`) takes its kind as `#MODE` after the model (the pipeline's `control_mode`, an
+index into the net's control types: for xinsir's SDXL union nets 0 pose, 1 depth, 2 soft edges, 3 lines, 4
+normals, 5 segments, 6 tile; for InstantX's FLUX.1 union net 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray,
+6 low quality).
 """
 
 from __future__ import annotations
@@ -201,8 +203,9 @@ def _config(name: str) -> dict[str, Any] | None:
 
 
 UNION_CLASS = "ControlNetUnionModel"
-UNION_FAMILIES = ("sdxl",)
-"""The families whose diffusers pipelines drive union ControlNets (StableDiffusionXLControlNetUnionPipeline)."""
+UNION_FAMILIES = ("sdxl", "flux")
+"""The families whose diffusers pipelines drive union ControlNets: SDXL's as their own class
+(StableDiffusionXLControlNetUnionPipeline), FLUX.1's as its ControlNet class with modes (FluxControlNetPipeline)."""
 
 
 def controlnet_class(name: str, info: ModelInfo, mode: int | None = None) -> str:
@@ -211,7 +214,16 @@ def controlnet_class(name: str, info: ModelInfo, mode: int | None = None) -> str
     assert info.controlnet_class is not None
     config = _config(name) or {}
     union = config.get("_class_name") == UNION_CLASS or (not config and mode is not None)
-    return UNION_CLASS if union and info.family in UNION_FAMILIES else info.controlnet_class
+    return UNION_CLASS if union and info.family == "sdxl" else info.controlnet_class
+
+
+def union_types(config: dict[str, Any], info: ModelInfo) -> int | None:
+    """How many kinds of control image a union ControlNet's config names (None: not a union net here)."""
+    if info.family == "sdxl" and config.get("_class_name") == UNION_CLASS:
+        return int(config.get("num_control_type") or 6)
+    if info.family == "flux" and config.get("num_mode") is not None:
+        return int(config["num_mode"])
+    return None
 
 
 def check_controlnet_class(name: str, info: ModelInfo, mode: int | None = None) -> None:
@@ -222,23 +234,18 @@ def check_controlnet_class(name: str, info: ModelInfo, mode: int | None = None) 
     config = _config(name)
     if config is None:
         if mode is not None and info.family not in UNION_FAMILIES:
-            raise GigadiffError(f"{{control}}: #MODE is for union ControlNets, which run on SDXL only; model "
-                                f"{info.name!r} is a {info.family} model", "control")  # fmt: skip
+            raise GigadiffError(f"{{control}}: #MODE is for union ControlNets, which run on SDXL and FLUX.1 only; "
+                                f"model {info.name!r} is a {info.family} model", "control")  # fmt: skip
         return
     kind = config.get("_class_name")
-    union = kind == UNION_CLASS and info.family in UNION_FAMILIES
-    if kind is not None and kind != info.controlnet_class and not union:
+    types = union_types(config, info)
+    if kind is not None and kind != info.controlnet_class and not (types and kind == UNION_CLASS):
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is a {kind}; model {info.name!r} ({info.family}) takes "
                             f"a {info.controlnet_class}", "control")  # fmt: skip
     if config.get("extra_condition_channels") or config.get("extra_conditioning_channels"):
         raise GigadiffError(f"{{control}}: ControlNet {name!r} is an inpainting ControlNet (it reads a mask beside its "
                             "image), which gigadiff does not drive yet", "control")  # fmt: skip
-    if config.get("num_mode") is not None:
-        raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet of FLUX.1 (one network, several "
-                            "kinds of control image chosen by a mode), which gigadiff does not drive yet",
-                            "control")  # fmt: skip
-    if union:
-        types = int(config.get("num_control_type") or 6)
+    if types is not None:
         if mode is None or not 0 <= mode < types:
             given = "no #MODE" if mode is None else f"#{mode}"
             raise GigadiffError(f"{{control}}: ControlNet {name!r} is a union ControlNet of {types} control types: "

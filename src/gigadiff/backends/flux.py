@@ -154,11 +154,14 @@ class FluxBackend(TransformerBackend):
             guidance = None
             if control.model.config.guidance_embeds:
                 guidance = torch.full([n], float(cond.control_guidance or 0.0), device=self.device)
+            union = {}
+            if control.mode is not None:  # a union net: its kind of image, one per row (the pipeline's control_mode)
+                union["controlnet_mode"] = torch.full([n, 1], control.mode, dtype=torch.long, device=self.device)
             b, s = control.model(hidden_states=hidden, controlnet_cond=pack(crops) if latent else crops,
                                  conditioning_scale=control.scale, timestep=timestep / 1000, guidance=guidance,
                                  pooled_projections=cond.pooled.expand(n, -1),
                                  encoder_hidden_states=cond.embeds.expand(n, -1, -1), txt_ids=cond.text_ids,
-                                 img_ids=ids, return_dict=False)  # fmt: skip
+                                 img_ids=ids, return_dict=False, **union)  # fmt: skip
             blocks, singles, repeat = summed_residuals(blocks, b), summed_residuals(singles, s), not latent
         return blocks, singles, repeat
 
